@@ -1,0 +1,162 @@
+//! The agent's configuration file (TOML), with defaults for every field.
+//!
+//! ```toml
+//! state_dir = "/var/lib/gantry"        # instances, images, volumes, token
+//! libvirt_uri = "qemu:///system"
+//! domain_type = "auto"                 # auto | kvm | qemu (TCG)
+//! listen = "127.0.0.1:8788"            # local operator API
+//! stop_timeout_secs = 60               # ACPI shutdown grace before destroy
+//! reserved_memory_mib = 1024           # host memory never given to guests
+//! machine = "pc"                       # QEMU machine type
+//! gpus = "auto"                        # auto | nvml | none | simulated
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// How guests are virtualised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    /// `kvm` when `/dev/kvm` exists and the rig did not find it broken
+    /// (`GANTRY_DOMAIN_TYPE` overrides), else `qemu`.
+    Auto,
+    Kvm,
+    /// TCG software emulation.
+    Qemu,
+}
+
+/// Where GPU inventory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuSource {
+    /// NVML when it loads, else none.
+    Auto,
+    Nvml,
+    None,
+    /// Two simulated H100s, for tests and demos on machines without GPUs.
+    Simulated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub libvirt_uri: String,
+    pub domain_type: DomainType,
+    pub listen: SocketAddr,
+    pub stop_timeout_secs: u64,
+    pub reserved_memory_mib: u64,
+    pub machine: String,
+    pub gpus: GpuSource,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/gantry"),
+            libvirt_uri: "qemu:///system".into(),
+            domain_type: DomainType::Auto,
+            listen: "127.0.0.1:8788".parse().expect("valid default address"),
+            stop_timeout_secs: 60,
+            reserved_memory_mib: 1024,
+            machine: "pc".into(),
+            gpus: GpuSource::Auto,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads a config file; a missing file is an error, unknown keys too.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            message: message.into(),
+        };
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        if self.machine.is_empty()
+            || !self
+                .machine
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
+            return Err(invalid("machine", "must be a QEMU machine type like pc or q35"));
+        }
+        Ok(())
+    }
+
+    /// The domain type to put in XML, resolving `auto`.
+    pub fn resolved_domain_type(&self) -> &'static str {
+        match self.domain_type {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+            DomainType::Auto => match std::env::var("GANTRY_DOMAIN_TYPE").as_deref() {
+                Ok("kvm") => "kvm",
+                Ok("qemu") => "qemu",
+                _ if Path::new("/dev/kvm").exists() => "kvm",
+                _ => "qemu",
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, "state_dir = \"/srv/gantry\"\ndomain_type = \"qemu\"\n").unwrap();
+        let cfg = AgentConfig::load(&p).unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from("/srv/gantry"));
+        assert_eq!(cfg.resolved_domain_type(), "qemu");
+        assert_eq!(cfg.stop_timeout_secs, 60);
+
+        std::fs::write(&p, "state_dirr = \"/x\"\n").unwrap();
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("state_dirr"), "{e}");
+
+        std::fs::write(&p, "state_dir = \"relative\"\n").unwrap();
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("state_dir: must be an absolute path"), "{e}");
+    }
+}

@@ -1,0 +1,32 @@
+//! `gantry-agent`: the host agent of a Gantry GPU cloud.
+//!
+//! Code map:
+//! - [`config`]: the config file and its defaults.
+//! - [`layout`]: the state directory and its versioned records.
+//! - [`fsutil`]: atomic writes and the versioned JSON envelope.
+//! - [`disks`]: qcow2 overlays, blank volumes, growth (`qemu-img`).
+//! - [`images`]: the host's checksummed image cache.
+//! - [`domain_xml`]: typed, escaped libvirt domain XML.
+//! - [`libvirt`]: the narrow wrapper over the `virt` crate.
+//! - [`gpu`]: GPU inventory (NVML, simulated, none).
+//! - [`manager`]: instance records, operations, the one state setter.
+//! - [`lifecycle`]: the operation bodies (create with rollback, stop, ...).
+//! - [`recover`]: re-attach after restart; the observed-state watcher.
+//! - [`api`]: the local operator HTTP API.
+//! - [`client`]: the command line's HTTP client for that API.
+//! - [`serve`]: the daemon: startup, readiness, shutdown.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod disks;
+pub mod domain_xml;
+pub mod fsutil;
+pub mod gpu;
+pub mod images;
+pub mod layout;
+pub mod libvirt;
+pub mod lifecycle;
+pub mod manager;
+pub mod recover;
+pub mod serve;

@@ -1,0 +1,352 @@
+//! The blocking bodies of instance operations: create (with rollback),
+//! start, stop, reboot, reset, suspend, resume, change type, grow disk and
+//! release. Called on operation threads by [`crate::manager::Manager`].
+
+use crate::disks::{self, Format, GIB};
+use crate::domain_xml::{Boot, DiskDef, DomainDef};
+use crate::images;
+use crate::layout::{InstanceRecord, VolumeRecord};
+use crate::libvirt::PowerState;
+use crate::manager::{domain_name, Manager, ManagerError};
+use gantry_proto::api::local::{ActionRequest, DiskKind};
+use gantry_proto::spec::{self, InstanceSpec};
+use gantry_proto::validate::{self, ValidationError};
+use gantry_proto::{InstanceId, InstanceState, OperationId};
+use std::time::{Duration, Instant};
+
+impl Manager {
+    /// Checks made before a create is accepted: the image is cached, the
+    /// root disk is large enough, the data volume is free, GPUs exist and
+    /// are free, and the host has the memory.
+    pub(crate) fn precheck_create(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
+        let image = images::open(&self.layout, spec.image, false)?;
+        if spec.root_disk_gib * GIB < image.record.virtual_size {
+            return Err(ValidationError::new(
+                "root_disk_gib",
+                format!(
+                    "must be at least the image's size ({} GiB)",
+                    image.record.virtual_size.div_ceil(GIB)
+                ),
+            )
+            .into());
+        }
+        if let Some(v) = &spec.data_volume {
+            if let Some(rec) = self.layout.load_volume(v.id)? {
+                if let Some(other) = rec.attached_to {
+                    return Err(ManagerError::Conflict(format!(
+                        "volume {} is attached to instance {other}",
+                        v.id
+                    )));
+                }
+            }
+        }
+        self.check_gpus(spec)?;
+        let free = available_memory_mib();
+        let need = spec.memory_mib + self.cfg.reserved_memory_mib;
+        if need > free {
+            return Err(ManagerError::NoMemory {
+                need: spec.memory_mib,
+                free: free.saturating_sub(self.cfg.reserved_memory_mib),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_gpus(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
+        if spec.gpus.is_empty() {
+            return Ok(());
+        }
+        let present = self.gpus.list()?;
+        let inner = self.lock();
+        for (i, g) in spec.gpus.iter().enumerate() {
+            if !present.iter().any(|p| p.pci == *g) {
+                return Err(ValidationError::new(format!("gpus[{i}]"), format!("no GPU at {g} on this host")).into());
+            }
+            if let Some(other) = inner
+                .instances
+                .values()
+                .find(|r| r.spec.id != spec.id && r.spec.gpus.contains(g))
+            {
+                return Err(ManagerError::Conflict(format!("GPU {g} is in use by instance {}", other.spec.id)));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn precheck_action(&self, rec: &InstanceRecord, req: &ActionRequest) -> Result<(), ManagerError> {
+        match *req {
+            ActionRequest::ChangeType { vcpus, memory_mib } => {
+                validate::in_range("vcpus", vcpus.into(), 1, spec::MAX_VCPUS)?;
+                validate::in_range("memory_mib", memory_mib, spec::MIN_MEMORY_MIB, spec::MAX_MEMORY_MIB)?;
+            }
+            ActionRequest::GrowDisk { disk, size_gib } => {
+                validate::in_range("size_gib", size_gib, 1, spec::MAX_DISK_GIB)?;
+                let current = match disk {
+                    DiskKind::Root => rec.spec.root_disk_gib * GIB,
+                    DiskKind::Data => match rec.spec.data_volume {
+                        Some(v) => self.layout.load_volume(v.id)?.map_or(0, |r| r.size_bytes),
+                        None => return Err(ValidationError::new("disk", "this instance has no data volume").into()),
+                    },
+                };
+                if size_gib * GIB < current {
+                    return Err(ValidationError::new(
+                        "size_gib",
+                        format!("disks only grow: {size_gib} GiB is less than the current {} GiB", current / GIB),
+                    )
+                    .into());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Builds the domain definition of an instance from its record.
+    pub(crate) fn domain_def(&self, spec: &InstanceSpec) -> Result<DomainDef, ManagerError> {
+        let image = images::open(&self.layout, spec.image, false)?;
+        let boot = match &image.kernel {
+            Some(k) => Boot::Kernel {
+                kernel: k.clone(),
+                initrd: image.initrd.clone(),
+                cmdline: image.record.cmdline.clone().unwrap_or_default(),
+            },
+            None => Boot::Disk,
+        };
+        let mut disks = vec![DiskDef {
+            path: self.layout.root_disk(spec.id),
+            target: "vda",
+            serial: "root",
+        }];
+        if let Some(v) = &spec.data_volume {
+            disks.push(DiskDef {
+                path: self.layout.volume_disk(v.id),
+                target: "vdb",
+                serial: "data",
+            });
+        }
+        Ok(DomainDef {
+            name: domain_name(spec.id),
+            uuid: spec.id.uuid(),
+            domain_type: self.domain_type,
+            machine: self.cfg.machine.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            boot,
+            disks,
+            console_socket: self.layout.console_socket(spec.id),
+            console_log: self.layout.console_log(spec.id),
+            exec_socket: self.layout.exec_socket(spec.id),
+            gpus: spec.gpus.clone(),
+            instance_id: spec.id.to_string(),
+        })
+    }
+
+    pub(crate) fn run_create(&self, id: InstanceId, op: OperationId) -> Result<(), ManagerError> {
+        match self.build_instance(id, op) {
+            Ok(()) => self.set_state(id, InstanceState::Running),
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "create failed; rolling back");
+                self.rollback_create(id);
+                let _ = self.set_state(id, InstanceState::Failed);
+                self.bury(id, Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    fn build_instance(&self, id: InstanceId, op: OperationId) -> Result<(), ManagerError> {
+        let spec = self.record(id)?.spec;
+        let verified = self.lock().verified_images.contains(&spec.image);
+        let image = images::open(&self.layout, spec.image, !verified)?;
+        self.lock().verified_images.insert(spec.image);
+        self.progress(op, 20);
+        disks::create_overlay(&image.disk, &self.layout.root_disk(id), spec.root_disk_gib * GIB)?;
+        self.progress(op, 40);
+        if let Some(v) = spec.data_volume {
+            let mut vol = match self.layout.load_volume(v.id)? {
+                Some(rec) => rec,
+                None => {
+                    disks::create_blank(&self.layout.volume_disk(v.id), v.size_gib * GIB)?;
+                    self.update_record(id, |r| r.created_volume = true)?;
+                    VolumeRecord {
+                        id: v.id,
+                        size_bytes: v.size_gib * GIB,
+                        attached_to: None,
+                    }
+                }
+            };
+            vol.attached_to = Some(id);
+            self.layout.save_volume(&vol)?;
+        }
+        self.progress(op, 60);
+        let xml = self.domain_def(&spec)?.to_xml();
+        self.virt.define(&domain_name(id), &xml)?;
+        self.progress(op, 80);
+        self.virt.start(&domain_name(id))?;
+        Ok(())
+    }
+
+    /// Removes everything a create made: domain, instance directory, and the
+    /// data volume if this create made it (else it is detached, kept).
+    pub(crate) fn rollback_create(&self, id: InstanceId) {
+        let name = domain_name(id);
+        if let Err(e) = self.virt.destroy(&name).and_then(|_| self.virt.undefine(&name)) {
+            tracing::error!(instance = %id, error = %e, "rollback: cannot remove domain");
+        }
+        let Ok(rec) = self.record(id) else { return };
+        if let Some(v) = rec.spec.data_volume {
+            if rec.created_volume {
+                let _ = std::fs::remove_file(self.layout.volume_disk(v.id));
+                let _ = std::fs::remove_file(self.layout.volume_record(v.id));
+            } else {
+                self.detach_volume(id, &rec);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(self.layout.instance_dir(id)) {
+            tracing::error!(instance = %id, error = %e, "rollback: cannot remove instance directory");
+        }
+    }
+
+    fn detach_volume(&self, id: InstanceId, rec: &InstanceRecord) {
+        let Some(v) = rec.spec.data_volume else { return };
+        if let Ok(Some(mut vol)) = self.layout.load_volume(v.id) {
+            if vol.attached_to == Some(id) {
+                vol.attached_to = None;
+                if let Err(e) = self.layout.save_volume(&vol) {
+                    tracing::error!(volume = %v.id, error = %e, "cannot detach volume");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn run_action(&self, id: InstanceId, req: ActionRequest, op: OperationId) -> Result<(), ManagerError> {
+        let name = domain_name(id);
+        // The state may have changed since the request was accepted.
+        let state = self.record(id)?.state;
+        state.check_action(req.action())?;
+        match req {
+            ActionRequest::Start => {
+                self.virt.start(&name)?;
+                self.set_state(id, InstanceState::Running)
+            }
+            ActionRequest::Stop { timeout_secs } => {
+                let timeout = Duration::from_secs(timeout_secs.unwrap_or(self.cfg.stop_timeout_secs));
+                self.stop_domain(&name, state == InstanceState::Running, timeout, op)?;
+                self.set_state(id, InstanceState::Stopped)
+            }
+            ActionRequest::Reboot => Ok(self.virt.reboot(&name)?),
+            ActionRequest::ForceReboot => Ok(self.virt.reset(&name)?),
+            ActionRequest::Suspend => {
+                self.virt.suspend(&name)?;
+                self.set_state(id, InstanceState::Suspended)
+            }
+            ActionRequest::Resume => {
+                self.virt.resume(&name)?;
+                self.set_state(id, InstanceState::Running)
+            }
+            ActionRequest::ChangeType { vcpus, memory_mib } => {
+                let rec = self.update_record(id, |r| {
+                    r.spec.vcpus = vcpus;
+                    r.spec.memory_mib = memory_mib;
+                })?;
+                let xml = self.domain_def(&rec.spec)?.to_xml();
+                Ok(self.virt.define(&name, &xml)?)
+            }
+            ActionRequest::GrowDisk { disk, size_gib } => self.grow_disk(id, state, disk, size_gib),
+            ActionRequest::Release { delete_data_volume } => self.release(id, delete_data_volume),
+        }
+    }
+
+    /// ACPI shutdown, waiting up to `timeout`, then destroy.
+    fn stop_domain(&self, name: &str, graceful: bool, timeout: Duration, op: OperationId) -> Result<(), ManagerError> {
+        if graceful {
+            self.virt.shutdown(name)?;
+            let start = Instant::now();
+            while start.elapsed() < timeout {
+                if matches!(self.virt.state(name)?, PowerState::Off | PowerState::Missing) {
+                    return Ok(());
+                }
+                let pct = (start.elapsed().as_millis() * 90 / timeout.as_millis().max(1)) as u8;
+                self.progress(op, pct);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            tracing::warn!(domain = name, "guest ignored ACPI shutdown; destroying");
+        }
+        Ok(self.virt.destroy(name)?)
+    }
+
+    fn grow_disk(&self, id: InstanceId, state: InstanceState, disk: DiskKind, size_gib: u64) -> Result<(), ManagerError> {
+        let rec = self.record(id)?;
+        let live = state == InstanceState::Running;
+        let bytes = size_gib * GIB;
+        let (path, target) = match disk {
+            DiskKind::Root => (self.layout.root_disk(id), "vda"),
+            DiskKind::Data => {
+                let v = rec.spec.data_volume.ok_or_else(|| ValidationError::new("disk", "no data volume"))?;
+                (self.layout.volume_disk(v.id), "vdb")
+            }
+        };
+        let current = disks::info(&path, Some(Format::Qcow2))?.virtual_size;
+        if bytes < current {
+            return Err(disks::DiskError::Shrink { what: format!("{disk:?} disk"), from: current, to: bytes }.into());
+        }
+        if live {
+            self.virt.block_resize(&domain_name(id), target, bytes)?;
+        } else {
+            disks::grow(&path, bytes)?;
+        }
+        match disk {
+            DiskKind::Root => {
+                self.update_record(id, |r| r.spec.root_disk_gib = size_gib)?;
+            }
+            DiskKind::Data => {
+                let v = rec.spec.data_volume.expect("checked above");
+                if let Some(mut vol) = self.layout.load_volume(v.id)? {
+                    vol.size_bytes = bytes;
+                    self.layout.save_volume(&vol)?;
+                }
+                self.update_record(id, |r| {
+                    if let Some(dv) = r.spec.data_volume.as_mut() {
+                        dv.size_gib = size_gib;
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys and undefines the domain, deletes the instance directory, and
+    /// keeps the data volume (detached) unless asked to delete it. Resumable:
+    /// a restart during Releasing finishes the job.
+    pub(crate) fn release(&self, id: InstanceId, delete_data_volume: bool) -> Result<(), ManagerError> {
+        if self.record(id)?.state != InstanceState::Releasing {
+            self.set_state(id, InstanceState::Releasing)?;
+        }
+        let name = domain_name(id);
+        self.virt.destroy(&name)?;
+        self.virt.undefine(&name)?;
+        let rec = self.record(id)?;
+        if let Some(v) = rec.spec.data_volume {
+            if delete_data_volume {
+                let _ = std::fs::remove_file(self.layout.volume_disk(v.id));
+                let _ = std::fs::remove_file(self.layout.volume_record(v.id));
+            } else {
+                self.detach_volume(id, &rec);
+            }
+        }
+        let dir = self.layout.instance_dir(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(crate::fsutil::io_err("remove", &dir))?;
+        }
+        self.set_state(id, InstanceState::Released)?;
+        self.bury(id, None);
+        Ok(())
+    }
+}
+
+/// Memory the host can still give, in MiB (MemAvailable).
+fn available_memory_mib() -> u64 {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.available_memory() / (1024 * 1024)
+}

@@ -1,0 +1,266 @@
+//! The instance manager: the one owner of this host's instance records.
+//!
+//! Every state change goes through [`Manager::set_state`], which applies
+//! `InstanceState::transition` and persists the record before anything else
+//! sees it. Operations run one at a time per instance on their own thread;
+//! each has an id and reports state and progress through [`OperationInfo`].
+//! The blocking bodies of the operations live in [`crate::lifecycle`];
+//! recovery after a restart and the observed-state watcher in
+//! [`crate::recover`].
+
+use crate::config::AgentConfig;
+use crate::fsutil::FsError;
+use crate::gpu::GpuInventory;
+use crate::layout::{InstanceRecord, Layout};
+use crate::libvirt::{Libvirt, LibvirtError};
+use crate::{disks, images};
+use gantry_proto::api::local::{ActionRequest, InstanceInfo, OperationInfo, OperationState, VolumeInfo};
+use gantry_proto::spec::InstanceSpec;
+use gantry_proto::{ImageId, InstanceId, InstanceState, OperationId, TransitionError, ValidationError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("instance {0} not found")]
+    NotFound(InstanceId),
+    #[error("operation {0} not found")]
+    NoOperation(OperationId),
+    #[error("instance {0} already exists")]
+    Exists(InstanceId),
+    #[error("instance {id} is busy with operation {op}")]
+    Busy { id: InstanceId, op: OperationId },
+    #[error(transparent)]
+    State(#[from] TransitionError),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("not enough host memory: {need} MiB asked, {free} MiB free")]
+    NoMemory { need: u64, free: u64 },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Image(#[from] images::ImageError),
+    #[error(transparent)]
+    Disk(#[from] disks::DiskError),
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// What the manager holds in memory; the records are also on disk.
+#[derive(Default)]
+pub(crate) struct Inner {
+    pub instances: BTreeMap<InstanceId, InstanceRecord>,
+    /// Released and failed instances: nothing of them is left on disk.
+    pub gone: BTreeMap<InstanceId, (InstanceRecord, Option<String>)>,
+    pub busy: HashMap<InstanceId, OperationId>,
+    pub ops: BTreeMap<OperationId, OperationInfo>,
+    pub verified_images: HashSet<ImageId>,
+}
+
+pub struct Manager {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) layout: Layout,
+    pub(crate) virt: Libvirt,
+    pub(crate) domain_type: &'static str,
+    pub(crate) gpus: Box<dyn GpuInventory>,
+    pub(crate) inner: Mutex<Inner>,
+}
+
+/// The libvirt domain name of an instance.
+pub fn domain_name(id: InstanceId) -> String {
+    format!("{}{id}", crate::libvirt::DOMAIN_PREFIX)
+}
+
+impl Manager {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.virt
+    }
+
+    /// The one place instance states change: checks the edge, persists the
+    /// record, then updates memory.
+    pub(crate) fn set_state(&self, id: InstanceId, to: InstanceState) -> Result<(), ManagerError> {
+        let mut inner = self.lock();
+        let rec = inner.instances.get_mut(&id).ok_or(ManagerError::NotFound(id))?;
+        let mut next = rec.clone();
+        next.state = rec.state.transition(to)?;
+        if !to.is_final() {
+            self.layout.save_instance(&next)?;
+        }
+        tracing::info!(instance = %id, from = %rec.state, to = %to, "state");
+        *rec = next;
+        Ok(())
+    }
+
+    /// Replaces a record's spec or flags (not its state) and persists it.
+    pub(crate) fn update_record(
+        &self,
+        id: InstanceId,
+        f: impl FnOnce(&mut InstanceRecord),
+    ) -> Result<InstanceRecord, ManagerError> {
+        let mut inner = self.lock();
+        let rec = inner.instances.get_mut(&id).ok_or(ManagerError::NotFound(id))?;
+        let mut next = rec.clone();
+        f(&mut next);
+        assert_eq!(next.state, rec.state, "update_record must not change state");
+        self.layout.save_instance(&next)?;
+        *rec = next.clone();
+        Ok(next)
+    }
+
+    /// Moves a final instance out of the live table into `gone`.
+    pub(crate) fn bury(&self, id: InstanceId, error: Option<String>) {
+        let mut inner = self.lock();
+        if let Some(mut rec) = inner.instances.remove(&id) {
+            rec.last_error = error.clone();
+            inner.gone.insert(id, (rec, error));
+        }
+    }
+
+    pub fn record(&self, id: InstanceId) -> Result<InstanceRecord, ManagerError> {
+        let inner = self.lock();
+        inner
+            .instances
+            .get(&id)
+            .or_else(|| inner.gone.get(&id).map(|(r, _)| r))
+            .cloned()
+            .ok_or(ManagerError::NotFound(id))
+    }
+
+    pub fn instance_info(&self, id: InstanceId) -> Result<InstanceInfo, ManagerError> {
+        let rec = self.record(id)?;
+        Ok(self.to_info(rec))
+    }
+
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        let recs: Vec<InstanceRecord> = self.lock().instances.values().cloned().collect();
+        recs.into_iter().map(|r| self.to_info(r)).collect()
+    }
+
+    fn to_info(&self, rec: InstanceRecord) -> InstanceInfo {
+        let id = rec.spec.id;
+        let data_volume = rec.spec.data_volume.and_then(|v| {
+            let vr = self.layout.load_volume(v.id).ok().flatten()?;
+            Some(VolumeInfo {
+                id: v.id,
+                size_bytes: vr.size_bytes,
+                path: self.layout.volume_disk(v.id).display().to_string(),
+                attached_to: vr.attached_to,
+            })
+        });
+        InstanceInfo {
+            domain: domain_name(id),
+            console_socket: self.layout.console_socket(id).display().to_string(),
+            console_log: self.layout.console_log(id).display().to_string(),
+            root_disk_bytes: rec.spec.root_disk_gib * disks::GIB,
+            state: rec.state,
+            last_error: rec.last_error,
+            data_volume,
+            spec: rec.spec,
+        }
+    }
+
+    pub fn operation(&self, id: OperationId) -> Result<OperationInfo, ManagerError> {
+        self.lock().ops.get(&id).cloned().ok_or(ManagerError::NoOperation(id))
+    }
+
+    /// Registers an operation on `id` and runs `body` on its own thread.
+    /// Refuses when another operation is running on the instance.
+    fn submit(
+        self: &Arc<Self>,
+        id: InstanceId,
+        kind: &str,
+        body: impl FnOnce(&Manager, OperationId) -> Result<(), ManagerError> + Send + 'static,
+    ) -> Result<OperationInfo, ManagerError> {
+        let op = OperationInfo {
+            id: OperationId::new(),
+            instance: id,
+            kind: kind.to_string(),
+            state: OperationState::Running,
+            progress: 0,
+            error: None,
+        };
+        {
+            let mut inner = self.lock();
+            if let Some(busy) = inner.busy.get(&id) {
+                return Err(ManagerError::Busy { id, op: *busy });
+            }
+            inner.busy.insert(id, op.id);
+            inner.ops.insert(op.id, op.clone());
+        }
+        let me = Arc::clone(self);
+        let op_id = op.id;
+        let kind = kind.to_string();
+        std::thread::Builder::new()
+            .name(format!("op-{kind}"))
+            .spawn(move || {
+                let result = body(&me, op_id);
+                let mut inner = me.lock();
+                inner.busy.remove(&id);
+                if let Some(o) = inner.ops.get_mut(&op_id) {
+                    match result {
+                        Ok(()) => {
+                            o.state = OperationState::Succeeded;
+                            o.progress = 100;
+                        }
+                        Err(e) => {
+                            tracing::warn!(instance = %id, op = %op_id, kind, error = %e, "operation failed");
+                            o.state = OperationState::Failed;
+                            o.error = Some(e.to_string());
+                        }
+                    }
+                }
+            })
+            .expect("spawn operation thread");
+        Ok(op)
+    }
+
+    pub(crate) fn progress(&self, op: OperationId, pct: u8) {
+        if let Some(o) = self.lock().ops.get_mut(&op) {
+            o.progress = pct.min(99);
+        }
+    }
+
+    /// Starts creating an instance; checks what can be checked at once.
+    pub fn create(self: &Arc<Self>, spec: InstanceSpec) -> Result<OperationInfo, ManagerError> {
+        spec.validate()?;
+        {
+            let inner = self.lock();
+            if inner.instances.contains_key(&spec.id) || inner.gone.contains_key(&spec.id) {
+                return Err(ManagerError::Exists(spec.id));
+            }
+        }
+        self.precheck_create(&spec)?;
+        let id = spec.id;
+        let rec = InstanceRecord {
+            spec,
+            state: InstanceState::Creating,
+            created_volume: false,
+            last_error: None,
+        };
+        crate::fsutil::create_dir(&self.layout.instance_dir(id), 0o711)?;
+        self.layout.save_instance(&rec)?;
+        self.lock().instances.insert(id, rec);
+        self.submit(id, "create", move |m, op| m.run_create(id, op))
+    }
+
+    /// Starts an action on an instance, after checking it is allowed now.
+    pub fn action(self: &Arc<Self>, id: InstanceId, req: ActionRequest) -> Result<OperationInfo, ManagerError> {
+        let rec = self.record(id)?;
+        rec.state.check_action(req.action())?;
+        self.precheck_action(&rec, &req)?;
+        let kind = req.action().name();
+        self.submit(id, kind, move |m, op| m.run_action(id, req, op))
+    }
+}

@@ -1,0 +1,330 @@
+//! The parallel chunk pipelines. Create: every worker thread claims the next
+//! chunk index, reads it (only when the allocation map says it holds data),
+//! hashes, deduplicates, compresses and writes it; memory is one chunk buffer
+//! and one compression buffer per thread. Restore: every worker fetches,
+//! decompresses, verifies and writes chunks at their offsets, leaving zeros
+//! as holes.
+
+use crate::format::{self, chunk_count, ChunkId, Entry, Manifest, Space, CHUNK_HEADER_LEN};
+use crate::image::ImageSource;
+use crate::keys::{ChunkHasher, Namespace};
+use crate::store::{chunk_key, Extent, Progress, ProgressFn, Store, StoreError};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Everything a create worker needs.
+pub(crate) struct CreateCtx<'a> {
+    pub store: &'a Store,
+    pub image: &'a ImageSource,
+    pub ns: &'a Namespace,
+    pub hasher: ChunkHasher,
+    pub chunk_size: u32,
+    /// Per chunk: the parent's entry when the chunk is known unchanged.
+    pub reuse: Vec<Option<Entry>>,
+    /// Chunks already in the namespace (and those written by this run).
+    pub known: Mutex<HashMap<ChunkId, u32>>,
+    /// Chunks of the public namespace (empty for public snapshots).
+    pub public: HashMap<ChunkId, u32>,
+    pub progress: Option<ProgressFn<'a>>,
+}
+
+/// Result of a create run.
+pub(crate) struct CreateOut {
+    pub entries: Vec<Entry>,
+    pub allocated: u64,
+    pub new_bytes: u64,
+}
+
+fn chunk_len(size: u64, cs: u32, i: u64) -> u64 {
+    (size - i * u64::from(cs)).min(u64::from(cs))
+}
+
+/// Which chunks an incremental create may take from its parent.
+pub(crate) fn reuse_plan(
+    parent: &Manifest,
+    ns: &Namespace,
+    size: u64,
+    cs: u32,
+    changed: Option<&[Extent]>,
+) -> Result<Vec<Option<Entry>>, StoreError> {
+    let p_owner = parent.meta.owner.as_deref();
+    let remap_public = match (p_owner, ns.owner()) {
+        (a, b) if a == b => false,
+        (None, Some(_)) => true,
+        _ => {
+            let reason = format!("parent {} belongs to another owner", parent.meta.id);
+            return Err(StoreError::Invalid { field: "parent", reason });
+        }
+    };
+    let Some(changed) = changed else { return Ok(Vec::new()) };
+    let n = chunk_count(size, cs);
+    let mut dirty = vec![false; n as usize];
+    for e in changed {
+        let end = e.offset.checked_add(e.length).filter(|end| *end <= size).ok_or_else(|| StoreError::Invalid {
+            field: "changed extents",
+            reason: format!("extent {}+{} lies beyond the {size} byte disk", e.offset, e.length),
+        })?;
+        if e.length == 0 {
+            continue;
+        }
+        let first = e.offset / u64::from(cs);
+        let last = (end - 1) / u64::from(cs);
+        dirty[first as usize..=last as usize].iter_mut().for_each(|d| *d = true);
+    }
+    let psize = parent.meta.virtual_size;
+    Ok((0..n)
+        .map(|i| {
+            let same_len = i < parent.entries.len() as u64 && chunk_len(psize, cs, i) == chunk_len(size, cs, i);
+            if dirty[i as usize] || !same_len {
+                return None;
+            }
+            let e = parent.entries[i as usize];
+            Some(match e {
+                Entry::Chunk { space: Space::Own, id, stored_len } if remap_public => {
+                    Entry::Chunk { space: Space::Public, id, stored_len }
+                }
+                e => e,
+            })
+        })
+        .collect())
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// Runs the create pipeline on all cores.
+pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
+    let size = ctx.image.virtual_size();
+    let n = chunk_count(size, ctx.chunk_size);
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let abort = AtomicBool::new(false);
+    let threads = ctx.store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
+    let results: Vec<Result<(Vec<(u64, Entry)>, u64), StoreError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = create_worker(ctx, n, &next, &done, &abort);
+                    if r.is_err() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("create worker panicked")).collect()
+    });
+    let mut entries = vec![Entry::Zero; n as usize];
+    let mut new_bytes = 0;
+    for r in results {
+        let (part, nb) = r?;
+        new_bytes += nb;
+        for (i, e) in part {
+            entries[i as usize] = e;
+        }
+    }
+    let allocated = (0..n)
+        .filter(|i| entries[*i as usize] != Entry::Zero)
+        .map(|i| chunk_len(size, ctx.chunk_size, i))
+        .sum();
+    Ok(CreateOut { entries, allocated, new_bytes })
+}
+
+fn create_worker(
+    ctx: &CreateCtx<'_>,
+    n: u64,
+    next: &AtomicU64,
+    done: &AtomicU64,
+    abort: &AtomicBool,
+) -> Result<(Vec<(u64, Entry)>, u64), StoreError> {
+    let size = ctx.image.virtual_size();
+    let cs = ctx.chunk_size as usize;
+    let mut buf = vec![0u8; cs];
+    let mut out = vec![0u8; CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(cs)];
+    let level = ctx.store.cfg.zstd_level;
+    let mut comp = zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+    let public_hasher = ctx.store.hasher(&Namespace::Public, false)?;
+    let mut mine = Vec::new();
+    let mut new_bytes = 0u64;
+    while !abort.load(Ordering::Relaxed) {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        let start = i * u64::from(ctx.chunk_size);
+        let len = chunk_len(size, ctx.chunk_size, i) as usize;
+        let entry = match ctx.reuse.get(i as usize).copied().flatten() {
+            Some(e) => e,
+            None if !ctx.image.has_data(start, len as u64) => Entry::Zero,
+            None => {
+                let data = &mut buf[..len];
+                ctx.image.read(start, data)?;
+                if is_zero(data) {
+                    Entry::Zero
+                } else {
+                    let (e, nb) = store_chunk(ctx, data, &mut comp, &mut out, &public_hasher)?;
+                    new_bytes += nb;
+                    e
+                }
+            }
+        };
+        mine.push((i, entry));
+        let d = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        if let Some(p) = ctx.progress {
+            p(Progress { done: d, total: size });
+        }
+    }
+    Ok((mine, new_bytes))
+}
+
+/// Hashes one chunk and writes it unless the store already has it.
+fn store_chunk(
+    ctx: &CreateCtx<'_>,
+    data: &[u8],
+    comp: &mut zstd::bulk::Compressor<'_>,
+    out: &mut [u8],
+    public_hasher: &ChunkHasher,
+) -> Result<(Entry, u64), StoreError> {
+    if !ctx.public.is_empty() {
+        let pid = public_hasher.id(data);
+        if let Some(sz) = ctx.public.get(&pid) {
+            return Ok((Entry::Chunk { space: Space::Public, id: pid, stored_len: *sz }, 0));
+        }
+    }
+    let id = ctx.hasher.id(data);
+    if let Some(sz) = ctx.known.lock().expect("known").get(&id) {
+        return Ok((Entry::Chunk { space: Space::Own, id, stored_len: *sz }, 0));
+    }
+    let n = comp
+        .compress_to_buffer(data, &mut out[CHUNK_HEADER_LEN..])
+        .map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+    let (codec, total) = if n < data.len() {
+        (format::CODEC_ZSTD, CHUNK_HEADER_LEN + n)
+    } else {
+        out[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + data.len()].copy_from_slice(data);
+        (format::CODEC_STORED, CHUNK_HEADER_LEN + data.len())
+    };
+    out[..CHUNK_HEADER_LEN].copy_from_slice(&format::chunk_header(codec, data.len() as u32));
+    ctx.store.backend.put(&chunk_key(ctx.ns, &id), &out[..total], false)?;
+    ctx.known.lock().expect("known").insert(id, total as u32);
+    Ok((Entry::Chunk { space: Space::Own, id, stored_len: total as u32 }, total as u64))
+}
+
+/// Decodes a chunk object into `buf`, checking length and hash.
+pub(crate) fn decode_chunk(
+    data: &[u8],
+    buf: &mut Vec<u8>,
+    hasher: &ChunkHasher,
+    id: &ChunkId,
+    dec: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<usize, String> {
+    let (codec, raw_len, payload) = format::parse_chunk(data).map_err(|e| e.to_string())?;
+    let raw_len = raw_len as usize;
+    buf.resize(raw_len, 0);
+    let dst = &mut buf[..raw_len];
+    if codec == format::CODEC_STORED {
+        if payload.len() != raw_len {
+            return Err("stored payload has the wrong length".into());
+        }
+        dst.copy_from_slice(payload);
+    } else {
+        let n = dec.decompress_to_buffer(payload, dst).map_err(|e| format!("zstd: {e}"))?;
+        if n != raw_len {
+            return Err(format!("decompressed {n} bytes, expected {raw_len}"));
+        }
+    }
+    if hasher.id(dst) != *id {
+        return Err("content does not match its hash".into());
+    }
+    Ok(raw_len)
+}
+
+/// Writes the non-zero 4 KiB blocks of `data` at `off`, keeping the file sparse.
+fn write_sparse(f: &std::fs::File, data: &[u8], off: u64) -> std::io::Result<()> {
+    const B: usize = 4096;
+    let mut i = 0;
+    while i < data.len() {
+        while i < data.len() && is_zero(&data[i..(i + B).min(data.len())]) {
+            i += B;
+        }
+        let s = i;
+        while i < data.len() && !is_zero(&data[i..(i + B).min(data.len())]) {
+            i += B;
+        }
+        if s < data.len() {
+            f.write_all_at(&data[s..i.min(data.len())], off + s as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Restores a manifest into a new sparse raw file at `path`.
+pub(crate) fn restore_raw(
+    store: &Store,
+    m: &Manifest,
+    own: (&Namespace, &ChunkHasher),
+    public: (&Namespace, &ChunkHasher),
+    path: &Path,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<(), StoreError> {
+    let outp = |source| StoreError::Output { path: path.to_path_buf(), source };
+    let f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).map_err(outp)?;
+    f.set_len(m.meta.virtual_size).map_err(outp)?;
+    let size = m.meta.virtual_size;
+    let cs = m.meta.chunk_size;
+    let n = m.entries.len() as u64;
+    let (next, done, abort) = (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false));
+    let threads = store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
+    let worker = || -> Result<(), StoreError> {
+        let mut buf = Vec::with_capacity(cs as usize);
+        let mut dec = zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+        while !abort.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            let len = chunk_len(size, cs, i);
+            if let Entry::Chunk { space, id, .. } = &m.entries[i as usize] {
+                let (ns, h) = if *space == Space::Own { own } else { public };
+                let snapshot = m.meta.id.clone();
+                let data = store.backend.get(&chunk_key(ns, id)).map_err(|e| match e {
+                    e if e.is_not_found() => StoreError::MissingChunk { chunk: id.to_hex(), snapshot: snapshot.clone() },
+                    e => e.into(),
+                })?;
+                let got = decode_chunk(&data, &mut buf, h, id, &mut dec)
+                    .map_err(|reason| StoreError::CorruptChunk { chunk: id.to_hex(), snapshot: snapshot.clone(), reason })?;
+                if got as u64 != len {
+                    let reason = format!("holds {got} bytes where the snapshot needs {len}");
+                    return Err(StoreError::CorruptChunk { chunk: id.to_hex(), snapshot, reason });
+                }
+                write_sparse(&f, &buf[..got], i * u64::from(cs)).map_err(outp)?;
+            }
+            let d = done.fetch_add(len, Ordering::Relaxed) + len;
+            if let Some(p) = progress {
+                p(Progress { done: d, total: size });
+            }
+        }
+        Ok(())
+    };
+    let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = worker();
+                    if r.is_err() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("restore worker panicked")).collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(())
+}

@@ -1,0 +1,479 @@
+//! The store: opening it, creating snapshots (the parallel read → hash →
+//! compress → write pipeline), restoring them, listing and deleting.
+//! Verification, garbage collection and statistics live in `maintain`.
+//!
+//! Store layout (keys under the store root):
+//! - `gantry-store.json` marker: `{"format":"gantry-snapshot-store","version":1}`
+//! - `chunks/<namespace>/<2 hex>/<64 hex>`: chunk objects (see `format`)
+//! - `snapshots/<snap-id>`: manifests, written last and atomically
+//!
+//! All calls block; an async caller runs them on a blocking thread.
+
+use crate::backend::{self, Backend, BackendError, StoreUrl};
+use crate::format::{self, ChunkId, Entry, FormatError, Manifest, SnapshotMeta};
+use crate::image::{ImageError, ImageSource};
+use crate::keys::{ChunkHasher, KeyError, Keyring, Namespace};
+use crate::pipeline;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Key of the store marker object.
+pub const MARKER_KEY: &str = "gantry-store.json";
+/// Format tag in the marker.
+pub const STORE_FORMAT: &str = "gantry-snapshot-store";
+/// Current store layout version.
+pub const STORE_VERSION: u32 = 1;
+/// Default chunk size (chosen by measurement, see docs/snapshot-store.md).
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Default zstd level (chosen by measurement, see docs/snapshot-store.md).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Errors of store operations.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("snapshot {id}: {source}")]
+    BadManifest { id: String, source: FormatError },
+    #[error("unknown snapshot {0}")]
+    UnknownSnapshot(String),
+    #[error("invalid snapshot id {0:?} (expected snap-<32 hex>)")]
+    BadId(String),
+    #[error("chunk {chunk} of snapshot {snapshot} is corrupt: {reason}")]
+    CorruptChunk { chunk: String, snapshot: String, reason: String },
+    #[error("chunk {chunk} of snapshot {snapshot} is missing from the store")]
+    MissingChunk { chunk: String, snapshot: String },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{path}: {source}")]
+    Output { path: PathBuf, source: std::io::Error },
+    #[error("store {0} is not a gantry snapshot store: {1}")]
+    NotAStore(String, String),
+    #[error("{0}")]
+    Tool(String),
+}
+
+/// Store tuning; the defaults are the measured choices.
+pub struct StoreConfig {
+    pub keyring: Arc<Keyring>,
+    pub chunk_size: u32,
+    pub zstd_level: i32,
+    pub threads: usize,
+    /// Initialise the store when it does not exist yet.
+    pub create_if_missing: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            keyring: Arc::new(Keyring::in_memory()),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            create_if_missing: false,
+        }
+    }
+}
+
+/// Progress of a long operation, in guest bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Progress callback; called from worker threads.
+pub type ProgressFn<'a> = &'a (dyn Fn(Progress) + Sync);
+
+/// A byte range of the guest disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// What to snapshot.
+pub struct CreateRequest<'a> {
+    pub image: &'a Path,
+    pub name: &'a str,
+    /// Owning account; `None` puts the snapshot in the public namespace.
+    pub owner: Option<&'a str>,
+    pub parent: Option<&'a str>,
+    /// With a parent: only these ranges changed since it was taken.
+    pub changed_extents: Option<&'a [Extent]>,
+    pub progress: Option<ProgressFn<'a>>,
+}
+
+/// A snapshot as reported to callers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub owner: Option<String>,
+    pub parent: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Guest-visible size.
+    pub logical_size: u64,
+    /// Bytes in non-zero chunks.
+    pub allocated_size: u64,
+    /// Compressed bytes of the distinct chunks it references.
+    pub stored_bytes: u64,
+    /// Compressed bytes this create wrote (0 when listed later).
+    pub new_bytes: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub chunk_size: u32,
+}
+
+impl SnapshotInfo {
+    pub(crate) fn from_manifest(m: &Manifest, new_bytes: u64) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let mut stored = 0u64;
+        let mut zero = 0;
+        for e in &m.entries {
+            match e {
+                Entry::Zero => zero += 1,
+                Entry::Chunk { space, id, stored_len } => {
+                    if seen.insert((*space, *id)) {
+                        stored += u64::from(*stored_len);
+                    }
+                }
+            }
+        }
+        let meta = &m.meta;
+        Self {
+            id: meta.id.clone(),
+            name: meta.name.clone(),
+            owner: meta.owner.clone(),
+            parent: meta.parent.clone(),
+            created_at: meta.created_at,
+            logical_size: meta.virtual_size,
+            allocated_size: meta.allocated_bytes,
+            stored_bytes: stored,
+            new_bytes,
+            chunks: m.entries.len() as u64,
+            zero_chunks: zero,
+            chunk_size: meta.chunk_size,
+        }
+    }
+}
+
+/// Output format of a restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Marker {
+    format: String,
+    version: u32,
+}
+
+/// A snapshot store on some backend.
+pub struct Store {
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) cfg: StoreConfig,
+}
+
+/// Object key of a chunk.
+pub fn chunk_key(ns: &Namespace, id: &ChunkId) -> String {
+    let hex = id.to_hex();
+    format!("chunks/{}/{}/{hex}", ns.dir(), &hex[..2])
+}
+
+/// Object key of a manifest.
+pub fn manifest_key(id: &str) -> String {
+    format!("snapshots/{id}")
+}
+
+fn check_id(id: &str) -> Result<(), StoreError> {
+    id.parse::<gantry_proto::SnapshotId>().map(|_| ()).map_err(|_| StoreError::BadId(id.to_string()))
+}
+
+impl Store {
+    /// Opens the store at `url` (a path, `file://` or `s3://bucket/prefix`).
+    pub fn open(url: &str, cfg: StoreConfig) -> Result<Self, StoreError> {
+        let parsed: StoreUrl = url.parse()?;
+        let backend = backend::open(&parsed, cfg.create_if_missing)?;
+        Self::with_backend(backend, cfg)
+    }
+
+    /// Opens a store on an already-built backend.
+    pub fn with_backend(backend: Box<dyn Backend>, cfg: StoreConfig) -> Result<Self, StoreError> {
+        if !(format::MIN_CHUNK_SIZE..=format::MAX_CHUNK_SIZE).contains(&cfg.chunk_size)
+            || !cfg.chunk_size.is_power_of_two()
+        {
+            return Err(StoreError::Invalid {
+                field: "chunk size",
+                reason: format!("{} is not a power of two between 4 KiB and 64 MiB", cfg.chunk_size),
+            });
+        }
+        if !zstd::compression_level_range().contains(&cfg.zstd_level) {
+            return Err(StoreError::Invalid { field: "zstd level", reason: format!("{} is out of range", cfg.zstd_level) });
+        }
+        let where_ = backend.describe();
+        match backend.get(MARKER_KEY) {
+            Ok(data) => {
+                let m: Marker = serde_json::from_slice(&data)
+                    .map_err(|e| StoreError::NotAStore(where_.clone(), e.to_string()))?;
+                if m.format != STORE_FORMAT || m.version != STORE_VERSION {
+                    let why = format!("unsupported layout {} v{}", m.format, m.version);
+                    return Err(StoreError::NotAStore(where_, why));
+                }
+            }
+            Err(e) if e.is_not_found() && cfg.create_if_missing => {
+                let m = Marker { format: STORE_FORMAT.into(), version: STORE_VERSION };
+                backend.put(MARKER_KEY, &serde_json::to_vec(&m).expect("marker"), true)?;
+            }
+            Err(e) if e.is_not_found() => return Err(BackendError::Missing(where_).into()),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Self { backend, cfg })
+    }
+
+    /// Where the store lives.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Reads and parses one manifest.
+    pub fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+        check_id(id)?;
+        let data = self.backend.get(&manifest_key(id)).map_err(|e| {
+            if e.is_not_found() {
+                StoreError::UnknownSnapshot(id.to_string())
+            } else {
+                e.into()
+            }
+        })?;
+        let m = Manifest::decode(&data).map_err(|source| StoreError::BadManifest { id: id.to_string(), source })?;
+        if m.meta.id != id {
+            let source = FormatError::Invalid(format!("manifest names itself {}", m.meta.id));
+            return Err(StoreError::BadManifest { id: id.to_string(), source });
+        }
+        Ok(m)
+    }
+
+    /// Ids of all published snapshots.
+    pub fn snapshot_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self
+            .backend
+            .list("snapshots/")?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix("snapshots/").map(str::to_string))
+            .filter(|id| check_id(id).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// All snapshots, oldest first.
+    pub fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let mut out = Vec::new();
+        for id in self.snapshot_ids()? {
+            match self.manifest(&id) {
+                Ok(m) => out.push(SnapshotInfo::from_manifest(&m, 0)),
+                Err(StoreError::UnknownSnapshot(_)) => {} // deleted meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a snapshot's manifest; its chunks go at the next gc.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.manifest(id)?;
+        self.backend.delete(&manifest_key(id))?;
+        Ok(())
+    }
+
+    pub(crate) fn hasher(&self, ns: &Namespace, create: bool) -> Result<ChunkHasher, StoreError> {
+        Ok(self.cfg.keyring.hasher(ns, create)?)
+    }
+
+    /// Existing chunks of a namespace with their stored sizes.
+    pub(crate) fn chunk_sizes(&self, ns: &Namespace) -> Result<HashMap<ChunkId, u32>, StoreError> {
+        let prefix = format!("chunks/{}/", ns.dir());
+        Ok(self
+            .backend
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.rsplit('/').next()?;
+                Some((ChunkId::from_hex(name)?, o.size as u32))
+            })
+            .collect())
+    }
+
+    /// Takes a snapshot of an image.
+    pub fn create(&self, req: &CreateRequest<'_>) -> Result<SnapshotInfo, StoreError> {
+        let name = req.name;
+        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+            let reason = "must be 1-200 printable characters".into();
+            return Err(StoreError::Invalid { field: "name", reason });
+        }
+        let ns = Namespace::for_owner(req.owner)?;
+        let hasher = self.hasher(&ns, true)?;
+        let image = ImageSource::open(req.image)?;
+        if req.changed_extents.is_some() && req.parent.is_none() {
+            let reason = "a changed-extent list needs --parent".into();
+            return Err(StoreError::Invalid { field: "changed extents", reason });
+        }
+        let _lock = self.backend.lock(false)?;
+        let parent = req.parent.map(|p| self.manifest(p)).transpose()?;
+        let chunk_size = parent.as_ref().map_or(self.cfg.chunk_size, |p| p.meta.chunk_size);
+        let reuse = match &parent {
+            Some(p) => pipeline::reuse_plan(p, &ns, image.virtual_size(), chunk_size, req.changed_extents)?,
+            None => Vec::new(),
+        };
+        let known = self.chunk_sizes(&ns)?;
+        let public = match ns {
+            Namespace::Public => HashMap::new(),
+            Namespace::Owner(_) => self.chunk_sizes(&Namespace::Public)?,
+        };
+        let id = gantry_proto::SnapshotId::new().to_string();
+        tracing::info!(snapshot = %id, image = %req.image.display(), store = %self.describe(), "creating snapshot");
+        let ctx = pipeline::CreateCtx {
+            store: self,
+            image: &image,
+            ns: &ns,
+            hasher,
+            chunk_size,
+            reuse,
+            known: std::sync::Mutex::new(known),
+            public,
+            progress: req.progress,
+        };
+        let out = pipeline::run_create(&ctx)?;
+        let manifest = Manifest {
+            meta: SnapshotMeta {
+                id: id.clone(),
+                name: name.to_string(),
+                owner: ns.owner().map(str::to_string),
+                parent: req.parent.map(str::to_string),
+                created_at: chrono::Utc::now(),
+                virtual_size: image.virtual_size(),
+                chunk_size,
+                zstd_level: self.cfg.zstd_level,
+                source_format: image.format().as_str().into(),
+                allocated_bytes: out.allocated,
+            },
+            entries: out.entries,
+        };
+        // Every chunk must be durable before the manifest can name it.
+        self.backend.sync()?;
+        self.backend.put(&manifest_key(&id), &manifest.encode(), true)?;
+        tracing::info!(snapshot = %id, new_bytes = out.new_bytes, "snapshot published");
+        Ok(SnapshotInfo::from_manifest(&manifest, out.new_bytes))
+    }
+
+    /// Restores a snapshot to `out` (created atomically), checking every chunk.
+    pub fn restore(
+        &self,
+        id: &str,
+        out: &Path,
+        fmt: RestoreFormat,
+        progress: Option<ProgressFn<'_>>,
+    ) -> Result<SnapshotInfo, StoreError> {
+        let m = self.manifest(id)?;
+        let own = Namespace::for_owner(m.meta.owner.as_deref())?;
+        let own_h = self.hasher(&own, false)?;
+        let pub_h = self.hasher(&Namespace::Public, false)?;
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = out.file_name().and_then(|n| n.to_str()).unwrap_or("restore");
+        let tmp_raw = dir.join(format!(".{base}.gantry-restore-{:08x}", rand::random::<u32>()));
+        let outp = |source| StoreError::Output { path: out.to_path_buf(), source };
+        let res = (|| {
+            pipeline::restore_raw(self, &m, (&own, &own_h), (&Namespace::Public, &pub_h), &tmp_raw, progress)?;
+            let final_tmp = match fmt {
+                RestoreFormat::Raw => tmp_raw.clone(),
+                RestoreFormat::Qcow2 => {
+                    let q = dir.join(format!(".{base}.gantry-qcow2-{:08x}", rand::random::<u32>()));
+                    let r = convert_to_qcow2(&tmp_raw, &q);
+                    let _ = std::fs::remove_file(&tmp_raw);
+                    r?;
+                    q
+                }
+            };
+            let r = (|| {
+                std::fs::File::open(&final_tmp)?.sync_all()?;
+                std::fs::rename(&final_tmp, out)?;
+                backend::local::fsync_dir(dir)
+            })();
+            if r.is_err() {
+                let _ = std::fs::remove_file(&final_tmp);
+            }
+            r.map_err(outp)
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp_raw);
+        }
+        res?;
+        Ok(SnapshotInfo::from_manifest(&m, 0))
+    }
+}
+
+fn convert_to_qcow2(raw: &Path, out: &Path) -> Result<(), StoreError> {
+    let o = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(out)
+        .output()
+        .map_err(|e| StoreError::Tool(format!("cannot run qemu-img: {e}")))?;
+    if !o.status.success() {
+        let _ = std::fs::remove_file(out);
+        let msg = String::from_utf8_lossy(&o.stderr).trim().to_string();
+        return Err(StoreError::Tool(format!("qemu-img convert to qcow2 failed: {msg}")));
+    }
+    Ok(())
+}
+
+/// Parses a changed-extent list: JSON (`[{"offset":..,"length":..}]`, or
+/// the `qemu-img map --output=json` output of an overlay, whose entries
+/// from backing files (`depth` > 0) are skipped) or lines of
+/// `OFFSET LENGTH` (decimal bytes, `#` comments).
+pub fn parse_extents(text: &str) -> Result<Vec<Extent>, StoreError> {
+    let bad = |reason: String| StoreError::Invalid { field: "changed extents", reason };
+    let t = text.trim_start();
+    if t.starts_with('[') {
+        #[derive(Deserialize)]
+        struct J {
+            offset: Option<u64>,
+            start: Option<u64>,
+            length: u64,
+            depth: Option<u64>,
+        }
+        let items: Vec<J> = serde_json::from_str(t).map_err(|e| bad(e.to_string()))?;
+        return items
+            .into_iter()
+            .filter(|j| j.depth.unwrap_or(0) == 0)
+            .map(|j| match (j.start, j.offset) {
+                (Some(s), _) => Ok(Extent { offset: s, length: j.length }),
+                (None, Some(o)) => Ok(Extent { offset: o, length: j.length }),
+                (None, None) => Err(bad("an entry has neither offset nor start".into())),
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut it = line.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next(), it.next()) {
+            (Some(Ok(offset)), Some(Ok(length)), None) => out.push(Extent { offset, length }),
+            _ => return Err(bad(format!("line {}: expected \"OFFSET LENGTH\"", n + 1))),
+        }
+    }
+    Ok(out)
+}

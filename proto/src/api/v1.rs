@@ -1,0 +1,486 @@
+//! Bodies of the controller's HTTP API (`/v1/...`), for admins and tenants.
+//!
+//! Requests carry `deny_unknown_fields`; amounts of money are integer
+//! micro-units (1 unit = 1_000_000 micros) so no float ever reaches the
+//! ledger. Times are RFC 3339 UTC. Long work answers `202` with an
+//! [`OperationInfo`]; `GET /v1/operations/{id}` reports it.
+
+use crate::ids::{
+    AccountId, FlavorId, HostId, ImageId, InstanceId, OperationId, SnapshotId, TokenId, VolumeId,
+};
+use crate::instance::{Action, InstanceState};
+use crate::snapshot::SnapshotStatus;
+use crate::validate::PciAddress;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Most GPUs one host may declare.
+pub const MAX_HOST_GPUS: usize = 64;
+/// Most instances one batch call may name.
+pub const MAX_BATCH: usize = 500;
+/// Most extra guest ports one instance may forward (SSH is always forwarded).
+pub const MAX_PORT_FORWARDS: usize = 8;
+
+// ---------- accounts and tokens ----------
+
+/// `POST /v1/admin/accounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    pub name: String,
+    #[serde(default)]
+    pub billing_profile_complete: bool,
+    /// Snapshot storage quota in GiB (compressed bytes count against it).
+    #[serde(default)]
+    pub snapshot_quota_gib: Option<u64>,
+}
+
+/// `PATCH /v1/admin/accounts/{id}`: fields left out stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccount {
+    #[serde(default)]
+    pub billing_profile_complete: Option<bool>,
+    #[serde(default)]
+    pub snapshot_quota_gib: Option<u64>,
+}
+
+/// `POST /v1/admin/accounts/{id}/credits`: a ledger entry; negative debits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddCredit {
+    pub amount_micros: i64,
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountInfo {
+    pub id: AccountId,
+    pub name: String,
+    pub credit_micros: i64,
+    pub billing_profile_complete: bool,
+    pub snapshot_quota_gib: u64,
+    /// Compressed bytes of the account's snapshots.
+    pub snapshot_used_bytes: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/admin/tokens`: an admin token when `account` is absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    #[serde(default)]
+    pub account: Option<AccountId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: TokenId,
+    pub name: String,
+    pub account: Option<AccountId>,
+    pub created_at: DateTime<Utc>,
+    pub revoked: bool,
+}
+
+/// The answer to token creation: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    pub token: String,
+}
+
+// ---------- hosts ----------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuDevice {
+    pub model: String,
+    pub pci: PciAddress,
+}
+
+/// `POST /v1/admin/hosts`: registers a host and its capacity (the agent
+/// will do this itself once the agent protocol lands).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHost {
+    pub name: String,
+    /// Address tenants reach forwarded ports on (IP or DNS name).
+    pub address: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    #[serde(default)]
+    pub gpus: Vec<GpuDevice>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostHealth {
+    Healthy,
+    Unhealthy,
+}
+
+/// `POST /v1/admin/hosts/{id}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub health: HostHealth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub model: String,
+    pub pci: PciAddress,
+    pub instance: Option<InstanceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub id: HostId,
+    pub name: String,
+    pub address: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub used_vcpus: u32,
+    pub used_memory_mib: u64,
+    pub used_disk_gib: u64,
+    pub gpus: Vec<GpuInfo>,
+    pub health: HostHealth,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub last_heartbeat: DateTime<Utc>,
+    pub instances: u64,
+}
+
+// ---------- flavors and images ----------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateFlavor {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub root_disk_gib: u64,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+    #[serde(default)]
+    pub gpu_count: u32,
+    pub price_micros_per_hour: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorInfo {
+    pub id: FlavorId,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub root_disk_gib: u64,
+    pub gpu_model: Option<String>,
+    pub gpu_count: u32,
+    pub price_micros_per_hour: i64,
+}
+
+/// `POST /v1/admin/images`: a base image every account may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    pub name: String,
+    pub size_gib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub id: ImageId,
+    pub name: String,
+    pub size_gib: u64,
+    /// Set for images made from a snapshot (private to that account).
+    pub account: Option<AccountId>,
+    pub source_snapshot: Option<SnapshotId>,
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------- volumes ----------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_gib: u64,
+    /// Admins create volumes for an account; tenants leave this out.
+    #[serde(default)]
+    pub account: Option<AccountId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub account: AccountId,
+    pub name: String,
+    pub size_gib: u64,
+    pub instance: Option<InstanceId>,
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------- instances ----------
+
+/// Scheduler weighing for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Fill partly used hosts first (keeps whole hosts free for big jobs).
+    #[default]
+    Pack,
+    /// Prefer the emptiest host.
+    Spread,
+}
+
+/// `POST /v1/instances`: exactly one of `image` and `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    pub name: String,
+    pub flavor: FlavorId,
+    #[serde(default)]
+    pub image: Option<ImageId>,
+    #[serde(default)]
+    pub snapshot: Option<SnapshotId>,
+    /// An existing, unattached volume of the account.
+    #[serde(default)]
+    pub data_volume: Option<VolumeId>,
+    /// Extra guest TCP ports to forward (22 always is).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub placement: Option<Placement>,
+    /// Admins create instances for an account; tenants leave this out.
+    #[serde(default)]
+    pub account: Option<AccountId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    pub guest_port: u16,
+    pub host_port: u16,
+}
+
+/// One row of `GET /v1/instances`, and the answer to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSummary {
+    pub id: InstanceId,
+    pub name: String,
+    pub account: AccountId,
+    /// `Running`, `Snapshotting`, `Released`, ... (see `InstanceState::status`).
+    pub status: String,
+    pub state: InstanceState,
+    pub flavor: FlavorId,
+    pub host: Option<HostId>,
+    pub cost_micros: i64,
+    pub allowed_actions: Vec<Action>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/instances/{id}/access`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessView {
+    pub host_address: Option<String>,
+    pub port_forwards: Vec<PortForward>,
+}
+
+/// `GET /v1/instances/{id}/monitor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorView {
+    pub state: InstanceState,
+    pub desired_state: InstanceState,
+    pub state_since: DateTime<Utc>,
+    pub pending_operation: Option<OperationId>,
+    pub host_health: Option<HostHealth>,
+    pub host_last_heartbeat: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/instances/{id}/billing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillingView {
+    pub price_micros_per_hour: i64,
+    pub billed_seconds: u64,
+    pub cost_micros: i64,
+    pub account_credit_micros: i64,
+}
+
+/// `GET /v1/instances/{id}/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigView {
+    pub name: String,
+    pub flavor: FlavorId,
+    pub flavor_name: String,
+    pub image: Option<ImageId>,
+    pub snapshot: Option<SnapshotId>,
+    pub root_disk_gib: u64,
+    pub data_volume: Option<VolumeId>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/instances/{id}/hardware`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardwareView {
+    pub host: Option<HostId>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub root_disk_gib: u64,
+    pub gpu_model: Option<String>,
+    pub gpus: Vec<PciAddress>,
+}
+
+/// `POST /v1/instances/{id}/actions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum InstanceAction {
+    // Empty struct variants (not unit ones) so unknown fields are refused.
+    Start {},
+    Stop {},
+    Reboot {},
+    ForceReboot {},
+    ChangeType { flavor: FlavorId },
+    GrowDisk { root_disk_gib: u64 },
+    Release {},
+}
+
+impl InstanceAction {
+    pub fn action(&self) -> Action {
+        match self {
+            Self::Start {} => Action::Start,
+            Self::Stop {} => Action::Stop,
+            Self::Reboot {} => Action::Reboot,
+            Self::ForceReboot {} => Action::ForceReboot,
+            Self::ChangeType { .. } => Action::ChangeType,
+            Self::GrowDisk { .. } => Action::GrowDisk,
+            Self::Release {} => Action::Release,
+        }
+    }
+}
+
+/// `POST /v1/instances/batch`: one action on many instances, e.g.
+/// `{"instances": [...], "request": {"action": "stop"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchAction {
+    pub instances: Vec<InstanceId>,
+    pub request: InstanceAction,
+}
+
+/// One instance's outcome in a batch: an operation, or the error sentence
+/// and the HTTP status it would have had alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub instance: InstanceId,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationInfo {
+    pub id: OperationId,
+    pub kind: String,
+    pub instance: Option<InstanceId>,
+    pub state: OperationState,
+    pub progress_percent: u8,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/admin/instances/{id}/observed`: records the state an agent
+/// reports, through the state machine (stand-in until the agent protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportState {
+    pub state: InstanceState,
+}
+
+// ---------- snapshots ----------
+
+/// `POST /v1/instances/{id}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Release the instance once the snapshot is saved.
+    #[serde(default)]
+    pub auto_release: bool,
+    /// Also publish the snapshot as a (private) image.
+    #[serde(default)]
+    pub as_image: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    pub account: AccountId,
+    pub instance: InstanceId,
+    pub name: String,
+    pub description: String,
+    pub status: SnapshotStatus,
+    pub auto_release: bool,
+    pub as_image: bool,
+    pub logical_bytes: u64,
+    pub compressed_bytes: u64,
+    pub operation: Option<OperationId>,
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------- audit ----------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// Token id, `bootstrap-admin`, or `anonymous`.
+    pub actor: String,
+    pub account: Option<AccountId>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_are_tagged_and_strict() {
+        let a: InstanceAction =
+            serde_json::from_str(r#"{"action":"grow-disk","root_disk_gib":80}"#).unwrap();
+        assert_eq!(a, InstanceAction::GrowDisk { root_disk_gib: 80 });
+        assert_eq!(a.action(), Action::GrowDisk);
+        assert!(serde_json::from_str::<InstanceAction>(r#"{"action":"stop","x":1}"#).is_err());
+        let b: BatchAction =
+            serde_json::from_str(r#"{"instances":[],"request":{"action":"reboot"}}"#).unwrap();
+        assert_eq!(b.request, InstanceAction::Reboot {});
+        let e = serde_json::from_str::<BatchAction>(
+            r#"{"instances":[],"request":{"action":"stop"},"x":1}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains('x'), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<CreateSnapshot>(r#"{"name":"a","colour":1}"#).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+}

@@ -1,0 +1,401 @@
+//! The real-guest fixture: a `gantry-agent` process on a private state
+//! directory ([`TestAgent`]) and test VMs it runs ([`TestVm`]), with
+//! `exec_in_guest` over the guest's exec channel. Everything is cleaned up
+//! on drop, panics included: domains destroyed and undefined, state removed.
+//!
+//! Real-VM tests take a process-wide lock so that only one set of guests
+//! runs at a time (TCG on two cores).
+
+use crate::guest::{self, ExecOutput};
+use anyhow::{bail, Context};
+use gantry_proto::api::error::ErrorBody;
+use gantry_proto::api::local::{ActionRequest, ImageInfo, ImportImage, InstanceInfo, OperationInfo, OperationState};
+use gantry_proto::spec::{InstanceSpec, VolumeSpec};
+use gantry_proto::{ImageId, InstanceId};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Boot, stop and operation timeouts under TCG.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const OP_TIMEOUT: Duration = Duration::from_secs(180);
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether the real-VM rig is configured. Without it a test is skipped, or
+/// fails under `GANTRY_TEST_STRICT=1` (the README's test command).
+pub fn rig_available(test: &str) -> bool {
+    let missing: Vec<&str> = ["LIBVIRT_DEFAULT_URI", "GANTRY_GUEST_DIR"]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "{test}: needs the real-VM rig ({} unset): run scripts/setup-host and scripts/build-guest, then source .cache/env/*.env",
+        missing.join(", ")
+    );
+    if std::env::var("GANTRY_TEST_STRICT").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    false
+}
+
+/// Path of a workspace binary, next to the test executable's directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!("GANTRY_{}_BIN", name.to_uppercase().replace('-', "_"))) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps");
+    dir.join(name)
+}
+
+/// A `gantry-agent serve` process with its own state directory.
+pub struct TestAgent {
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    pub url: String,
+    token: String,
+    child: Option<Child>,
+    http: reqwest::blocking::Client,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl TestAgent {
+    pub fn start() -> anyhow::Result<Self> {
+        let lock = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // Not a 0700 tempdir: QEMU runs as its own user and must traverse it.
+        let state_dir = PathBuf::from(format!("/var/tmp/gantry-test-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&state_dir)?;
+        let config = state_dir.with_extension("toml");
+        let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
+        let dtype = std::env::var("GANTRY_DOMAIN_TYPE").unwrap_or_else(|_| "qemu".into());
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {:?}\nlibvirt_uri = {uri:?}\ndomain_type = {dtype:?}\nlisten = \"127.0.0.1:0\"\nstop_timeout_secs = 30\nreserved_memory_mib = 256\ngpus = \"none\"\n",
+                state_dir.display().to_string()
+            ),
+        )?;
+        let mut agent = TestAgent {
+            state_dir,
+            config,
+            url: String::new(),
+            token: String::new(),
+            child: None,
+            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?,
+            _lock: lock,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process and waits until its API answers.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let addr_file = self.state_dir.join("listen-addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.with_extension("log"))?;
+        let child = Command::new(workspace_bin("gantry-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env("GANTRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn gantry-agent (is it built? cargo build --workspace --bins)")?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("gantry-agent exited at start ({st}); log:\n{}", self.log_tail());
+            }
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                self.url = format!("http://{}", a.trim());
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("gantry-agent did not start; log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.token = std::fs::read_to_string(self.state_dir.join("agent-token"))?.trim().to_string();
+        Ok(())
+    }
+
+    /// SIGKILLs the agent (VMs keep running under libvirt).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn call(&self, req: reqwest::blocking::RequestBuilder) -> Result<serde_json::Value, ApiFailure> {
+        let resp = req.bearer_auth(&self.token).send().map_err(|e| ApiFailure {
+            status: 0,
+            error: e.to_string(),
+            field: None,
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let body: ErrorBody = serde_json::from_str(&text).unwrap_or(ErrorBody {
+                error: text,
+                field: None,
+            });
+            return Err(ApiFailure {
+                status,
+                error: body.error,
+                field: body.field,
+            });
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
+
+    pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ApiFailure> {
+        let v = self.call(self.http.get(format!("{}{path}", self.url)))?;
+        Ok(serde_json::from_value(v).expect("response shape"))
+    }
+
+    pub fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ApiFailure> {
+        let v = self.call(self.http.post(format!("{}{path}", self.url)).json(body))?;
+        Ok(serde_json::from_value(v).expect("response shape"))
+    }
+
+    /// A raw request, for testing authentication.
+    pub fn get_with_token(&self, path: &str, token: &str) -> u16 {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Imports the rig's test guest image.
+    pub fn import_guest_image(&self) -> anyhow::Result<ImageInfo> {
+        let g = guest::guest_image()?;
+        let req = ImportImage {
+            id: None,
+            name: "test-guest".into(),
+            disk: g.disk.display().to_string(),
+            kernel: Some(g.kernel.display().to_string()),
+            initrd: Some(g.initrd.display().to_string()),
+            cmdline: Some(g.cmdline.clone()),
+        };
+        Ok(self.post("/v1/images", &req)?)
+    }
+
+    /// Waits for an operation to end; returns it (failed ones too).
+    pub fn wait_op(&self, op: OperationInfo) -> anyhow::Result<OperationInfo> {
+        let start = Instant::now();
+        let mut cur = op;
+        while cur.state == OperationState::Running {
+            if start.elapsed() > OP_TIMEOUT {
+                bail!("operation {} ({}) still running after {OP_TIMEOUT:?}", cur.id, cur.kind);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            cur = self.get(&format!("/v1/operations/{}", cur.id))?;
+        }
+        Ok(cur)
+    }
+
+    /// Runs an action to its end; an operation failure is an error.
+    pub fn act(&self, id: InstanceId, req: ActionRequest) -> anyhow::Result<InstanceInfo> {
+        let op: OperationInfo = self.post(&format!("/v1/instances/{id}/actions"), &req)?;
+        let done = self.wait_op(op)?;
+        if done.state == OperationState::Failed {
+            bail!("{} failed: {}", done.kind, done.error.unwrap_or_default());
+        }
+        Ok(self.instance(id)?)
+    }
+
+    pub fn instance(&self, id: InstanceId) -> Result<InstanceInfo, ApiFailure> {
+        self.get(&format!("/v1/instances/{id}"))
+    }
+
+    /// Every domain name in libvirt that belongs to this agent's instances.
+    fn own_domains(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_dir.join("instances"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| format!("gantry-{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+        for d in self.own_domains() {
+            let _ = virsh(&["destroy", &d]);
+            let _ = virsh(&["undefine", &d]);
+        }
+        if std::env::var_os("GANTRY_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+            let _ = std::fs::remove_file(&self.config);
+            let _ = std::fs::remove_file(self.state_dir.with_extension("log"));
+        }
+    }
+}
+
+/// An API error as a user sees it.
+#[derive(Debug, Clone)]
+pub struct ApiFailure {
+    pub status: u16,
+    pub error: String,
+    pub field: Option<String>,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, self.error)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+/// Runs `virsh` against the rig's libvirt.
+pub fn virsh(args: &[&str]) -> anyhow::Result<String> {
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
+    let out = Command::new("virsh").arg("-c").arg(uri).args(args).output()?;
+    if !out.status.success() {
+        bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rand_suffix() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:x}", t.as_nanos() & 0xffff_ffff)
+}
+
+/// What a test VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub root_disk_gib: u64,
+    pub volume: Option<VolumeSpec>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            name: "test-vm".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            root_disk_gib: 1,
+            volume: None,
+        }
+    }
+}
+
+/// A booted test VM; released through the agent on drop.
+pub struct TestVm<'a> {
+    pub agent: &'a TestAgent,
+    pub id: InstanceId,
+    pub console_log: PathBuf,
+    pub exec_socket: PathBuf,
+    boots: usize,
+}
+
+impl<'a> TestVm<'a> {
+    pub fn spec(image: ImageId, opts: &VmOptions) -> InstanceSpec {
+        InstanceSpec {
+            id: InstanceId::new(),
+            name: opts.name.clone(),
+            vcpus: opts.vcpus,
+            memory_mib: opts.memory_mib,
+            root_disk_gib: opts.root_disk_gib,
+            image,
+            data_volume: opts.volume,
+            gpus: vec![],
+        }
+    }
+
+    /// Creates the instance and waits for its first boot marker.
+    pub fn boot(agent: &'a TestAgent, image: ImageId, opts: &VmOptions) -> anyhow::Result<Self> {
+        let spec = Self::spec(image, opts);
+        let op: OperationInfo = agent.post("/v1/instances", &spec)?;
+        let done = agent.wait_op(op)?;
+        if done.state == OperationState::Failed {
+            bail!("create failed: {}", done.error.unwrap_or_default());
+        }
+        let mut vm = Self::attach(agent, spec.id)?;
+        vm.boots = 1;
+        vm.wait_boot(1)?;
+        Ok(vm)
+    }
+
+    /// A handle on an existing instance (e.g. after an agent restart).
+    pub fn attach(agent: &'a TestAgent, id: InstanceId) -> anyhow::Result<Self> {
+        let info = agent.instance(id)?;
+        let console_log = PathBuf::from(&info.console_log);
+        let exec_socket = Path::new(&info.console_socket).with_file_name("exec.sock");
+        let boots = guest::count_markers(&console_log);
+        Ok(TestVm { agent, id, console_log, exec_socket, boots })
+    }
+
+    fn wait_boot(&self, n: usize) -> anyhow::Result<()> {
+        guest::wait_for_marker_count(&self.console_log, n, BOOT_TIMEOUT)
+    }
+
+    /// Waits for the next boot marker (after start, reboot or reset).
+    pub fn wait_next_boot(&mut self) -> anyhow::Result<()> {
+        self.boots += 1;
+        self.wait_boot(self.boots)
+    }
+
+    pub fn exec(&self, cmd: &str) -> anyhow::Result<ExecOutput> {
+        guest::exec_in_guest(&self.exec_socket, cmd, EXEC_TIMEOUT)
+    }
+
+    /// Runs a command that must succeed; returns its trimmed output.
+    pub fn sh(&self, cmd: &str) -> anyhow::Result<String> {
+        let out = self.exec(cmd)?;
+        if out.status != 0 {
+            bail!("`{cmd}` exited {}: {}", out.status, out.output);
+        }
+        Ok(out.output.trim().to_string())
+    }
+
+    pub fn act(&self, req: ActionRequest) -> anyhow::Result<InstanceInfo> {
+        self.agent.act(self.id, req)
+    }
+
+    pub fn info(&self) -> anyhow::Result<InstanceInfo> {
+        Ok(self.agent.instance(self.id)?)
+    }
+}
+
+impl Drop for TestVm<'_> {
+    fn drop(&mut self) {
+        if let Ok(info) = self.agent.instance(self.id) {
+            if !info.state.is_final() {
+                let _ = self.agent.act(self.id, ActionRequest::Release { delete_data_volume: true });
+            }
+        }
+    }
+}

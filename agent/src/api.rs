@@ -104,8 +104,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
-fn parse_id<T: std::str::FromStr<Err = gantry_proto::IdParseError>>(s: &str) -> Result<T, ApiError> {
-    s.parse().map_err(|e: gantry_proto::IdParseError| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))
+fn parse_id<T: std::str::FromStr<Err = gantry_proto::IdParseError>>(
+    s: &str,
+) -> Result<T, ApiError> {
+    s.parse().map_err(|e: gantry_proto::IdParseError| {
+        ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+    })
 }
 
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
@@ -118,12 +122,17 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Result<Re
     if given.as_bytes().ct_eq(st.token.as_bytes()).into() {
         Ok(next.run(req).await)
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required"))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required",
+        ))
     }
 }
 
 /// Runs blocking manager work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -147,27 +156,42 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn list_images(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let recs = st.manager.layout().load_images().map_err(ManagerError::from)?;
+    let recs = st
+        .manager
+        .layout()
+        .load_images()
+        .map_err(ManagerError::from)?;
     Ok(Json(recs.iter().map(images::info).collect::<Vec<_>>()).into_response())
 }
 
-async fn import_image(State(st): State<AppState>, Body(req): Body<ImportImage>) -> Result<Response, ApiError> {
+async fn import_image(
+    State(st): State<AppState>,
+    Body(req): Body<ImportImage>,
+) -> Result<Response, ApiError> {
     let m = st.manager.clone();
     let info = blocking(move || images::import(m.layout(), &req).map_err(ApiError::from)).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn list_instances(State(st): State<AppState>) -> Json<Vec<gantry_proto::api::local::InstanceInfo>> {
+async fn list_instances(
+    State(st): State<AppState>,
+) -> Json<Vec<gantry_proto::api::local::InstanceInfo>> {
     Json(st.manager.list())
 }
 
-async fn create_instance(State(st): State<AppState>, Body(spec): Body<InstanceSpec>) -> Result<Response, ApiError> {
+async fn create_instance(
+    State(st): State<AppState>,
+    Body(spec): Body<InstanceSpec>,
+) -> Result<Response, ApiError> {
     let m = st.manager.clone();
     let op = blocking(move || m.create(spec).map_err(ApiError::from)).await?;
     Ok((StatusCode::ACCEPTED, Json(op)).into_response())
 }
 
-async fn get_instance(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_instance(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id: InstanceId = parse_id(&id)?;
     Ok(Json(st.manager.instance_info(id)?).into_response())
 }
@@ -183,13 +207,20 @@ async fn instance_action(
     Ok((StatusCode::ACCEPTED, Json(op)).into_response())
 }
 
-async fn get_operation(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_operation(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id: OperationId = parse_id(&id)?;
     Ok(Json(st.manager.operation(id)?).into_response())
 }
 
 async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let vols = st.manager.layout().load_volumes().map_err(ManagerError::from)?;
+    let vols = st
+        .manager
+        .layout()
+        .load_volumes()
+        .map_err(ManagerError::from)?;
     Ok(Json(vols).into_response())
 }
 

@@ -18,7 +18,11 @@ pub enum ClientError {
     #[error("unexpected answer from the agent: {0}")]
     Decode(reqwest::Error),
     #[error("operation {id} ({kind}) failed: {error}")]
-    OperationFailed { id: String, kind: String, error: String },
+    OperationFailed {
+        id: String,
+        kind: String,
+        error: String,
+    },
 }
 
 pub struct Client {
@@ -36,7 +40,10 @@ impl Client {
         }
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
@@ -57,11 +64,17 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     /// Polls an operation until it ends; draws a bar when stderr is a TTY.

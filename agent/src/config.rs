@@ -117,7 +117,10 @@ impl AgentConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
         {
-            return Err(invalid("machine", "must be a QEMU machine type like pc or q35"));
+            return Err(invalid(
+                "machine",
+                "must be a QEMU machine type like pc or q35",
+            ));
         }
         Ok(())
     }

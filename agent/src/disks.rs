@@ -126,7 +126,13 @@ pub fn create_overlay(base: &Path, overlay: &Path, size: u64) -> Result<(), Disk
 
 /// Creates a blank qcow2 image of `size` bytes.
 pub fn create_blank(path: &Path, size: u64) -> Result<(), DiskError> {
-    qemu_img("create", &["-q", "-f", "qcow2"], &[path], &[&size.to_string()]).map(drop)
+    qemu_img(
+        "create",
+        &["-q", "-f", "qcow2"],
+        &[path],
+        &[&size.to_string()],
+    )
+    .map(drop)
 }
 
 /// Grows a qcow2 image (offline) to `size` bytes; never shrinks.
@@ -142,7 +148,13 @@ pub fn grow(path: &Path, size: u64) -> Result<(), DiskError> {
     if size == current {
         return Ok(());
     }
-    qemu_img("resize", &["-q", "-f", "qcow2"], &[path], &[&size.to_string()]).map(drop)
+    qemu_img(
+        "resize",
+        &["-q", "-f", "qcow2"],
+        &[path],
+        &[&size.to_string()],
+    )
+    .map(drop)
 }
 
 /// Converts `src` (of format `from`) to a standalone qcow2 at `dst`.
@@ -174,10 +186,16 @@ mod tests {
         assert_eq!(i.virtual_size, 2 * GIB);
         assert_eq!(i.backing_filename.as_deref(), base.to_str());
         grow(&ov, 3 * GIB).unwrap();
-        assert_eq!(info(&ov, Some(Format::Qcow2)).unwrap().virtual_size, 3 * GIB);
+        assert_eq!(
+            info(&ov, Some(Format::Qcow2)).unwrap().virtual_size,
+            3 * GIB
+        );
         let e = grow(&ov, GIB).unwrap_err();
         assert!(e.to_string().starts_with("cannot shrink"), "{e}");
-        assert!(matches!(info(Path::new("rel.qcow2"), None), Err(DiskError::NotAbsolute(_))));
+        assert!(matches!(
+            info(Path::new("rel.qcow2"), None),
+            Err(DiskError::NotAbsolute(_))
+        ));
         let e = info(&dir.path().join("missing"), None).unwrap_err();
         assert!(e.to_string().contains("failed"), "{e}");
     }

@@ -66,7 +66,8 @@ fn open(w: &mut W, name: &str, attrs: &[(&str, &str)]) {
 }
 
 fn close(w: &mut W, name: &str) {
-    w.write_event(Event::End(BytesEnd::new(name))).expect("write to memory");
+    w.write_event(Event::End(BytesEnd::new(name)))
+        .expect("write to memory");
 }
 
 fn empty(w: &mut W, name: &str, attrs: &[(&str, &str)]) {
@@ -79,7 +80,8 @@ fn empty(w: &mut W, name: &str, attrs: &[(&str, &str)]) {
 
 fn text(w: &mut W, name: &str, attrs: &[(&str, &str)], value: &str) {
     open(w, name, attrs);
-    w.write_event(Event::Text(BytesText::new(value))).expect("write to memory");
+    w.write_event(Event::Text(BytesText::new(value)))
+        .expect("write to memory");
     close(w, name);
 }
 
@@ -102,8 +104,18 @@ impl DomainDef {
             &self.instance_id,
         );
         close(&mut w, "metadata");
-        text(&mut w, "memory", &[("unit", "MiB")], &self.memory_mib.to_string());
-        text(&mut w, "vcpu", &[("placement", "static")], &self.vcpus.to_string());
+        text(
+            &mut w,
+            "memory",
+            &[("unit", "MiB")],
+            &self.memory_mib.to_string(),
+        );
+        text(
+            &mut w,
+            "vcpu",
+            &[("placement", "static")],
+            &self.vcpus.to_string(),
+        );
         self.write_os(&mut w);
         open(&mut w, "features", &[]);
         empty(&mut w, "acpi", &[]);
@@ -133,7 +145,12 @@ impl DomainDef {
 
     fn write_os(&self, w: &mut W) {
         open(w, "os", &[]);
-        text(w, "type", &[("arch", "x86_64"), ("machine", &self.machine)], "hvm");
+        text(
+            w,
+            "type",
+            &[("arch", "x86_64"), ("machine", &self.machine)],
+            "hvm",
+        );
         match &self.boot {
             Boot::Disk => empty(w, "boot", &[("dev", "hd")]),
             Boot::Kernel {
@@ -160,7 +177,11 @@ impl DomainDef {
         empty(w, "target", &[("port", "0")]);
         close(w, "serial");
         open(w, "serial", &[("type", "unix")]);
-        empty(w, "source", &[("mode", "bind"), ("path", &path_str(&self.exec_socket))]);
+        empty(
+            w,
+            "source",
+            &[("mode", "bind"), ("path", &path_str(&self.exec_socket))],
+        );
         empty(w, "target", &[("port", "1")]);
         close(w, "serial");
         open(w, "console", &[("type", "unix")]);
@@ -175,7 +196,12 @@ fn write_disk(w: &mut W, d: &DiskDef) {
     empty(
         w,
         "driver",
-        &[("name", "qemu"), ("type", "qcow2"), ("cache", "none"), ("discard", "unmap")],
+        &[
+            ("name", "qemu"),
+            ("type", "qcow2"),
+            ("cache", "none"),
+            ("discard", "unmap"),
+        ],
     );
     empty(w, "source", &[("file", &path_str(&d.path))]);
     empty(w, "target", &[("dev", d.target), ("bus", "virtio")]);
@@ -184,7 +210,11 @@ fn write_disk(w: &mut W, d: &DiskDef) {
 }
 
 fn write_hostdev(w: &mut W, g: &PciAddress) {
-    open(w, "hostdev", &[("mode", "subsystem"), ("type", "pci"), ("managed", "yes")]);
+    open(
+        w,
+        "hostdev",
+        &[("mode", "subsystem"), ("type", "pci"), ("managed", "yes")],
+    );
     open(w, "source", &[]);
     empty(
         w,
@@ -245,7 +275,10 @@ mod tests {
             std::fs::write(&path, got).unwrap();
         }
         let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("{}: {e} (run with GANTRY_BLESS=1 to create)", path.display())
+            panic!(
+                "{}: {e} (run with GANTRY_BLESS=1 to create)",
+                path.display()
+            )
         });
         assert_eq!(got, want, "XML differs from {}", path.display());
     }

@@ -51,7 +51,10 @@ pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
 /// Writes `bytes` to `path` atomically and durably, with file mode `mode`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = OpenOptions::new()
         .write(true)
@@ -166,7 +169,10 @@ mod tests {
         write_state(&p, "gantry-thing", 1, &Thing { n: 7 }).unwrap();
         let text = fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"magic\": \"gantry-thing\""));
-        assert_eq!(read_state::<Thing>(&p, "gantry-thing", 1).unwrap(), Thing { n: 7 });
+        assert_eq!(
+            read_state::<Thing>(&p, "gantry-thing", 1).unwrap(),
+            Thing { n: 7 }
+        );
         let e = read_state::<Thing>(&p, "gantry-other", 1).unwrap_err();
         assert!(matches!(e, FsError::Magic { .. }), "{e}");
         write_state(&p, "gantry-thing", 9, &Thing { n: 7 }).unwrap();

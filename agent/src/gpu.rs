@@ -151,6 +151,9 @@ mod tests {
         // On a host with the NVIDIA driver this lists real GPUs instead.
         let inv = from_config(crate::config::GpuSource::Auto).unwrap();
         let gpus = inv.list().unwrap();
-        assert_eq!(inv.source() == "none", gpus.is_empty() && NvmlGpus::new().is_err());
+        assert_eq!(
+            inv.source() == "none",
+            gpus.is_empty() && NvmlGpus::new().is_err()
+        );
     }
 }

@@ -41,7 +41,10 @@ fn checked_file(field: &str, p: &str) -> Result<PathBuf, ValidationError> {
         return Err(ValidationError::new(field, "must be an absolute path"));
     }
     if !path.is_file() {
-        return Err(ValidationError::new(field, format!("{p} is not a readable file")));
+        return Err(ValidationError::new(
+            field,
+            format!("{p} is not a readable file"),
+        ));
     }
     Ok(path.to_path_buf())
 }
@@ -65,8 +68,16 @@ fn copy_into(src: &Path, dst: &Path) -> Result<(), FsError> {
 pub fn import(layout: &Layout, req: &ImportImage) -> Result<ImageInfo, ImageError> {
     validate::object_name("name", &req.name)?;
     let disk_src = checked_file("disk", &req.disk)?;
-    let kernel = req.kernel.as_deref().map(|k| checked_file("kernel", k)).transpose()?;
-    let initrd = req.initrd.as_deref().map(|k| checked_file("initrd", k)).transpose()?;
+    let kernel = req
+        .kernel
+        .as_deref()
+        .map(|k| checked_file("kernel", k))
+        .transpose()?;
+    let initrd = req
+        .initrd
+        .as_deref()
+        .map(|k| checked_file("initrd", k))
+        .transpose()?;
     if let Some(c) = &req.cmdline {
         validate::free_text("cmdline", c, 1024)?;
     }
@@ -80,7 +91,14 @@ pub fn import(layout: &Layout, req: &ImportImage) -> Result<ImageInfo, ImageErro
     }
     let tmp = layout.images_dir().join(format!(".import-{id}"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let result = build(&tmp, id, req, &disk_src, kernel.as_deref(), initrd.as_deref());
+    let result = build(
+        &tmp,
+        id,
+        req,
+        &disk_src,
+        kernel.as_deref(),
+        initrd.as_deref(),
+    );
     match result {
         Ok(rec) => {
             std::fs::rename(&tmp, &dir).map_err(fsutil::io_err("rename", &dir))?;
@@ -104,7 +122,11 @@ fn build(
 ) -> Result<ImageRecord, ImageError> {
     fsutil::create_dir(tmp, 0o711)?;
     let probed = disks::info(disk_src, None)?;
-    let format = if probed.format == "qcow2" { Format::Qcow2 } else { Format::Raw };
+    let format = if probed.format == "qcow2" {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    };
     let disk = tmp.join("disk.qcow2");
     disks::convert_to_qcow2(disk_src, format, &disk)?;
     if let Some(k) = kernel {
@@ -147,7 +169,10 @@ pub fn open(layout: &Layout, id: ImageId, verify: bool) -> Result<CachedImage, I
     let record: ImageRecord = fsutil::read_state(&rec_path, IMAGE_MAGIC, IMAGE_VERSION)?;
     let disk = dir.join("disk.qcow2");
     if verify && hash_file(&disk)? != record.checksum {
-        return Err(ImageError::Corrupt { id, file: "disk.qcow2" });
+        return Err(ImageError::Corrupt {
+            id,
+            file: "disk.qcow2",
+        });
     }
     Ok(CachedImage {
         kernel: record.has_kernel.then(|| dir.join("vmlinuz")),

@@ -61,6 +61,9 @@ pub struct VolumeRecord {
     pub attached_to: Option<InstanceId>,
 }
 
+/// A record read from disk, or the path that could not be read and why.
+pub type LoadedRecord = Result<InstanceRecord, (PathBuf, FsError)>;
+
 /// Paths under the state directory, all derived from validated ids.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -74,7 +77,12 @@ impl Layout {
 
     /// Creates the directory tree; QEMU's user must traverse it (0711).
     pub fn create(&self) -> Result<(), FsError> {
-        for d in [self.root.clone(), self.images_dir(), self.instances_dir(), self.volumes_dir()] {
+        for d in [
+            self.root.clone(),
+            self.images_dir(),
+            self.instances_dir(),
+            self.volumes_dir(),
+        ] {
             fsutil::create_dir(&d, 0o711)?;
         }
         Ok(())
@@ -124,7 +132,12 @@ impl Layout {
     }
 
     pub fn save_instance(&self, r: &InstanceRecord) -> Result<(), FsError> {
-        fsutil::write_state(&self.instance_record(r.spec.id), INSTANCE_MAGIC, INSTANCE_VERSION, r)
+        fsutil::write_state(
+            &self.instance_record(r.spec.id),
+            INSTANCE_MAGIC,
+            INSTANCE_VERSION,
+            r,
+        )
     }
 
     pub fn save_volume(&self, r: &VolumeRecord) -> Result<(), FsError> {
@@ -141,14 +154,21 @@ impl Layout {
 
     /// Every instance record on disk. Directories without a readable record
     /// are reported, not guessed at.
-    pub fn load_instances(&self) -> Result<Vec<Result<InstanceRecord, (PathBuf, FsError)>>, FsError> {
+    pub fn load_instances(&self) -> Result<Vec<LoadedRecord>, FsError> {
         let mut out = Vec::new();
         for e in read_dir_sorted(&self.instances_dir())? {
-            let Some(id) = e.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<InstanceId>().ok()) else {
+            let Some(id) = e
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<InstanceId>().ok())
+            else {
                 continue;
             };
             let p = self.instance_record(id);
-            out.push(fsutil::read_state(&p, INSTANCE_MAGIC, INSTANCE_VERSION).map_err(|err| (e.clone(), err)));
+            out.push(
+                fsutil::read_state(&p, INSTANCE_MAGIC, INSTANCE_VERSION)
+                    .map_err(|err| (e.clone(), err)),
+            );
         }
         Ok(out)
     }

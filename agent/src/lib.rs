@@ -15,6 +15,7 @@
 //! - [`api`]: the local operator HTTP API.
 //! - [`client`]: the command line's HTTP client for that API.
 //! - [`serve`]: the daemon: startup, readiness, shutdown.
+//! - [`virt_raw`]: safe wrappers over raw libvirt calls (block jobs, fsfreeze).
 
 pub mod api;
 pub mod client;
@@ -30,3 +31,4 @@ pub mod lifecycle;
 pub mod manager;
 pub mod recover;
 pub mod serve;
+pub mod virt_raw;

@@ -41,7 +41,10 @@ pub struct Libvirt {
     uri: String,
 }
 
-fn call_err<'a>(op: &'static str, domain: &'a str) -> impl FnOnce(virt::error::Error) -> LibvirtError + 'a {
+fn call_err<'a>(
+    op: &'static str,
+    domain: &'a str,
+) -> impl FnOnce(virt::error::Error) -> LibvirtError + 'a {
     move |e| LibvirtError::Call {
         op,
         domain: domain.to_string(),
@@ -80,11 +83,13 @@ impl Libvirt {
         f: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
     ) -> Result<T, LibvirtError> {
         let conn = self.connect()?;
-        let dom = self.lookup(&conn, name)?.ok_or_else(|| LibvirtError::Call {
-            op,
-            domain: name.to_string(),
-            message: "no such domain".into(),
-        })?;
+        let dom = self
+            .lookup(&conn, name)?
+            .ok_or_else(|| LibvirtError::Call {
+                op,
+                domain: name.to_string(),
+                message: "no such domain".into(),
+            })?;
         f(&dom).map_err(call_err(op, name))
     }
 
@@ -97,7 +102,9 @@ impl Libvirt {
     /// Defines (or redefines) a persistent domain from XML.
     pub fn define(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
         let conn = self.connect()?;
-        conn.define_domain_xml(xml).map(drop).map_err(call_err("define", name))
+        conn.define_domain_xml(xml)
+            .map(drop)
+            .map_err(call_err("define", name))
     }
 
     pub fn state(&self, name: &str) -> Result<PowerState, LibvirtError> {
@@ -107,8 +114,12 @@ impl Libvirt {
         };
         let (state, _) = dom.state().map_err(call_err("state", name))?;
         Ok(match state {
-            virt::enumutil::Enum::Known(DomainState::Running | DomainState::Blocked) => PowerState::Running,
-            virt::enumutil::Enum::Known(DomainState::Paused | DomainState::PMSuspended) => PowerState::Paused,
+            virt::enumutil::Enum::Known(DomainState::Running | DomainState::Blocked) => {
+                PowerState::Running
+            }
+            virt::enumutil::Enum::Known(DomainState::Paused | DomainState::PMSuspended) => {
+                PowerState::Paused
+            }
             virt::enumutil::Enum::Known(DomainState::Shutdown) => PowerState::Running,
             _ => PowerState::Off,
         })
@@ -133,7 +144,9 @@ impl Libvirt {
 
     /// Graceful reboot (ACPI; libvirt restarts the guest after it powers off).
     pub fn reboot(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("reboot", name, |d| d.reboot(virt::sys::VIR_DOMAIN_REBOOT_DEFAULT))
+        self.with_domain("reboot", name, |d| {
+            d.reboot(virt::sys::VIR_DOMAIN_REBOOT_DEFAULT)
+        })
     }
 
     /// Hard reset, like the reset button.

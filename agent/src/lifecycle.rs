@@ -60,24 +60,40 @@ impl Manager {
         let inner = self.lock();
         for (i, g) in spec.gpus.iter().enumerate() {
             if !present.iter().any(|p| p.pci == *g) {
-                return Err(ValidationError::new(format!("gpus[{i}]"), format!("no GPU at {g} on this host")).into());
+                return Err(ValidationError::new(
+                    format!("gpus[{i}]"),
+                    format!("no GPU at {g} on this host"),
+                )
+                .into());
             }
             if let Some(other) = inner
                 .instances
                 .values()
                 .find(|r| r.spec.id != spec.id && r.spec.gpus.contains(g))
             {
-                return Err(ManagerError::Conflict(format!("GPU {g} is in use by instance {}", other.spec.id)));
+                return Err(ManagerError::Conflict(format!(
+                    "GPU {g} is in use by instance {}",
+                    other.spec.id
+                )));
             }
         }
         Ok(())
     }
 
-    pub(crate) fn precheck_action(&self, rec: &InstanceRecord, req: &ActionRequest) -> Result<(), ManagerError> {
+    pub(crate) fn precheck_action(
+        &self,
+        rec: &InstanceRecord,
+        req: &ActionRequest,
+    ) -> Result<(), ManagerError> {
         match *req {
             ActionRequest::ChangeType { vcpus, memory_mib } => {
                 validate::in_range("vcpus", vcpus.into(), 1, spec::MAX_VCPUS)?;
-                validate::in_range("memory_mib", memory_mib, spec::MIN_MEMORY_MIB, spec::MAX_MEMORY_MIB)?;
+                validate::in_range(
+                    "memory_mib",
+                    memory_mib,
+                    spec::MIN_MEMORY_MIB,
+                    spec::MAX_MEMORY_MIB,
+                )?;
             }
             ActionRequest::GrowDisk { disk, size_gib } => {
                 validate::in_range("size_gib", size_gib, 1, spec::MAX_DISK_GIB)?;
@@ -85,13 +101,22 @@ impl Manager {
                     DiskKind::Root => rec.spec.root_disk_gib * GIB,
                     DiskKind::Data => match rec.spec.data_volume {
                         Some(v) => self.layout.load_volume(v.id)?.map_or(0, |r| r.size_bytes),
-                        None => return Err(ValidationError::new("disk", "this instance has no data volume").into()),
+                        None => {
+                            return Err(ValidationError::new(
+                                "disk",
+                                "this instance has no data volume",
+                            )
+                            .into())
+                        }
                     },
                 };
                 if size_gib * GIB < current {
                     return Err(ValidationError::new(
                         "size_gib",
-                        format!("disks only grow: {size_gib} GiB is less than the current {} GiB", current / GIB),
+                        format!(
+                            "disks only grow: {size_gib} GiB is less than the current {} GiB",
+                            current / GIB
+                        ),
                     )
                     .into());
                 }
@@ -160,7 +185,11 @@ impl Manager {
         let image = images::open(&self.layout, spec.image, !verified)?;
         self.lock().verified_images.insert(spec.image);
         self.progress(op, 20);
-        disks::create_overlay(&image.disk, &self.layout.root_disk(id), spec.root_disk_gib * GIB)?;
+        disks::create_overlay(
+            &image.disk,
+            &self.layout.root_disk(id),
+            spec.root_disk_gib * GIB,
+        )?;
         self.progress(op, 40);
         if let Some(v) = spec.data_volume {
             let mut vol = match self.layout.load_volume(v.id)? {
@@ -190,7 +219,11 @@ impl Manager {
     /// data volume if this create made it (else it is detached, kept).
     pub(crate) fn rollback_create(&self, id: InstanceId) {
         let name = domain_name(id);
-        if let Err(e) = self.virt.destroy(&name).and_then(|_| self.virt.undefine(&name)) {
+        if let Err(e) = self
+            .virt
+            .destroy(&name)
+            .and_then(|_| self.virt.undefine(&name))
+        {
             tracing::error!(instance = %id, error = %e, "rollback: cannot remove domain");
         }
         let Ok(rec) = self.record(id) else { return };
@@ -208,7 +241,9 @@ impl Manager {
     }
 
     fn detach_volume(&self, id: InstanceId, rec: &InstanceRecord) {
-        let Some(v) = rec.spec.data_volume else { return };
+        let Some(v) = rec.spec.data_volume else {
+            return;
+        };
         if let Ok(Some(mut vol)) = self.layout.load_volume(v.id) {
             if vol.attached_to == Some(id) {
                 vol.attached_to = None;
@@ -219,7 +254,12 @@ impl Manager {
         }
     }
 
-    pub(crate) fn run_action(&self, id: InstanceId, req: ActionRequest, op: OperationId) -> Result<(), ManagerError> {
+    pub(crate) fn run_action(
+        &self,
+        id: InstanceId,
+        req: ActionRequest,
+        op: OperationId,
+    ) -> Result<(), ManagerError> {
         let name = domain_name(id);
         // The state may have changed since the request was accepted.
         let state = self.record(id)?.state;
@@ -230,7 +270,8 @@ impl Manager {
                 self.set_state(id, InstanceState::Running)
             }
             ActionRequest::Stop { timeout_secs } => {
-                let timeout = Duration::from_secs(timeout_secs.unwrap_or(self.cfg.stop_timeout_secs));
+                let timeout =
+                    Duration::from_secs(timeout_secs.unwrap_or(self.cfg.stop_timeout_secs));
                 self.stop_domain(&name, state == InstanceState::Running, timeout, op)?;
                 self.set_state(id, InstanceState::Stopped)
             }
@@ -258,12 +299,21 @@ impl Manager {
     }
 
     /// ACPI shutdown, waiting up to `timeout`, then destroy.
-    fn stop_domain(&self, name: &str, graceful: bool, timeout: Duration, op: OperationId) -> Result<(), ManagerError> {
+    fn stop_domain(
+        &self,
+        name: &str,
+        graceful: bool,
+        timeout: Duration,
+        op: OperationId,
+    ) -> Result<(), ManagerError> {
         if graceful {
             self.virt.shutdown(name)?;
             let start = Instant::now();
             while start.elapsed() < timeout {
-                if matches!(self.virt.state(name)?, PowerState::Off | PowerState::Missing) {
+                if matches!(
+                    self.virt.state(name)?,
+                    PowerState::Off | PowerState::Missing
+                ) {
                     return Ok(());
                 }
                 let pct = (start.elapsed().as_millis() * 90 / timeout.as_millis().max(1)) as u8;
@@ -275,20 +325,34 @@ impl Manager {
         Ok(self.virt.destroy(name)?)
     }
 
-    fn grow_disk(&self, id: InstanceId, state: InstanceState, disk: DiskKind, size_gib: u64) -> Result<(), ManagerError> {
+    fn grow_disk(
+        &self,
+        id: InstanceId,
+        state: InstanceState,
+        disk: DiskKind,
+        size_gib: u64,
+    ) -> Result<(), ManagerError> {
         let rec = self.record(id)?;
         let live = state == InstanceState::Running;
         let bytes = size_gib * GIB;
         let (path, target) = match disk {
             DiskKind::Root => (self.layout.root_disk(id), "vda"),
             DiskKind::Data => {
-                let v = rec.spec.data_volume.ok_or_else(|| ValidationError::new("disk", "no data volume"))?;
+                let v = rec
+                    .spec
+                    .data_volume
+                    .ok_or_else(|| ValidationError::new("disk", "no data volume"))?;
                 (self.layout.volume_disk(v.id), "vdb")
             }
         };
         let current = disks::info(&path, Some(Format::Qcow2))?.virtual_size;
         if bytes < current {
-            return Err(disks::DiskError::Shrink { what: format!("{disk:?} disk"), from: current, to: bytes }.into());
+            return Err(disks::DiskError::Shrink {
+                what: format!("{disk:?} disk"),
+                from: current,
+                to: bytes,
+            }
+            .into());
         }
         if live {
             self.virt.block_resize(&domain_name(id), target, bytes)?;
@@ -318,7 +382,11 @@ impl Manager {
     /// Destroys and undefines the domain, deletes the instance directory, and
     /// keeps the data volume (detached) unless asked to delete it. Resumable:
     /// a restart during Releasing finishes the job.
-    pub(crate) fn release(&self, id: InstanceId, delete_data_volume: bool) -> Result<(), ManagerError> {
+    pub(crate) fn release(
+        &self,
+        id: InstanceId,
+        delete_data_volume: bool,
+    ) -> Result<(), ManagerError> {
         if self.record(id)?.state != InstanceState::Releasing {
             self.set_state(id, InstanceState::Releasing)?;
         }

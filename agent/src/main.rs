@@ -4,13 +4,19 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gantry_agent::client::Client;
 use gantry_agent::config::AgentConfig;
-use gantry_proto::api::local::{ActionRequest, DiskKind, ImageInfo, ImportImage, InstanceInfo, OperationInfo};
+use gantry_proto::api::local::{
+    ActionRequest, DiskKind, ImageInfo, ImportImage, InstanceInfo, OperationInfo,
+};
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
 use gantry_proto::{ImageId, InstanceId, VolumeId};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "gantry-agent", version, about = "Gantry host agent: libvirt instances with whole GPUs, and disk snapshots")]
+#[command(
+    name = "gantry-agent",
+    version,
+    about = "Gantry host agent: libvirt instances with whole GPUs, and disk snapshots"
+)]
 struct Cli {
     /// Config file (TOML); defaults apply to every missing key.
     #[arg(long, global = true, env = "GANTRY_AGENT_CONFIG")]
@@ -157,7 +163,12 @@ fn client(cfg: &AgentConfig, conn: &Conn) -> anyhow::Result<Client> {
         Err(_) => {
             let file = cfg.state_dir.join("agent-token");
             std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read the agent token from {} (set GANTRY_AGENT_TOKEN)", file.display()))?
+                .with_context(|| {
+                    format!(
+                        "cannot read the agent token from {} (set GANTRY_AGENT_TOKEN)",
+                        file.display()
+                    )
+                })?
                 .trim()
                 .to_string()
         }
@@ -187,58 +198,117 @@ fn instance_line(i: &InstanceInfo) -> String {
 
 async fn run_action(cfg: &AgentConfig, id: &IdArg, req: ActionRequest) -> anyhow::Result<()> {
     let c = client(cfg, &id.conn)?;
-    let op: OperationInfo = c.post(&format!("/v1/instances/{}/actions", id.id), &req).await?;
+    let op: OperationInfo = c
+        .post(&format!("/v1/instances/{}/actions", id.id), &req)
+        .await?;
     let done = c.wait(op).await?;
     let info: InstanceInfo = c.get(&format!("/v1/instances/{}", id.id)).await?;
-    print(id.conn.json, &info, |i| format!("{}: {} done; now {}", i.spec.id, done.kind, i.state));
+    print(id.conn.json, &info, |i| {
+        format!("{}: {} done; now {}", i.spec.id, done.kind, i.state)
+    });
     Ok(())
 }
 
 async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()> {
     let simple = |id, req| (id, req);
     let (id, req) = match cmd {
-        InstanceCmd::Create { name, image, vcpus, memory_mib, root_disk_gib, volume, volume_gib, conn } => {
+        InstanceCmd::Create {
+            name,
+            image,
+            vcpus,
+            memory_mib,
+            root_disk_gib,
+            volume,
+            volume_gib,
+            conn,
+        } => {
             let data_volume = match (volume, volume_gib) {
                 (None, None) => None,
-                (id, gib) => Some(VolumeSpec { id: id.unwrap_or_default(), size_gib: gib.unwrap_or(1) }),
+                (id, gib) => Some(VolumeSpec {
+                    id: id.unwrap_or_default(),
+                    size_gib: gib.unwrap_or(1),
+                }),
             };
-            let spec = InstanceSpec { id: InstanceId::new(), name, vcpus, memory_mib, root_disk_gib, image, data_volume, gpus: vec![] };
+            let spec = InstanceSpec {
+                id: InstanceId::new(),
+                name,
+                vcpus,
+                memory_mib,
+                root_disk_gib,
+                image,
+                data_volume,
+                gpus: vec![],
+            };
             let c = client(cfg, &conn)?;
             let op: OperationInfo = c.post("/v1/instances", &spec).await?;
             c.wait(op).await?;
             let info: InstanceInfo = c.get(&format!("/v1/instances/{}", spec.id)).await?;
-            print(conn.json, &info, |i| format!("{}\nconsole: socat -,raw,echo=0 UNIX-CONNECT:{}\nlog:     {}", instance_line(i), i.console_socket, i.console_log));
+            print(conn.json, &info, |i| {
+                format!(
+                    "{}\nconsole: socat -,raw,echo=0 UNIX-CONNECT:{}\nlog:     {}",
+                    instance_line(i),
+                    i.console_socket,
+                    i.console_log
+                )
+            });
             return Ok(());
         }
         InstanceCmd::List(conn) => {
             let list: Vec<InstanceInfo> = client(cfg, &conn)?.get("/v1/instances").await?;
-            print(conn.json, &list, |l| l.iter().map(instance_line).collect::<Vec<_>>().join("\n"));
+            print(conn.json, &list, |l| {
+                l.iter().map(instance_line).collect::<Vec<_>>().join("\n")
+            });
             return Ok(());
         }
         InstanceCmd::Show(id) => {
-            let info: InstanceInfo = client(cfg, &id.conn)?.get(&format!("/v1/instances/{}", id.id)).await?;
+            let info: InstanceInfo = client(cfg, &id.conn)?
+                .get(&format!("/v1/instances/{}", id.id))
+                .await?;
             print(true, &info, |_| String::new());
             return Ok(());
         }
         InstanceCmd::Start(id) => simple(id, ActionRequest::Start),
-        InstanceCmd::Stop { id, timeout } => simple(id, ActionRequest::Stop { timeout_secs: timeout }),
+        InstanceCmd::Stop { id, timeout } => simple(
+            id,
+            ActionRequest::Stop {
+                timeout_secs: timeout,
+            },
+        ),
         InstanceCmd::Reboot(id) => simple(id, ActionRequest::Reboot),
         InstanceCmd::ForceReboot(id) => simple(id, ActionRequest::ForceReboot),
         InstanceCmd::Suspend(id) => simple(id, ActionRequest::Suspend),
         InstanceCmd::Resume(id) => simple(id, ActionRequest::Resume),
-        InstanceCmd::ChangeType { id, vcpus, memory_mib } => simple(id, ActionRequest::ChangeType { vcpus, memory_mib }),
+        InstanceCmd::ChangeType {
+            id,
+            vcpus,
+            memory_mib,
+        } => simple(id, ActionRequest::ChangeType { vcpus, memory_mib }),
         InstanceCmd::GrowDisk { id, disk, size_gib } => {
-            let disk = if disk == "root" { DiskKind::Root } else { DiskKind::Data };
+            let disk = if disk == "root" {
+                DiskKind::Root
+            } else {
+                DiskKind::Data
+            };
             simple(id, ActionRequest::GrowDisk { disk, size_gib })
         }
-        InstanceCmd::Release { id, delete_data_volume } => simple(id, ActionRequest::Release { delete_data_volume }),
+        InstanceCmd::Release {
+            id,
+            delete_data_volume,
+        } => simple(id, ActionRequest::Release { delete_data_volume }),
     };
     run_action(cfg, &id, req).await
 }
 
 async fn image_cmd(cfg: &AgentConfig, cmd: ImageCmd) -> anyhow::Result<()> {
     match cmd {
-        ImageCmd::Import { name, disk, kernel, initrd, cmdline, conn } => {
+        ImageCmd::Import {
+            name,
+            disk,
+            kernel,
+            initrd,
+            cmdline,
+            conn,
+        } => {
             let abs = |p: PathBuf| std::path::absolute(&p).map(|p| p.display().to_string());
             let req = ImportImage {
                 id: None,
@@ -249,12 +319,17 @@ async fn image_cmd(cfg: &AgentConfig, cmd: ImageCmd) -> anyhow::Result<()> {
                 cmdline,
             };
             let info: ImageInfo = client(cfg, &conn)?.post("/v1/images", &req).await?;
-            print(conn.json, &info, |i| format!("{}  {}  {} bytes", i.id, i.name, i.virtual_size));
+            print(conn.json, &info, |i| {
+                format!("{}  {}  {} bytes", i.id, i.name, i.virtual_size)
+            });
         }
         ImageCmd::List(conn) => {
             let list: Vec<ImageInfo> = client(cfg, &conn)?.get("/v1/images").await?;
             print(conn.json, &list, |l| {
-                l.iter().map(|i| format!("{}  {:<20} {} bytes", i.id, i.name, i.virtual_size)).collect::<Vec<_>>().join("\n")
+                l.iter()
+                    .map(|i| format!("{}  {:<20} {} bytes", i.id, i.name, i.virtual_size))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
     }
@@ -265,7 +340,8 @@ async fn image_cmd(cfg: &AgentConfig, cmd: ImageCmd) -> anyhow::Result<()> {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

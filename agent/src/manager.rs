@@ -14,9 +14,13 @@ use crate::gpu::GpuInventory;
 use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::{disks, images};
-use gantry_proto::api::local::{ActionRequest, InstanceInfo, OperationInfo, OperationState, VolumeInfo};
+use gantry_proto::api::local::{
+    ActionRequest, InstanceInfo, OperationInfo, OperationState, VolumeInfo,
+};
 use gantry_proto::spec::InstanceSpec;
-use gantry_proto::{ImageId, InstanceId, InstanceState, OperationId, TransitionError, ValidationError};
+use gantry_proto::{
+    ImageId, InstanceId, InstanceState, OperationId, TransitionError, ValidationError,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -92,7 +96,10 @@ impl Manager {
     /// record, then updates memory.
     pub(crate) fn set_state(&self, id: InstanceId, to: InstanceState) -> Result<(), ManagerError> {
         let mut inner = self.lock();
-        let rec = inner.instances.get_mut(&id).ok_or(ManagerError::NotFound(id))?;
+        let rec = inner
+            .instances
+            .get_mut(&id)
+            .ok_or(ManagerError::NotFound(id))?;
         let mut next = rec.clone();
         next.state = rec.state.transition(to)?;
         if !to.is_final() {
@@ -110,7 +117,10 @@ impl Manager {
         f: impl FnOnce(&mut InstanceRecord),
     ) -> Result<InstanceRecord, ManagerError> {
         let mut inner = self.lock();
-        let rec = inner.instances.get_mut(&id).ok_or(ManagerError::NotFound(id))?;
+        let rec = inner
+            .instances
+            .get_mut(&id)
+            .ok_or(ManagerError::NotFound(id))?;
         let mut next = rec.clone();
         f(&mut next);
         assert_eq!(next.state, rec.state, "update_record must not change state");
@@ -172,7 +182,11 @@ impl Manager {
     }
 
     pub fn operation(&self, id: OperationId) -> Result<OperationInfo, ManagerError> {
-        self.lock().ops.get(&id).cloned().ok_or(ManagerError::NoOperation(id))
+        self.lock()
+            .ops
+            .get(&id)
+            .cloned()
+            .ok_or(ManagerError::NoOperation(id))
     }
 
     /// Registers an operation on `id` and runs `body` on its own thread.
@@ -256,7 +270,11 @@ impl Manager {
     }
 
     /// Starts an action on an instance, after checking it is allowed now.
-    pub fn action(self: &Arc<Self>, id: InstanceId, req: ActionRequest) -> Result<OperationInfo, ManagerError> {
+    pub fn action(
+        self: &Arc<Self>,
+        id: InstanceId,
+        req: ActionRequest,
+    ) -> Result<OperationInfo, ManagerError> {
         let rec = self.record(id)?;
         rec.state.check_action(req.action())?;
         self.precheck_action(&rec, &req)?;

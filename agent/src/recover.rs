@@ -17,9 +17,14 @@ impl Manager {
     /// Loads every record, reconciles it with libvirt, and returns the
     /// manager. No running VM is touched unless its record says it was being
     /// created or released when the agent stopped.
-    pub fn open(cfg: AgentConfig, gpus: Box<dyn GpuInventory>) -> Result<Arc<Manager>, ManagerError> {
+    pub fn open(
+        cfg: AgentConfig,
+        gpus: Box<dyn GpuInventory>,
+    ) -> Result<Arc<Manager>, ManagerError> {
         let layout = Layout::new(&cfg.state_dir);
         layout.create()?;
+        // libvirt would print every error to stderr itself; the agent logs them.
+        virt::error::clear_error_callback();
         let virt = Libvirt::new(&cfg.libvirt_uri);
         virt.ping()?;
         let domain_type = cfg.resolved_domain_type();
@@ -49,7 +54,10 @@ impl Manager {
         }
         for name in m.virt.gantry_domains()? {
             if !known.contains(&name) {
-                tracing::warn!(domain = name, "libvirt domain with no Gantry record; left alone");
+                tracing::warn!(
+                    domain = name,
+                    "libvirt domain with no Gantry record; left alone"
+                );
             }
         }
         Ok(m)
@@ -63,7 +71,10 @@ impl Manager {
                 tracing::warn!(instance = %id, "agent stopped during create; rolling back");
                 self.rollback_create(id);
                 self.set_state(id, InstanceState::Failed)?;
-                self.bury(id, Some("the agent restarted while the instance was being created".into()));
+                self.bury(
+                    id,
+                    Some("the agent restarted while the instance was being created".into()),
+                );
                 return Ok(());
             }
             InstanceState::Releasing => {
@@ -84,7 +95,12 @@ impl Manager {
     }
 
     /// Brings a record's state in line with libvirt's power state.
-    fn observe(&self, id: InstanceId, rec: &InstanceRecord, power: PowerState) -> Result<(), ManagerError> {
+    fn observe(
+        &self,
+        id: InstanceId,
+        rec: &InstanceRecord,
+        power: PowerState,
+    ) -> Result<(), ManagerError> {
         use InstanceState::*;
         let target = match (rec.state, power) {
             (Suspending | Paused | Saving, PowerState::Paused) => {
@@ -121,7 +137,10 @@ impl Manager {
         };
         for id in ids {
             let Ok(rec) = self.record(id) else { continue };
-            if rec.state.is_final() || rec.state == InstanceState::Creating || rec.state == InstanceState::Releasing {
+            if rec.state.is_final()
+                || rec.state == InstanceState::Creating
+                || rec.state == InstanceState::Releasing
+            {
                 continue;
             }
             match self.virt.state(&domain_name(id)) {

@@ -54,7 +54,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
     let token = load_or_create_token(&manager.layout().token_file())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
     let bound = listener.local_addr().map_err(ServeError::Server)?;
     fsutil::write_atomic(
         &manager.layout().root().join("listen-addr"),

@@ -9,7 +9,9 @@
 use crate::guest::{self, ExecOutput};
 use anyhow::{bail, Context};
 use gantry_proto::api::error::ErrorBody;
-use gantry_proto::api::local::{ActionRequest, ImageInfo, ImportImage, InstanceInfo, OperationInfo, OperationState};
+use gantry_proto::api::local::{
+    ActionRequest, ImageInfo, ImportImage, InstanceInfo, OperationInfo, OperationState,
+};
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
 use gantry_proto::{ImageId, InstanceId};
 use std::path::{Path, PathBuf};
@@ -47,11 +49,17 @@ pub fn rig_available(test: &str) -> bool {
 
 /// Path of a workspace binary, next to the test executable's directory.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(format!("GANTRY_{}_BIN", name.to_uppercase().replace('-', "_"))) {
+    if let Some(p) = std::env::var_os(format!(
+        "GANTRY_{}_BIN",
+        name.to_uppercase().replace('-', "_")
+    )) {
         return p.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
     dir.join(name)
 }
 
@@ -70,7 +78,11 @@ impl TestAgent {
     pub fn start() -> anyhow::Result<Self> {
         let lock = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         // Not a 0700 tempdir: QEMU runs as its own user and must traverse it.
-        let state_dir = PathBuf::from(format!("/var/tmp/gantry-test-{}-{}", std::process::id(), rand_suffix()));
+        let state_dir = PathBuf::from(format!(
+            "/var/tmp/gantry-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&state_dir)?;
         let config = state_dir.with_extension("toml");
         let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
@@ -88,7 +100,9 @@ impl TestAgent {
             url: String::new(),
             token: String::new(),
             child: None,
-            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
             _lock: lock,
         };
         agent.spawn()?;
@@ -115,8 +129,15 @@ impl TestAgent {
         self.child = Some(child);
         let start = Instant::now();
         loop {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("gantry-agent exited at start ({st}); log:\n{}", self.log_tail());
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "gantry-agent exited at start ({st}); log:\n{}",
+                    self.log_tail()
+                );
             }
             if let Ok(a) = std::fs::read_to_string(&addr_file) {
                 self.url = format!("http://{}", a.trim());
@@ -127,7 +148,9 @@ impl TestAgent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.token = std::fs::read_to_string(self.state_dir.join("agent-token"))?.trim().to_string();
+        self.token = std::fs::read_to_string(self.state_dir.join("agent-token"))?
+            .trim()
+            .to_string();
         Ok(())
     }
 
@@ -140,17 +163,24 @@ impl TestAgent {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    fn call(&self, req: reqwest::blocking::RequestBuilder) -> Result<serde_json::Value, ApiFailure> {
-        let resp = req.bearer_auth(&self.token).send().map_err(|e| ApiFailure {
-            status: 0,
-            error: e.to_string(),
-            field: None,
-        })?;
+    fn call(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<serde_json::Value, ApiFailure> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .map_err(|e| ApiFailure {
+                status: 0,
+                error: e.to_string(),
+                field: None,
+            })?;
         let status = resp.status().as_u16();
         let text = resp.text().unwrap_or_default();
         if !(200..300).contains(&status) {
@@ -172,7 +202,11 @@ impl TestAgent {
         Ok(serde_json::from_value(v).expect("response shape"))
     }
 
-    pub fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ApiFailure> {
+    pub fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiFailure> {
         let v = self.call(self.http.post(format!("{}{path}", self.url)).json(body))?;
         Ok(serde_json::from_value(v).expect("response shape"))
     }
@@ -207,7 +241,11 @@ impl TestAgent {
         let mut cur = op;
         while cur.state == OperationState::Running {
             if start.elapsed() > OP_TIMEOUT {
-                bail!("operation {} ({}) still running after {OP_TIMEOUT:?}", cur.id, cur.kind);
+                bail!(
+                    "operation {} ({}) still running after {OP_TIMEOUT:?}",
+                    cur.id,
+                    cur.kind
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
             cur = self.get(&format!("/v1/operations/{}", cur.id))?;
@@ -244,7 +282,10 @@ impl TestAgent {
 impl Drop for TestAgent {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = c.wait();
         }
         for d in self.own_domains() {
@@ -278,15 +319,25 @@ impl std::error::Error for ApiFailure {}
 /// Runs `virsh` against the rig's libvirt.
 pub fn virsh(args: &[&str]) -> anyhow::Result<String> {
     let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
-    let out = Command::new("virsh").arg("-c").arg(uri).args(args).output()?;
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()?;
     if !out.status.success() {
-        bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn rand_suffix() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     format!("{:x}", t.as_nanos() & 0xffff_ffff)
 }
 
@@ -355,7 +406,13 @@ impl<'a> TestVm<'a> {
         let console_log = PathBuf::from(&info.console_log);
         let exec_socket = Path::new(&info.console_socket).with_file_name("exec.sock");
         let boots = guest::count_markers(&console_log);
-        Ok(TestVm { agent, id, console_log, exec_socket, boots })
+        Ok(TestVm {
+            agent,
+            id,
+            console_log,
+            exec_socket,
+            boots,
+        })
     }
 
     fn wait_boot(&self, n: usize) -> anyhow::Result<()> {
@@ -394,7 +451,12 @@ impl Drop for TestVm<'_> {
     fn drop(&mut self) {
         if let Ok(info) = self.agent.instance(self.id) {
             if !info.state.is_final() {
-                let _ = self.agent.act(self.id, ActionRequest::Release { delete_data_volume: true });
+                let _ = self.agent.act(
+                    self.id,
+                    ActionRequest::Release {
+                        delete_data_volume: true,
+                    },
+                );
             }
         }
     }

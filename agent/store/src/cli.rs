@@ -108,9 +108,18 @@ pub enum SnapshotCommand {
     },
 }
 
-fn open(a: &StoreArgs, create: bool, chunk: Option<u32>, level: Option<i32>) -> anyhow::Result<Store> {
+fn open(
+    a: &StoreArgs,
+    create: bool,
+    chunk: Option<u32>,
+    level: Option<i32>,
+) -> anyhow::Result<Store> {
     let keyring = Keyring::load(&a.keyring)?;
-    let mut cfg = StoreConfig { keyring: Arc::new(keyring), create_if_missing: create, ..StoreConfig::default() };
+    let mut cfg = StoreConfig {
+        keyring: Arc::new(keyring),
+        create_if_missing: create,
+        ..StoreConfig::default()
+    };
     if let Some(t) = a.threads {
         cfg.threads = t.max(1);
     }
@@ -128,9 +137,11 @@ fn bar(json: bool, what: &str) -> Option<ProgressBar> {
         return None;
     }
     let b = ProgressBar::new(0);
-    let style = ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-        .expect("template")
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .expect("template")
+    .progress_chars("=> ");
     b.set_style(style);
     b.set_message(what.to_string());
     Some(b)
@@ -148,142 +159,235 @@ fn mib(b: u64) -> String {
 /// Runs one `snapshot` subcommand.
 pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
-        SnapshotCommand::Create { store, image, name, owner, parent, changed_extents, chunk_size, zstd_level } => {
-            let extents = changed_extents
-                .map(|p| {
-                    let t = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-                    anyhow::Ok(parse_extents(&t)?)
-                })
-                .transpose()?;
-            let s = open(&store, true, chunk_size, zstd_level)?;
-            let pb = bar(store.json, "snapshot");
-            let cb = |p: Progress| {
-                if let Some(b) = &pb {
-                    b.set_length(p.total);
-                    b.set_position(p.done);
-                }
-            };
-            let req = CreateRequest {
-                image: &image,
-                name: &name,
-                owner: owner.as_deref(),
-                parent: parent.as_deref(),
-                changed_extents: extents.as_deref(),
-                progress: Some(&cb),
-            };
-            let info = s.create(&req)?;
-            if let Some(b) = pb {
-                b.finish_and_clear();
-            }
-            if store.json {
-                return print_json(&info);
-            }
+        c @ SnapshotCommand::Create { .. } => create_cmd(c),
+        c @ SnapshotCommand::Restore { .. } => restore_cmd(c),
+        c @ SnapshotCommand::Verify { .. } => verify_cmd(c),
+        c @ SnapshotCommand::List { .. } => list_cmd(c),
+        c @ SnapshotCommand::Delete { .. } => delete_cmd(c),
+        c @ SnapshotCommand::Gc { .. } => gc_cmd(c),
+        c @ SnapshotCommand::Stats { .. } => stats_cmd(c),
+    }
+}
+
+fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Create {
+        store,
+        image,
+        name,
+        owner,
+        parent,
+        changed_extents,
+        chunk_size,
+        zstd_level,
+    } = cmd
+    else {
+        unreachable!("dispatched by run")
+    };
+    let extents = changed_extents
+        .map(|p| {
+            let t = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            anyhow::Ok(parse_extents(&t)?)
+        })
+        .transpose()?;
+    let s = open(&store, true, chunk_size, zstd_level)?;
+    let pb = bar(store.json, "snapshot");
+    let cb = |p: Progress| {
+        if let Some(b) = &pb {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    };
+    let req = CreateRequest {
+        image: &image,
+        name: &name,
+        owner: owner.as_deref(),
+        parent: parent.as_deref(),
+        changed_extents: extents.as_deref(),
+        progress: Some(&cb),
+    };
+    let info = s.create(&req)?;
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    if store.json {
+        return print_json(&info);
+    }
+    println!(
+        "created {} ({}): logical {}, allocated {}, stored {}, new {}",
+        info.id,
+        info.name,
+        mib(info.logical_size),
+        mib(info.allocated_size),
+        mib(info.stored_bytes),
+        mib(info.new_bytes)
+    );
+    Ok(())
+}
+
+fn restore_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Restore {
+        store,
+        id,
+        out,
+        format,
+    } = cmd
+    else {
+        unreachable!("dispatched by run")
+    };
+    let s = open(&store, false, None, None)?;
+    let pb = bar(store.json, "restore");
+    let cb = |p: Progress| {
+        if let Some(b) = &pb {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    };
+    let fmt = match format {
+        OutFormat::Raw => RestoreFormat::Raw,
+        OutFormat::Qcow2 => RestoreFormat::Qcow2,
+    };
+    let info = s.restore(&id, &out, fmt, Some(&cb))?;
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    if store.json {
+        return print_json(&info);
+    }
+    println!(
+        "restored {} to {} ({})",
+        info.id,
+        out.display(),
+        mib(info.logical_size)
+    );
+    Ok(())
+}
+
+fn verify_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Verify { store } = cmd else {
+        unreachable!("dispatched by run")
+    };
+    let s = open(&store, false, None, None)?;
+    let r = s.verify(None)?;
+    if store.json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "{} snapshots, {} chunks checked",
+            r.snapshots, r.chunks_checked
+        );
+        for p in r.corrupt.iter().chain(&r.missing) {
             println!(
-                "created {} ({}): logical {}, allocated {}, stored {}, new {}",
-                info.id,
-                info.name,
-                mib(info.logical_size),
-                mib(info.allocated_size),
-                mib(info.stored_bytes),
-                mib(info.new_bytes)
+                "{} chunk {}/{}: needed by {}",
+                p.reason,
+                p.namespace,
+                p.chunk,
+                p.snapshots.join(", ")
             );
         }
-        SnapshotCommand::Restore { store, id, out, format } => {
-            let s = open(&store, false, None, None)?;
-            let pb = bar(store.json, "restore");
-            let cb = |p: Progress| {
-                if let Some(b) = &pb {
-                    b.set_length(p.total);
-                    b.set_position(p.done);
-                }
-            };
-            let fmt = match format {
-                OutFormat::Raw => RestoreFormat::Raw,
-                OutFormat::Qcow2 => RestoreFormat::Qcow2,
-            };
-            let info = s.restore(&id, &out, fmt, Some(&cb))?;
-            if let Some(b) = pb {
-                b.finish_and_clear();
-            }
-            if store.json {
-                return print_json(&info);
-            }
-            println!("restored {} to {} ({})", info.id, out.display(), mib(info.logical_size));
+        for m in &r.bad_manifests {
+            println!("unreadable manifest {}: {}", m.snapshot, m.reason);
         }
-        SnapshotCommand::Verify { store } => {
-            let s = open(&store, false, None, None)?;
-            let r = s.verify(None)?;
-            if store.json {
-                print_json(&r)?;
-            } else {
-                println!("{} snapshots, {} chunks checked", r.snapshots, r.chunks_checked);
-                for p in r.corrupt.iter().chain(&r.missing) {
-                    println!("{} chunk {}/{}: needed by {}", p.reason, p.namespace, p.chunk, p.snapshots.join(", "));
-                }
-                for m in &r.bad_manifests {
-                    println!("unreadable manifest {}: {}", m.snapshot, m.reason);
-                }
-                for ns in &r.unverifiable_namespaces {
-                    println!("not checked (no key in keyring): {ns}");
-                }
-            }
-            if !r.is_ok() {
-                bail!(
-                    "store is damaged: {} corrupt and {} missing chunks, {} unreadable manifests; broken snapshots: {}",
-                    r.corrupt.len(),
-                    r.missing.len(),
-                    r.bad_manifests.len(),
-                    r.broken_snapshots().join(", ")
-                );
-            }
-        }
-        SnapshotCommand::List { store } => {
-            let s = open(&store, false, None, None)?;
-            let list = s.list()?;
-            if store.json {
-                return print_json(&list);
-            }
-            for i in list {
-                let owner = i.owner.as_deref().unwrap_or("public");
-                println!("{}  {}  {}  {}  {}", i.id, i.created_at.format("%F %T"), owner, mib(i.logical_size), i.name);
-            }
-        }
-        SnapshotCommand::Delete { store, id } => {
-            open(&store, false, None, None)?.delete(&id)?;
-            if store.json {
-                return print_json(&serde_json::json!({ "deleted": id }));
-            }
-            println!("deleted {id}");
-        }
-        SnapshotCommand::Gc { store } => {
-            let r = open(&store, false, None, None)?.gc()?;
-            if store.json {
-                return print_json(&r);
-            }
-            println!("deleted {} chunks ({}), kept {}", r.deleted_chunks, mib(r.deleted_bytes), r.kept_chunks);
-        }
-        SnapshotCommand::Stats { store } => {
-            let r = open(&store, false, None, None)?.stats()?;
-            if store.json {
-                return print_json(&r);
-            }
-            for sn in &r.snapshots {
-                let i = &sn.info;
-                println!(
-                    "{}  logical {}  stored {}  unique {}  {}",
-                    i.id,
-                    mib(i.logical_size),
-                    mib(i.stored_bytes),
-                    mib(sn.unique_bytes),
-                    i.name
-                );
-            }
-            for o in &r.owners {
-                let owner = o.owner.as_deref().unwrap_or("public");
-                println!("owner {owner}: {} snapshots, billed {}", o.snapshots, mib(o.billed_bytes));
-            }
-            println!("store: {} chunk objects, {}, garbage {}", r.chunk_objects, mib(r.stored_bytes), mib(r.garbage_bytes));
+        for ns in &r.unverifiable_namespaces {
+            println!("not checked (no key in keyring): {ns}");
         }
     }
+    if !r.is_ok() {
+        bail!(
+            "store is damaged: {} corrupt and {} missing chunks, {} unreadable manifests; broken snapshots: {}",
+            r.corrupt.len(),
+            r.missing.len(),
+            r.bad_manifests.len(),
+            r.broken_snapshots().join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn list_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::List { store } = cmd else {
+        unreachable!("dispatched by run")
+    };
+    let s = open(&store, false, None, None)?;
+    let list = s.list()?;
+    if store.json {
+        return print_json(&list);
+    }
+    for i in list {
+        let owner = i.owner.as_deref().unwrap_or("public");
+        println!(
+            "{}  {}  {}  {}  {}",
+            i.id,
+            i.created_at.format("%F %T"),
+            owner,
+            mib(i.logical_size),
+            i.name
+        );
+    }
+    Ok(())
+}
+
+fn delete_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Delete { store, id } = cmd else {
+        unreachable!("dispatched by run")
+    };
+    open(&store, false, None, None)?.delete(&id)?;
+    if store.json {
+        return print_json(&serde_json::json!({ "deleted": id }));
+    }
+    println!("deleted {id}");
+    Ok(())
+}
+
+fn gc_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Gc { store } = cmd else {
+        unreachable!("dispatched by run")
+    };
+    let r = open(&store, false, None, None)?.gc()?;
+    if store.json {
+        return print_json(&r);
+    }
+    println!(
+        "deleted {} chunks ({}), kept {}",
+        r.deleted_chunks,
+        mib(r.deleted_bytes),
+        r.kept_chunks
+    );
+    Ok(())
+}
+
+fn stats_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Stats { store } = cmd else {
+        unreachable!("dispatched by run")
+    };
+    let r = open(&store, false, None, None)?.stats()?;
+    if store.json {
+        return print_json(&r);
+    }
+    for sn in &r.snapshots {
+        let i = &sn.info;
+        println!(
+            "{}  logical {}  stored {}  unique {}  {}",
+            i.id,
+            mib(i.logical_size),
+            mib(i.stored_bytes),
+            mib(sn.unique_bytes),
+            i.name
+        );
+    }
+    for o in &r.owners {
+        let owner = o.owner.as_deref().unwrap_or("public");
+        println!(
+            "owner {owner}: {} snapshots, billed {}",
+            o.snapshots,
+            mib(o.billed_bytes)
+        );
+    }
+    println!(
+        "store: {} chunk objects, {}, garbage {}",
+        r.chunk_objects,
+        mib(r.stored_bytes),
+        mib(r.garbage_bytes)
+    );
     Ok(())
 }

@@ -18,7 +18,10 @@ use std::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("cannot open image {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("image {0} is not a regular file or block device")]
     NotAFile(PathBuf),
     #[error("image {path} has unsupported format {format} (use raw or qcow2)")]
@@ -26,7 +29,10 @@ pub enum ImageError {
     #[error("qemu-img failed on {path}: {message}")]
     QemuImg { path: PathBuf, message: String },
     #[error("cannot read image {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The on-disk format of an image.
@@ -77,14 +83,22 @@ const OTHER_FORMATS: &[(&[u8], &str)] = &[
 
 /// Detects the format from the first bytes of the file.
 pub fn detect_format(path: &Path) -> Result<ImageFormat, ImageError> {
-    let mut f = File::open(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
+    let mut f = File::open(path).map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
     let mut head = [0u8; 64];
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
-            Err(source) => return Err(ImageError::Read { path: path.into(), source }),
+            Err(source) => {
+                return Err(ImageError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
         }
     }
     for (magic, name) in OTHER_FORMATS {
@@ -95,7 +109,10 @@ pub fn detect_format(path: &Path) -> Result<ImageFormat, ImageError> {
                     return Ok(ImageFormat::Qcow2);
                 }
             }
-            return Err(ImageError::Unsupported { path: path.into(), format: (*name).into() });
+            return Err(ImageError::Unsupported {
+                path: path.into(),
+                format: (*name).into(),
+            });
         }
     }
     Ok(ImageFormat::Raw)
@@ -129,23 +146,37 @@ fn qemu_img(path: &Path, args: &[&str]) -> Result<Vec<u8>, ImageError> {
         .args(args)
         .arg(path)
         .output()
-        .map_err(|e| ImageError::QemuImg { path: path.into(), message: format!("cannot run qemu-img: {e}") })?;
+        .map_err(|e| ImageError::QemuImg {
+            path: path.into(),
+            message: format!("cannot run qemu-img: {e}"),
+        })?;
     if !out.status.success() {
         let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(ImageError::QemuImg { path: path.into(), message });
+        return Err(ImageError::QemuImg {
+            path: path.into(),
+            message,
+        });
     }
     Ok(out.stdout)
 }
 
 fn open_file(path: &Path) -> Result<(File, u64, bool), ImageError> {
-    let f = File::open(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
-    let md = f.metadata().map_err(|source| ImageError::Open { path: path.into(), source })?;
+    let f = File::open(path).map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
+    let md = f.metadata().map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
     if md.is_file() {
         return Ok((f, md.len(), false));
     }
     if md.file_type().is_block_device() {
-        let size = lseek(&f, 0, Whence::SeekEnd)
-            .map_err(|e| ImageError::Read { path: path.into(), source: e.into() })?;
+        let size = lseek(&f, 0, Whence::SeekEnd).map_err(|e| ImageError::Read {
+            path: path.into(),
+            source: e.into(),
+        })?;
         return Ok((f, size as u64, true));
     }
     Err(ImageError::NotAFile(path.into()))
@@ -155,7 +186,12 @@ fn open_file(path: &Path) -> Result<(File, u64, bool), ImageError> {
 fn raw_segments(f: &File, size: u64, whole: bool) -> Vec<Segment> {
     let mut segs = Vec::new();
     if whole {
-        segs.push(Segment { start: 0, end: size, layer: 0, offset: 0 });
+        segs.push(Segment {
+            start: 0,
+            end: size,
+            layer: 0,
+            offset: 0,
+        });
         return segs;
     }
     let mut pos = 0u64;
@@ -165,13 +201,25 @@ fn raw_segments(f: &File, size: u64, whole: bool) -> Vec<Segment> {
             Err(nix::errno::Errno::ENXIO) => break,
             Err(_) => {
                 // No SEEK_DATA support: treat the rest as data.
-                segs.push(Segment { start: pos, end: size, layer: 0, offset: pos });
+                segs.push(Segment {
+                    start: pos,
+                    end: size,
+                    layer: 0,
+                    offset: pos,
+                });
                 break;
             }
         };
-        let hole = lseek(f, data as i64, Whence::SeekHole).map_or(size, |h| h as u64).min(size);
+        let hole = lseek(f, data as i64, Whence::SeekHole)
+            .map_or(size, |h| h as u64)
+            .min(size);
         if hole > data {
-            segs.push(Segment { start: data, end: hole, layer: 0, offset: data });
+            segs.push(Segment {
+                start: data,
+                end: hole,
+                layer: 0,
+                offset: data,
+            });
         }
         pos = hole.max(data + 1);
     }
@@ -182,7 +230,11 @@ impl ImageSource {
     /// Opens an image and maps its allocated data.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
         let (file, size, is_blk) = open_file(path)?;
-        let format = if is_blk { ImageFormat::Raw } else { detect_format(path)? };
+        let format = if is_blk {
+            ImageFormat::Raw
+        } else {
+            detect_format(path)?
+        };
         if format == ImageFormat::Raw {
             let segments = raw_segments(&file, size, is_blk);
             return Ok(Self {
@@ -194,19 +246,31 @@ impl ImageSource {
                 _converted: None,
             });
         }
-        let canon = std::fs::canonicalize(path).map_err(|source| ImageError::Open { path: path.into(), source })?;
-        let bad_json = |e: serde_json::Error| ImageError::QemuImg { path: path.into(), message: format!("unexpected output: {e}") };
-        let info: Vec<InfoEntry> =
-            serde_json::from_slice(&qemu_img(&canon, &["info", "-U", "--backing-chain", "--output=json"])?)
-                .map_err(bad_json)?;
+        let canon = std::fs::canonicalize(path).map_err(|source| ImageError::Open {
+            path: path.into(),
+            source,
+        })?;
+        let bad_json = |e: serde_json::Error| ImageError::QemuImg {
+            path: path.into(),
+            message: format!("unexpected output: {e}"),
+        };
+        let info: Vec<InfoEntry> = serde_json::from_slice(&qemu_img(
+            &canon,
+            &["info", "-U", "--backing-chain", "--output=json"],
+        )?)
+        .map_err(bad_json)?;
         let map: Vec<MapEntry> =
-            serde_json::from_slice(&qemu_img(&canon, &["map", "-U", "--output=json"])?).map_err(bad_json)?;
+            serde_json::from_slice(&qemu_img(&canon, &["map", "-U", "--output=json"])?)
+                .map_err(bad_json)?;
         let virtual_size = info.first().map_or(0, |i| i.virtual_size);
         let mut layers = Vec::new();
         for layer in &info {
             let needs_convert = layer.encrypted
                 || !matches!(layer.format.as_str(), "raw" | "qcow2")
-                || layer.format_specific.as_ref().is_some_and(|f| f.pointer("/data/data-file").is_some());
+                || layer
+                    .format_specific
+                    .as_ref()
+                    .is_some_and(|f| f.pointer("/data/data-file").is_some());
             if needs_convert {
                 return Self::open_converted(path, &canon);
             }
@@ -224,7 +288,14 @@ impl ImageSource {
                 _ => return Self::open_converted(path, &canon),
             }
         }
-        Ok(Self { path: path.into(), format, virtual_size, layers, segments, _converted: None })
+        Ok(Self {
+            path: path.into(),
+            format,
+            virtual_size,
+            layers,
+            segments,
+            _converted: None,
+        })
     }
 
     /// Fallback: let qemu-img flatten the chain into a sparse raw temp file.
@@ -233,17 +304,26 @@ impl ImageSource {
         let tmp = tempfile::Builder::new()
             .prefix("gantry-snapshot-")
             .tempfile()
-            .map_err(|source| ImageError::Read { path: path.into(), source })?
+            .map_err(|source| ImageError::Read {
+                path: path.into(),
+                source,
+            })?
             .into_temp_path();
         let out = Command::new("qemu-img")
             .args(["convert", "-U", "-O", "raw"])
             .arg(canon)
             .arg(&tmp)
             .output()
-            .map_err(|e| ImageError::QemuImg { path: path.into(), message: e.to_string() })?;
+            .map_err(|e| ImageError::QemuImg {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
         if !out.status.success() {
             let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(ImageError::QemuImg { path: path.into(), message });
+            return Err(ImageError::QemuImg {
+                path: path.into(),
+                message,
+            });
         }
         let (file, size, _) = open_file(&tmp)?;
         let segments = raw_segments(&file, size, false);
@@ -295,7 +375,10 @@ impl ImageSource {
             let dst = &mut buf[(from - start) as usize..(to - start) as usize];
             self.layers[s.layer]
                 .read_exact_at(dst, s.offset + (from - s.start))
-                .map_err(|source| ImageError::Read { path: self.path.clone(), source })?;
+                .map_err(|source| ImageError::Read {
+                    path: self.path.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -328,7 +411,10 @@ mod tests {
     fn foreign_formats_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.vmdk");
-        File::create(&p).unwrap().write_all(b"KDMV\x01\0\0\0 rest").unwrap();
+        File::create(&p)
+            .unwrap()
+            .write_all(b"KDMV\x01\0\0\0 rest")
+            .unwrap();
         let err = ImageSource::open(&p).err().unwrap();
         assert!(err.to_string().contains("unsupported format vmdk"), "{err}");
         let err = ImageSource::open(dir.path()).err().unwrap();

@@ -152,7 +152,8 @@ impl Keyring {
                     path: path.to_path_buf(),
                     reason,
                 };
-                let f: KeyringFile = serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
+                let f: KeyringFile =
+                    serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
                 if f.format != KEYRING_FORMAT || f.version != KEYRING_VERSION {
                     return Err(bad(format!("unsupported {} v{}", f.format, f.version)));
                 }
@@ -254,6 +255,9 @@ mod tests {
         let again = Keyring::load(&path).unwrap().hasher(&a, false).unwrap();
         assert_eq!(again.id(b"same"), ha.id(b"same"));
         let mode = std::fs::metadata(&path).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 }

@@ -19,6 +19,6 @@ pub mod store;
 pub use keys::Keyring;
 pub use maintain::{GcReport, StatsReport, VerifyReport};
 pub use store::{
-    parse_extents, CreateRequest, Extent, Progress, ProgressFn, RestoreFormat, SnapshotInfo, Store, StoreConfig,
-    StoreError,
+    parse_extents, CreateRequest, Extent, Progress, ProgressFn, RestoreFormat, SnapshotInfo, Store,
+    StoreConfig, StoreError,
 };

@@ -109,8 +109,16 @@ fn refs_of(m: &Manifest) -> Result<impl Iterator<Item = (ChunkRef, u32)> + '_, S
     let own = Namespace::for_owner(m.meta.owner.as_deref())?;
     Ok(m.entries.iter().filter_map(move |e| match e {
         Entry::Zero => None,
-        Entry::Chunk { space: Space::Own, id, stored_len } => Some(((own.clone(), *id), *stored_len)),
-        Entry::Chunk { space: Space::Public, id, stored_len } => Some(((Namespace::Public, *id), *stored_len)),
+        Entry::Chunk {
+            space: Space::Own,
+            id,
+            stored_len,
+        } => Some(((own.clone(), *id), *stored_len)),
+        Entry::Chunk {
+            space: Space::Public,
+            id,
+            stored_len,
+        } => Some(((Namespace::Public, *id), *stored_len)),
     }))
 }
 
@@ -138,9 +146,10 @@ impl Store {
             match self.manifest(&id) {
                 Ok(m) => good.push(m),
                 Err(StoreError::UnknownSnapshot(_)) => {}
-                Err(e @ StoreError::BadManifest { .. }) => {
-                    bad.push(ManifestProblem { snapshot: id, reason: e.to_string() })
-                }
+                Err(e @ StoreError::BadManifest { .. }) => bad.push(ManifestProblem {
+                    snapshot: id,
+                    reason: e.to_string(),
+                }),
                 Err(e) => return Err(e),
             }
         }
@@ -189,10 +198,13 @@ impl Store {
         let corrupt = Mutex::new(Vec::new());
         let worker = || -> Result<(), StoreError> {
             let mut buf = Vec::new();
-            let mut dec = zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+            let mut dec = zstd::bulk::Decompressor::new()
+                .map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some((r, key, size)) = chunks.get(i) else { break };
+                let Some((r, key, size)) = chunks.get(i) else {
+                    break;
+                };
                 let d = done.fetch_add(*size, Ordering::Relaxed) + size;
                 let Some(h) = hashers.get(&r.0) else { continue };
                 let why = match self.backend.get(key) {
@@ -202,7 +214,12 @@ impl Store {
                 };
                 checked.fetch_add(1, Ordering::Relaxed);
                 if let Some(reason) = why {
-                    let p = ChunkProblem { namespace: r.0.dir(), chunk: r.1.to_hex(), reason, snapshots: snaps_of(r) };
+                    let p = ChunkProblem {
+                        namespace: r.0.dir(),
+                        chunk: r.1.to_hex(),
+                        reason,
+                        snapshots: snaps_of(r),
+                    };
                     corrupt.lock().expect("corrupt").push(p);
                 }
                 if let Some(p) = progress {
@@ -214,7 +231,9 @@ impl Store {
         let threads = self.cfg.threads.clamp(1, 64);
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
-            hs.into_iter().map(|h| h.join().expect("verify worker panicked")).collect::<Result<Vec<()>, _>>()
+            hs.into_iter()
+                .map(|h| h.join().expect("verify worker panicked"))
+                .collect::<Result<Vec<()>, _>>()
         })?;
         let mut corrupt = corrupt.into_inner().expect("corrupt");
         corrupt.sort_by(|a, b| a.chunk.cmp(&b.chunk));
@@ -234,13 +253,19 @@ impl Store {
         let (manifests, bad) = self.all_manifests()?;
         if let Some(b) = bad.first() {
             let reason = format!("{} (delete it before collecting garbage)", b.reason);
-            return Err(StoreError::Invalid { field: "manifest", reason });
+            return Err(StoreError::Invalid {
+                field: "manifest",
+                reason,
+            });
         }
         let mut marked = HashSet::new();
         for m in &manifests {
             marked.extend(refs_of(m)?.map(|(r, _)| r));
         }
-        let mut report = GcReport { snapshots: manifests.len() as u64, ..GcReport::default() };
+        let mut report = GcReport {
+            snapshots: manifests.len() as u64,
+            ..GcReport::default()
+        };
         for (r, key, size) in self.all_chunks()? {
             if marked.contains(&r) {
                 report.kept_chunks += 1;
@@ -253,7 +278,11 @@ impl Store {
         }
         report.temp_files_removed = self.backend.clean_temp()?;
         self.backend.sync()?;
-        tracing::info!(deleted = report.deleted_chunks, bytes = report.deleted_bytes, "gc done");
+        tracing::info!(
+            deleted = report.deleted_chunks,
+            bytes = report.deleted_bytes,
+            "gc done"
+        );
         Ok(report)
     }
 
@@ -261,7 +290,10 @@ impl Store {
     pub fn stats(&self) -> Result<StatsReport, StoreError> {
         let (manifests, bad) = self.all_manifests()?;
         if let Some(b) = bad.first() {
-            return Err(StoreError::Invalid { field: "manifest", reason: b.reason.clone() });
+            return Err(StoreError::Invalid {
+                field: "manifest",
+                reason: b.reason.clone(),
+            });
         }
         let mut users: HashMap<ChunkRef, (u32, u32)> = HashMap::new();
         let mut per: Vec<HashMap<ChunkRef, u32>> = Vec::new();
@@ -275,11 +307,23 @@ impl Store {
         let mut owners: BTreeMap<Option<String>, (OwnerStats, HashSet<ChunkRef>)> = BTreeMap::new();
         let mut snapshots = Vec::new();
         for (m, mine) in manifests.iter().zip(&per) {
-            let unique = mine.keys().filter(|r| users[*r].0 == 1).map(|r| u64::from(users[r].1)).sum();
+            let unique = mine
+                .keys()
+                .filter(|r| users[*r].0 == 1)
+                .map(|r| u64::from(users[r].1))
+                .sum();
             let owner = m.meta.owner.clone();
             let own_ns = Namespace::for_owner(owner.as_deref())?;
             let (o, set) = owners.entry(owner.clone()).or_insert_with(|| {
-                (OwnerStats { owner, snapshots: 0, logical_bytes: 0, billed_bytes: 0 }, HashSet::new())
+                (
+                    OwnerStats {
+                        owner,
+                        snapshots: 0,
+                        logical_bytes: 0,
+                        billed_bytes: 0,
+                    },
+                    HashSet::new(),
+                )
             });
             o.snapshots += 1;
             o.logical_bytes += m.meta.virtual_size;
@@ -288,11 +332,18 @@ impl Store {
                     o.billed_bytes += u64::from(*sz);
                 }
             }
-            snapshots.push(SnapshotStats { info: SnapshotInfo::from_manifest(m, 0), unique_bytes: unique });
+            snapshots.push(SnapshotStats {
+                info: SnapshotInfo::from_manifest(m, 0),
+                unique_bytes: unique,
+            });
         }
         let chunks = self.all_chunks()?;
         let stored_bytes = chunks.iter().map(|c| c.2).sum();
-        let garbage_bytes = chunks.iter().filter(|c| !users.contains_key(&c.0)).map(|c| c.2).sum();
+        let garbage_bytes = chunks
+            .iter()
+            .filter(|c| !users.contains_key(&c.0))
+            .map(|c| c.2)
+            .sum();
         Ok(StatsReport {
             snapshots,
             owners: owners.into_values().map(|(o, _)| o).collect(),

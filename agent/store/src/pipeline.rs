@@ -39,6 +39,9 @@ pub(crate) struct CreateOut {
     pub new_bytes: u64,
 }
 
+/// One create worker's entries (by chunk index) and the bytes it wrote.
+type WorkerOut = (Vec<(u64, Entry)>, u64);
+
 fn chunk_len(size: u64, cs: u32, i: u64) -> u64 {
     (size - i * u64::from(cs)).min(u64::from(cs))
 }
@@ -57,36 +60,57 @@ pub(crate) fn reuse_plan(
         (None, Some(_)) => true,
         _ => {
             let reason = format!("parent {} belongs to another owner", parent.meta.id);
-            return Err(StoreError::Invalid { field: "parent", reason });
+            return Err(StoreError::Invalid {
+                field: "parent",
+                reason,
+            });
         }
     };
-    let Some(changed) = changed else { return Ok(Vec::new()) };
+    let Some(changed) = changed else {
+        return Ok(Vec::new());
+    };
     let n = chunk_count(size, cs);
     let mut dirty = vec![false; n as usize];
     for e in changed {
-        let end = e.offset.checked_add(e.length).filter(|end| *end <= size).ok_or_else(|| StoreError::Invalid {
-            field: "changed extents",
-            reason: format!("extent {}+{} lies beyond the {size} byte disk", e.offset, e.length),
-        })?;
+        let end = e
+            .offset
+            .checked_add(e.length)
+            .filter(|end| *end <= size)
+            .ok_or_else(|| StoreError::Invalid {
+                field: "changed extents",
+                reason: format!(
+                    "extent {}+{} lies beyond the {size} byte disk",
+                    e.offset, e.length
+                ),
+            })?;
         if e.length == 0 {
             continue;
         }
         let first = e.offset / u64::from(cs);
         let last = (end - 1) / u64::from(cs);
-        dirty[first as usize..=last as usize].iter_mut().for_each(|d| *d = true);
+        dirty[first as usize..=last as usize]
+            .iter_mut()
+            .for_each(|d| *d = true);
     }
     let psize = parent.meta.virtual_size;
     Ok((0..n)
         .map(|i| {
-            let same_len = i < parent.entries.len() as u64 && chunk_len(psize, cs, i) == chunk_len(size, cs, i);
+            let same_len = i < parent.entries.len() as u64
+                && chunk_len(psize, cs, i) == chunk_len(size, cs, i);
             if dirty[i as usize] || !same_len {
                 return None;
             }
             let e = parent.entries[i as usize];
             Some(match e {
-                Entry::Chunk { space: Space::Own, id, stored_len } if remap_public => {
-                    Entry::Chunk { space: Space::Public, id, stored_len }
-                }
+                Entry::Chunk {
+                    space: Space::Own,
+                    id,
+                    stored_len,
+                } if remap_public => Entry::Chunk {
+                    space: Space::Public,
+                    id,
+                    stored_len,
+                },
                 e => e,
             })
         })
@@ -94,7 +118,8 @@ pub(crate) fn reuse_plan(
 }
 
 fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// Runs the create pipeline on all cores.
@@ -105,7 +130,7 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
     let done = AtomicU64::new(0);
     let abort = AtomicBool::new(false);
     let threads = ctx.store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
-    let results: Vec<Result<(Vec<(u64, Entry)>, u64), StoreError>> = std::thread::scope(|s| {
+    let results: Vec<Result<WorkerOut, StoreError>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -117,7 +142,9 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("create worker panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("create worker panicked"))
+            .collect()
     });
     let mut entries = vec![Entry::Zero; n as usize];
     let mut new_bytes = 0;
@@ -132,7 +159,11 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
         .filter(|i| entries[*i as usize] != Entry::Zero)
         .map(|i| chunk_len(size, ctx.chunk_size, i))
         .sum();
-    Ok(CreateOut { entries, allocated, new_bytes })
+    Ok(CreateOut {
+        entries,
+        allocated,
+        new_bytes,
+    })
 }
 
 fn create_worker(
@@ -141,13 +172,14 @@ fn create_worker(
     next: &AtomicU64,
     done: &AtomicU64,
     abort: &AtomicBool,
-) -> Result<(Vec<(u64, Entry)>, u64), StoreError> {
+) -> Result<WorkerOut, StoreError> {
     let size = ctx.image.virtual_size();
     let cs = ctx.chunk_size as usize;
     let mut buf = vec![0u8; cs];
     let mut out = vec![0u8; CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(cs)];
     let level = ctx.store.cfg.zstd_level;
-    let mut comp = zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+    let mut comp =
+        zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
     let public_hasher = ctx.store.hasher(&Namespace::Public, false)?;
     let mut mine = Vec::new();
     let mut new_bytes = 0u64;
@@ -176,7 +208,10 @@ fn create_worker(
         mine.push((i, entry));
         let d = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
         if let Some(p) = ctx.progress {
-            p(Progress { done: d, total: size });
+            p(Progress {
+                done: d,
+                total: size,
+            });
         }
     }
     Ok((mine, new_bytes))
@@ -193,12 +228,26 @@ fn store_chunk(
     if !ctx.public.is_empty() {
         let pid = public_hasher.id(data);
         if let Some(sz) = ctx.public.get(&pid) {
-            return Ok((Entry::Chunk { space: Space::Public, id: pid, stored_len: *sz }, 0));
+            return Ok((
+                Entry::Chunk {
+                    space: Space::Public,
+                    id: pid,
+                    stored_len: *sz,
+                },
+                0,
+            ));
         }
     }
     let id = ctx.hasher.id(data);
     if let Some(sz) = ctx.known.lock().expect("known").get(&id) {
-        return Ok((Entry::Chunk { space: Space::Own, id, stored_len: *sz }, 0));
+        return Ok((
+            Entry::Chunk {
+                space: Space::Own,
+                id,
+                stored_len: *sz,
+            },
+            0,
+        ));
     }
     let n = comp
         .compress_to_buffer(data, &mut out[CHUNK_HEADER_LEN..])
@@ -210,9 +259,18 @@ fn store_chunk(
         (format::CODEC_STORED, CHUNK_HEADER_LEN + data.len())
     };
     out[..CHUNK_HEADER_LEN].copy_from_slice(&format::chunk_header(codec, data.len() as u32));
-    ctx.store.backend.put(&chunk_key(ctx.ns, &id), &out[..total], false)?;
+    ctx.store
+        .backend
+        .put(&chunk_key(ctx.ns, &id), &out[..total], false)?;
     ctx.known.lock().expect("known").insert(id, total as u32);
-    Ok((Entry::Chunk { space: Space::Own, id, stored_len: total as u32 }, total as u64))
+    Ok((
+        Entry::Chunk {
+            space: Space::Own,
+            id,
+            stored_len: total as u32,
+        },
+        total as u64,
+    ))
 }
 
 /// Decodes a chunk object into `buf`, checking length and hash.
@@ -233,7 +291,9 @@ pub(crate) fn decode_chunk(
         }
         dst.copy_from_slice(payload);
     } else {
-        let n = dec.decompress_to_buffer(payload, dst).map_err(|e| format!("zstd: {e}"))?;
+        let n = dec
+            .decompress_to_buffer(payload, dst)
+            .map_err(|e| format!("zstd: {e}"))?;
         if n != raw_len {
             return Err(format!("decompressed {n} bytes, expected {raw_len}"));
         }
@@ -272,8 +332,16 @@ pub(crate) fn restore_raw(
     path: &Path,
     progress: Option<ProgressFn<'_>>,
 ) -> Result<(), StoreError> {
-    let outp = |source| StoreError::Output { path: path.to_path_buf(), source };
-    let f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).map_err(outp)?;
+    let outp = |source| StoreError::Output {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(outp)?;
     f.set_len(m.meta.virtual_size).map_err(outp)?;
     let size = m.meta.virtual_size;
     let cs = m.meta.chunk_size;
@@ -282,7 +350,8 @@ pub(crate) fn restore_raw(
     let threads = store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
     let worker = || -> Result<(), StoreError> {
         let mut buf = Vec::with_capacity(cs as usize);
-        let mut dec = zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+        let mut dec =
+            zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
         while !abort.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= n {
@@ -293,20 +362,35 @@ pub(crate) fn restore_raw(
                 let (ns, h) = if *space == Space::Own { own } else { public };
                 let snapshot = m.meta.id.clone();
                 let data = store.backend.get(&chunk_key(ns, id)).map_err(|e| match e {
-                    e if e.is_not_found() => StoreError::MissingChunk { chunk: id.to_hex(), snapshot: snapshot.clone() },
+                    e if e.is_not_found() => StoreError::MissingChunk {
+                        chunk: id.to_hex(),
+                        snapshot: snapshot.clone(),
+                    },
                     e => e.into(),
                 })?;
-                let got = decode_chunk(&data, &mut buf, h, id, &mut dec)
-                    .map_err(|reason| StoreError::CorruptChunk { chunk: id.to_hex(), snapshot: snapshot.clone(), reason })?;
+                let got = decode_chunk(&data, &mut buf, h, id, &mut dec).map_err(|reason| {
+                    StoreError::CorruptChunk {
+                        chunk: id.to_hex(),
+                        snapshot: snapshot.clone(),
+                        reason,
+                    }
+                })?;
                 if got as u64 != len {
                     let reason = format!("holds {got} bytes where the snapshot needs {len}");
-                    return Err(StoreError::CorruptChunk { chunk: id.to_hex(), snapshot, reason });
+                    return Err(StoreError::CorruptChunk {
+                        chunk: id.to_hex(),
+                        snapshot,
+                        reason,
+                    });
                 }
                 write_sparse(&f, &buf[..got], i * u64::from(cs)).map_err(outp)?;
             }
             let d = done.fetch_add(len, Ordering::Relaxed) + len;
             if let Some(p) = progress {
-                p(Progress { done: d, total: size });
+                p(Progress {
+                    done: d,
+                    total: size,
+                });
             }
         }
         Ok(())
@@ -323,7 +407,9 @@ pub(crate) fn restore_raw(
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("restore worker panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("restore worker panicked"))
+            .collect()
     });
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     Ok(())

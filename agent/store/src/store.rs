@@ -46,13 +46,20 @@ pub enum StoreError {
     #[error("invalid snapshot id {0:?} (expected snap-<32 hex>)")]
     BadId(String),
     #[error("chunk {chunk} of snapshot {snapshot} is corrupt: {reason}")]
-    CorruptChunk { chunk: String, snapshot: String, reason: String },
+    CorruptChunk {
+        chunk: String,
+        snapshot: String,
+        reason: String,
+    },
     #[error("chunk {chunk} of snapshot {snapshot} is missing from the store")]
     MissingChunk { chunk: String, snapshot: String },
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("{path}: {source}")]
-    Output { path: PathBuf, source: std::io::Error },
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store {0} is not a gantry snapshot store: {1}")]
     NotAStore(String, String),
     #[error("{0}")]
@@ -139,7 +146,11 @@ impl SnapshotInfo {
         for e in &m.entries {
             match e {
                 Entry::Zero => zero += 1,
-                Entry::Chunk { space, id, stored_len } => {
+                Entry::Chunk {
+                    space,
+                    id,
+                    stored_len,
+                } => {
                     if seen.insert((*space, *id)) {
                         stored += u64::from(*stored_len);
                     }
@@ -196,7 +207,9 @@ pub fn manifest_key(id: &str) -> String {
 }
 
 fn check_id(id: &str) -> Result<(), StoreError> {
-    id.parse::<gantry_proto::SnapshotId>().map(|_| ()).map_err(|_| StoreError::BadId(id.to_string()))
+    id.parse::<gantry_proto::SnapshotId>()
+        .map(|_| ())
+        .map_err(|_| StoreError::BadId(id.to_string()))
 }
 
 impl Store {
@@ -214,11 +227,17 @@ impl Store {
         {
             return Err(StoreError::Invalid {
                 field: "chunk size",
-                reason: format!("{} is not a power of two between 4 KiB and 64 MiB", cfg.chunk_size),
+                reason: format!(
+                    "{} is not a power of two between 4 KiB and 64 MiB",
+                    cfg.chunk_size
+                ),
             });
         }
         if !zstd::compression_level_range().contains(&cfg.zstd_level) {
-            return Err(StoreError::Invalid { field: "zstd level", reason: format!("{} is out of range", cfg.zstd_level) });
+            return Err(StoreError::Invalid {
+                field: "zstd level",
+                reason: format!("{} is out of range", cfg.zstd_level),
+            });
         }
         let where_ = backend.describe();
         match backend.get(MARKER_KEY) {
@@ -231,7 +250,10 @@ impl Store {
                 }
             }
             Err(e) if e.is_not_found() && cfg.create_if_missing => {
-                let m = Marker { format: STORE_FORMAT.into(), version: STORE_VERSION };
+                let m = Marker {
+                    format: STORE_FORMAT.into(),
+                    version: STORE_VERSION,
+                };
                 backend.put(MARKER_KEY, &serde_json::to_vec(&m).expect("marker"), true)?;
             }
             Err(e) if e.is_not_found() => return Err(BackendError::Missing(where_).into()),
@@ -255,10 +277,16 @@ impl Store {
                 e.into()
             }
         })?;
-        let m = Manifest::decode(&data).map_err(|source| StoreError::BadManifest { id: id.to_string(), source })?;
+        let m = Manifest::decode(&data).map_err(|source| StoreError::BadManifest {
+            id: id.to_string(),
+            source,
+        })?;
         if m.meta.id != id {
             let source = FormatError::Invalid(format!("manifest names itself {}", m.meta.id));
-            return Err(StoreError::BadManifest { id: id.to_string(), source });
+            return Err(StoreError::BadManifest {
+                id: id.to_string(),
+                source,
+            });
         }
         Ok(m)
     }
@@ -319,20 +347,34 @@ impl Store {
         let name = req.name;
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
             let reason = "must be 1-200 printable characters".into();
-            return Err(StoreError::Invalid { field: "name", reason });
+            return Err(StoreError::Invalid {
+                field: "name",
+                reason,
+            });
         }
         let ns = Namespace::for_owner(req.owner)?;
         let hasher = self.hasher(&ns, true)?;
         let image = ImageSource::open(req.image)?;
         if req.changed_extents.is_some() && req.parent.is_none() {
             let reason = "a changed-extent list needs --parent".into();
-            return Err(StoreError::Invalid { field: "changed extents", reason });
+            return Err(StoreError::Invalid {
+                field: "changed extents",
+                reason,
+            });
         }
         let _lock = self.backend.lock(false)?;
         let parent = req.parent.map(|p| self.manifest(p)).transpose()?;
-        let chunk_size = parent.as_ref().map_or(self.cfg.chunk_size, |p| p.meta.chunk_size);
+        let chunk_size = parent
+            .as_ref()
+            .map_or(self.cfg.chunk_size, |p| p.meta.chunk_size);
         let reuse = match &parent {
-            Some(p) => pipeline::reuse_plan(p, &ns, image.virtual_size(), chunk_size, req.changed_extents)?,
+            Some(p) => pipeline::reuse_plan(
+                p,
+                &ns,
+                image.virtual_size(),
+                chunk_size,
+                req.changed_extents,
+            )?,
             None => Vec::new(),
         };
         let known = self.chunk_sizes(&ns)?;
@@ -371,7 +413,8 @@ impl Store {
         };
         // Every chunk must be durable before the manifest can name it.
         self.backend.sync()?;
-        self.backend.put(&manifest_key(&id), &manifest.encode(), true)?;
+        self.backend
+            .put(&manifest_key(&id), &manifest.encode(), true)?;
         tracing::info!(snapshot = %id, new_bytes = out.new_bytes, "snapshot published");
         Ok(SnapshotInfo::from_manifest(&manifest, out.new_bytes))
     }
@@ -388,16 +431,38 @@ impl Store {
         let own = Namespace::for_owner(m.meta.owner.as_deref())?;
         let own_h = self.hasher(&own, false)?;
         let pub_h = self.hasher(&Namespace::Public, false)?;
-        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let base = out.file_name().and_then(|n| n.to_str()).unwrap_or("restore");
-        let tmp_raw = dir.join(format!(".{base}.gantry-restore-{:08x}", rand::random::<u32>()));
-        let outp = |source| StoreError::Output { path: out.to_path_buf(), source };
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("restore");
+        let tmp_raw = dir.join(format!(
+            ".{base}.gantry-restore-{:08x}",
+            rand::random::<u32>()
+        ));
+        let outp = |source| StoreError::Output {
+            path: out.to_path_buf(),
+            source,
+        };
         let res = (|| {
-            pipeline::restore_raw(self, &m, (&own, &own_h), (&Namespace::Public, &pub_h), &tmp_raw, progress)?;
+            pipeline::restore_raw(
+                self,
+                &m,
+                (&own, &own_h),
+                (&Namespace::Public, &pub_h),
+                &tmp_raw,
+                progress,
+            )?;
             let final_tmp = match fmt {
                 RestoreFormat::Raw => tmp_raw.clone(),
                 RestoreFormat::Qcow2 => {
-                    let q = dir.join(format!(".{base}.gantry-qcow2-{:08x}", rand::random::<u32>()));
+                    let q = dir.join(format!(
+                        ".{base}.gantry-qcow2-{:08x}",
+                        rand::random::<u32>()
+                    ));
                     let r = convert_to_qcow2(&tmp_raw, &q);
                     let _ = std::fs::remove_file(&tmp_raw);
                     r?;
@@ -432,7 +497,9 @@ fn convert_to_qcow2(raw: &Path, out: &Path) -> Result<(), StoreError> {
     if !o.status.success() {
         let _ = std::fs::remove_file(out);
         let msg = String::from_utf8_lossy(&o.stderr).trim().to_string();
-        return Err(StoreError::Tool(format!("qemu-img convert to qcow2 failed: {msg}")));
+        return Err(StoreError::Tool(format!(
+            "qemu-img convert to qcow2 failed: {msg}"
+        )));
     }
     Ok(())
 }
@@ -442,7 +509,10 @@ fn convert_to_qcow2(raw: &Path, out: &Path) -> Result<(), StoreError> {
 /// from backing files (`depth` > 0) are skipped) or lines of
 /// `OFFSET LENGTH` (decimal bytes, `#` comments).
 pub fn parse_extents(text: &str) -> Result<Vec<Extent>, StoreError> {
-    let bad = |reason: String| StoreError::Invalid { field: "changed extents", reason };
+    let bad = |reason: String| StoreError::Invalid {
+        field: "changed extents",
+        reason,
+    };
     let t = text.trim_start();
     if t.starts_with('[') {
         #[derive(Deserialize)]
@@ -457,8 +527,14 @@ pub fn parse_extents(text: &str) -> Result<Vec<Extent>, StoreError> {
             .into_iter()
             .filter(|j| j.depth.unwrap_or(0) == 0)
             .map(|j| match (j.start, j.offset) {
-                (Some(s), _) => Ok(Extent { offset: s, length: j.length }),
-                (None, Some(o)) => Ok(Extent { offset: o, length: j.length }),
+                (Some(s), _) => Ok(Extent {
+                    offset: s,
+                    length: j.length,
+                }),
+                (None, Some(o)) => Ok(Extent {
+                    offset: o,
+                    length: j.length,
+                }),
                 (None, None) => Err(bad("an entry has neither offset nor start".into())),
             })
             .collect();
@@ -476,4 +552,68 @@ pub fn parse_extents(text: &str) -> Result<Vec<Extent>, StoreError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::mem::MemBackend;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn store() -> Store {
+        let cfg = StoreConfig { chunk_size: 65536, create_if_missing: true, ..StoreConfig::default() };
+        Store::with_backend(Box::new(MemBackend::default()), cfg).unwrap()
+    }
+
+    fn image(dir: &Path, name: &str, fill: &[(u64, u8)]) -> PathBuf {
+        let p = dir.join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        for (off, b) in fill {
+            let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8 ^ b).collect();
+            f.write_all_at(&data, *off).unwrap();
+        }
+        p
+    }
+
+    fn req<'a>(image: &'a Path, owner: Option<&'a str>, parent: Option<&'a str>) -> CreateRequest<'a> {
+        CreateRequest { image, name: "t", owner, parent, changed_extents: None, progress: None }
+    }
+
+    #[test]
+    fn progress_reaches_the_disk_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), "a.raw", &[(0, 1), (65536 * 3, 2)]);
+        let s = store();
+        let last = AtomicU64::new(0);
+        let cb = |p: Progress| {
+            assert_eq!(p.total, 1 << 20);
+            last.fetch_max(p.done, Ordering::Relaxed);
+        };
+        let r = CreateRequest { progress: Some(&cb), ..req(&img, None, None) };
+        let info = s.create(&r).unwrap();
+        assert_eq!(last.load(Ordering::Relaxed), 1 << 20);
+        assert_eq!((info.chunks, info.zero_chunks), (16, 14));
+    }
+
+    #[test]
+    fn incremental_child_of_public_image_references_public_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = image(dir.path(), "base.raw", &[(0, 1), (65536, 2), (65536 * 5, 3)]);
+        let s = store();
+        let pub_snap = s.create(&req(&base, None, None)).unwrap();
+        let child_img = image(dir.path(), "child.raw", &[(0, 1), (65536, 9), (65536 * 5, 3)]);
+        let ext = [Extent { offset: 65536, length: 100 }];
+        let r = CreateRequest { changed_extents: Some(&ext), ..req(&child_img, Some("acct"), Some(&pub_snap.id)) };
+        let child = s.create(&r).unwrap();
+        assert_eq!(child.new_bytes, child.stored_bytes - 2 * (pub_snap.stored_bytes / 3), "only the changed chunk is new");
+        let stats = s.stats().unwrap();
+        let acct = stats.owners.iter().find(|o| o.owner.as_deref() == Some("acct")).unwrap();
+        assert_eq!(acct.billed_bytes, child.new_bytes, "public chunks are not billed to the account");
+        // A parent of another account is refused.
+        let other = s.create(&req(&base, Some("other"), None)).unwrap();
+        let err = s.create(&req(&base, Some("acct"), Some(&other.id))).unwrap_err();
+        assert!(err.to_string().contains("another owner"), "{err}");
+    }
 }

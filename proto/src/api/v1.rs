@@ -444,6 +444,18 @@ pub struct SnapshotInfo {
     pub created_at: DateTime<Utc>,
 }
 
+/// `POST /v1/admin/snapshots/{id}/status`: the outcome a host reports
+/// (stand-in until the agent protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSnapshot {
+    pub status: SnapshotStatus,
+    #[serde(default)]
+    pub logical_bytes: u64,
+    #[serde(default)]
+    pub compressed_bytes: u64,
+}
+
 // ---------- audit ----------
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,7 +30,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
     let res = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -81,7 +85,11 @@ impl LocalBackend {
             if name.starts_with('.') {
                 continue;
             }
-            let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let key = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             let ft = ent.file_type().map_err(io("stat", &ent.path()))?;
             if ft.is_dir() {
                 self.walk(&ent.path(), &key, out)?;
@@ -104,9 +112,16 @@ impl LockGuard for FlockGuard {}
 impl Backend for LocalBackend {
     fn put(&self, key: &str, data: &[u8], durable: bool) -> Result<(), BackendError> {
         let path = self.path(key);
-        let tmp = self.root.join(TMP_DIR).join(format!("{:016x}.tmp", rand::random::<u64>()));
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(format!("{:016x}.tmp", rand::random::<u64>()));
         let res = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o640).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)?;
             f.write_all(data)?;
             if durable {
                 f.sync_all()?;
@@ -177,7 +192,11 @@ impl Backend for LocalBackend {
             .write(true)
             .open(&path)
             .map_err(io("open lock", &path))?;
-        let arg = if exclusive { FlockArg::LockExclusive } else { FlockArg::LockShared };
+        let arg = if exclusive {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockShared
+        };
         let g = Flock::lock(f, arg).map_err(|(_, e)| io("lock", &path)(e.into()))?;
         Ok(Box::new(FlockGuard(g)))
     }

@@ -16,19 +16,27 @@ impl LockGuard for MemGuard {}
 
 impl Backend for MemBackend {
     fn put(&self, key: &str, data: &[u8], _durable: bool) -> Result<(), BackendError> {
-        self.objects.lock().expect("mem").insert(key.to_string(), data.to_vec());
+        self.objects
+            .lock()
+            .expect("mem")
+            .insert(key.to_string(), data.to_vec());
         Ok(())
     }
     fn get(&self, key: &str) -> Result<Vec<u8>, BackendError> {
         let objs = self.objects.lock().expect("mem");
-        objs.get(key).cloned().ok_or_else(|| BackendError::NotFound(key.to_string()))
+        objs.get(key)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound(key.to_string()))
     }
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         let objs = self.objects.lock().expect("mem");
         Ok(objs
             .iter()
             .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| ObjectInfo { key: k.clone(), size: v.len() as u64 })
+            .map(|(k, v)| ObjectInfo {
+                key: k.clone(),
+                size: v.len() as u64,
+            })
             .collect())
     }
     fn delete(&self, key: &str) -> Result<(), BackendError> {

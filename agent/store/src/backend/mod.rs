@@ -100,7 +100,10 @@ impl std::str::FromStr for StoreUrl {
                 Ok(Self::Local(p))
             }
             "s3" => {
-                let bucket = u.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("missing bucket"))?;
+                let bucket = u
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| bad("missing bucket"))?;
                 if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
                     return Err(bad("s3:// URL takes only bucket and prefix"));
                 }
@@ -110,7 +113,9 @@ impl std::str::FromStr for StoreUrl {
                     prefix,
                 })
             }
-            other => Err(bad(&format!("unsupported scheme {other:?} (use a path, file:// or s3://)"))),
+            other => Err(bad(&format!(
+                "unsupported scheme {other:?} (use a path, file:// or s3://)"
+            ))),
         }
     }
 }
@@ -129,11 +134,20 @@ mod tests {
 
     #[test]
     fn urls_parse() {
-        assert_eq!("/a/b".parse::<StoreUrl>().unwrap(), StoreUrl::Local("/a/b".into()));
-        assert_eq!("file:///a/b".parse::<StoreUrl>().unwrap(), StoreUrl::Local("/a/b".into()));
+        assert_eq!(
+            "/a/b".parse::<StoreUrl>().unwrap(),
+            StoreUrl::Local("/a/b".into())
+        );
+        assert_eq!(
+            "file:///a/b".parse::<StoreUrl>().unwrap(),
+            StoreUrl::Local("/a/b".into())
+        );
         assert_eq!(
             "s3://bkt/x/y/".parse::<StoreUrl>().unwrap(),
-            StoreUrl::S3 { bucket: "bkt".into(), prefix: "x/y".into() }
+            StoreUrl::S3 {
+                bucket: "bkt".into(),
+                prefix: "x/y".into()
+            }
         );
         for bad in ["", "s3://", "http://x/y", "s3://b/p?q=1", "ftp://h/p"] {
             let e = bad.parse::<StoreUrl>().unwrap_err();

@@ -30,7 +30,11 @@ impl S3Backend {
     /// Connects and checks the bucket answers.
     pub fn open(bucket: &str, prefix: &str) -> Result<Self, BackendError> {
         let url = format!("s3://{bucket}/{prefix}");
+        // with_client_options replaces what from_env read, so AWS_ALLOW_HTTP is applied here.
+        let allow_http = std::env::var("AWS_ALLOW_HTTP")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         let client = ClientOptions::new()
+            .with_allow_http(allow_http)
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(60));
         let retry = RetryConfig {
@@ -43,7 +47,10 @@ impl S3Backend {
             .with_client_options(client)
             .with_retry(retry)
             .build()
-            .map_err(|e| BackendError::BadUrl { url: url.clone(), reason: e.to_string() })?;
+            .map_err(|e| BackendError::BadUrl {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -74,14 +81,20 @@ impl S3Backend {
         if self.prefix.is_empty() {
             s.to_string()
         } else {
-            s.strip_prefix(&format!("{}/", self.prefix)).unwrap_or(s).to_string()
+            s.strip_prefix(&format!("{}/", self.prefix))
+                .unwrap_or(s)
+                .to_string()
         }
     }
 
     fn remote(op: &'static str, key: &str, e: object_store::Error) -> BackendError {
         match e {
             object_store::Error::NotFound { .. } => BackendError::NotFound(key.to_string()),
-            e => BackendError::Remote { op, key: key.to_string(), message: e.to_string() },
+            e => BackendError::Remote {
+                op,
+                key: key.to_string(),
+                message: e.to_string(),
+            },
         }
     }
 
@@ -127,7 +140,10 @@ impl Backend for S3Backend {
         Ok(self
             .list_meta(prefix)?
             .into_iter()
-            .map(|m| ObjectInfo { key: self.rel(&m.location), size: m.size })
+            .map(|m| ObjectInfo {
+                key: self.rel(&m.location),
+                size: m.size,
+            })
             .collect())
     }
 
@@ -147,12 +163,21 @@ impl Backend for S3Backend {
         let name = format!("locks/{kind}-{}", uuid_like());
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
-            self.put(&name, format!("pid {}", std::process::id()).as_bytes(), true)?;
-            let guard = S3Lock { backend: (self.rt.clone(), self.s3.clone()), path: self.path(&name) };
+            self.put(
+                &name,
+                format!("pid {}", std::process::id()).as_bytes(),
+                true,
+            )?;
+            let guard = S3Lock {
+                backend: (self.rt.clone(), self.s3.clone()),
+                path: self.path(&name),
+            };
             let now = chrono::Utc::now();
             let conflict = self.list_meta("locks/")?.into_iter().any(|m| {
                 let key = self.rel(&m.location);
-                let fresh = (now - m.last_modified).to_std().map_or(true, |age| age < STALE_LOCK);
+                let fresh = (now - m.last_modified)
+                    .to_std()
+                    .map_or(true, |age| age < STALE_LOCK);
                 key != name && fresh && (exclusive || key.starts_with("locks/exclusive-"))
             });
             if !conflict {

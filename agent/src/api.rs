@@ -150,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
@@ -227,4 +228,12 @@ async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> 
 async fn list_gpus(State(st): State<AppState>) -> Result<Response, ApiError> {
     let gpus = st.manager.gpus.list().map_err(ManagerError::from)?;
     Ok(Json(gpus).into_response())
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.manager.render_metrics(),
+    )
+        .into_response()
 }

@@ -13,6 +13,7 @@
 //! - [`lifecycle`]: the operation bodies (create with rollback, stop, ...).
 //! - [`recover`]: re-attach after restart; the observed-state watcher.
 //! - [`api`]: the local operator HTTP API.
+//! - [`metrics`]: Prometheus metrics on `/metrics`.
 //! - [`client`]: the command line's HTTP client for that API.
 //! - [`serve`]: the daemon: startup, readiness, shutdown.
 //! - [`virt_raw`]: safe wrappers over raw libvirt calls (block jobs, fsfreeze).
@@ -29,6 +30,7 @@ pub mod layout;
 pub mod libvirt;
 pub mod lifecycle;
 pub mod manager;
+pub mod metrics;
 pub mod recover;
 pub mod serve;
 pub mod virt_raw;

@@ -71,6 +71,7 @@ pub struct Manager {
     pub(crate) virt: Libvirt,
     pub(crate) domain_type: &'static str,
     pub(crate) gpus: Box<dyn GpuInventory>,
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) inner: Mutex<Inner>,
 }
 
@@ -181,6 +182,18 @@ impl Manager {
         }
     }
 
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let mut counts: Vec<(&'static str, i64)> = Vec::new();
+        for r in self.lock().instances.values() {
+            match counts.iter_mut().find(|(s, _)| *s == r.state.name()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((r.state.name(), 1)),
+            }
+        }
+        self.metrics.render(&counts)
+    }
+
     pub fn operation(&self, id: OperationId) -> Result<OperationInfo, ManagerError> {
         self.lock()
             .ops
@@ -219,7 +232,9 @@ impl Manager {
         std::thread::Builder::new()
             .name(format!("op-{kind}"))
             .spawn(move || {
+                let started = std::time::Instant::now();
                 let result = body(&me, op_id);
+                me.metrics.operation_done(&kind, result.is_ok(), started.elapsed());
                 let mut inner = me.lock();
                 inner.busy.remove(&id);
                 if let Some(o) = inner.ops.get_mut(&op_id) {

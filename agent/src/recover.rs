@@ -34,6 +34,7 @@ impl Manager {
             virt,
             domain_type,
             gpus,
+            metrics: crate::metrics::Metrics::default(),
             inner: Mutex::new(Inner::default()),
         });
         let mut known = HashSet::new();

@@ -211,6 +211,11 @@ impl TestAgent {
         Ok(serde_json::from_value(v).expect("response shape"))
     }
 
+    /// A plain-text GET without a token (`/healthz`, `/metrics`).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        Ok(self.http.get(format!("{}{path}", self.url)).send()?.error_for_status()?.text()?)
+    }
+
     /// A raw request, for testing authentication.
     pub fn get_with_token(&self, path: &str, token: &str) -> u16 {
         self.http

@@ -305,6 +305,12 @@ fn failed_creates_roll_back_and_bad_input_is_refused() -> anyhow::Result<()> {
         .join(format!("{}.qcow2", volume.id))
         .exists());
 
+    let metrics = agent.get_text("/metrics")?;
+    assert!(
+        metrics.contains("gantry_agent_operations_total{kind=\"create\",outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
+
     // With the image whole again, the same request works.
     std::fs::write(&kernel, saved)?;
     let vm = TestVm::boot(&agent, image.id, &VmOptions::default())?;

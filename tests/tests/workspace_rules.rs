@@ -1,0 +1,54 @@
+//! Architecture rules of the workspace, checked from `cargo metadata`:
+//! `gantry-proto` is a leaf (serde, id and time types only), and the agent
+//! and the controller never depend on each other.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+fn deps_by_package() -> BTreeMap<String, Vec<(String, String)>> {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let mut map = BTreeMap::new();
+    for p in meta["packages"].as_array().expect("packages") {
+        let deps = p["dependencies"]
+            .as_array()
+            .expect("dependencies")
+            .iter()
+            .map(|d| {
+                let kind = d["kind"].as_str().unwrap_or("normal").to_string();
+                (d["name"].as_str().expect("name").to_string(), kind)
+            })
+            .collect();
+        map.insert(p["name"].as_str().expect("name").to_string(), deps);
+    }
+    map
+}
+
+#[test]
+fn proto_is_a_leaf_and_agent_and_controller_stay_apart() {
+    let deps = deps_by_package();
+    let normal = |pkg: &str| -> Vec<String> {
+        deps[pkg]
+            .iter()
+            .filter(|(_, kind)| kind == "normal")
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let allowed = ["serde", "uuid", "chrono"];
+    for d in normal("gantry-proto") {
+        assert!(allowed.contains(&d.as_str()), "gantry-proto must stay a leaf, but depends on {d}");
+    }
+    for (a, b) in [("gantry-agent", "gantry-controller"), ("gantry-controller", "gantry-agent")] {
+        assert!(
+            !deps[a].iter().any(|(n, _)| n == b),
+            "{a} must not depend on {b}: shared types belong in gantry-proto"
+        );
+    }
+    assert!(normal("gantry-agent").contains(&"gantry-proto".to_string()));
+    assert!(normal("gantry-controller").contains(&"gantry-proto".to_string()));
+}

@@ -96,7 +96,16 @@ impl Manager {
     /// The one place instance states change: checks the edge, persists the
     /// record, then updates memory.
     pub(crate) fn set_state(&self, id: InstanceId, to: InstanceState) -> Result<(), ManagerError> {
-        let mut inner = self.lock();
+        self.set_state_locked(&mut self.lock(), id, to)
+    }
+
+    /// [`Manager::set_state`] for a caller that already holds the lock.
+    pub(crate) fn set_state_locked(
+        &self,
+        inner: &mut Inner,
+        id: InstanceId,
+        to: InstanceState,
+    ) -> Result<(), ManagerError> {
         let rec = inner
             .instances
             .get_mut(&id)

@@ -30,7 +30,9 @@ struct StateLabel {
 }
 
 fn op_histogram() -> Histogram {
-    Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
+    Histogram::new([
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    ])
 }
 
 pub struct Metrics {
@@ -44,10 +46,16 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("gantry_agent");
         let ops = Family::<OpLabels, Counter>::default();
-        let op_seconds = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(op_histogram as fn() -> Histogram);
+        let op_seconds = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            op_histogram as fn() -> Histogram,
+        );
         let instances = Family::<StateLabel, Gauge>::default();
         registry.register("operations", "Finished operations", ops.clone());
-        registry.register("operation_seconds", "Duration of operations", op_seconds.clone());
+        registry.register(
+            "operation_seconds",
+            "Duration of operations",
+            op_seconds.clone(),
+        );
         registry.register("instances", "Instances by state", instances.clone());
         Self {
             registry,
@@ -83,7 +91,8 @@ impl Metrics {
                 .set(*n);
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }
@@ -98,9 +107,21 @@ mod tests {
         m.operation_done("stop", true, Duration::from_millis(1500));
         m.operation_done("stop", false, Duration::from_millis(20));
         let text = m.render(&[("Running", 2), ("Stopped", 1)]);
-        assert!(text.contains("gantry_agent_operations_total{kind=\"stop\",outcome=\"succeeded\"} 1"), "{text}");
-        assert!(text.contains("gantry_agent_operations_total{kind=\"stop\",outcome=\"failed\"} 1"), "{text}");
-        assert!(text.contains("gantry_agent_instances{state=\"Running\"} 2"), "{text}");
-        assert!(text.contains("gantry_agent_operation_seconds_count{kind=\"stop\"} 2"), "{text}");
+        assert!(
+            text.contains("gantry_agent_operations_total{kind=\"stop\",outcome=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gantry_agent_operations_total{kind=\"stop\",outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gantry_agent_instances{state=\"Running\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gantry_agent_operation_seconds_count{kind=\"stop\"} 2"),
+            "{text}"
+        );
     }
 }

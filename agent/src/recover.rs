@@ -95,67 +95,69 @@ impl Manager {
         self.observe(id, &rec, power)
     }
 
-    /// Brings a record's state in line with libvirt's power state.
+    /// Brings a record's state in line with libvirt's power state (at
+    /// start-up, when no operation can be running).
     fn observe(
         &self,
         id: InstanceId,
         rec: &InstanceRecord,
         power: PowerState,
     ) -> Result<(), ManagerError> {
-        use InstanceState::*;
-        let target = match (rec.state, power) {
-            (Suspending | Paused | Saving, PowerState::Paused) => {
-                // A snapshot was interrupted: the guest goes back to work.
-                self.virt.resume(&domain_name(id))?;
-                Running
-            }
-            (Suspending | Paused | Saving, PowerState::Running) => Running,
-            (_, PowerState::Off | PowerState::Missing) => Stopped,
-            (Suspended, PowerState::Running) | (Stopped, PowerState::Running) => Running,
-            (Running, PowerState::Paused) | (Stopped, PowerState::Paused) => Suspended,
-            (s, _) => s,
-        };
-        if target != rec.state {
-            if rec.state == Stopped && target == Suspended {
-                self.set_state(id, Running)?;
-            }
-            self.set_state(id, target)?;
+        if rec.state.is_snapshotting() && power == PowerState::Paused {
+            // A snapshot was interrupted: the guest goes back to work.
+            self.virt.resume(&domain_name(id))?;
+        }
+        let mut inner = self.lock();
+        for step in observed_path(rec.state, power) {
+            self.set_state_locked(&mut inner, id, step)?;
         }
         Ok(())
     }
 
     /// One pass of the watcher: instances with no operation running are
-    /// checked against libvirt.
+    /// checked against libvirt. The change is applied under the lock only if
+    /// no operation started and the record did not change meanwhile, so the
+    /// watcher never races an operation.
     pub fn watch_once(&self) {
-        let ids: Vec<InstanceId> = {
+        let recs: Vec<InstanceRecord> = {
             let inner = self.lock();
             inner
                 .instances
-                .keys()
-                .filter(|id| !inner.busy.contains_key(id))
-                .copied()
+                .values()
+                .filter(|r| !inner.busy.contains_key(&r.spec.id))
+                .filter(|r| {
+                    matches!(
+                        r.state,
+                        InstanceState::Running | InstanceState::Stopped | InstanceState::Suspended
+                    )
+                })
+                .cloned()
                 .collect()
         };
-        for id in ids {
-            let Ok(rec) = self.record(id) else { continue };
-            if rec.state.is_final()
-                || rec.state == InstanceState::Creating
-                || rec.state == InstanceState::Releasing
-            {
+        for rec in recs {
+            let id = rec.spec.id;
+            let power = match self.virt.state(&domain_name(id)) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(instance = %id, error = %e, "cannot read domain state");
+                    continue;
+                }
+            };
+            let path = observed_path(rec.state, power);
+            if path.is_empty() {
                 continue;
             }
-            match self.virt.state(&domain_name(id)) {
-                Ok(power) => {
-                    // Re-check under no lock races: an operation may have
-                    // started meanwhile; it then owns the state.
-                    if self.lock().busy.contains_key(&id) {
-                        continue;
-                    }
-                    if let Err(e) = self.observe(id, &rec, power) {
-                        tracing::warn!(instance = %id, error = %e, "cannot sync state");
-                    }
+            let mut inner = self.lock();
+            let unchanged = inner.instances.get(&id).map(|r| r.state) == Some(rec.state);
+            if !unchanged || inner.busy.contains_key(&id) {
+                continue;
+            }
+            tracing::info!(instance = %id, ?power, "guest changed state on its own");
+            for step in path {
+                if let Err(e) = self.set_state_locked(&mut inner, id, step) {
+                    tracing::warn!(instance = %id, error = %e, "cannot sync state");
+                    break;
                 }
-                Err(e) => tracing::warn!(instance = %id, error = %e, "cannot read domain state"),
             }
         }
     }
@@ -173,5 +175,57 @@ impl Manager {
                 }
             })
             .expect("spawn watcher");
+    }
+}
+
+/// The transitions that take a record in `state` to what libvirt's `power`
+/// says, each an edge of the state machine; empty when they agree.
+fn observed_path(state: InstanceState, power: PowerState) -> Vec<InstanceState> {
+    use InstanceState::*;
+    match (state, power) {
+        (Suspending | Paused | Saving, PowerState::Running | PowerState::Paused) => vec![Running],
+        (Suspending | Paused | Saving, _) => vec![Running, Stopped],
+        (Running | Suspended, PowerState::Off | PowerState::Missing) => vec![Stopped],
+        (Suspended | Stopped, PowerState::Running) => vec![Running],
+        (Running, PowerState::Paused) => vec![Suspended],
+        (Stopped, PowerState::Paused) => vec![Running, Suspended],
+        _ => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path is made of legal edges and ends where libvirt is.
+    #[test]
+    fn observed_paths_are_legal_and_land_on_the_power_state() {
+        for state in InstanceState::ALL {
+            if state.is_final()
+                || matches!(state, InstanceState::Creating | InstanceState::Releasing)
+            {
+                continue;
+            }
+            for power in [
+                PowerState::Running,
+                PowerState::Paused,
+                PowerState::Off,
+                PowerState::Missing,
+            ] {
+                let mut cur = state;
+                for step in observed_path(state, power) {
+                    cur = cur
+                        .transition(step)
+                        .unwrap_or_else(|e| panic!("{state} {power:?}: {e}"));
+                }
+                let expected = match power {
+                    PowerState::Running => InstanceState::Running,
+                    PowerState::Paused if state.is_snapshotting() => InstanceState::Running,
+                    PowerState::Paused => InstanceState::Suspended,
+                    PowerState::Off | PowerState::Missing => InstanceState::Stopped,
+                };
+                assert_eq!(cur, expected, "{state} with power {power:?}");
+            }
+        }
     }
 }

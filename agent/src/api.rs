@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gantry_proto::api::error::ErrorBody;
-use gantry_proto::api::local::{ActionRequest, ImportImage};
+use gantry_proto::api::local::{ActionRequest, ImageFromSnapshot, ImportImage, TakeSnapshot};
 use gantry_proto::spec::InstanceSpec;
 use gantry_proto::{InstanceId, OperationId};
 use std::sync::Arc;
@@ -56,6 +56,10 @@ impl From<ManagerError> for ApiError {
         let status = match &e {
             E::NotFound(_) | E::NoOperation(_) => StatusCode::NOT_FOUND,
             E::Image(images::ImageError::NotFound(_)) => StatusCode::NOT_FOUND,
+            E::Snapshot(crate::snapshots::SnapshotError::Store(
+                gantry_store::StoreError::UnknownSnapshot(_),
+            )) => StatusCode::NOT_FOUND,
+            E::Image(images::ImageError::Exists(_)) => StatusCode::CONFLICT,
             E::Exists(_) | E::Busy { .. } | E::State(_) | E::Conflict(_) => StatusCode::CONFLICT,
             E::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             E::NoMemory { .. } => StatusCode::INSUFFICIENT_STORAGE,
@@ -144,6 +148,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/instances", get(list_instances).post(create_instance))
         .route("/v1/instances/{id}", get(get_instance))
         .route("/v1/instances/{id}/actions", post(instance_action))
+        .route("/v1/instances/{id}/snapshot", post(take_snapshot))
+        .route("/v1/images/from-snapshot", post(image_from_snapshot))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/gpus", get(list_gpus))
@@ -206,6 +212,26 @@ async fn instance_action(
     let m = st.manager.clone();
     let op = blocking(move || m.action(id, req).map_err(ApiError::from)).await?;
     Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+async fn take_snapshot(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Body(req): Body<TakeSnapshot>,
+) -> Result<Response, ApiError> {
+    let id: InstanceId = parse_id(&id)?;
+    let m = st.manager.clone();
+    let op = blocking(move || m.snapshot(id, req).map_err(ApiError::from)).await?;
+    Ok((StatusCode::ACCEPTED, Json(op)).into_response())
+}
+
+async fn image_from_snapshot(
+    State(st): State<AppState>,
+    Body(req): Body<ImageFromSnapshot>,
+) -> Result<Response, ApiError> {
+    let m = st.manager.clone();
+    let info = blocking(move || m.image_from_snapshot(&req).map_err(ApiError::from)).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
 async fn get_operation(

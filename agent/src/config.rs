@@ -9,6 +9,8 @@
 //! reserved_memory_mib = 1024           # host memory never given to guests
 //! machine = "pc"                       # QEMU machine type
 //! gpus = "auto"                        # auto | nvml | none | simulated
+//! snapshot_store = "<state_dir>/snapshots"   # path, file:// or s3://bucket/prefix
+//! store_keyring = "<state_dir>/store-keys.json" # per-account chunk keys (0600)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +52,10 @@ pub struct AgentConfig {
     pub reserved_memory_mib: u64,
     pub machine: String,
     pub gpus: GpuSource,
+    /// Where snapshots go; default `<state_dir>/snapshots`.
+    pub snapshot_store: Option<String>,
+    /// Per-account keys of the store; default `<state_dir>/store-keys.json`.
+    pub store_keyring: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -63,6 +69,8 @@ impl Default for AgentConfig {
             reserved_memory_mib: 1024,
             machine: "pc".into(),
             gpus: GpuSource::Auto,
+            snapshot_store: None,
+            store_keyring: None,
         }
     }
 }
@@ -123,6 +131,18 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+
+    pub fn snapshot_store_url(&self) -> String {
+        self.snapshot_store
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("snapshots").display().to_string())
+    }
+
+    pub fn store_keyring_path(&self) -> PathBuf {
+        self.store_keyring
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("store-keys.json"))
     }
 
     /// The domain type to put in XML, resolving `auto`.

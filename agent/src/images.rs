@@ -49,14 +49,14 @@ fn checked_file(field: &str, p: &str) -> Result<PathBuf, ValidationError> {
     Ok(path.to_path_buf())
 }
 
-fn hash_file(path: &Path) -> Result<String, FsError> {
+pub(crate) fn hash_file(path: &Path) -> Result<String, FsError> {
     let mut h = blake3::Hasher::new();
     let mut f = std::fs::File::open(path).map_err(fsutil::io_err("open", path))?;
     std::io::copy(&mut f, &mut h).map_err(fsutil::io_err("hash", path))?;
     Ok(h.finalize().to_hex().to_string())
 }
 
-fn copy_into(src: &Path, dst: &Path) -> Result<(), FsError> {
+pub(crate) fn copy_into(src: &Path, dst: &Path) -> Result<(), FsError> {
     std::fs::copy(src, dst).map_err(fsutil::io_err("copy", src))?;
     std::fs::File::open(dst)
         .and_then(|f| f.sync_all())

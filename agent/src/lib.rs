@@ -12,6 +12,7 @@
 //! - [`manager`]: instance records, operations, the one state setter.
 //! - [`lifecycle`]: the operation bodies (create with rollback, stop, ...).
 //! - [`recover`]: re-attach after restart; the observed-state watcher.
+//! - [`snapshots`]: Take Snapshot into the host's store; images from snapshots.
 //! - [`api`]: the local operator HTTP API.
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
 //! - [`client`]: the command line's HTTP client for that API.
@@ -33,4 +34,5 @@ pub mod manager;
 pub mod metrics;
 pub mod recover;
 pub mod serve;
+pub mod snapshots;
 pub mod virt_raw;

@@ -191,6 +191,87 @@ impl Libvirt {
         Ok(names)
     }
 
+    /// Freezes `disk`'s current image: QEMU flushes it and switches the guest
+    /// to a new external qcow2 overlay at `overlay` (no snapshot metadata).
+    pub fn external_overlay(
+        &self,
+        name: &str,
+        disk: &str,
+        overlay: &std::path::Path,
+    ) -> Result<(), LibvirtError> {
+        let mut w = quick_xml::Writer::new(Vec::new());
+        w.create_element("domainsnapshot")
+            .write_inner_content(|w| {
+                w.create_element("disks").write_inner_content(|w| {
+                    w.create_element("disk")
+                        .with_attributes([("name", disk), ("snapshot", "external")])
+                        .write_inner_content(|w| {
+                            w.create_element("source")
+                                .with_attribute(("file", overlay.to_string_lossy().as_ref()))
+                                .write_empty()
+                                .map(drop)
+                        })
+                        .map(drop)
+                })?;
+                Ok(())
+            })
+            .expect("write to memory");
+        let xml = String::from_utf8(w.into_inner()).expect("utf-8 XML");
+        let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+        self.with_domain("snapshot-create", name, |d| {
+            d.create_snapshot_xml(&xml, flags).map(drop)
+        })
+    }
+
+    /// Commits `disk`'s active overlay into its backing image and pivots
+    /// back to it, waiting up to `timeout` for the copy.
+    pub fn commit_and_pivot(
+        &self,
+        name: &str,
+        disk: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(), LibvirtError> {
+        use crate::virt_raw;
+        let conn = self.connect()?;
+        let dom = self
+            .lookup(&conn, name)?
+            .ok_or_else(|| LibvirtError::Call {
+                op: "blockcommit",
+                domain: name.to_string(),
+                message: "no such domain".into(),
+            })?;
+        let raw = |e: virt_raw::RawError| LibvirtError::Call {
+            op: "blockcommit",
+            domain: name.to_string(),
+            message: e.to_string(),
+        };
+        virt_raw::block_commit_active(&dom, disk).map_err(raw)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match virt_raw::block_job(&dom, disk).map_err(raw)? {
+                Some(job) if job.ready() => break,
+                Some(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => {
+                    let _ = virt_raw::block_job_finish(&dom, disk, false);
+                    return Err(LibvirtError::Call {
+                        op: "blockcommit",
+                        domain: name.to_string(),
+                        message: format!("commit did not become ready in {timeout:?} ({other:?})"),
+                    });
+                }
+            }
+        }
+        virt_raw::block_job_finish(&dom, disk, true).map_err(raw)?;
+        while virt_raw::block_job(&dom, disk).map_err(raw)?.is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     /// Host memory libvirt reports free, in bytes.
     pub fn free_memory(&self) -> Result<u64, LibvirtError> {
         let conn = self.connect()?;

@@ -5,10 +5,11 @@ use clap::{Args, Parser, Subcommand};
 use gantry_agent::client::Client;
 use gantry_agent::config::AgentConfig;
 use gantry_proto::api::local::{
-    ActionRequest, DiskKind, ImageInfo, ImportImage, InstanceInfo, OperationInfo,
+    ActionRequest, DiskKind, ImageFromSnapshot, ImageInfo, ImportImage, InstanceInfo,
+    OperationInfo, TakeSnapshot,
 };
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
-use gantry_proto::{ImageId, InstanceId, VolumeId};
+use gantry_proto::{ImageId, InstanceId, SnapshotId, VolumeId};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -37,6 +38,9 @@ enum Cmd {
     Instance(InstanceCmd),
     /// Volumes on this host.
     Volumes(Conn),
+    /// The snapshot store: create, restore, verify, list, delete, gc, stats.
+    #[command(subcommand)]
+    Snapshot(gantry_store::cli::SnapshotCommand),
     /// Print the effective configuration.
     Config,
 }
@@ -69,6 +73,18 @@ enum ImageCmd {
         conn: Conn,
     },
     List(Conn),
+    /// Restore a snapshot from this host's store into the image cache.
+    FromSnapshot {
+        #[arg(long)]
+        snapshot: SnapshotId,
+        #[arg(long)]
+        name: String,
+        /// Copy direct-boot kernel, initrd and command line from this image.
+        #[arg(long)]
+        boot_like: Option<ImageId>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -130,6 +146,19 @@ enum InstanceCmd {
         id: IdArg,
         #[arg(long)]
         delete_data_volume: bool,
+    },
+    /// Snapshot the root disk into this host's store (the guest pauses).
+    Snapshot {
+        #[command(flatten)]
+        id: IdArg,
+        #[arg(long)]
+        name: String,
+        /// Account that owns the snapshot (its own dedup namespace).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Release the instance once the snapshot is saved.
+        #[arg(long)]
+        auto_release: bool,
     },
 }
 
@@ -295,6 +324,31 @@ async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()>
             id,
             delete_data_volume,
         } => simple(id, ActionRequest::Release { delete_data_volume }),
+        InstanceCmd::Snapshot {
+            id,
+            name,
+            owner,
+            auto_release,
+        } => {
+            let c = client(cfg, &id.conn)?;
+            let req = TakeSnapshot {
+                name,
+                owner,
+                auto_release,
+            };
+            let op: OperationInfo = c
+                .post(&format!("/v1/instances/{}/snapshot", id.id), &req)
+                .await?;
+            let done = c.wait(op).await?;
+            print(id.conn.json, &done.snapshot, |s| match s {
+                Some(s) => format!(
+                    "{}  logical {} bytes, stored {} bytes ({} new)",
+                    s.id, s.logical_size, s.stored_bytes, s.new_bytes
+                ),
+                None => "no snapshot result".into(),
+            });
+            return Ok(());
+        }
     };
     run_action(cfg, &id, req).await
 }
@@ -319,6 +373,25 @@ async fn image_cmd(cfg: &AgentConfig, cmd: ImageCmd) -> anyhow::Result<()> {
                 cmdline,
             };
             let info: ImageInfo = client(cfg, &conn)?.post("/v1/images", &req).await?;
+            print(conn.json, &info, |i| {
+                format!("{}  {}  {} bytes", i.id, i.name, i.virtual_size)
+            });
+        }
+        ImageCmd::FromSnapshot {
+            snapshot,
+            name,
+            boot_like,
+            conn,
+        } => {
+            let req = ImageFromSnapshot {
+                id: None,
+                name,
+                snapshot,
+                boot_like,
+            };
+            let info: ImageInfo = client(cfg, &conn)?
+                .post("/v1/images/from-snapshot", &req)
+                .await?;
             print(conn.json, &info, |i| {
                 format!("{}  {}  {} bytes", i.id, i.name, i.virtual_size)
             });
@@ -363,6 +436,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Cmd::Config => println!("{}", toml::to_string_pretty(&cfg)?),
+        Cmd::Snapshot(c) => {
+            tokio::task::spawn_blocking(move || gantry_store::cli::run(c)).await??
+        }
     }
     Ok(())
 }

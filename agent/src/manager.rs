@@ -52,6 +52,8 @@ pub enum ManagerError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshots::SnapshotError),
 }
 
 /// What the manager holds in memory; the records are also on disk.
@@ -213,7 +215,7 @@ impl Manager {
 
     /// Registers an operation on `id` and runs `body` on its own thread.
     /// Refuses when another operation is running on the instance.
-    fn submit(
+    pub(crate) fn submit(
         self: &Arc<Self>,
         id: InstanceId,
         kind: &str,
@@ -226,6 +228,7 @@ impl Manager {
             state: OperationState::Running,
             progress: 0,
             error: None,
+            snapshot: None,
         };
         {
             let mut inner = self.lock();

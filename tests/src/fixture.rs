@@ -76,6 +76,11 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("")
+    }
+
+    /// Starts an agent with extra TOML lines in its config.
+    pub fn start_with(extra_config: &str) -> anyhow::Result<Self> {
         let lock = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         // Not a 0700 tempdir: QEMU runs as its own user and must traverse it.
         let state_dir = PathBuf::from(format!(
@@ -90,7 +95,7 @@ impl TestAgent {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {:?}\nlibvirt_uri = {uri:?}\ndomain_type = {dtype:?}\nlisten = \"127.0.0.1:0\"\nstop_timeout_secs = 30\nreserved_memory_mib = 256\ngpus = \"none\"\n",
+                "state_dir = {:?}\nlibvirt_uri = {uri:?}\ndomain_type = {dtype:?}\nlisten = \"127.0.0.1:0\"\nstop_timeout_secs = 30\nreserved_memory_mib = 256\ngpus = \"none\"\n{extra_config}\n",
                 state_dir.display().to_string()
             ),
         )?;
@@ -213,7 +218,12 @@ impl TestAgent {
 
     /// A plain-text GET without a token (`/healthz`, `/metrics`).
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        Ok(self.http.get(format!("{}{path}", self.url)).send()?.error_for_status()?.text()?)
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()?
+            .error_for_status()?
+            .text()?)
     }
 
     /// A raw request, for testing authentication.

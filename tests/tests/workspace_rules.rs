@@ -7,11 +7,21 @@ use std::process::Command;
 
 fn deps_by_package() -> BTreeMap<String, Vec<(String, String)>> {
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
     let mut map = BTreeMap::new();
     for p in meta["packages"].as_array().expect("packages") {
@@ -41,9 +51,15 @@ fn proto_is_a_leaf_and_agent_and_controller_stay_apart() {
     };
     let allowed = ["serde", "uuid", "chrono"];
     for d in normal("gantry-proto") {
-        assert!(allowed.contains(&d.as_str()), "gantry-proto must stay a leaf, but depends on {d}");
+        assert!(
+            allowed.contains(&d.as_str()),
+            "gantry-proto must stay a leaf, but depends on {d}"
+        );
     }
-    for (a, b) in [("gantry-agent", "gantry-controller"), ("gantry-controller", "gantry-agent")] {
+    for (a, b) in [
+        ("gantry-agent", "gantry-controller"),
+        ("gantry-controller", "gantry-agent"),
+    ] {
         assert!(
             !deps[a].iter().any(|(n, _)| n == b),
             "{a} must not depend on {b}: shared types belong in gantry-proto"

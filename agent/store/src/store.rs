@@ -311,6 +311,9 @@ impl Store {
             match self.manifest(&id) {
                 Ok(m) => out.push(SnapshotInfo::from_manifest(&m, 0)),
                 Err(StoreError::UnknownSnapshot(_)) => {} // deleted meanwhile
+                Err(e @ StoreError::BadManifest { .. }) => {
+                    tracing::warn!(error = %e, "skipping unreadable manifest (see verify)");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -319,7 +322,15 @@ impl Store {
 
     /// Deletes a snapshot's manifest; its chunks go at the next gc.
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
-        self.manifest(id)?;
+        // Existence only: a damaged manifest must stay deletable.
+        check_id(id)?;
+        self.backend.get(&manifest_key(id)).map_err(|e| {
+            if e.is_not_found() {
+                StoreError::UnknownSnapshot(id.to_string())
+            } else {
+                e.into()
+            }
+        })?;
         self.backend.delete(&manifest_key(id))?;
         Ok(())
     }

@@ -527,3 +527,25 @@ fn full_disk_fails_cleanly() {
     env.ok(&["gc", "--store", &store]);
     env.create(&store, &small, &[]);
 }
+
+#[test]
+fn damaged_manifest_is_reported_blocks_gc_and_can_be_deleted() {
+    let env = Env::new();
+    let img = sample_image(&env, "disk.raw");
+    let store = env.store();
+    let good = env.create(&store, &img, &[]);
+    let bad = env.create(&store, &img, &["--owner", "x"]);
+    let mpath = std::path::Path::new(&store).join("snapshots").join(id_of(&bad));
+    let mut data = std::fs::read(&mpath).unwrap();
+    data[40] ^= 1;
+    std::fs::write(&mpath, data).unwrap();
+    let v = env.verify(&store);
+    assert_eq!(v["bad_manifests"][0]["snapshot"], bad["id"]);
+    let listed: Vec<String> = env.list(&store).iter().map(id_of).collect();
+    assert_eq!(listed, vec![id_of(&good)], "a damaged snapshot is not listed");
+    let err = env.fails(&["gc", "--store", &store]);
+    assert!(err.contains("checksum") && err.contains(&id_of(&bad)), "{err}");
+    env.ok(&["delete", "--store", &store, "--id", &id_of(&bad)]);
+    env.ok(&["gc", "--store", &store]);
+    env.ok(&["verify", "--store", &store]);
+}

@@ -4,7 +4,7 @@
 //! [`OperationInfo`] at once; `GET /v1/operations/{id}` reports its state and
 //! progress.
 
-use crate::ids::{ImageId, InstanceId, OperationId, VolumeId};
+use crate::ids::{ImageId, InstanceId, OperationId, SnapshotId, VolumeId};
 use crate::instance::{Action, InstanceState};
 use crate::spec::InstanceSpec;
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,49 @@ pub struct ImageInfo {
     pub direct_boot: bool,
     /// blake3 of the cached qcow2, checked before each use.
     pub checksum: String,
+}
+
+/// `POST /v1/images/from-snapshot`: restore a snapshot from the host's
+/// store into the image cache (checksummed), so instances can boot from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFromSnapshot {
+    #[serde(default)]
+    pub id: Option<ImageId>,
+    pub name: String,
+    pub snapshot: SnapshotId,
+    /// Copy direct-boot kernel, initrd and command line from this image
+    /// (images that boot from their own disk need none).
+    #[serde(default)]
+    pub boot_like: Option<ImageId>,
+}
+
+/// `POST /v1/instances/{id}/snapshot`: snapshot the root disk (never the
+/// data volume) into the host's store. The instance goes Suspending, Paused,
+/// Saving, then back to Running, or to Released with `auto_release`; on
+/// failure it goes back to Running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeSnapshot {
+    pub name: String,
+    /// The account that owns it (its chunks are keyed per account);
+    /// none means the public namespace.
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub auto_release: bool,
+}
+
+/// What a finished snapshot operation produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotResult {
+    pub id: SnapshotId,
+    /// Guest-visible size of the root disk.
+    pub logical_size: u64,
+    /// Compressed bytes of the distinct chunks it references.
+    pub stored_bytes: u64,
+    /// Compressed bytes this snapshot added to the store.
+    pub new_bytes: u64,
 }
 
 /// Which disk of an instance.
@@ -141,6 +184,9 @@ pub struct OperationInfo {
     pub progress: u8,
     #[serde(default)]
     pub error: Option<String>,
+    /// Set when a snapshot operation succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotResult>,
 }
 
 #[cfg(test)]

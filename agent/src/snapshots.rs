@@ -1,0 +1,216 @@
+//! Snapshots of instances into the host's snapshot store, and images made
+//! from snapshots.
+//!
+//! Take Snapshot: Running -> Suspending (the guest is paused) -> Paused
+//! (QEMU flushes the root disk and switches the guest to a temporary
+//! external overlay, so the root layer is consistent and read-only) ->
+//! Saving (the root disk and its backing chain are written to the store;
+//! the data volume never is) -> the overlay is committed back and the guest
+//! resumes (Running), or is released (`auto_release`). Any failure commits
+//! the overlay back, resumes the guest and ends in Running.
+
+use crate::images::{self, ImageError};
+use crate::layout::{ImageRecord, IMAGE_MAGIC, IMAGE_VERSION};
+use crate::manager::{domain_name, Manager, ManagerError};
+use crate::{disks, fsutil};
+use gantry_proto::api::local::{
+    ImageFromSnapshot, ImageInfo, OperationInfo, SnapshotResult, TakeSnapshot,
+};
+use gantry_proto::validate::{self, ValidationError};
+use gantry_proto::{Action, InstanceId, InstanceState, OperationId};
+use gantry_store::{CreateRequest, Keyring, Progress, RestoreFormat, Store, StoreConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long committing the temporary overlay back may take.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot store: {0}")]
+    Store(#[from] gantry_store::StoreError),
+    #[error("snapshot store keys: {0}")]
+    Keys(String),
+}
+
+impl Manager {
+    /// Opens the host's store (created on first use).
+    pub fn open_store(&self) -> Result<Store, SnapshotError> {
+        let keyring = Keyring::load(&self.cfg.store_keyring_path())
+            .map_err(|e| SnapshotError::Keys(e.to_string()))?;
+        let cfg = StoreConfig {
+            keyring: Arc::new(keyring),
+            create_if_missing: true,
+            ..StoreConfig::default()
+        };
+        Ok(Store::open(&self.cfg.snapshot_store_url(), cfg)?)
+    }
+
+    /// Starts a snapshot of an instance's root disk.
+    pub fn snapshot(
+        self: &Arc<Self>,
+        id: InstanceId,
+        req: TakeSnapshot,
+    ) -> Result<OperationInfo, ManagerError> {
+        validate::snapshot_name("name", &req.name)?;
+        if let Some(o) = &req.owner {
+            gantry_store::keys::validate_owner(o)
+                .map_err(|e| ValidationError::new("owner", e.to_string()))?;
+        }
+        self.record(id)?.state.check_action(Action::Snapshot)?;
+        self.submit(id, "snapshot", move |m, op| m.run_snapshot(id, req, op))
+    }
+
+    fn run_snapshot(
+        &self,
+        id: InstanceId,
+        req: TakeSnapshot,
+        op: OperationId,
+    ) -> Result<(), ManagerError> {
+        let name = domain_name(id);
+        self.record(id)?.state.check_action(Action::Snapshot)?;
+        self.set_state(id, InstanceState::Suspending)?;
+        let saved = self.pause_and_save(id, &req, op);
+        match saved {
+            Ok(result) => {
+                if let Some(o) = self.lock().ops.get_mut(&op) {
+                    o.snapshot = Some(result);
+                }
+                if req.auto_release {
+                    self.release(id, false)
+                } else {
+                    self.virt.resume(&name)?;
+                    self.set_state(id, InstanceState::Running)
+                }
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "snapshot failed; resuming the guest");
+                if let Err(re) = self.virt.resume(&name) {
+                    tracing::error!(instance = %id, error = %re, "cannot resume after a failed snapshot");
+                }
+                self.set_state(id, InstanceState::Running)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn pause_and_save(
+        &self,
+        id: InstanceId,
+        req: &TakeSnapshot,
+        op: OperationId,
+    ) -> Result<SnapshotResult, ManagerError> {
+        let name = domain_name(id);
+        self.virt.suspend(&name)?;
+        self.set_state(id, InstanceState::Paused)?;
+        self.progress(op, 5);
+        let overlay = self.layout.instance_dir(id).join("root.snapshot.qcow2");
+        let _ = std::fs::remove_file(&overlay);
+        self.virt.external_overlay(&name, "vda", &overlay)?;
+        self.set_state(id, InstanceState::Saving)?;
+        let saved = self.save_root(id, req, op);
+        // Whatever the store said, fold the overlay back into root.qcow2 and
+        // keep the persistent definition pointing at it.
+        let merged = self.virt.commit_and_pivot(&name, "vda", COMMIT_TIMEOUT);
+        if merged.is_ok() {
+            let _ = std::fs::remove_file(&overlay);
+        }
+        let spec = self.record(id)?.spec;
+        self.virt.define(&name, &self.domain_def(&spec)?.to_xml())?;
+        let result = saved?;
+        merged?;
+        Ok(result)
+    }
+
+    fn save_root(
+        &self,
+        id: InstanceId,
+        req: &TakeSnapshot,
+        op: OperationId,
+    ) -> Result<SnapshotResult, ManagerError> {
+        let store = self.open_store()?;
+        let root = self.layout.root_disk(id);
+        let progress = |p: Progress| {
+            if let Some(part) = (p.done * 85).checked_div(p.total) {
+                self.progress(op, (10 + part) as u8);
+            }
+        };
+        let info = store
+            .create(&CreateRequest {
+                image: &root,
+                name: &req.name,
+                owner: req.owner.as_deref(),
+                parent: None,
+                changed_extents: None,
+                progress: Some(&progress),
+            })
+            .map_err(SnapshotError::from)?;
+        let snapshot_id = info.id.parse().map_err(|_| {
+            SnapshotError::Keys(format!("store returned a bad snapshot id {}", info.id))
+        })?;
+        Ok(SnapshotResult {
+            id: snapshot_id,
+            logical_size: info.logical_size,
+            stored_bytes: info.stored_bytes,
+            new_bytes: info.new_bytes,
+        })
+    }
+
+    /// Restores a snapshot into the image cache, checksummed like an import.
+    pub fn image_from_snapshot(&self, req: &ImageFromSnapshot) -> Result<ImageInfo, ManagerError> {
+        validate::object_name("name", &req.name)?;
+        let boot = req
+            .boot_like
+            .map(|b| images::open(&self.layout, b, false))
+            .transpose()?;
+        let id = req.id.unwrap_or_default();
+        let dir = self.layout.image_dir(id);
+        if dir.exists() {
+            return Err(ImageError::Exists(id).into());
+        }
+        let tmp = self.layout.images_dir().join(format!(".restore-{id}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let built = (|| -> Result<ImageRecord, ManagerError> {
+            fsutil::create_dir(&tmp, 0o711)?;
+            let disk = tmp.join("disk.qcow2");
+            let store = self.open_store()?;
+            let info = store
+                .restore(&req.snapshot.to_string(), &disk, RestoreFormat::Qcow2, None)
+                .map_err(SnapshotError::from)?;
+            let mut rec = ImageRecord {
+                id,
+                name: req.name.clone(),
+                virtual_size: info.logical_size,
+                checksum: images::hash_file(&disk)?,
+                has_kernel: false,
+                has_initrd: false,
+                cmdline: None,
+            };
+            if let Some(b) = &boot {
+                for (src, file) in [(&b.kernel, "vmlinuz"), (&b.initrd, "initrd.img")] {
+                    if let Some(src) = src {
+                        images::copy_into(src, &tmp.join(file))?;
+                    }
+                }
+                rec.has_kernel = b.kernel.is_some();
+                rec.has_initrd = b.initrd.is_some();
+                rec.cmdline = b.record.cmdline.clone();
+            }
+            disks::info(&disk, Some(disks::Format::Qcow2))?;
+            fsutil::write_state(&tmp.join("image.json"), IMAGE_MAGIC, IMAGE_VERSION, &rec)?;
+            fsutil::sync_dir(&tmp)?;
+            Ok(rec)
+        })();
+        match built {
+            Ok(rec) => {
+                std::fs::rename(&tmp, &dir).map_err(fsutil::io_err("rename", &dir))?;
+                fsutil::sync_dir(&self.layout.images_dir())?;
+                Ok(images::info(&rec))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+}

@@ -108,6 +108,14 @@ fn instance_lifecycle_on_a_real_guest() -> anyhow::Result<()> {
         vm.sh("cat /sys/block/vda/size").ok() == Some((2 * GIB / 512).to_string())
     }));
     assert_eq!(vm.info()?.root_disk_bytes, 2 * GIB);
+    vm.act(ActionRequest::GrowDisk {
+        disk: DiskKind::Data,
+        size_gib: 2,
+    })?;
+    assert!(eventually(Duration::from_secs(30), || {
+        vm.sh("cat /sys/block/vdb/size").ok() == Some((2 * GIB / 512).to_string())
+    }));
+    assert_eq!(vm.info()?.data_volume.map(|v| v.size_bytes), Some(2 * GIB));
     let shrink = agent
         .post::<_, OperationInfo>(
             &format!("/v1/instances/{}/actions", vm.id),

@@ -1,0 +1,266 @@
+//! Admin host calls: register (with capacity and GPUs), list, get, cordon,
+//! uncordon, drain, heartbeat.
+
+use super::{created, path_id, Body, Caller};
+use crate::db::{col, is_unique_violation, now_ms, parsed_opt, rows, to_time};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gantry_proto::api::v1::*;
+use gantry_proto::ids::HostId;
+use gantry_proto::validate;
+use std::collections::{HashMap, HashSet};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/hosts", post(register).get(list))
+        .route("/admin/hosts/{id}", get(get_one))
+        .route("/admin/hosts/{id}/cordon", post(cordon))
+        .route("/admin/hosts/{id}/uncordon", post(uncordon))
+        .route("/admin/hosts/{id}/drain", post(drain))
+        .route("/admin/hosts/{id}/heartbeat", post(heartbeat))
+}
+
+fn check(req: &RegisterHost) -> ApiResult<()> {
+    use gantry_proto::spec::{MAX_DISK_GIB, MAX_MEMORY_MIB, MAX_VCPUS};
+    validate::object_name("name", &req.name)?;
+    validate::object_name("address", &req.address)?;
+    validate::in_range("vcpus", req.vcpus.into(), 1, MAX_VCPUS * 16)?;
+    validate::in_range("memory_mib", req.memory_mib, 1024, MAX_MEMORY_MIB * 16)?;
+    validate::in_range("disk_gib", req.disk_gib, 1, MAX_DISK_GIB * 16)?;
+    if req.gpus.len() > MAX_HOST_GPUS {
+        return Err(ApiError::invalid(
+            "gpus",
+            format!("at most {MAX_HOST_GPUS} GPUs per host"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, g) in req.gpus.iter().enumerate() {
+        validate::object_name(&format!("gpus[{i}].model"), &g.model)?;
+        if !seen.insert(g.pci) {
+            return Err(ApiError::invalid(
+                format!("gpus[{i}].pci"),
+                format!("{} is listed twice", g.pci),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn register(
+    State(st): State<AppState>,
+    who: Caller,
+    Body(req): Body<RegisterHost>,
+) -> ApiResult<Response> {
+    who.require_admin()?;
+    check(&req)?;
+    let id = HostId::new();
+    let now = now_ms();
+    let mut tx = st.db.begin_write().await?;
+    let res = sqlx::query(
+        "INSERT INTO hosts (id, name, address, vcpus, memory_mib, disk_gib, health, \
+         last_heartbeat_ms, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'healthy', $7, $7)",
+    )
+    .bind(id.to_string())
+    .bind(&req.name)
+    .bind(&req.address)
+    .bind(req.vcpus as i64)
+    .bind(req.memory_mib as i64)
+    .bind(req.disk_gib as i64)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    match res {
+        Err(e) if is_unique_violation(&e) => {
+            return Err(ApiError::Conflict(format!(
+                "a host named {:?} already exists",
+                req.name
+            )))
+        }
+        r => r?,
+    };
+    let mut pools: std::collections::BTreeMap<&str, i64> = Default::default();
+    for g in &req.gpus {
+        sqlx::query("INSERT INTO host_gpus (host_id, pci, model) VALUES ($1, $2, $3)")
+            .bind(id.to_string())
+            .bind(g.pci.to_string())
+            .bind(&g.model)
+            .execute(&mut *tx)
+            .await?;
+        *pools.entry(g.model.as_str()).or_default() += 1;
+    }
+    for (model, n) in pools {
+        sqlx::query(
+            "INSERT INTO host_gpu_pools (host_id, model, total, free) VALUES ($1, $2, $3, $3)",
+        )
+        .bind(id.to_string())
+        .bind(model)
+        .bind(n)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE hosts SET gpu_total = $1 WHERE id = $2")
+        .bind(req.gpus.len() as i64)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(created(load(&st, &id).await?))
+}
+
+const HOST_SELECT: &str = "SELECT h.id, h.name, h.address, h.vcpus, h.memory_mib, h.disk_gib, \
+     h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.health, h.cordoned, h.draining, \
+     h.last_heartbeat_ms, (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND \
+     i.observed_state NOT IN ('Released', 'Failed')) AS instances FROM hosts h";
+
+fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
+    Ok(HostInfo {
+        id: crate::db::parsed(r, "id", "hosts")?,
+        name: col(r, "name")?,
+        address: col(r, "address")?,
+        vcpus: col::<i64>(r, "vcpus")? as u32,
+        memory_mib: col::<i64>(r, "memory_mib")? as u64,
+        disk_gib: col::<i64>(r, "disk_gib")? as u64,
+        used_vcpus: col::<i64>(r, "used_vcpus")? as u32,
+        used_memory_mib: col::<i64>(r, "used_memory_mib")? as u64,
+        used_disk_gib: col::<i64>(r, "used_disk_gib")? as u64,
+        gpus,
+        health: rows::health(&col::<String>(r, "health")?),
+        cordoned: col::<i64>(r, "cordoned")? != 0,
+        draining: col::<i64>(r, "draining")? != 0,
+        last_heartbeat: to_time(col(r, "last_heartbeat_ms")?),
+        instances: col::<i64>(r, "instances")? as u64,
+    })
+}
+
+async fn gpus_of(st: &AppState, host: Option<&HostId>) -> ApiResult<HashMap<String, Vec<GpuInfo>>> {
+    let found = sqlx::query(
+        "SELECT host_id, pci, model, instance_id FROM host_gpus WHERE $1 = '' OR host_id = $1 \
+         ORDER BY host_id, pci",
+    )
+    .bind(host.map(|h| h.to_string()).unwrap_or_default())
+    .fetch_all(&st.db.pool)
+    .await?;
+    let mut out: HashMap<String, Vec<GpuInfo>> = HashMap::new();
+    for r in &found {
+        let pci: String = col(r, "pci")?;
+        let pci = validate::PciAddress::parse(&pci).ok_or_else(|| crate::db::DbError::Corrupt {
+            table: "host_gpus",
+            message: format!("pci {pci:?}"),
+        })?;
+        out.entry(col(r, "host_id")?).or_default().push(GpuInfo {
+            model: col(r, "model")?,
+            pci,
+            instance: parsed_opt(r, "instance_id", "host_gpus")?,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) async fn load(st: &AppState, id: &HostId) -> ApiResult<HostInfo> {
+    let row = sqlx::query(&format!("{HOST_SELECT} WHERE h.id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no host {id}")))?;
+    let mut gpus = gpus_of(st, Some(id)).await?;
+    host_row(&row, gpus.remove(&id.to_string()).unwrap_or_default())
+}
+
+async fn list(State(st): State<AppState>, who: Caller) -> ApiResult<Json<Vec<HostInfo>>> {
+    who.require_admin()?;
+    let found = sqlx::query(&format!("{HOST_SELECT} ORDER BY h.name"))
+        .fetch_all(&st.db.pool)
+        .await?;
+    let mut gpus = gpus_of(&st, None).await?;
+    let mut out = Vec::with_capacity(found.len());
+    for r in &found {
+        let id: String = col(r, "id")?;
+        out.push(host_row(r, gpus.remove(&id).unwrap_or_default())?);
+    }
+    Ok(Json(out))
+}
+
+async fn get_one(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostInfo>> {
+    who.require_admin()?;
+    Ok(Json(load(&st, &path_id(&id, "host")?).await?))
+}
+
+async fn set_flags(st: &AppState, id: &str, sql: &str) -> ApiResult<Json<HostInfo>> {
+    let id: HostId = path_id(id, "host")?;
+    let done = sqlx::query(sql)
+        .bind(id.to_string())
+        .execute(&st.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::NotFound(format!("no host {id}")));
+    }
+    Ok(Json(load(st, &id).await?))
+}
+
+/// No new instances are placed on a cordoned host.
+async fn cordon(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostInfo>> {
+    who.require_admin()?;
+    set_flags(&st, &id, "UPDATE hosts SET cordoned = 1 WHERE id = $1").await
+}
+
+async fn uncordon(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostInfo>> {
+    who.require_admin()?;
+    set_flags(
+        &st,
+        &id,
+        "UPDATE hosts SET cordoned = 0, draining = 0 WHERE id = $1",
+    )
+    .await
+}
+
+/// Cordons the host and marks it draining: its instances are to be moved
+/// or stopped by the reconcile loop (agent protocol, next issue).
+async fn drain(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostInfo>> {
+    who.require_admin()?;
+    set_flags(
+        &st,
+        &id,
+        "UPDATE hosts SET cordoned = 1, draining = 1 WHERE id = $1",
+    )
+    .await
+}
+
+async fn heartbeat(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    Body(req): Body<Heartbeat>,
+) -> ApiResult<Json<HostInfo>> {
+    who.require_admin()?;
+    let id: HostId = path_id(&id, "host")?;
+    let done = sqlx::query("UPDATE hosts SET health = $1, last_heartbeat_ms = $2 WHERE id = $3")
+        .bind(rows::health_str(req.health))
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(&st.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::NotFound(format!("no host {id}")));
+    }
+    Ok(Json(load(&st, &id).await?))
+}

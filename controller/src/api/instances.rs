@@ -1,0 +1,503 @@
+//! Instances: create (placed by the scheduler), list with status filter,
+//! get and its views (access, monitor, billing, config, hardware). Actions
+//! live in [`super::actions`].
+
+use super::{path_id, query, Body, Caller};
+use crate::db::{now_ms, rows, rows::InstanceRec, to_time, Tx};
+use crate::error::{ApiError, ApiResult};
+use crate::scheduler::{self, Need, PlaceError};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gantry_proto::api::v1::*;
+use gantry_proto::ids::*;
+use gantry_proto::{validate, InstanceState};
+use std::collections::HashMap;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/instances", post(create).get(list))
+        .route("/instances/batch", post(super::actions::batch))
+        .route("/instances/{id}", get(get_one))
+        .route("/instances/{id}/actions", post(super::actions::act))
+        .route("/instances/{id}/{view}", get(view))
+        .route(
+            "/admin/instances/{id}/observed",
+            post(super::actions::report),
+        )
+}
+
+/// Loads an instance the caller may see (another account's is 404).
+pub(crate) async fn load(st: &AppState, who: &Caller, id: &str) -> ApiResult<InstanceRec> {
+    let id: InstanceId = path_id(id, "instance")?;
+    load_in(&st.db.pool, who, id).await
+}
+
+pub(crate) async fn load_in<'e, E>(ex: E, who: &Caller, id: InstanceId) -> ApiResult<InstanceRec>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let not_found = || ApiError::NotFound(format!("no instance {id}"));
+    let row = sqlx::query(&format!("{} WHERE i.id = $1", rows::INSTANCE_SELECT))
+        .bind(id.to_string())
+        .fetch_optional(ex)
+        .await?
+        .ok_or_else(not_found)?;
+    let rec = rows::instance(&row)?;
+    if !who.can_see(&rec.account) {
+        return Err(not_found());
+    }
+    Ok(rec)
+}
+
+/// While Snapshotting or Released only the config and hardware views
+/// answer; everything else gets this 409.
+pub(crate) fn gate(rec: &InstanceRec) -> ApiResult<()> {
+    let s = rec.observed;
+    if s.is_snapshotting() {
+        return Err(ApiError::Conflict(format!(
+            "instance {} is Snapshotting; until the snapshot is saved only its config and \
+             hardware views answer",
+            rec.id
+        )));
+    }
+    if s == InstanceState::Released {
+        return Err(ApiError::Conflict(format!(
+            "instance {} is Released; only its config and hardware views answer",
+            rec.id
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn summary(rec: &InstanceRec, now: i64) -> InstanceSummary {
+    InstanceSummary {
+        id: rec.id,
+        name: rec.name.clone(),
+        account: rec.account,
+        status: rec.observed.status().to_string(),
+        state: rec.observed,
+        flavor: rec.flavor,
+        host: rec.host,
+        cost_micros: rec.cost_micros_at(now),
+        allowed_actions: if rec.pending_op.is_some() {
+            Vec::new()
+        } else {
+            rec.observed.allowed_actions()
+        },
+        created_at: to_time(rec.created_ms),
+    }
+}
+
+/// What `create` resolved the request to.
+struct Resolved {
+    flavor: FlavorInfo,
+    image: Option<ImageId>,
+    snapshot: Option<SnapshotId>,
+    root_disk_gib: u64,
+}
+
+async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> ApiResult<Resolved> {
+    validate::object_name("name", &req.name)?;
+    if req.ports.len() > MAX_PORT_FORWARDS {
+        return Err(ApiError::invalid(
+            "ports",
+            format!("at most {MAX_PORT_FORWARDS} ports"),
+        ));
+    }
+    for (i, p) in req.ports.iter().enumerate() {
+        if *p == 0 || *p == 22 || req.ports[..i].contains(p) {
+            return Err(ApiError::invalid(
+                format!("ports[{i}]"),
+                "must be 1 to 65535, not 22 (always forwarded), and listed once",
+            ));
+        }
+    }
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM flavors WHERE id = $1",
+        rows::FLAVOR_COLS
+    ))
+    .bind(req.flavor.to_string())
+    .fetch_optional(&st.db.pool)
+    .await?
+    .ok_or_else(|| ApiError::invalid("flavor", format!("no flavor {}", req.flavor)))?;
+    let flavor = rows::flavor(&row)?;
+    let image_id = match (req.image, req.snapshot) {
+        (Some(i), None) => i,
+        (None, Some(s)) => {
+            let row = sqlx::query(
+                "SELECT s.status, i.id AS image_id FROM snapshots s LEFT JOIN images i ON \
+                 i.source_snapshot_id = s.id WHERE s.id = $1 AND s.account_id = $2",
+            )
+            .bind(s.to_string())
+            .bind(account.to_string())
+            .fetch_optional(&st.db.pool)
+            .await?
+            .ok_or_else(|| ApiError::invalid("snapshot", format!("no snapshot {s}")))?;
+            let status: String = crate::db::col(&row, "status")?;
+            if status != "Success" {
+                return Err(ApiError::invalid(
+                    "snapshot",
+                    format!("snapshot {s} is {status}, not Success"),
+                ));
+            }
+            let img: Option<ImageId> = crate::db::parsed_opt(&row, "image_id", "images")?;
+            let root = flavor.root_disk_gib;
+            return Ok(Resolved {
+                flavor,
+                image: img,
+                snapshot: Some(s),
+                root_disk_gib: root,
+            });
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "image",
+                "give exactly one of image and snapshot",
+            ))
+        }
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM images WHERE id = $1 AND (account_id IS NULL OR account_id = $2)",
+        rows::IMAGE_COLS
+    ))
+    .bind(image_id.to_string())
+    .bind(account.to_string())
+    .fetch_optional(&st.db.pool)
+    .await?
+    .ok_or_else(|| ApiError::invalid("image", format!("no image {image_id}")))?;
+    let image = rows::image(&row)?;
+    let root = flavor.root_disk_gib.max(image.size_gib);
+    Ok(Resolved {
+        flavor,
+        image: Some(image_id),
+        snapshot: None,
+        root_disk_gib: root,
+    })
+}
+
+async fn create(
+    State(st): State<AppState>,
+    who: Caller,
+    Body(req): Body<CreateInstance>,
+) -> ApiResult<Response> {
+    let account = super::owner_for(&who, req.account)?;
+    crate::api::admin::load_account(&st, &account)
+        .await
+        .map_err(|_| ApiError::invalid("account", format!("no account {account}")))?;
+    let r = resolve(&st, &account, &req).await?;
+    let need = Need {
+        vcpus: r.flavor.vcpus,
+        memory_mib: r.flavor.memory_mib,
+        disk_gib: r.root_disk_gib,
+        gpu_model: r.flavor.gpu_model.clone(),
+        gpu_count: r.flavor.gpu_count,
+        placement: req.placement.unwrap_or_default(),
+    };
+    let id = InstanceId::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut tx = st.db.begin_write().await?;
+        match insert(&st, &mut tx, id, account, &req, &r, &need).await {
+            Ok(op) => {
+                tx.commit().await?;
+                let rec = load_in(&st.db.pool, &who, id).await?;
+                let mut body = serde_json::to_value(summary(&rec, now_ms())).unwrap_or_default();
+                body["operation"] = serde_json::json!(op.to_string());
+                return Ok((axum::http::StatusCode::ACCEPTED, Json(body)).into_response());
+            }
+            Err(Insert::Place(PlaceError::Raced)) | Err(Insert::Duplicate) if attempt < 10 => {
+                drop(tx);
+                tokio::time::sleep(std::time::Duration::from_millis(attempt * 3)).await;
+            }
+            Err(Insert::Place(PlaceError::NoFit(why))) => return Err(ApiError::Conflict(why)),
+            Err(Insert::Place(PlaceError::Raced)) | Err(Insert::Duplicate) => {
+                return Err(ApiError::Conflict(
+                    "placement kept racing with other requests; retry".into(),
+                ))
+            }
+            Err(Insert::Place(PlaceError::Db(e))) => return Err(e.into()),
+            Err(Insert::Api(e)) => return Err(e),
+        }
+    }
+}
+
+enum Insert {
+    Place(PlaceError),
+    Duplicate,
+    Api(ApiError),
+}
+
+impl From<sqlx::Error> for Insert {
+    fn from(e: sqlx::Error) -> Self {
+        if crate::db::is_unique_violation(&e) {
+            Insert::Duplicate
+        } else {
+            Insert::Api(e.into())
+        }
+    }
+}
+
+/// One placement attempt inside `tx`: host, GPUs, volume, ports, record.
+async fn insert(
+    st: &AppState,
+    tx: &mut Tx,
+    id: InstanceId,
+    account: AccountId,
+    req: &CreateInstance,
+    r: &Resolved,
+    need: &Need,
+) -> Result<OperationId, Insert> {
+    let cutoff = now_ms() - st.cfg.heartbeat_timeout_secs as i64 * 1000;
+    let (host, _gpus) = scheduler::place(tx, id, need, cutoff, st.cfg.heartbeat_timeout_secs)
+        .await
+        .map_err(Insert::Place)?;
+    if let Some(v) = req.data_volume {
+        let done = sqlx::query(
+            "UPDATE volumes SET instance_id = $1 WHERE id = $2 AND account_id = $3 \
+             AND instance_id IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(v.to_string())
+        .bind(account.to_string())
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(Insert::Api(ApiError::invalid(
+                "data_volume",
+                format!("volume {v} does not exist or is attached to another instance"),
+            )));
+        }
+    }
+    let row = sqlx::query(
+        "SELECT COALESCE(MAX(host_port), $2) AS m FROM port_forwards WHERE host_id = $1",
+    )
+    .bind(host.to_string())
+    .bind(st.cfg.port_range_start as i64 - 1)
+    .fetch_one(&mut **tx)
+    .await?;
+    let mut next: i64 = crate::db::col(&row, "m").map_err(|e| Insert::Api(e.into()))?;
+    for guest in std::iter::once(22u16).chain(req.ports.iter().copied()) {
+        next += 1;
+        if next > u16::MAX as i64 {
+            return Err(Insert::Api(ApiError::Conflict(format!(
+                "host {host} has no free ports left"
+            ))));
+        }
+        sqlx::query("INSERT INTO port_forwards (host_id, host_port, instance_id, guest_port) VALUES ($1, $2, $3, $4)")
+            .bind(host.to_string())
+            .bind(next)
+            .bind(id.to_string())
+            .bind(guest as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let now = now_ms();
+    let op = OperationId::new();
+    sqlx::query(
+        "INSERT INTO instances (id, account_id, name, flavor_id, image_id, snapshot_id, host_id, \
+         desired_state, observed_state, state_since_ms, root_disk_gib, data_volume_id, pending_op, \
+         created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', 'Creating', $8, $9, $10, $11, $8)",
+    )
+    .bind(id.to_string())
+    .bind(account.to_string())
+    .bind(&req.name)
+    .bind(r.flavor.id.to_string())
+    .bind(r.image.map(|i| i.to_string()))
+    .bind(r.snapshot.map(|s| s.to_string()))
+    .bind(host.to_string())
+    .bind(now)
+    .bind(r.root_disk_gib as i64)
+    .bind(req.data_volume.map(|v| v.to_string()))
+    .bind(op.to_string())
+    .execute(&mut **tx)
+    .await?;
+    super::actions::insert_op(tx, op, &account, Some(id), "create", "").await?;
+    Ok(op)
+}
+
+async fn list(
+    State(st): State<AppState>,
+    who: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Vec<InstanceSummary>>> {
+    query(&q, &["status", "account", "limit", "after"])?;
+    let mut states: Vec<&str> = InstanceState::ALL.iter().map(|s| s.name()).collect();
+    if let Some(want) = q.get("status") {
+        states = InstanceState::ALL
+            .iter()
+            .filter(|s| s.status().eq_ignore_ascii_case(want))
+            .map(|s| s.name())
+            .collect();
+        if states.is_empty() {
+            return Err(ApiError::bad(
+                "status",
+                format!("unknown status {want:?} (e.g. Running, Stopped, Snapshotting, Released)"),
+            ));
+        }
+    }
+    let account = match (&who.account, q.get("account")) {
+        (Some(mine), _) => mine.to_string(),
+        (None, Some(a)) => a
+            .parse::<AccountId>()
+            .map_err(|e| ApiError::bad("account", e.to_string()))?
+            .to_string(),
+        (None, None) => String::new(),
+    };
+    let limit = match q.get("limit") {
+        Some(l) => {
+            let n = l
+                .parse::<u64>()
+                .map_err(|_| ApiError::bad("limit", "must be a whole number"))?;
+            validate::in_range("limit", n, 1, 10_000)?;
+            n as i64
+        }
+        None => 1000,
+    };
+    let after = match q.get("after") {
+        Some(a) => a
+            .parse::<InstanceId>()
+            .map_err(|e| ApiError::bad("after", e.to_string()))?
+            .to_string(),
+        None => String::new(),
+    };
+    let in_list = states
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "{} WHERE ($1 = '' OR i.account_id = $1) AND i.id > $2 AND i.observed_state IN ({in_list}) \
+         ORDER BY i.id LIMIT $3",
+        rows::INSTANCE_SELECT
+    );
+    let found = sqlx::query(&sql)
+        .bind(account)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&st.db.pool)
+        .await?;
+    let now = now_ms();
+    let out = found
+        .iter()
+        .map(|r| rows::instance(r).map(|rec| summary(&rec, now)))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(out))
+}
+
+async fn get_one(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InstanceSummary>> {
+    let rec = load(&st, &who, &id).await?;
+    gate(&rec)?;
+    Ok(Json(summary(&rec, now_ms())))
+}
+
+async fn view(
+    State(st): State<AppState>,
+    who: Caller,
+    Path((id, view)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let rec = load(&st, &who, &id).await?;
+    let json = match view.as_str() {
+        "config" => Json(ConfigView {
+            name: rec.name.clone(),
+            flavor: rec.flavor,
+            flavor_name: rec.flavor_name.clone(),
+            image: rec.image,
+            snapshot: rec.snapshot,
+            root_disk_gib: rec.root_disk_gib,
+            data_volume: rec.data_volume,
+            created_at: to_time(rec.created_ms),
+        })
+        .into_response(),
+        "hardware" => Json(hardware(&st, &rec).await?).into_response(),
+        "access" | "monitor" | "billing" => {
+            gate(&rec)?;
+            match view.as_str() {
+                "access" => Json(access(&st, &rec).await?).into_response(),
+                "monitor" => Json(monitor(&st, &rec).await?).into_response(),
+                _ => Json(billing(&st, &rec).await?).into_response(),
+            }
+        }
+        other => {
+            return Err(ApiError::NotFound(format!(
+                "no view {other:?}; views are access, monitor, billing, config, hardware"
+            )))
+        }
+    };
+    Ok(json)
+}
+
+async fn hardware(st: &AppState, rec: &InstanceRec) -> ApiResult<HardwareView> {
+    let found = sqlx::query("SELECT pci FROM host_gpus WHERE instance_id = $1 ORDER BY pci")
+        .bind(rec.id.to_string())
+        .fetch_all(&st.db.pool)
+        .await?;
+    let gpus = found
+        .iter()
+        .filter_map(|r| crate::db::col::<String>(r, "pci").ok())
+        .filter_map(|p| validate::PciAddress::parse(&p))
+        .collect();
+    Ok(HardwareView {
+        host: rec.host,
+        vcpus: rec.vcpus,
+        memory_mib: rec.memory_mib,
+        root_disk_gib: rec.root_disk_gib,
+        gpu_model: rec.gpu_model.clone(),
+        gpus,
+    })
+}
+
+async fn access(st: &AppState, rec: &InstanceRec) -> ApiResult<AccessView> {
+    let found = sqlx::query(
+        "SELECT guest_port, host_port FROM port_forwards WHERE instance_id = $1 ORDER BY host_port",
+    )
+    .bind(rec.id.to_string())
+    .fetch_all(&st.db.pool)
+    .await?;
+    let mut port_forwards = Vec::new();
+    for r in &found {
+        port_forwards.push(PortForward {
+            guest_port: crate::db::col::<i64>(r, "guest_port")? as u16,
+            host_port: crate::db::col::<i64>(r, "host_port")? as u16,
+        });
+    }
+    Ok(AccessView {
+        host_address: rec.host_address.clone(),
+        port_forwards,
+    })
+}
+
+async fn monitor(st: &AppState, rec: &InstanceRec) -> ApiResult<MonitorView> {
+    let mut view = MonitorView {
+        state: rec.observed,
+        desired_state: rec.desired,
+        state_since: to_time(rec.state_since_ms),
+        pending_operation: rec.pending_op,
+        host_health: None,
+        host_last_heartbeat: None,
+    };
+    if let Some(h) = &rec.host {
+        let host = super::hosts::load(st, h).await?;
+        view.host_health = Some(host.health);
+        view.host_last_heartbeat = Some(host.last_heartbeat);
+    }
+    Ok(view)
+}
+
+async fn billing(st: &AppState, rec: &InstanceRec) -> ApiResult<BillingView> {
+    let now = now_ms();
+    let acct = super::admin::load_account(st, &rec.account).await?;
+    Ok(BillingView {
+        price_micros_per_hour: rec.price_micros_per_hour,
+        billed_seconds: (rec.billed_ms_at(now) / 1000) as u64,
+        cost_micros: rec.cost_micros_at(now),
+        account_credit_micros: acct.credit_micros,
+    })
+}

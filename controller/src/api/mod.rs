@@ -1,0 +1,197 @@
+//! The HTTP API: the router, the shared request plumbing (token check, rate
+//! limit, audit, strict JSON bodies) and one module per area.
+
+pub mod actions;
+pub mod admin;
+pub mod hosts;
+pub mod instances;
+pub mod snapshots;
+
+use crate::auth::Identity;
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .merge(admin::routes())
+        .merge(hosts::routes())
+        .merge(instances::routes())
+        .merge(snapshots::routes())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/openapi.json", get(crate::openapi::serve))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::NotFound("no such API path".into()) })
+        .with_state(state)
+}
+
+/// Every `/v1` call: bearer token, rate limit, then (for state-changing
+/// methods) an audit record of who, what, when and the outcome.
+async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| req.uri().path().to_string(), |u| u.path().to_string());
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    let who = match token {
+        None => Err(ApiError::Unauthorized),
+        Some(t) => st.verifier.verify(&st.db, &t).await,
+    };
+    let who = who.and_then(|w| st.limiter.check(&w.actor).map(|_| w));
+    // Admin paths are refused before their body is even read.
+    let who = who.and_then(|w| {
+        if path.starts_with("/v1/admin/") {
+            w.require_admin()?;
+        }
+        Ok(w)
+    });
+    let (resp, who) = match who {
+        Ok(w) => {
+            req.extensions_mut().insert(w.clone());
+            (next.run(req).await, Some(w))
+        }
+        Err(e) => (e.into_response(), None),
+    };
+    if method != Method::GET && method != Method::HEAD {
+        crate::audit::record(&st.db, who.as_ref(), method.as_str(), &path, resp.status()).await;
+    }
+    resp
+}
+
+/// A JSON body, parsed strictly: malformed JSON is 400, an unknown or
+/// mistyped field is 400 naming the field, an oversized body is 413.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T>
+where
+    AppState: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let st = <AppState as axum::extract::FromRef<S>>::from_ref(state);
+        let limit = st.cfg.max_body_bytes;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::TooLarge(limit))?;
+        parse_json(&bytes).map(Body)
+    }
+}
+
+/// Parses `bytes` as `T`, naming the offending field on error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::BadRequest {
+                field: None,
+                message: format!("malformed JSON: {inner}"),
+            };
+        }
+        let msg = inner.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        let mut field = if path == "." { String::new() } else { path };
+        if let Some(name) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            field = if field.is_empty() {
+                name.to_string()
+            } else if field == name || field.ends_with(&format!(".{name}")) {
+                field
+            } else {
+                format!("{field}.{name}")
+            };
+        }
+        if field.is_empty() {
+            if let Some(name) = msg
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split('`').next())
+            {
+                field = name.to_string();
+            }
+        }
+        ApiError::BadRequest {
+            message: if field.is_empty() {
+                msg
+            } else {
+                format!("{field}: {msg}")
+            },
+            field: (!field.is_empty()).then_some(field),
+        }
+    })
+}
+
+/// Query parameters, refusing any not in `allowed`.
+pub fn query(q: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
+    match q.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad(
+            k.clone(),
+            format!(
+                "unknown query parameter {k:?} (allowed: {})",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Parses a path id; a malformed id is simply not found.
+pub fn path_id<T: std::str::FromStr>(s: &str, kind: &str) -> ApiResult<T> {
+    s.parse()
+        .map_err(|_| ApiError::NotFound(format!("no {kind} {s:?}")))
+}
+
+/// `202 Accepted` with a JSON body.
+pub fn accepted<T: serde::Serialize>(body: T) -> Response {
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// `201 Created` with a JSON body.
+pub fn created<T: serde::Serialize>(body: T) -> Response {
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+/// The caller's identity, put there by [`guard`].
+pub type Caller = axum::Extension<Identity>;
+
+/// The account an object is created for: the caller's, or for an admin
+/// the one named in the body.
+pub fn owner_for(
+    who: &Identity,
+    named: Option<gantry_proto::AccountId>,
+) -> ApiResult<gantry_proto::AccountId> {
+    match (&who.account, named) {
+        (Some(mine), None) => Ok(*mine),
+        (Some(mine), Some(n)) if *mine == n => Ok(n),
+        (Some(_), Some(_)) => Err(ApiError::bad(
+            "account",
+            "a tenant token cannot act for another account",
+        )),
+        (None, Some(n)) => Ok(n),
+        (None, None) => Err(ApiError::bad("account", "an admin must name the account")),
+    }
+}

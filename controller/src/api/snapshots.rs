@@ -1,0 +1,340 @@
+//! Snapshots (create with every refusal named, list, get, delete) and data
+//! volumes (create, list, delete). The agent does the snapshot work (next
+//! issue); here the record starts as `Creating`.
+
+use super::instances::load;
+use super::{created, path_id, query, Body, Caller};
+use crate::db::{is_unique_violation, now_ms, rows};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gantry_proto::api::v1::*;
+use gantry_proto::ids::*;
+use gantry_proto::{validate, Action, InstanceState, SnapshotStatus};
+use std::collections::HashMap;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/instances/{id}/snapshots", post(create))
+        .route("/snapshots", get(list))
+        .route("/snapshots/{id}", get(get_one).delete(delete))
+        .route("/admin/snapshots/{id}/status", post(report))
+        .route("/volumes", post(create_volume).get(list_volumes))
+        .route("/volumes/{id}", axum::routing::delete(delete_volume))
+}
+
+const GIB: u64 = 1 << 30;
+
+async fn create(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    Body(req): Body<CreateSnapshot>,
+) -> ApiResult<Response> {
+    let rec = load(&st, &who, &id).await?;
+    validate::snapshot_name("name", &req.name)?;
+    validate::free_text("description", &req.description, 500)?;
+    super::actions::check(&rec, Action::Snapshot)?;
+    let acct = super::admin::load_account(&st, &rec.account).await?;
+    if !acct.billing_profile_complete {
+        return Err(ApiError::PaymentRequired(format!(
+            "account {} has no complete billing profile; complete it before taking snapshots",
+            acct.name
+        )));
+    }
+    if acct.credit_micros <= 0 {
+        return Err(ApiError::PaymentRequired(format!(
+            "account {} has no credit left; add credit before taking snapshots",
+            acct.name
+        )));
+    }
+    if acct.snapshot_used_bytes >= acct.snapshot_quota_gib * GIB {
+        return Err(ApiError::Conflict(format!(
+            "account {} has used its snapshot storage quota ({} GiB); delete snapshots first",
+            acct.name, acct.snapshot_quota_gib
+        )));
+    }
+    let sid = SnapshotId::new();
+    let op = OperationId::new();
+    let mut tx = st.db.begin_write().await?;
+    let desired = if req.auto_release {
+        InstanceState::Released
+    } else {
+        InstanceState::Running
+    };
+    super::actions::claim(&mut tx, &rec, op, desired).await?;
+    let res = sqlx::query(
+        "INSERT INTO snapshots (id, account_id, instance_id, name, description, status, \
+         auto_release, as_image, operation_id, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+         $8, $9, $10)",
+    )
+    .bind(sid.to_string())
+    .bind(rec.account.to_string())
+    .bind(rec.id.to_string())
+    .bind(&req.name)
+    .bind(&req.description)
+    .bind(SnapshotStatus::Creating.name())
+    .bind(req.auto_release as i64)
+    .bind(req.as_image as i64)
+    .bind(op.to_string())
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await;
+    match res {
+        Err(e) if is_unique_violation(&e) => {
+            return Err(ApiError::Conflict(format!(
+                "a snapshot named {:?} already exists in this account",
+                req.name
+            )))
+        }
+        r => r?,
+    };
+    super::actions::insert_op(
+        &mut tx,
+        op,
+        &rec.account,
+        Some(rec.id),
+        "snapshot",
+        &sid.to_string(),
+    )
+    .await?;
+    tx.commit().await?;
+    let snap = load_snapshot(&st, &who, sid).await?;
+    Ok(super::accepted(snap))
+}
+
+async fn load_snapshot(st: &AppState, who: &Caller, id: SnapshotId) -> ApiResult<SnapshotInfo> {
+    let not_found = || ApiError::NotFound(format!("no snapshot {id}"));
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM snapshots WHERE id = $1",
+        rows::SNAPSHOT_COLS
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&st.db.pool)
+    .await?
+    .ok_or_else(not_found)?;
+    let s = rows::snapshot(&row)?;
+    if !who.can_see(&s.account) {
+        return Err(not_found());
+    }
+    Ok(s)
+}
+
+async fn list(
+    State(st): State<AppState>,
+    who: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Vec<SnapshotInfo>>> {
+    query(&q, &["status", "instance"])?;
+    let status = match q.get("status") {
+        Some(s) => s
+            .parse::<SnapshotStatus>()
+            .map_err(|e| ApiError::bad("status", e))?
+            .name()
+            .to_string(),
+        None => String::new(),
+    };
+    let instance = match q.get("instance") {
+        Some(i) => i
+            .parse::<InstanceId>()
+            .map_err(|e| ApiError::bad("instance", e.to_string()))?
+            .to_string(),
+        None => String::new(),
+    };
+    let sql = format!(
+        "SELECT {} FROM snapshots WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR status = $2) \
+         AND ($3 = '' OR instance_id = $3) ORDER BY created_ms, id",
+        rows::SNAPSHOT_COLS
+    );
+    let found = sqlx::query(&sql)
+        .bind(who.account.map(|a| a.to_string()).unwrap_or_default())
+        .bind(status)
+        .bind(instance)
+        .fetch_all(&st.db.pool)
+        .await?;
+    Ok(Json(
+        found.iter().map(rows::snapshot).collect::<Result<_, _>>()?,
+    ))
+}
+
+async fn get_one(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotInfo>> {
+    Ok(Json(
+        load_snapshot(&st, &who, path_id(&id, "snapshot")?).await?,
+    ))
+}
+
+async fn delete(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotInfo>> {
+    let s = load_snapshot(&st, &who, path_id(&id, "snapshot")?).await?;
+    if s.status == SnapshotStatus::Creating {
+        return Err(ApiError::Conflict(format!(
+            "snapshot {} is still being created; delete it once it is Success or Failed",
+            s.id
+        )));
+    }
+    let mut tx = st.db.begin_write().await?;
+    sqlx::query("DELETE FROM images WHERE source_snapshot_id = $1")
+        .bind(s.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM snapshots WHERE id = $1")
+        .bind(s.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(s))
+}
+
+/// `POST /v1/admin/snapshots/{id}/status`: moves the snapshot through
+/// [`SnapshotStatus::transition`]; on success with `as_image` it also
+/// publishes a private image made from it.
+async fn report(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    Body(req): Body<ReportSnapshot>,
+) -> ApiResult<Json<SnapshotInfo>> {
+    who.require_admin()?;
+    let s = load_snapshot(&st, &who, path_id(&id, "snapshot")?).await?;
+    s.status
+        .transition(req.status)
+        .map_err(ApiError::Conflict)?;
+    if req.compressed_bytes > req.logical_bytes {
+        return Err(ApiError::invalid(
+            "compressed_bytes",
+            "must not exceed logical_bytes",
+        ));
+    }
+    let mut tx = st.db.begin_write().await?;
+    let done = sqlx::query(
+        "UPDATE snapshots SET status = $1, logical_bytes = $2, compressed_bytes = $3 \
+         WHERE id = $4 AND status = $5",
+    )
+    .bind(req.status.name())
+    .bind(req.logical_bytes as i64)
+    .bind(req.compressed_bytes as i64)
+    .bind(s.id.to_string())
+    .bind(s.status.name())
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(ApiError::Conflict(format!(
+            "snapshot {} changed meanwhile",
+            s.id
+        )));
+    }
+    if s.as_image && req.status == SnapshotStatus::Success {
+        sqlx::query(
+            "INSERT INTO images (id, name, size_gib, account_id, source_snapshot_id, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(ImageId::new().to_string())
+        .bind(format!("snapshot-{}", s.id))
+        .bind(req.logical_bytes.div_ceil(GIB).max(1) as i64)
+        .bind(s.account.to_string())
+        .bind(s.id.to_string())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Json(load_snapshot(&st, &who, s.id).await?))
+}
+
+async fn create_volume(
+    State(st): State<AppState>,
+    who: Caller,
+    Body(req): Body<CreateVolume>,
+) -> ApiResult<Response> {
+    let account = super::owner_for(&who, req.account)?;
+    validate::object_name("name", &req.name)?;
+    validate::in_range(
+        "size_gib",
+        req.size_gib,
+        1,
+        gantry_proto::spec::MAX_DISK_GIB,
+    )?;
+    super::admin::load_account(&st, &account)
+        .await
+        .map_err(|_| ApiError::invalid("account", format!("no account {account}")))?;
+    let id = VolumeId::new();
+    let res = sqlx::query(
+        "INSERT INTO volumes (id, account_id, name, size_gib, created_ms) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(account.to_string())
+    .bind(&req.name)
+    .bind(req.size_gib as i64)
+    .bind(now_ms())
+    .execute(&st.db.pool)
+    .await;
+    match res {
+        Err(e) if is_unique_violation(&e) => Err(ApiError::Conflict(format!(
+            "a volume named {:?} already exists in this account",
+            req.name
+        ))),
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(created(load_volume(&st, &who, id).await?)),
+    }
+}
+
+async fn load_volume(st: &AppState, who: &Caller, id: VolumeId) -> ApiResult<VolumeInfo> {
+    let not_found = || ApiError::NotFound(format!("no volume {id}"));
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM volumes WHERE id = $1",
+        rows::VOLUME_COLS
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&st.db.pool)
+    .await?
+    .ok_or_else(not_found)?;
+    let v = rows::volume(&row)?;
+    if !who.can_see(&v.account) {
+        return Err(not_found());
+    }
+    Ok(v)
+}
+
+async fn list_volumes(State(st): State<AppState>, who: Caller) -> ApiResult<Json<Vec<VolumeInfo>>> {
+    let sql = format!(
+        "SELECT {} FROM volumes WHERE $1 = '' OR account_id = $1 ORDER BY created_ms, id",
+        rows::VOLUME_COLS
+    );
+    let found = sqlx::query(&sql)
+        .bind(who.account.map(|a| a.to_string()).unwrap_or_default())
+        .fetch_all(&st.db.pool)
+        .await?;
+    Ok(Json(
+        found.iter().map(rows::volume).collect::<Result<_, _>>()?,
+    ))
+}
+
+async fn delete_volume(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VolumeInfo>> {
+    let v = load_volume(&st, &who, path_id(&id, "volume")?).await?;
+    let done = sqlx::query("DELETE FROM volumes WHERE id = $1 AND instance_id IS NULL")
+        .bind(v.id.to_string())
+        .execute(&st.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::Conflict(format!(
+            "volume {} is attached to instance {}; release the instance first",
+            v.id,
+            v.instance.map(|i| i.to_string()).unwrap_or_default()
+        )));
+    }
+    Ok(Json(v))
+}

@@ -1,0 +1,148 @@
+//! The controller's config file (TOML) and its defaults.
+//!
+//! Every key is optional; an unknown key is an error naming it. The file is
+//! documented, with its defaults, in `docs/controller.md`.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on (`--listen` wins).
+    pub listen: SocketAddr,
+    /// Database URL; default `sqlite://<state-dir>/controller.db`.
+    pub database_url: Option<String>,
+    /// The first admin token (`GANTRY_ADMIN_TOKEN` wins).
+    pub admin_token: Option<String>,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
+    /// Requests per second allowed per token, and the burst above it.
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    /// A host not heard from for this long is not scheduled on.
+    pub heartbeat_timeout_secs: u64,
+    /// Smallest root disk `grow-disk` accepts, GiB.
+    pub min_root_disk_gib: u64,
+    /// Snapshot storage quota of new accounts, GiB.
+    pub default_snapshot_quota_gib: u64,
+    /// First host port used for port forwards.
+    pub port_range_start: u16,
+    /// Database pool size.
+    pub max_db_connections: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            database_url: None,
+            admin_token: None,
+            max_body_bytes: 64 * 1024,
+            rate_limit_per_second: 50,
+            rate_limit_burst: 100,
+            heartbeat_timeout_secs: 120,
+            min_root_disk_gib: 50,
+            default_snapshot_quota_gib: 100,
+            port_range_start: 20000,
+            max_db_connections: 8,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_string(),
+        })?;
+        cfg.check()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let positive = |field: &'static str, v: u64| {
+            if v == 0 {
+                Err((field, "must be greater than 0".to_string()))
+            } else {
+                Ok(())
+            }
+        };
+        positive("max_body_bytes", self.max_body_bytes as u64)?;
+        positive("rate_limit_per_second", self.rate_limit_per_second.into())?;
+        positive("rate_limit_burst", self.rate_limit_burst.into())?;
+        positive("heartbeat_timeout_secs", self.heartbeat_timeout_secs)?;
+        positive("max_db_connections", self.max_db_connections.into())?;
+        positive("port_range_start", self.port_range_start.into())?;
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return Err(("admin_token", "must be at least 16 characters".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to SQLite in `state_dir`.
+    pub fn database_url(&self, state_dir: &Path) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                state_dir.join("controller.db").display()
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listen = \"0.0.0.0:9000\"\ncolour = 1\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        std::fs::write(&p, "rate_limit_per_second = 0\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("rate_limit_per_second: must be greater than 0"),
+            "{e}"
+        );
+        std::fs::write(&p, "listen = \"0.0.0.0:9000\"\nmin_root_disk_gib = 80\n").unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.min_root_disk_gib, 80);
+        assert_eq!(c.rate_limit_burst, 100);
+    }
+}

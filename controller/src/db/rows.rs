@@ -1,0 +1,234 @@
+//! Row mappers: the column list each table is selected with, and the
+//! function turning such a row into an API type (or an internal record).
+
+use super::{col, parsed, parsed_opt, to_time, DbError};
+use gantry_proto::api::v1::{
+    AccountInfo, AuditEntry, FlavorInfo, HostHealth, ImageInfo, OperationInfo, OperationState,
+    SnapshotInfo, TokenInfo, VolumeInfo,
+};
+use gantry_proto::ids::*;
+use gantry_proto::InstanceState;
+use sqlx::any::AnyRow;
+
+pub const ACCOUNT_COLS: &str = "id, name, credit_micros, billing_complete, snapshot_quota_gib, \
+     created_ms, (SELECT CAST(COALESCE(SUM(compressed_bytes), 0) AS BIGINT) FROM snapshots s \
+     WHERE s.account_id = accounts.id) AS snapshot_used";
+
+pub fn account(r: &AnyRow) -> Result<AccountInfo, DbError> {
+    Ok(AccountInfo {
+        id: parsed(r, "id", "accounts")?,
+        name: col(r, "name")?,
+        credit_micros: col(r, "credit_micros")?,
+        billing_profile_complete: col::<i64>(r, "billing_complete")? != 0,
+        snapshot_quota_gib: col::<i64>(r, "snapshot_quota_gib")? as u64,
+        snapshot_used_bytes: col::<i64>(r, "snapshot_used")? as u64,
+        created_at: to_time(col(r, "created_ms")?),
+    })
+}
+
+pub const TOKEN_COLS: &str = "id, name, account_id, created_ms, revoked";
+
+pub fn token(r: &AnyRow) -> Result<TokenInfo, DbError> {
+    Ok(TokenInfo {
+        id: parsed(r, "id", "tokens")?,
+        name: col(r, "name")?,
+        account: parsed_opt(r, "account_id", "tokens")?,
+        created_at: to_time(col(r, "created_ms")?),
+        revoked: col::<i64>(r, "revoked")? != 0,
+    })
+}
+
+pub const FLAVOR_COLS: &str =
+    "id, name, vcpus, memory_mib, root_disk_gib, gpu_model, gpu_count, price_micros_per_hour";
+
+pub fn flavor(r: &AnyRow) -> Result<FlavorInfo, DbError> {
+    Ok(FlavorInfo {
+        id: parsed(r, "id", "flavors")?,
+        name: col(r, "name")?,
+        vcpus: col::<i64>(r, "vcpus")? as u32,
+        memory_mib: col::<i64>(r, "memory_mib")? as u64,
+        root_disk_gib: col::<i64>(r, "root_disk_gib")? as u64,
+        gpu_model: col(r, "gpu_model")?,
+        gpu_count: col::<i64>(r, "gpu_count")? as u32,
+        price_micros_per_hour: col(r, "price_micros_per_hour")?,
+    })
+}
+
+pub const IMAGE_COLS: &str = "id, name, size_gib, account_id, source_snapshot_id, created_ms";
+
+pub fn image(r: &AnyRow) -> Result<ImageInfo, DbError> {
+    Ok(ImageInfo {
+        id: parsed(r, "id", "images")?,
+        name: col(r, "name")?,
+        size_gib: col::<i64>(r, "size_gib")? as u64,
+        account: parsed_opt(r, "account_id", "images")?,
+        source_snapshot: parsed_opt(r, "source_snapshot_id", "images")?,
+        created_at: to_time(col(r, "created_ms")?),
+    })
+}
+
+pub const VOLUME_COLS: &str = "id, account_id, name, size_gib, instance_id, created_ms";
+
+pub fn volume(r: &AnyRow) -> Result<VolumeInfo, DbError> {
+    Ok(VolumeInfo {
+        id: parsed(r, "id", "volumes")?,
+        account: parsed(r, "account_id", "volumes")?,
+        name: col(r, "name")?,
+        size_gib: col::<i64>(r, "size_gib")? as u64,
+        instance: parsed_opt(r, "instance_id", "volumes")?,
+        created_at: to_time(col(r, "created_ms")?),
+    })
+}
+
+pub const SNAPSHOT_COLS: &str = "id, account_id, instance_id, name, description, status, \
+     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, created_ms";
+
+pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
+    Ok(SnapshotInfo {
+        id: parsed(r, "id", "snapshots")?,
+        account: parsed(r, "account_id", "snapshots")?,
+        instance: parsed(r, "instance_id", "snapshots")?,
+        name: col(r, "name")?,
+        description: col(r, "description")?,
+        status: parsed(r, "status", "snapshots")?,
+        auto_release: col::<i64>(r, "auto_release")? != 0,
+        as_image: col::<i64>(r, "as_image")? != 0,
+        logical_bytes: col::<i64>(r, "logical_bytes")? as u64,
+        compressed_bytes: col::<i64>(r, "compressed_bytes")? as u64,
+        operation: parsed_opt(r, "operation_id", "snapshots")?,
+        created_at: to_time(col(r, "created_ms")?),
+    })
+}
+
+pub const OPERATION_COLS: &str = "id, kind, instance_id, state, progress, error, created_ms";
+
+pub fn operation(r: &AnyRow) -> Result<OperationInfo, DbError> {
+    let state: String = col(r, "state")?;
+    let state = match state.as_str() {
+        "pending" => OperationState::Pending,
+        "running" => OperationState::Running,
+        "succeeded" => OperationState::Succeeded,
+        "failed" => OperationState::Failed,
+        other => {
+            return Err(DbError::Corrupt {
+                table: "operations",
+                message: format!("state {other:?}"),
+            })
+        }
+    };
+    Ok(OperationInfo {
+        id: parsed(r, "id", "operations")?,
+        kind: col(r, "kind")?,
+        instance: parsed_opt(r, "instance_id", "operations")?,
+        state,
+        progress_percent: col::<i64>(r, "progress")?.clamp(0, 100) as u8,
+        error: col(r, "error")?,
+        created_at: to_time(col(r, "created_ms")?),
+    })
+}
+
+pub const AUDIT_COLS: &str = "at_ms, actor, account_id, method, path, status";
+
+pub fn audit(r: &AnyRow) -> Result<AuditEntry, DbError> {
+    Ok(AuditEntry {
+        at: to_time(col(r, "at_ms")?),
+        actor: col(r, "actor")?,
+        account: parsed_opt(r, "account_id", "audit_log")?,
+        method: col(r, "method")?,
+        path: col(r, "path")?,
+        status: col::<i64>(r, "status")? as u16,
+    })
+}
+
+pub fn health(s: &str) -> HostHealth {
+    if s == "healthy" {
+        HostHealth::Healthy
+    } else {
+        HostHealth::Unhealthy
+    }
+}
+
+pub fn health_str(h: HostHealth) -> &'static str {
+    match h {
+        HostHealth::Healthy => "healthy",
+        HostHealth::Unhealthy => "unhealthy",
+    }
+}
+
+/// An instance joined with its flavor (and host address), as the instance
+/// handlers need it.
+#[derive(Debug, Clone)]
+pub struct InstanceRec {
+    pub id: InstanceId,
+    pub account: AccountId,
+    pub name: String,
+    pub flavor: FlavorId,
+    pub flavor_name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub gpu_model: Option<String>,
+    pub gpu_count: u32,
+    pub price_micros_per_hour: i64,
+    pub image: Option<ImageId>,
+    pub snapshot: Option<SnapshotId>,
+    pub host: Option<HostId>,
+    pub host_address: Option<String>,
+    pub desired: InstanceState,
+    pub observed: InstanceState,
+    pub state_since_ms: i64,
+    pub root_disk_gib: u64,
+    pub data_volume: Option<VolumeId>,
+    pub running_since_ms: Option<i64>,
+    pub billed_ms: i64,
+    pub pending_op: Option<OperationId>,
+    pub created_ms: i64,
+}
+
+pub const INSTANCE_SELECT: &str = "SELECT i.id, i.account_id, i.name, i.flavor_id, f.name AS \
+     flavor_name, f.vcpus, f.memory_mib, f.gpu_model, f.gpu_count, f.price_micros_per_hour, \
+     i.image_id, i.snapshot_id, i.host_id, h.address AS host_address, i.desired_state, \
+     i.observed_state, i.state_since_ms, i.root_disk_gib, i.data_volume_id, i.running_since_ms, \
+     i.billed_ms, i.pending_op, i.created_ms FROM instances i JOIN flavors f ON f.id = \
+     i.flavor_id LEFT JOIN hosts h ON h.id = i.host_id";
+
+pub fn instance(r: &AnyRow) -> Result<InstanceRec, DbError> {
+    const T: &str = "instances";
+    Ok(InstanceRec {
+        id: parsed(r, "id", T)?,
+        account: parsed(r, "account_id", T)?,
+        name: col(r, "name")?,
+        flavor: parsed(r, "flavor_id", T)?,
+        flavor_name: col(r, "flavor_name")?,
+        vcpus: col::<i64>(r, "vcpus")? as u32,
+        memory_mib: col::<i64>(r, "memory_mib")? as u64,
+        gpu_model: col(r, "gpu_model")?,
+        gpu_count: col::<i64>(r, "gpu_count")? as u32,
+        price_micros_per_hour: col(r, "price_micros_per_hour")?,
+        image: parsed_opt(r, "image_id", T)?,
+        snapshot: parsed_opt(r, "snapshot_id", T)?,
+        host: parsed_opt(r, "host_id", T)?,
+        host_address: col(r, "host_address")?,
+        desired: parsed(r, "desired_state", T)?,
+        observed: parsed(r, "observed_state", T)?,
+        state_since_ms: col(r, "state_since_ms")?,
+        root_disk_gib: col::<i64>(r, "root_disk_gib")? as u64,
+        data_volume: parsed_opt(r, "data_volume_id", T)?,
+        running_since_ms: col(r, "running_since_ms")?,
+        billed_ms: col(r, "billed_ms")?,
+        pending_op: parsed_opt(r, "pending_op", T)?,
+        created_ms: col(r, "created_ms")?,
+    })
+}
+
+impl InstanceRec {
+    /// Milliseconds billed so far (time spent Running).
+    pub fn billed_ms_at(&self, now_ms: i64) -> i64 {
+        self.billed_ms + self.running_since_ms.map_or(0, |s| (now_ms - s).max(0))
+    }
+
+    /// Accumulated cost, micro-units, rounded down.
+    pub fn cost_micros_at(&self, now_ms: i64) -> i64 {
+        let ms = self.billed_ms_at(now_ms) as i128;
+        (ms * self.price_micros_per_hour as i128 / 3_600_000) as i64
+    }
+}

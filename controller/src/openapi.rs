@@ -1,0 +1,241 @@
+//! The OpenAPI document served at `/openapi.json`, built with utoipa from
+//! one route table ([`ROUTES`]); a test checks that every listed route is
+//! answered by the router, so the two cannot drift apart.
+
+use axum::Json;
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, Paths};
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ComponentsBuilder, InfoBuilder, OpenApi, OpenApiBuilder};
+
+/// (method, path, tag, summary) of every API call.
+pub const ROUTES: &[(&str, &str, &str, &str)] = &[
+    ("get", "/healthz", "service", "Liveness; needs no token"),
+    ("get", "/openapi.json", "service", "This document"),
+    ("get", "/v1/account", "accounts", "The caller's own account"),
+    (
+        "post",
+        "/v1/admin/accounts",
+        "accounts",
+        "Create an account (admin)",
+    ),
+    (
+        "get",
+        "/v1/admin/accounts",
+        "accounts",
+        "List accounts (admin)",
+    ),
+    (
+        "get",
+        "/v1/admin/accounts/{id}",
+        "accounts",
+        "Get an account",
+    ),
+    (
+        "patch",
+        "/v1/admin/accounts/{id}",
+        "accounts",
+        "Update billing profile / quota (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/accounts/{id}/credits",
+        "accounts",
+        "Add (or remove) credit (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/tokens",
+        "tokens",
+        "Mint an admin or account token (admin)",
+    ),
+    (
+        "get",
+        "/v1/admin/tokens",
+        "tokens",
+        "List tokens, never secrets (admin)",
+    ),
+    (
+        "delete",
+        "/v1/admin/tokens/{id}",
+        "tokens",
+        "Revoke a token (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/hosts",
+        "hosts",
+        "Register a host and its capacity (admin)",
+    ),
+    ("get", "/v1/admin/hosts", "hosts", "List hosts (admin)"),
+    ("get", "/v1/admin/hosts/{id}", "hosts", "Get a host (admin)"),
+    (
+        "post",
+        "/v1/admin/hosts/{id}/cordon",
+        "hosts",
+        "Stop placing on a host (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/hosts/{id}/uncordon",
+        "hosts",
+        "Place on a host again (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/hosts/{id}/drain",
+        "hosts",
+        "Cordon and drain a host (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/hosts/{id}/heartbeat",
+        "hosts",
+        "Record a host heartbeat (admin)",
+    ),
+    ("get", "/v1/flavors", "flavors", "List flavors"),
+    (
+        "post",
+        "/v1/admin/flavors",
+        "flavors",
+        "Create a flavor (admin)",
+    ),
+    ("get", "/v1/images", "images", "List usable images"),
+    (
+        "post",
+        "/v1/admin/images",
+        "images",
+        "Create a base image (admin)",
+    ),
+    (
+        "get",
+        "/v1/admin/audit",
+        "audit",
+        "Audit log, newest first (admin)",
+    ),
+    (
+        "get",
+        "/v1/operations/{id}",
+        "operations",
+        "An operation's state and progress",
+    ),
+    (
+        "post",
+        "/v1/instances",
+        "instances",
+        "Create an instance (scheduled)",
+    ),
+    (
+        "get",
+        "/v1/instances",
+        "instances",
+        "List instances (?status=)",
+    ),
+    (
+        "post",
+        "/v1/instances/batch",
+        "instances",
+        "One action on many instances",
+    ),
+    ("get", "/v1/instances/{id}", "instances", "Get an instance"),
+    (
+        "post",
+        "/v1/instances/{id}/actions",
+        "instances",
+        "Start, stop, reboot, change type, grow disk, release",
+    ),
+    (
+        "get",
+        "/v1/instances/{id}/{view}",
+        "instances",
+        "access, monitor, billing, config or hardware view",
+    ),
+    (
+        "post",
+        "/v1/admin/instances/{id}/observed",
+        "instances",
+        "Record an observed state (admin)",
+    ),
+    (
+        "post",
+        "/v1/instances/{id}/snapshots",
+        "snapshots",
+        "Snapshot a Running instance",
+    ),
+    (
+        "get",
+        "/v1/snapshots",
+        "snapshots",
+        "List snapshots (?status=)",
+    ),
+    ("get", "/v1/snapshots/{id}", "snapshots", "Get a snapshot"),
+    (
+        "delete",
+        "/v1/snapshots/{id}",
+        "snapshots",
+        "Delete a snapshot",
+    ),
+    ("post", "/v1/volumes", "volumes", "Create a data volume"),
+    ("get", "/v1/volumes", "volumes", "List data volumes"),
+    (
+        "delete",
+        "/v1/volumes/{id}",
+        "volumes",
+        "Delete an unattached volume",
+    ),
+];
+
+fn method(m: &str) -> HttpMethod {
+    match m {
+        "post" => HttpMethod::Post,
+        "patch" => HttpMethod::Patch,
+        "delete" => HttpMethod::Delete,
+        "put" => HttpMethod::Put,
+        _ => HttpMethod::Get,
+    }
+}
+
+/// Builds the document.
+pub fn document() -> OpenApi {
+    let mut paths = Paths::new();
+    for (m, path, tag, summary) in ROUTES {
+        let mut op = OperationBuilder::new()
+            .tag(*tag)
+            .summary(Some(*summary))
+            .operation_id(Some(format!(
+                "{m}{}",
+                path.replace(['/', '{', '}', '.'], "_")
+            )))
+            .response("200", ResponseBuilder::new().description("Success (JSON)"))
+            .response(
+                "4XX",
+                ResponseBuilder::new()
+                    .description("Refused: {\"error\": sentence, \"field\": name}"),
+            );
+        if path.starts_with("/v1/") {
+            op = op.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
+        }
+        paths.add_path_operation(path, vec![method(m)], op.build());
+    }
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("Gantry controller API")
+                .version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        )
+        .paths(paths)
+        .components(Some(
+            ComponentsBuilder::new()
+                .security_scheme(
+                    "bearer",
+                    SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+                )
+                .build(),
+        ))
+        .build()
+}
+
+pub async fn serve() -> Json<OpenApi> {
+    Json(document())
+}

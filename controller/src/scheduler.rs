@@ -1,0 +1,410 @@
+//! GPU-aware placement: which host runs an instance.
+//!
+//! Filters: healthy, heard from within the heartbeat timeout, not cordoned;
+//! enough free GPUs of the requested model, vCPUs, memory and disk. Weighing
+//! ([`choose`], a pure function): `pack` fills partly used hosts first (and
+//! keeps GPU hosts for GPU work), `spread` prefers the emptiest host.
+//! [`reserve`] claims the chosen host's capacity and GPUs inside the
+//! caller's write transaction with conditional `UPDATE`s, so a GPU is never
+//! booked twice; a lost race answers [`PlaceError::Raced`] and the caller
+//! retries with a fresh transaction.
+
+use crate::db::{col, DbError, Tx};
+use gantry_proto::api::v1::Placement;
+use gantry_proto::ids::{HostId, InstanceId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// Nothing fits; the sentence says what was missing.
+    #[error("{0}")]
+    NoFit(String),
+    /// Another placement took the capacity first; retry.
+    #[error("placement raced with another request")]
+    Raced,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for PlaceError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+/// What one instance needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub gpu_model: Option<String>,
+    pub gpu_count: u32,
+    pub placement: Placement,
+}
+
+/// One host's free capacity, as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: String,
+    pub free_vcpus: i64,
+    pub free_memory_mib: i64,
+    pub free_disk_gib: i64,
+    /// Free GPUs of the requested model.
+    pub free_gpus: i64,
+    /// All GPUs of the host, any model, used or not.
+    pub total_gpus: i64,
+}
+
+impl Candidate {
+    pub fn fits(&self, n: &Need) -> bool {
+        self.free_gpus >= n.gpu_count as i64
+            && self.free_vcpus >= n.vcpus as i64
+            && self.free_memory_mib >= n.memory_mib as i64
+            && self.free_disk_gib >= n.disk_gib as i64
+    }
+}
+
+/// The best fitting candidate's index, or `None`.
+pub fn choose(cands: &[Candidate], need: &Need) -> Option<usize> {
+    let gpu = need.gpu_count as i64;
+    let fitting = cands.iter().enumerate().filter(|(_, c)| c.fits(need));
+    match need.placement {
+        Placement::Pack => fitting
+            .min_by_key(|(_, c)| {
+                let gpus_left = c.free_gpus - gpu;
+                // CPU-only work prefers hosts with no GPUs to waste.
+                let waste = if gpu == 0 { c.total_gpus } else { 0 };
+                (gpus_left, waste, c.free_vcpus, c.free_memory_mib, &c.id)
+            })
+            .map(|(i, _)| i),
+        Placement::Spread => fitting
+            .min_by_key(|(_, c)| {
+                let waste = if gpu == 0 { c.total_gpus } else { 0 };
+                (
+                    waste,
+                    -c.free_gpus,
+                    -c.free_vcpus,
+                    -c.free_memory_mib,
+                    &c.id,
+                )
+            })
+            .map(|(i, _)| i),
+    }
+}
+
+/// Says what was missing when nothing fits, e.g. "no host has 8 free H100
+/// GPUs; largest is 4". `cands` are all schedulable hosts, unfiltered.
+pub fn explain(cands: &[Candidate], need: &Need, timeout_secs: u64) -> String {
+    if cands.is_empty() {
+        return format!(
+            "no host is schedulable: none is healthy, uncordoned and heard from in the last \
+             {timeout_secs} s"
+        );
+    }
+    let mut pool: Vec<&Candidate> = cands.iter().collect();
+    let mut what = String::new();
+    if need.gpu_count > 0 {
+        let model = need.gpu_model.as_deref().unwrap_or("?");
+        let best = pool.iter().map(|c| c.free_gpus).max().unwrap_or(0);
+        if best < need.gpu_count as i64 {
+            return format!(
+                "no host has {} free {model} GPUs; largest is {best}",
+                need.gpu_count
+            );
+        }
+        pool.retain(|c| c.free_gpus >= need.gpu_count as i64);
+        what = format!(" with {} free {model} GPUs", need.gpu_count);
+    }
+    type Get = fn(&Candidate) -> i64;
+    let checks: [(&str, i64, Get); 3] = [
+        ("vCPUs", need.vcpus as i64, |c| c.free_vcpus),
+        ("MiB of memory", need.memory_mib as i64, |c| {
+            c.free_memory_mib
+        }),
+        ("GiB of disk", need.disk_gib as i64, |c| c.free_disk_gib),
+    ];
+    for (label, want, get) in checks {
+        let best = pool.iter().map(|c| get(c)).max().unwrap_or(0);
+        if best < want {
+            return format!("no host{what} has {want} free {label}; largest is {best}");
+        }
+        pool.retain(|c| get(c) >= want);
+    }
+    "no host has room for this flavor".into()
+}
+
+const CANDIDATES: &str = "SELECT h.id, h.vcpus - h.used_vcpus AS free_vcpus, \
+     h.memory_mib - h.used_memory_mib AS free_memory, h.disk_gib - h.used_disk_gib AS free_disk, \
+     COALESCE(p.free, 0) AS free_gpus, h.gpu_total AS total_gpus \
+     FROM hosts h LEFT JOIN host_gpu_pools p ON p.host_id = h.id AND p.model = $1 \
+     WHERE h.health = 'healthy' AND h.cordoned = 0 AND h.last_heartbeat_ms >= $2";
+
+const FITTING: &str = " AND h.vcpus - h.used_vcpus >= $3 AND h.memory_mib - h.used_memory_mib \
+     >= $4 AND h.disk_gib - h.used_disk_gib >= $5 AND COALESCE(p.free, 0) >= $6";
+
+/// How many of the best fitting hosts (by the SQL form of [`choose`]'s
+/// order) are loaded for [`choose`] to pick from.
+const SHORTLIST: i64 = 32;
+
+/// `choose`'s order, in SQL (only bare columns: PostgreSQL does not allow
+/// output aliases inside ORDER BY expressions).
+fn order_by(need: &Need) -> &'static str {
+    match (need.placement, need.gpu_count == 0) {
+        (Placement::Pack, true) => {
+            "h.gpu_total ASC, h.vcpus - h.used_vcpus ASC, h.memory_mib - h.used_memory_mib ASC, h.id ASC"
+        }
+        (Placement::Pack, false) => {
+            "COALESCE(p.free, 0) ASC, h.vcpus - h.used_vcpus ASC, \
+             h.memory_mib - h.used_memory_mib ASC, h.id ASC"
+        }
+        (Placement::Spread, true) => {
+            "h.gpu_total ASC, h.vcpus - h.used_vcpus DESC, h.memory_mib - h.used_memory_mib DESC, h.id ASC"
+        }
+        (Placement::Spread, false) => {
+            "COALESCE(p.free, 0) DESC, h.vcpus - h.used_vcpus DESC, \
+             h.memory_mib - h.used_memory_mib DESC, h.id ASC"
+        }
+    }
+}
+
+/// Loads schedulable hosts. With `fitting`, only a shortlist of the best
+/// hosts with room for `need`; without, every schedulable host (for
+/// [`explain`]).
+pub async fn candidates(
+    tx: &mut Tx,
+    need: &Need,
+    cutoff_ms: i64,
+    fitting: bool,
+) -> Result<Vec<Candidate>, DbError> {
+    let model = need.gpu_model.clone().unwrap_or_default();
+    let rows = if fitting {
+        let sql = format!("{CANDIDATES}{FITTING} ORDER BY {} LIMIT $7", order_by(need));
+        sqlx::query(&sql)
+            .bind(model)
+            .bind(cutoff_ms)
+            .bind(need.vcpus as i64)
+            .bind(need.memory_mib as i64)
+            .bind(need.disk_gib as i64)
+            .bind(need.gpu_count as i64)
+            .bind(SHORTLIST)
+            .fetch_all(&mut **tx)
+            .await?
+    } else {
+        sqlx::query(CANDIDATES)
+            .bind(model)
+            .bind(cutoff_ms)
+            .fetch_all(&mut **tx)
+            .await?
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(Candidate {
+                id: col(r, "id")?,
+                free_vcpus: col(r, "free_vcpus")?,
+                free_memory_mib: col(r, "free_memory")?,
+                free_disk_gib: col(r, "free_disk")?,
+                free_gpus: col(r, "free_gpus")?,
+                total_gpus: col(r, "total_gpus")?,
+            })
+        })
+        .collect()
+}
+
+/// Picks a host and claims capacity and GPUs on it for `instance`.
+/// Returns the host and the claimed GPUs' PCI addresses.
+pub async fn place(
+    tx: &mut Tx,
+    instance: InstanceId,
+    need: &Need,
+    cutoff_ms: i64,
+    timeout_secs: u64,
+) -> Result<(HostId, Vec<String>), PlaceError> {
+    let cands = candidates(tx, need, cutoff_ms, true).await?;
+    let Some(i) = choose(&cands, need) else {
+        let all = candidates(tx, need, cutoff_ms, false).await?;
+        return Err(PlaceError::NoFit(explain(&all, need, timeout_secs)));
+    };
+    let host: HostId = cands[i].id.parse().map_err(|e| {
+        PlaceError::Db(DbError::Corrupt {
+            table: "hosts",
+            message: format!("id: {e}"),
+        })
+    })?;
+    let gpus = reserve(tx, &host, instance, need).await?;
+    Ok((host, gpus))
+}
+
+/// Claims `need` on `host` (conditional updates; [`PlaceError::Raced`] when
+/// the capacity is gone).
+pub async fn reserve(
+    tx: &mut Tx,
+    host: &HostId,
+    instance: InstanceId,
+    need: &Need,
+) -> Result<Vec<String>, PlaceError> {
+    let done = sqlx::query(
+        "UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
+         used_disk_gib = used_disk_gib + $3 WHERE id = $4 AND vcpus - used_vcpus >= $1 \
+         AND memory_mib - used_memory_mib >= $2 AND disk_gib - used_disk_gib >= $3",
+    )
+    .bind(need.vcpus as i64)
+    .bind(need.memory_mib as i64)
+    .bind(need.disk_gib as i64)
+    .bind(host.to_string())
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(PlaceError::Raced);
+    }
+    let mut gpus = Vec::new();
+    if need.gpu_count > 0 {
+        let done = sqlx::query(
+            "UPDATE host_gpu_pools SET free = free - $1 WHERE host_id = $2 AND model = $3 \
+             AND free >= $1",
+        )
+        .bind(need.gpu_count as i64)
+        .bind(host.to_string())
+        .bind(need.gpu_model.clone().unwrap_or_default())
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(PlaceError::Raced);
+        }
+        let rows = sqlx::query(
+            "SELECT pci FROM host_gpus WHERE host_id = $1 AND model = $2 AND instance_id IS NULL \
+             ORDER BY pci LIMIT $3",
+        )
+        .bind(host.to_string())
+        .bind(need.gpu_model.clone().unwrap_or_default())
+        .bind(need.gpu_count as i64)
+        .fetch_all(&mut **tx)
+        .await?;
+        if rows.len() < need.gpu_count as usize {
+            return Err(PlaceError::Raced);
+        }
+        for r in rows {
+            let pci: String = col(&r, "pci")?;
+            let done = sqlx::query(
+                "UPDATE host_gpus SET instance_id = $1 WHERE host_id = $2 AND pci = $3 \
+                 AND instance_id IS NULL",
+            )
+            .bind(instance.to_string())
+            .bind(host.to_string())
+            .bind(&pci)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Err(PlaceError::Raced);
+            }
+            gpus.push(pci);
+        }
+    }
+    Ok(gpus)
+}
+
+/// Gives back what `instance` holds on `host`: capacity, GPUs, ports.
+pub async fn free(
+    tx: &mut Tx,
+    host: &HostId,
+    instance: InstanceId,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_gib: u64,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE hosts SET used_vcpus = used_vcpus - $1, used_memory_mib = used_memory_mib - $2, \
+         used_disk_gib = used_disk_gib - $3 WHERE id = $4",
+    )
+    .bind(vcpus as i64)
+    .bind(memory_mib as i64)
+    .bind(disk_gib as i64)
+    .bind(host.to_string())
+    .execute(&mut **tx)
+    .await?;
+    let held = sqlx::query(
+        "SELECT model, COUNT(*) AS n FROM host_gpus WHERE host_id = $1 AND instance_id = $2 \
+         GROUP BY model",
+    )
+    .bind(host.to_string())
+    .bind(instance.to_string())
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in &held {
+        sqlx::query("UPDATE host_gpu_pools SET free = free + $1 WHERE host_id = $2 AND model = $3")
+            .bind(col::<i64>(r, "n")?)
+            .bind(host.to_string())
+            .bind(col::<String>(r, "model")?)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("UPDATE host_gpus SET instance_id = NULL WHERE instance_id = $1")
+        .bind(instance.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str, gpus: i64, total: i64, cpu: i64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            free_vcpus: cpu,
+            free_memory_mib: 1 << 20,
+            free_disk_gib: 10_000,
+            free_gpus: gpus,
+            total_gpus: total,
+        }
+    }
+
+    fn need(gpus: u32, placement: Placement) -> Need {
+        Need {
+            vcpus: 8,
+            memory_mib: 1024,
+            disk_gib: 50,
+            gpu_model: Some("H100".into()),
+            gpu_count: gpus,
+            placement,
+        }
+    }
+
+    #[test]
+    fn pack_fills_partly_used_hosts_and_spread_does_not() {
+        let hosts = [
+            host("a", 8, 8, 64),
+            host("b", 3, 8, 64),
+            host("c", 1, 8, 64),
+        ];
+        // c has too few; b is the fullest that fits.
+        assert_eq!(choose(&hosts, &need(2, Placement::Pack)), Some(1));
+        assert_eq!(choose(&hosts, &need(2, Placement::Spread)), Some(0));
+        assert_eq!(choose(&hosts, &need(9, Placement::Pack)), None);
+    }
+
+    #[test]
+    fn cpu_only_work_avoids_gpu_hosts() {
+        let hosts = [host("gpu", 8, 8, 10), host("cpu", 0, 0, 64)];
+        let mut n = need(0, Placement::Pack);
+        n.gpu_model = None;
+        assert_eq!(choose(&hosts, &n), Some(1));
+        n.placement = Placement::Spread;
+        assert_eq!(choose(&hosts, &n), Some(1));
+    }
+
+    #[test]
+    fn explains_what_is_missing() {
+        let hosts = [host("a", 4, 8, 64), host("b", 2, 8, 64)];
+        assert_eq!(
+            explain(&hosts, &need(8, Placement::Pack), 60),
+            "no host has 8 free H100 GPUs; largest is 4"
+        );
+        let hosts = [host("a", 4, 8, 6), host("b", 0, 8, 64)];
+        assert_eq!(
+            explain(&hosts, &need(2, Placement::Pack), 60),
+            "no host with 2 free H100 GPUs has 8 free vCPUs; largest is 6"
+        );
+        assert!(explain(&[], &need(1, Placement::Pack), 60).contains("last 60 s"));
+    }
+}

@@ -1,0 +1,401 @@
+//! Security and bad input over real HTTP: tokens, account isolation, strict
+//! bodies, rate limits, the audit log and the OpenAPI document.
+
+mod common;
+
+use common::{Backend, Server, ADMIN};
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn every_call_needs_a_valid_token_and_tenants_are_not_admins() {
+    let s = Server::start(Backend::Sqlite).await.unwrap();
+    let r = s.raw(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.status, 200);
+    let r = s.raw(Method::GET, "/v1/flavors", None, None).await;
+    assert_eq!(r.status, 401);
+    assert!(r.error().contains("bearer token"), "{}", r.body);
+    let r = s.get("/v1/flavors", "wrong-token-xxxxxxxxxxxx").await;
+    assert_eq!(r.status, 401);
+    // A well-formed but forged token for a real token id is refused too.
+    let (_, tok) = s.account("acme").await;
+    let forged = format!("{}{}", &tok[..tok.len() - 4], "0000");
+    assert_eq!(s.get("/v1/flavors", &forged).await.status, 401);
+    assert_eq!(s.get("/v1/flavors", &tok).await.status, 200);
+    let r = s.post("/v1/admin/hosts", &tok, json!({})).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error(), "this call needs an admin token");
+    // Revoked tokens stop working.
+    let toks = s.get("/v1/admin/tokens", ADMIN).await.body;
+    let tid = toks[0]["id"].as_str().unwrap();
+    assert!(toks[0].get("token").is_none() && toks[0].get("hash").is_none());
+    s.ok(
+        Method::DELETE,
+        &format!("/v1/admin/tokens/{tid}"),
+        ADMIN,
+        None,
+        200,
+    )
+    .await;
+    assert_eq!(s.get("/v1/flavors", &tok).await.status, 401);
+}
+
+#[tokio::test]
+async fn another_accounts_objects_answer_404() {
+    let s = Server::start(Backend::Sqlite).await.unwrap();
+    let (_, a) = s.account("alpha").await;
+    let (b_id, b) = s.account("beta").await;
+    s.host("h1", "H100", 8).await;
+    let f = s.flavor("g1", Some("H100"), 1).await;
+    let img = s.image("ubuntu").await;
+    let ins = s
+        .post(
+            "/v1/instances",
+            &a,
+            json!({"name": "a1", "flavor": f, "image": img}),
+        )
+        .await;
+    assert_eq!(ins.status, 202, "{}", ins.body);
+    let id = ins.id();
+    s.observe(&id, "Running").await;
+    let vol = s
+        .post("/v1/volumes", &a, json!({"name": "data", "size_gib": 100}))
+        .await;
+    assert_eq!(vol.status, 201);
+    for path in [
+        format!("/v1/instances/{id}"),
+        format!("/v1/instances/{id}/config"),
+        format!("/v1/instances/{id}/billing"),
+    ] {
+        let r = s.get(&path, &b).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        assert!(r.error().contains("no instance"), "{}", r.body);
+        assert_eq!(s.get(&path, &a).await.status, 200, "{path}");
+    }
+    let r = s
+        .post(
+            &format!("/v1/instances/{id}/actions"),
+            &b,
+            json!({"action": "stop"}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    let r = s
+        .post(
+            &format!("/v1/instances/{id}/snapshots"),
+            &b,
+            json!({"name": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    let r = s
+        .call(
+            Method::DELETE,
+            &format!("/v1/volumes/{}", vol.id()),
+            &b,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        s.get("/v1/instances", &b)
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        s.get("/v1/instances", &a)
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A tenant cannot create for someone else.
+    let r = s
+        .post(
+            "/v1/instances",
+            &a,
+            json!({"name": "x", "flavor": f, "image": img, "account": b_id}),
+        )
+        .await;
+    assert_eq!((r.status, r.field().as_str()), (400, "account"));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_naming_the_field() {
+    let s = Server::start_with(Backend::Sqlite, |c| c.max_body_bytes = 4096)
+        .await
+        .unwrap();
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/admin/accounts",
+            Some(ADMIN),
+            Some(b"{\"name\":".to_vec()),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.error().starts_with("malformed JSON"), "{}", r.body);
+    let r = s
+        .post(
+            "/v1/admin/accounts",
+            ADMIN,
+            json!({"name": "a", "colour": "red"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.field().as_str()),
+        (400, "colour"),
+        "{}",
+        r.body
+    );
+    let r = s
+        .post("/v1/admin/accounts", ADMIN, json!({"name": 5}))
+        .await;
+    assert_eq!((r.status, r.field().as_str()), (400, "name"), "{}", r.body);
+    let r = s.post("/v1/admin/accounts", ADMIN, json!({})).await;
+    assert_eq!((r.status, r.field().as_str()), (400, "name"), "{}", r.body);
+    let r = s
+        .post("/v1/admin/accounts", ADMIN, json!({"name": "bad name!"}))
+        .await;
+    assert_eq!((r.status, r.field().as_str()), (422, "name"), "{}", r.body);
+    let r = s
+        .post(
+            "/v1/admin/flavors",
+            ADMIN,
+            json!({"name": "f", "vcpus": 0, "memory_mib": 1024,
+            "root_disk_gib": 10, "price_micros_per_hour": 1}),
+        )
+        .await;
+    assert_eq!((r.status, r.field().as_str()), (422, "vcpus"), "{}", r.body);
+    assert_eq!(r.error(), "vcpus: must be between 1 and 512, got 0");
+    let r = s
+        .post(
+            "/v1/admin/hosts",
+            ADMIN,
+            json!({"name": "h", "address": "h", "vcpus": 8,
+            "memory_mib": 8192, "disk_gib": 100, "gpus": [{"model": "H100", "pci": "65:00"}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.field().as_str()),
+        (400, "gpus[0].pci"),
+        "{}",
+        r.body
+    );
+    let big = vec![b' '; 8192];
+    let r = s
+        .raw(Method::POST, "/v1/admin/accounts", Some(ADMIN), Some(big))
+        .await;
+    assert_eq!(r.status, 413);
+    let r = s.get("/v1/instances?colour=red", ADMIN).await;
+    assert_eq!((r.status, r.field().as_str()), (400, "colour"));
+    let r = s.get("/v1/instances?status=Sleeping", ADMIN).await;
+    assert_eq!((r.status, r.field().as_str()), (400, "status"));
+    let r = s.get("/v1/instances/ins-nope", ADMIN).await;
+    assert_eq!(r.status, 404);
+    // Nothing was created by any of the refused calls.
+    assert_eq!(
+        s.get("/v1/admin/accounts", ADMIN)
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_rate_limited() {
+    let s = Server::start_with(Backend::Sqlite, |c| {
+        c.rate_limit_per_second = 1;
+        c.rate_limit_burst = 3;
+    })
+    .await
+    .unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(s.get("/v1/flavors", ADMIN).await.status);
+    }
+    assert_eq!(&codes[..3], &[200, 200, 200]);
+    assert!(codes[3..].contains(&429), "{codes:?}");
+}
+
+#[tokio::test]
+async fn state_changing_calls_are_audited() {
+    let s = Server::start(Backend::Sqlite).await.unwrap();
+    let (acct, tok) = s.account("gamma").await;
+    s.post("/v1/volumes", &tok, json!({"name": "v1", "size_gib": 10}))
+        .await;
+    s.post(
+        "/v1/volumes",
+        &tok,
+        json!({"name": "bad name", "size_gib": 10}),
+    )
+    .await;
+    s.raw(Method::POST, "/v1/volumes", None, Some(b"{}".to_vec()))
+        .await;
+    s.get("/v1/volumes", &tok).await;
+    let log = s.get("/v1/admin/audit", ADMIN).await.body;
+    let log = log.as_array().unwrap();
+    let vols: Vec<_> = log.iter().filter(|e| e["path"] == "/v1/volumes").collect();
+    // Newest first; GETs are not recorded.
+    assert_eq!(vols.len(), 3, "{log:?}");
+    assert_eq!(
+        (vols[0]["actor"].as_str(), vols[0]["status"].as_u64()),
+        (Some("anonymous"), Some(401))
+    );
+    assert_eq!(vols[1]["status"], 422);
+    assert_eq!(vols[2]["status"], 201);
+    assert_eq!(vols[2]["account"], acct.as_str());
+    assert!(vols[2]["actor"].as_str().unwrap().starts_with("tok-"));
+    let mine = s
+        .get(&format!("/v1/admin/audit?account={acct}"), ADMIN)
+        .await
+        .body;
+    assert_eq!(mine.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route_and_the_router_answers_each() {
+    let s = Server::start(Backend::Sqlite).await.unwrap();
+    let doc = s.raw(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(doc.status, 200);
+    let paths = doc.body["paths"].as_object().unwrap();
+    for (m, path, _, _) in gantry_controller::openapi::ROUTES {
+        assert!(
+            paths[*path].get(*m).is_some(),
+            "{m} {path} missing from the document"
+        );
+        let real = path
+            .replace("{id}", "ins-00000000000000000000000000000000")
+            .replace("{view}", "config");
+        let method: Method = m.to_uppercase().parse().unwrap();
+        let r = s.call(method, &real, ADMIN, Some(json!({}))).await;
+        assert_ne!(r.status, 405, "{m} {path}");
+        assert_ne!(r.error(), "no such API path", "{m} {path}");
+    }
+    assert_eq!(
+        s.get("/v1/nothing-here", ADMIN).await.error(),
+        "no such API path"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gantry-controller"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+        .arg(dir.path())
+        .env_remove("GANTRY_ADMIN_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if http.get(format!("{url}/healthz")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "controller did not come up");
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let token = token.trim();
+    let r = http
+        .get(format!("{url}/v1/admin/hosts"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    nix_kill(child.id());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("admin-token"), "{out}");
+    assert!(!out.contains(token), "the token was logged");
+}
+
+fn nix_kill(pid: u32) {
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantryctl_prints_tables_json_and_errors() {
+    let s = Server::start(Backend::Sqlite).await.unwrap();
+    let (_, tok) = s.account("cli").await;
+    s.host("h1", "H100", 2).await;
+    let f = s.flavor("h100x1", Some("H100"), 1).await;
+    let img = s.image("ubuntu").await;
+    let ctl = |token: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gantryctl"))
+            .args(args)
+            .env("GANTRY_URL", &s.url)
+            .env("GANTRY_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(
+        &tok,
+        &[
+            "--json", "instance", "create", "--name", "web", "--flavor", &f, "--image", &img,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    let out = ctl(&tok, &["instance", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("STATUS") && text.contains(&id) && text.contains("Creating"),
+        "{text}"
+    );
+    let out = ctl(&tok, &["instance", "action", &id, "reboot"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "gantryctl: cannot reboot an instance that is Creating (HTTP 409)"
+    );
+    let out = ctl(&tok, &["host", "list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs an admin token"));
+    let out = ctl(ADMIN, &["host", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("h1"));
+    let out = ctl("", &["flavor", "list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set GANTRY_TOKEN"));
+}

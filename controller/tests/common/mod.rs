@@ -1,0 +1,275 @@
+//! Test harness: starts the real controller in-process on an ephemeral
+//! port, on SQLite (a temp dir) or on a fresh PostgreSQL database, and
+//! calls it over HTTP.
+#![allow(dead_code)]
+
+use gantry_controller::Config;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server URL, or `None` (skip) when not configured; under
+/// `GANTRY_TEST_STRICT=1` a missing URL fails the test.
+pub fn pg_url() -> Option<String> {
+    match std::env::var("GANTRY_TEST_PG_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            if std::env::var("GANTRY_TEST_STRICT").as_deref() == Ok("1") {
+                panic!(
+                    "GANTRY_TEST_PG_URL is not set: run scripts/setup-postgres and source \
+                     .cache/env/postgres.env to test against PostgreSQL"
+                );
+            }
+            eprintln!("skipping the PostgreSQL variant: GANTRY_TEST_PG_URL is not set");
+            None
+        }
+    }
+}
+
+/// A fresh, empty database on the PostgreSQL server at `url`.
+pub async fn fresh_pg_db(url: &str) -> String {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let name = format!("gantry_t_{}", uuid::Uuid::new_v4().simple());
+    let mut c = sqlx::AnyConnection::connect(url)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut c)
+        .await
+        .expect("create test database");
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{name}")
+}
+
+pub struct Server {
+    pub url: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn error(&self) -> String {
+        self.body["error"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn field(&self) -> String {
+        self.body["field"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn id(&self) -> String {
+        self.body["id"]
+            .as_str()
+            .expect("reply has an id")
+            .to_string()
+    }
+}
+
+impl Server {
+    /// Starts a controller; `None` when the backend is not available.
+    pub async fn start(backend: Backend) -> Option<Self> {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            rate_limit_per_second: 100_000,
+            rate_limit_burst: 100_000,
+            ..Config::default()
+        };
+        if backend == Backend::Postgres {
+            let url = pg_url()?;
+            cfg.database_url = Some(fresh_pg_db(&url).await);
+        }
+        tweak(&mut cfg);
+        let state = gantry_controller::open(cfg, dir.path(), Some(ADMIN.into()))
+            .await
+            .expect("controller starts");
+        let listener = gantry_controller::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(gantry_controller::serve(state, listener, async {
+            let _ = rx.await;
+        }));
+        Some(Self {
+            url: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            _dir: dir,
+            stop: Some(tx),
+        })
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Reply {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply { status, body }
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Reply {
+        self.raw(
+            method,
+            path,
+            Some(token),
+            body.map(|b| serde_json::to_vec(&b).unwrap()),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        self.call(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, token, Some(body)).await
+    }
+
+    /// Asserts the status, showing the body when it differs.
+    pub async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        want: u16,
+    ) -> Value {
+        let r = self.call(method.clone(), path, token, body).await;
+        assert_eq!(r.status, want, "{method} {path}: {}", r.body);
+        r.body
+    }
+
+    /// An account (billing complete, credit 100 units) and a token for it.
+    pub async fn account(&self, name: &str) -> (String, String) {
+        let a = self
+            .ok(
+                Method::POST,
+                "/v1/admin/accounts",
+                ADMIN,
+                Some(json!({"name": name, "billing_profile_complete": true})),
+                201,
+            )
+            .await;
+        let id = a["id"].as_str().unwrap().to_string();
+        self.ok(
+            Method::POST,
+            &format!("/v1/admin/accounts/{id}/credits"),
+            ADMIN,
+            Some(json!({"amount_micros": 100_000_000, "note": "test"})),
+            200,
+        )
+        .await;
+        let t = self
+            .ok(
+                Method::POST,
+                "/v1/admin/tokens",
+                ADMIN,
+                Some(json!({"name": format!("{name}-tok"), "account": id})),
+                201,
+            )
+            .await;
+        (id, t["token"].as_str().unwrap().to_string())
+    }
+
+    /// A host with `gpus` GPUs of `model`.
+    pub async fn host(&self, name: &str, model: &str, gpus: usize) -> String {
+        let gpus: Vec<Value> = (0..gpus)
+            .map(|i| json!({"model": model, "pci": format!("0000:{:02x}:00.0", 0x10 + i)}))
+            .collect();
+        let h = self
+            .ok(
+                Method::POST,
+                "/v1/admin/hosts",
+                ADMIN,
+                Some(
+                    json!({"name": name, "address": format!("{name}.example"), "vcpus": 128,
+                    "memory_mib": 1_048_576, "disk_gib": 20_000, "gpus": gpus}),
+                ),
+                201,
+            )
+            .await;
+        h["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn flavor(&self, name: &str, model: Option<&str>, gpus: u32) -> String {
+        let f = self
+            .ok(
+                Method::POST,
+                "/v1/admin/flavors",
+                ADMIN,
+                Some(
+                    json!({"name": name, "vcpus": 4, "memory_mib": 8192, "root_disk_gib": 50,
+                    "gpu_model": model, "gpu_count": gpus, "price_micros_per_hour": 2_000_000}),
+                ),
+                201,
+            )
+            .await;
+        f["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn image(&self, name: &str) -> String {
+        let i = self
+            .ok(
+                Method::POST,
+                "/v1/admin/images",
+                ADMIN,
+                Some(json!({"name": name, "size_gib": 10})),
+                201,
+            )
+            .await;
+        i["id"].as_str().unwrap().to_string()
+    }
+
+    /// Reports an observed state as an agent would.
+    pub async fn observe(&self, instance: &str, state: &str) {
+        self.ok(
+            Method::POST,
+            &format!("/v1/admin/instances/{instance}/observed"),
+            ADMIN,
+            Some(json!({"state": state})),
+            200,
+        )
+        .await;
+    }
+}

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod config;
 pub mod format;
 pub mod image;
 pub mod keys;
@@ -16,6 +17,7 @@ pub mod maintain;
 mod pipeline;
 pub mod store;
 
+pub use config::StoreSettings;
 pub use keys::Keyring;
 pub use maintain::{GcReport, StatsReport, VerifyReport};
 pub use store::{

@@ -348,6 +348,7 @@ pub(crate) fn restore_raw(
     let n = m.entries.len() as u64;
     let (next, done, abort) = (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false));
     let threads = store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
+    let write_lock = Mutex::new(());
     let worker = || -> Result<(), StoreError> {
         let mut buf = Vec::with_capacity(cs as usize);
         let mut dec =
@@ -383,6 +384,9 @@ pub(crate) fn restore_raw(
                         reason,
                     });
                 }
+                // Buffered writes to one file serialise on its inode lock in the
+                // kernel anyway; queue here so a waiting worker sleeps instead.
+                let _w = write_lock.lock().expect("write lock");
                 write_sparse(&f, &buf[..got], i * u64::from(cs)).map_err(outp)?;
             }
             let d = done.fetch_add(len, Ordering::Relaxed) + len;

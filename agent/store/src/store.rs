@@ -26,9 +26,9 @@ pub const STORE_FORMAT: &str = "gantry-snapshot-store";
 /// Current store layout version.
 pub const STORE_VERSION: u32 = 1;
 /// Default chunk size (chosen by measurement, see docs/snapshot-store.md).
-pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Default zstd level (chosen by measurement, see docs/snapshot-store.md).
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Errors of store operations.
 #[derive(Debug, thiserror::Error)]
@@ -573,7 +573,11 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn store() -> Store {
-        let cfg = StoreConfig { chunk_size: 65536, create_if_missing: true, ..StoreConfig::default() };
+        let cfg = StoreConfig {
+            chunk_size: 65536,
+            create_if_missing: true,
+            ..StoreConfig::default()
+        };
         Store::with_backend(Box::new(MemBackend::default()), cfg).unwrap()
     }
 
@@ -588,8 +592,19 @@ mod tests {
         p
     }
 
-    fn req<'a>(image: &'a Path, owner: Option<&'a str>, parent: Option<&'a str>) -> CreateRequest<'a> {
-        CreateRequest { image, name: "t", owner, parent, changed_extents: None, progress: None }
+    fn req<'a>(
+        image: &'a Path,
+        owner: Option<&'a str>,
+        parent: Option<&'a str>,
+    ) -> CreateRequest<'a> {
+        CreateRequest {
+            image,
+            name: "t",
+            owner,
+            parent,
+            changed_extents: None,
+            progress: None,
+        }
     }
 
     #[test]
@@ -602,7 +617,10 @@ mod tests {
             assert_eq!(p.total, 1 << 20);
             last.fetch_max(p.done, Ordering::Relaxed);
         };
-        let r = CreateRequest { progress: Some(&cb), ..req(&img, None, None) };
+        let r = CreateRequest {
+            progress: Some(&cb),
+            ..req(&img, None, None)
+        };
         let info = s.create(&r).unwrap();
         assert_eq!(last.load(Ordering::Relaxed), 1 << 20);
         assert_eq!((info.chunks, info.zero_chunks), (16, 14));
@@ -611,20 +629,47 @@ mod tests {
     #[test]
     fn incremental_child_of_public_image_references_public_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let base = image(dir.path(), "base.raw", &[(0, 1), (65536, 2), (65536 * 5, 3)]);
+        let base = image(
+            dir.path(),
+            "base.raw",
+            &[(0, 1), (65536, 2), (65536 * 5, 3)],
+        );
         let s = store();
         let pub_snap = s.create(&req(&base, None, None)).unwrap();
-        let child_img = image(dir.path(), "child.raw", &[(0, 1), (65536, 9), (65536 * 5, 3)]);
-        let ext = [Extent { offset: 65536, length: 100 }];
-        let r = CreateRequest { changed_extents: Some(&ext), ..req(&child_img, Some("acct"), Some(&pub_snap.id)) };
+        let child_img = image(
+            dir.path(),
+            "child.raw",
+            &[(0, 1), (65536, 9), (65536 * 5, 3)],
+        );
+        let ext = [Extent {
+            offset: 65536,
+            length: 100,
+        }];
+        let r = CreateRequest {
+            changed_extents: Some(&ext),
+            ..req(&child_img, Some("acct"), Some(&pub_snap.id))
+        };
         let child = s.create(&r).unwrap();
-        assert_eq!(child.new_bytes, child.stored_bytes - 2 * (pub_snap.stored_bytes / 3), "only the changed chunk is new");
+        assert_eq!(
+            child.new_bytes,
+            child.stored_bytes - 2 * (pub_snap.stored_bytes / 3),
+            "only the changed chunk is new"
+        );
         let stats = s.stats().unwrap();
-        let acct = stats.owners.iter().find(|o| o.owner.as_deref() == Some("acct")).unwrap();
-        assert_eq!(acct.billed_bytes, child.new_bytes, "public chunks are not billed to the account");
+        let acct = stats
+            .owners
+            .iter()
+            .find(|o| o.owner.as_deref() == Some("acct"))
+            .unwrap();
+        assert_eq!(
+            acct.billed_bytes, child.new_bytes,
+            "public chunks are not billed to the account"
+        );
         // A parent of another account is refused.
         let other = s.create(&req(&base, Some("other"), None)).unwrap();
-        let err = s.create(&req(&base, Some("acct"), Some(&other.id))).unwrap_err();
+        let err = s
+            .create(&req(&base, Some("acct"), Some(&other.id)))
+            .unwrap_err();
         assert!(err.to_string().contains("another owner"), "{err}");
     }
 }

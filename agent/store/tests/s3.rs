@@ -36,8 +36,9 @@ fn s3_store_round_trip_verify_gc() {
             (6 * MIB, noise(8, MIB as usize + 3)),
         ],
     );
-    let a = env.create(&store, &img, &["--owner", "alice"]);
-    let b = env.create(&store, &img, &["--owner", "alice"]);
+    let small = ["--owner", "alice", "--chunk-size", "1048576"];
+    let a = env.create(&store, &img, &small);
+    let b = env.create(&store, &img, &small);
     assert_eq!(b["new_bytes"], 0);
     assert_eq!(env.list(&store).len(), 2);
     let out = env.path("out.raw");

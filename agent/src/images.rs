@@ -85,21 +85,42 @@ pub fn import(layout: &Layout, req: &ImportImage) -> Result<ImageInfo, ImageErro
         return Err(ValidationError::new("kernel", "initrd and cmdline need a kernel").into());
     }
     let id = req.id.unwrap_or_default();
+    publish(layout, id, |tmp| {
+        build(
+            tmp,
+            id,
+            req,
+            &disk_src,
+            kernel.as_deref(),
+            initrd.as_deref(),
+        )
+    })
+}
+
+/// Builds a cache entry in a temporary directory and publishes it whole:
+/// `build` writes the files and returns the record; `image.json` is written,
+/// the directory fsynced and renamed into place. On failure nothing of it
+/// remains.
+pub(crate) fn publish<E: From<ImageError> + From<FsError>>(
+    layout: &Layout,
+    id: ImageId,
+    build: impl FnOnce(&Path) -> Result<ImageRecord, E>,
+) -> Result<ImageInfo, E> {
     let dir = layout.image_dir(id);
     if dir.exists() {
-        return Err(ImageError::Exists(id));
+        return Err(ImageError::Exists(id).into());
     }
-    let tmp = layout.images_dir().join(format!(".import-{id}"));
+    let tmp = layout.images_dir().join(format!(".build-{id}"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let result = build(
-        &tmp,
-        id,
-        req,
-        &disk_src,
-        kernel.as_deref(),
-        initrd.as_deref(),
-    );
-    match result {
+    let built = fsutil::create_dir(&tmp, 0o711)
+        .map_err(E::from)
+        .and_then(|()| build(&tmp))
+        .and_then(|rec| {
+            fsutil::write_state(&tmp.join("image.json"), IMAGE_MAGIC, IMAGE_VERSION, &rec)?;
+            fsutil::sync_dir(&tmp)?;
+            Ok(rec)
+        });
+    match built {
         Ok(rec) => {
             std::fs::rename(&tmp, &dir).map_err(fsutil::io_err("rename", &dir))?;
             fsutil::sync_dir(&layout.images_dir())?;
@@ -120,7 +141,6 @@ fn build(
     kernel: Option<&Path>,
     initrd: Option<&Path>,
 ) -> Result<ImageRecord, ImageError> {
-    fsutil::create_dir(tmp, 0o711)?;
     let probed = disks::info(disk_src, None)?;
     let format = if probed.format == "qcow2" {
         Format::Qcow2
@@ -135,7 +155,7 @@ fn build(
     if let Some(i) = initrd {
         copy_into(i, &tmp.join("initrd.img"))?;
     }
-    let rec = ImageRecord {
+    Ok(ImageRecord {
         id,
         name: req.name.clone(),
         virtual_size: probed.virtual_size,
@@ -143,10 +163,7 @@ fn build(
         has_kernel: kernel.is_some(),
         has_initrd: initrd.is_some(),
         cmdline: req.cmdline.clone(),
-    };
-    fsutil::write_state(&tmp.join("image.json"), IMAGE_MAGIC, IMAGE_VERSION, &rec)?;
-    fsutil::sync_dir(tmp)?;
-    Ok(rec)
+    })
 }
 
 pub fn info(r: &ImageRecord) -> ImageInfo {

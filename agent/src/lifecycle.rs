@@ -227,23 +227,23 @@ impl Manager {
             tracing::error!(instance = %id, error = %e, "rollback: cannot remove domain");
         }
         let Ok(rec) = self.record(id) else { return };
-        if let Some(v) = rec.spec.data_volume {
-            if rec.created_volume {
-                let _ = std::fs::remove_file(self.layout.volume_disk(v.id));
-                let _ = std::fs::remove_file(self.layout.volume_record(v.id));
-            } else {
-                self.detach_volume(id, &rec);
-            }
-        }
+        self.let_go_of_volume(id, &rec, rec.created_volume);
         if let Err(e) = std::fs::remove_dir_all(self.layout.instance_dir(id)) {
             tracing::error!(instance = %id, error = %e, "rollback: cannot remove instance directory");
         }
     }
 
-    fn detach_volume(&self, id: InstanceId, rec: &InstanceRecord) {
+    /// Deletes the instance's data volume, or detaches it (kept for a later
+    /// instance).
+    fn let_go_of_volume(&self, id: InstanceId, rec: &InstanceRecord, delete: bool) {
         let Some(v) = rec.spec.data_volume else {
             return;
         };
+        if delete {
+            let _ = std::fs::remove_file(self.layout.volume_disk(v.id));
+            let _ = std::fs::remove_file(self.layout.volume_record(v.id));
+            return;
+        }
         if let Ok(Some(mut vol)) = self.layout.load_volume(v.id) {
             if vol.attached_to == Some(id) {
                 vol.attached_to = None;
@@ -394,14 +394,7 @@ impl Manager {
         self.virt.destroy(&name)?;
         self.virt.undefine(&name)?;
         let rec = self.record(id)?;
-        if let Some(v) = rec.spec.data_volume {
-            if delete_data_volume {
-                let _ = std::fs::remove_file(self.layout.volume_disk(v.id));
-                let _ = std::fs::remove_file(self.layout.volume_record(v.id));
-            } else {
-                self.detach_volume(id, &rec);
-            }
-        }
+        self.let_go_of_volume(id, &rec, delete_data_volume);
         let dir = self.layout.instance_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(crate::fsutil::io_err("remove", &dir))?;

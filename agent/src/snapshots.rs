@@ -9,10 +9,10 @@
 //! resumes (Running), or is released (`auto_release`). Any failure commits
 //! the overlay back, resumes the guest and ends in Running.
 
-use crate::images::{self, ImageError};
-use crate::layout::{ImageRecord, IMAGE_MAGIC, IMAGE_VERSION};
+use crate::disks;
+use crate::images;
+use crate::layout::ImageRecord;
 use crate::manager::{domain_name, Manager, ManagerError};
-use crate::{disks, fsutil};
 use gantry_proto::api::local::{
     ImageFromSnapshot, ImageInfo, OperationInfo, SnapshotResult, TakeSnapshot,
 };
@@ -164,53 +164,37 @@ impl Manager {
             .map(|b| images::open(&self.layout, b, false))
             .transpose()?;
         let id = req.id.unwrap_or_default();
-        let dir = self.layout.image_dir(id);
-        if dir.exists() {
-            return Err(ImageError::Exists(id).into());
-        }
-        let tmp = self.layout.images_dir().join(format!(".restore-{id}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let built = (|| -> Result<ImageRecord, ManagerError> {
-            fsutil::create_dir(&tmp, 0o711)?;
-            let disk = tmp.join("disk.qcow2");
-            let store = self.open_store()?;
-            let info = store
-                .restore(&req.snapshot.to_string(), &disk, RestoreFormat::Qcow2, None)
-                .map_err(SnapshotError::from)?;
-            let mut rec = ImageRecord {
-                id,
-                name: req.name.clone(),
-                virtual_size: info.logical_size,
-                checksum: images::hash_file(&disk)?,
-                has_kernel: false,
-                has_initrd: false,
-                cmdline: None,
-            };
-            if let Some(b) = &boot {
-                for (src, file) in [(&b.kernel, "vmlinuz"), (&b.initrd, "initrd.img")] {
-                    if let Some(src) = src {
-                        images::copy_into(src, &tmp.join(file))?;
+        images::publish(
+            &self.layout,
+            id,
+            |tmp| -> Result<ImageRecord, ManagerError> {
+                let disk = tmp.join("disk.qcow2");
+                let store = self.open_store()?;
+                let info = store
+                    .restore(&req.snapshot.to_string(), &disk, RestoreFormat::Qcow2, None)
+                    .map_err(SnapshotError::from)?;
+                disks::info(&disk, Some(disks::Format::Qcow2))?;
+                let mut rec = ImageRecord {
+                    id,
+                    name: req.name.clone(),
+                    virtual_size: info.logical_size,
+                    checksum: images::hash_file(&disk)?,
+                    has_kernel: false,
+                    has_initrd: false,
+                    cmdline: None,
+                };
+                if let Some(b) = &boot {
+                    for (src, file) in [(&b.kernel, "vmlinuz"), (&b.initrd, "initrd.img")] {
+                        if let Some(src) = src {
+                            images::copy_into(src, &tmp.join(file))?;
+                        }
                     }
+                    rec.has_kernel = b.kernel.is_some();
+                    rec.has_initrd = b.initrd.is_some();
+                    rec.cmdline = b.record.cmdline.clone();
                 }
-                rec.has_kernel = b.kernel.is_some();
-                rec.has_initrd = b.initrd.is_some();
-                rec.cmdline = b.record.cmdline.clone();
-            }
-            disks::info(&disk, Some(disks::Format::Qcow2))?;
-            fsutil::write_state(&tmp.join("image.json"), IMAGE_MAGIC, IMAGE_VERSION, &rec)?;
-            fsutil::sync_dir(&tmp)?;
-            Ok(rec)
-        })();
-        match built {
-            Ok(rec) => {
-                std::fs::rename(&tmp, &dir).map_err(fsutil::io_err("rename", &dir))?;
-                fsutil::sync_dir(&self.layout.images_dir())?;
-                Ok(images::info(&rec))
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Err(e)
-            }
-        }
+                Ok(rec)
+            },
+        )
     }
 }

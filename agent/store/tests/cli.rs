@@ -33,29 +33,11 @@ fn raw_round_trip_is_exact_and_sparse() {
         "text compresses: {snap}"
     );
     let out = env.path("out.raw");
-    env.ok(&[
-        "restore",
-        "--store",
-        &store,
-        "--id",
-        &id_of(&snap),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    env.restore(&store, &id_of(&snap), &out, &[]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
     assert!(allocated(&out) < 12 * MIB, "zeros restored as holes");
     let q = env.path("out.qcow2");
-    env.ok(&[
-        "restore",
-        "--store",
-        &store,
-        "--id",
-        &id_of(&snap),
-        "--out",
-        q.to_str().unwrap(),
-        "--format",
-        "qcow2",
-    ]);
+    env.restore(&store, &id_of(&snap), &q, &["--format", "qcow2"]);
     assert!(sh("qemu-img", &["info", q.to_str().unwrap()]).contains("file format: qcow2"));
     sh(
         "qemu-img",
@@ -118,15 +100,7 @@ fn qcow2_chain_and_incremental_snapshot() {
     );
     for snap in [&full, &inc] {
         let out = env.path(&format!("{}.raw", id_of(snap)));
-        env.ok(&[
-            "restore",
-            "--store",
-            &store,
-            "--id",
-            &id_of(snap),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        env.restore(&store, &id_of(snap), &out, &[]);
         assert_eq!(
             std::fs::read(&out).unwrap(),
             std::fs::read(&flat).unwrap(),
@@ -159,15 +133,7 @@ fn qcow2_chain_and_incremental_snapshot() {
         ],
     );
     let out = env.path("inc2.raw");
-    env.ok(&[
-        "restore",
-        "--store",
-        &store,
-        "--id",
-        &id_of(&inc2),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    env.restore(&store, &id_of(&inc2), &out, &[]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&flat).unwrap());
 }
 
@@ -301,15 +267,7 @@ fn delete_and_gc_free_only_unreferenced_chunks() {
     assert_eq!(gc["deleted_chunks"].as_u64().unwrap(), 4);
     assert_eq!(chunk_files(&store).len(), before - 4);
     let out = env.path("out.raw");
-    env.ok(&[
-        "restore",
-        "--store",
-        &store,
-        "--id",
-        &id_of(&keep),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    env.restore(&store, &id_of(&keep), &out, &[]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
     let err = env.fails(&["delete", "--store", &store, "--id", &id_of(&gone)]);
     assert!(err.contains("unknown snapshot"), "{err}");
@@ -587,15 +545,7 @@ fn compressed_qcow2_clusters_are_read_through_qemu() {
     let store = env.store();
     let snap = env.create(&store, &q, &[]);
     let out = env.path("out.raw");
-    env.ok(&[
-        "restore",
-        "--store",
-        &store,
-        "--id",
-        &id_of(&snap),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    env.restore(&store, &id_of(&snap), &out, &[]);
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap(),
         "restore differs from the image"

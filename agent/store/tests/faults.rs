@@ -30,15 +30,7 @@ fn assert_store_sound(env: &Env, store: &str, image: &[u8]) -> usize {
     if let Some(last) = list.last() {
         let out = env.path("check.raw");
         let _ = std::fs::remove_file(&out);
-        env.ok(&[
-            "restore",
-            "--store",
-            store,
-            "--id",
-            &id_of(last),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        env.restore(store, &id_of(last), &out, &[]);
         assert_eq!(std::fs::read(&out).unwrap(), image);
     }
     list.len()
@@ -162,15 +154,7 @@ fn gc_during_create_keeps_the_new_snapshot_whole() {
         env.ok(&["gc", "--store", &store]);
         let r = env.path("r.raw");
         let _ = std::fs::remove_file(&r);
-        env.ok(&[
-            "restore",
-            "--store",
-            &store,
-            "--id",
-            &id_of(&snap),
-            "--out",
-            r.to_str().unwrap(),
-        ]);
+        env.restore(&store, &id_of(&snap), &r, &[]);
         assert_eq!(std::fs::read(&r).unwrap(), std::fs::read(&img).unwrap());
     }
 }

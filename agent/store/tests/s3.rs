@@ -42,15 +42,7 @@ fn s3_store_round_trip_verify_gc() {
     assert_eq!(b["new_bytes"], 0);
     assert_eq!(env.list(&store).len(), 2);
     let out = env.path("out.raw");
-    env.ok(&[
-        "restore",
-        "--store",
-        &store,
-        "--id",
-        &id_of(&a),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    env.restore(&store, &id_of(&a), &out, &[]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
     env.ok(&["delete", "--store", &store, "--id", &id_of(&a)]);
     env.ok(&["delete", "--store", &store, "--id", &id_of(&b)]);

@@ -62,6 +62,13 @@ impl Env {
         args.extend_from_slice(extra);
         serde_json::from_str(&self.ok(&args)).expect("create json")
     }
+    /// `restore --id ID --out OUT [extra...]`, asserting success.
+    pub fn restore(&self, store: &str, id: &str, out: &Path, extra: &[&str]) -> String {
+        let out = out.display().to_string();
+        let mut args = vec!["restore", "--store", store, "--id", id, "--out", &out];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+    }
     pub fn list(&self, store: &str) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["list", "--store", store, "--json"])).expect("list json")
     }

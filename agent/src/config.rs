@@ -11,6 +11,13 @@
 //! gpus = "auto"                        # auto | nvml | none | simulated
 //! snapshot_store = "<state_dir>/snapshots"   # path, file:// or s3://bucket/prefix
 //! store_keyring = "<state_dir>/store-keys.json" # per-account chunk keys (0600)
+//!
+//! [controller]                         # optional: join a gantry-controller
+//! url = "http://127.0.0.1:8787"
+//! join_token_file = "/etc/gantry/join-token"   # or join_token = "gjt_..."
+//! host_name = "gpu1"                   # default: the system hostname
+//! address = "10.0.0.5"                 # default: host_name
+//! poll_wait_secs = 25                  # work long-poll, 0..=60
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -56,6 +63,76 @@ pub struct AgentConfig {
     pub snapshot_store: Option<String>,
     /// Per-account keys of the store; default `<state_dir>/store-keys.json`.
     pub store_keyring: Option<PathBuf>,
+    /// The controller to join and take work from; none = standalone.
+    pub controller: Option<ControllerConfig>,
+}
+
+/// The `[controller]` section.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Base URL of the controller (`http://` or `https://`).
+    pub url: String,
+    /// A file holding the join token (wins over `join_token`).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// The join token itself; never printed back.
+    #[serde(default, skip_serializing)]
+    pub join_token: Option<String>,
+    /// Default: the system hostname.
+    #[serde(default)]
+    pub host_name: Option<String>,
+    /// Default: the host name.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default = "default_poll_wait")]
+    pub poll_wait_secs: u64,
+}
+
+fn default_poll_wait() -> u64 {
+    25
+}
+
+impl std::fmt::Debug for ControllerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerConfig")
+            .field("url", &self.url)
+            .field("join_token_file", &self.join_token_file)
+            .field(
+                "join_token",
+                &self.join_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("host_name", &self.host_name)
+            .field("address", &self.address)
+            .field("poll_wait_secs", &self.poll_wait_secs)
+            .finish()
+    }
+}
+
+impl ControllerConfig {
+    /// The join token: the file's content (trimmed) or the inline value.
+    pub fn read_join_token(&self) -> Result<Option<String>, std::io::Error> {
+        if let Some(p) = &self.join_token_file {
+            let t = std::fs::read_to_string(p)?;
+            let t = t.trim();
+            return Ok((!t.is_empty()).then(|| t.to_string()));
+        }
+        Ok(self.join_token.clone())
+    }
+
+    /// The host name: configured, else the system's.
+    pub fn resolved_host_name(&self) -> String {
+        self.host_name
+            .clone()
+            .or_else(sysinfo::System::host_name)
+            .unwrap_or_else(|| "localhost".into())
+    }
+
+    pub fn resolved_address(&self) -> String {
+        self.address
+            .clone()
+            .unwrap_or_else(|| self.resolved_host_name())
+    }
 }
 
 impl Default for AgentConfig {
@@ -71,6 +148,7 @@ impl Default for AgentConfig {
             gpus: GpuSource::Auto,
             snapshot_store: None,
             store_keyring: None,
+            controller: None,
         }
     }
 }
@@ -130,6 +208,20 @@ impl AgentConfig {
                 "must be a QEMU machine type like pc or q35",
             ));
         }
+        if let Some(c) = &self.controller {
+            if !(c.url.starts_with("http://") || c.url.starts_with("https://")) {
+                return Err(invalid(
+                    "controller.url",
+                    "must start with http:// or https://",
+                ));
+            }
+            if c.poll_wait_secs > gantry_proto::api::agent::MAX_WAIT_SECS {
+                return Err(invalid("controller.poll_wait_secs", "must be 0 to 60"));
+            }
+            if c.host_name.as_deref().is_some_and(str::is_empty) {
+                return Err(invalid("controller.host_name", "must not be empty"));
+            }
+        }
         Ok(())
     }
 
@@ -181,5 +273,48 @@ mod tests {
         std::fs::write(&p, "state_dir = \"relative\"\n").unwrap();
         let e = AgentConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("state_dir: must be an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn controller_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        let tok = dir.path().join("join-token");
+        std::fs::write(&tok, "gjt_from_file\n").unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "[controller]\nurl = \"http://10.0.0.1:8787\"\njoin_token = \"gjt_inline\"\n\
+                 join_token_file = \"{}\"\nhost_name = \"gpu1\"\n",
+                tok.display()
+            ),
+        )
+        .unwrap();
+        let cfg = AgentConfig::load(&p).unwrap();
+        let c = cfg.controller.clone().unwrap();
+        assert_eq!(c.poll_wait_secs, 25);
+        assert_eq!(c.resolved_address(), "gpu1");
+        assert_eq!(
+            c.read_join_token().unwrap().as_deref(),
+            Some("gjt_from_file")
+        );
+        // The token is never printed back.
+        let printed = toml::to_string(&cfg).unwrap();
+        assert!(!printed.contains("gjt_inline"), "{printed}");
+        assert!(!format!("{c:?}").contains("gjt_inline"));
+
+        std::fs::write(&p, "[controller]\nurl = \"ftp://x\"\n").unwrap();
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("controller.url"), "{e}");
+        std::fs::write(
+            &p,
+            "[controller]\nurl = \"http://x\"\npoll_wait_secs = 61\n",
+        )
+        .unwrap();
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("poll_wait_secs"), "{e}");
+        std::fs::write(&p, "[controller]\nurl = \"http://x\"\ntoken = \"x\"\n").unwrap();
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("token"), "{e}");
     }
 }

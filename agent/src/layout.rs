@@ -7,6 +7,9 @@
 //!   images/<image-id>/          image.json, disk.qcow2, vmlinuz, initrd.img
 //!   instances/<instance-id>/    instance.json, root.qcow2, console.{sock,log}, exec.sock
 //!   volumes/<volume-id>.qcow2   data volumes, with volumes/<volume-id>.json
+//!   usage/<instance-id>.json    Running-time counters (crate::usage)
+//!   controller.json             controller credential (0600, crate::link)
+//!   controller-ops/<op-id>.json journal of controller operations
 //! ```
 //!
 //! Record files are JSON envelopes (see [`crate::fsutil`]) with these magics,
@@ -93,6 +96,18 @@ impl Layout {
     }
     pub fn token_file(&self) -> PathBuf {
         self.root.join("agent-token")
+    }
+    /// Running-time counters ([`crate::usage`]).
+    pub fn usage_dir(&self) -> PathBuf {
+        self.root.join("usage")
+    }
+    /// The controller credential ([`crate::link`]).
+    pub fn controller_file(&self) -> PathBuf {
+        self.root.join("controller.json")
+    }
+    /// The journal of controller operations ([`crate::link`]).
+    pub fn controller_ops_dir(&self) -> PathBuf {
+        self.root.join("controller-ops")
     }
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")

@@ -17,6 +17,8 @@
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
 //! - [`client`]: the command line's HTTP client for that API.
 //! - [`serve`]: the daemon: startup, readiness, shutdown.
+//! - [`usage`]: per-instance Running-time counters (billing).
+//! - [`link`]: the link to a gantry-controller: join, heartbeat, work.
 //! - [`virt_raw`]: safe wrappers over raw libvirt calls (block jobs, fsfreeze).
 
 pub mod api;
@@ -30,9 +32,11 @@ pub mod images;
 pub mod layout;
 pub mod libvirt;
 pub mod lifecycle;
+pub mod link;
 pub mod manager;
 pub mod metrics;
 pub mod recover;
 pub mod serve;
 pub mod snapshots;
+pub mod usage;
 pub mod virt_raw;

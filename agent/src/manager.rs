@@ -2,7 +2,9 @@
 //!
 //! Every state change goes through [`Manager::set_state`], which applies
 //! `InstanceState::transition` and persists the record before anything else
-//! sees it. Operations run one at a time per instance on their own thread;
+//! sees it; it also starts and stops the instance's Running-time counter
+//! ([`crate::usage`]) and wakes the controller link's heartbeat.
+//! Operations run one at a time per instance on their own thread;
 //! each has an id and reports state and progress through [`OperationInfo`].
 //! The blocking bodies of the operations live in [`crate::lifecycle`];
 //! recovery after a restart and the observed-state watcher in
@@ -54,6 +56,8 @@ pub enum ManagerError {
     Gpu(#[from] crate::gpu::GpuError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshots::SnapshotError),
+    #[error(transparent)]
+    Usage(#[from] crate::usage::UsageError),
 }
 
 /// What the manager holds in memory; the records are also on disk.
@@ -75,6 +79,11 @@ pub struct Manager {
     pub(crate) gpus: Box<dyn GpuInventory>,
     pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) inner: Mutex<Inner>,
+    /// Running-time counters, moved by [`Manager::set_state_locked`].
+    pub(crate) usage: crate::usage::UsageBook,
+    /// Woken whenever an instance changes state or an operation ends (the
+    /// controller link heartbeats promptly then).
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 /// The libvirt domain name of an instance.
@@ -93,6 +102,45 @@ impl Manager {
 
     pub fn libvirt(&self) -> &Libvirt {
         &self.virt
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn gpus(&self) -> &dyn GpuInventory {
+        self.gpus.as_ref()
+    }
+
+    pub fn usage(&self) -> &crate::usage::UsageBook {
+        &self.usage
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Resolves once an instance changed state or an operation ended since
+    /// the last call (one waiter).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Live instances (id, state) and those gone since the agent started.
+    pub fn states(&self) -> (Vec<(InstanceId, InstanceState)>, Vec<InstanceRecord>) {
+        let inner = self.lock();
+        let live = inner
+            .instances
+            .values()
+            .map(|r| (r.spec.id, r.state))
+            .collect();
+        let gone = inner.gone.values().map(|(r, _)| r.clone()).collect();
+        (live, gone)
+    }
+
+    /// Whether an operation is running on the instance.
+    pub fn is_busy(&self, id: InstanceId) -> bool {
+        self.lock().busy.contains_key(&id)
     }
 
     /// The one place instance states change: checks the edge, persists the
@@ -118,7 +166,10 @@ impl Manager {
             self.layout.save_instance(&next)?;
         }
         tracing::info!(instance = %id, from = %rec.state, to = %to, "state");
+        let from = rec.state;
         *rec = next;
+        self.usage.on_state(id, from, to);
+        self.changed.notify_one();
         Ok(())
     }
 
@@ -262,6 +313,8 @@ impl Manager {
                         }
                     }
                 }
+                drop(inner);
+                me.changed.notify_one();
             })
             .expect("spawn operation thread");
         Ok(op)

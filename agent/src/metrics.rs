@@ -4,6 +4,11 @@
 //! - `gantry_agent_instances{state}`: instances by state, read at scrape.
 //! - `gantry_agent_operations_total{kind,outcome}`: finished operations.
 //! - `gantry_agent_operation_seconds{kind}`: how long operations took.
+//! - `gantry_agent_controller_up`: 1 while the last call to the controller
+//!   succeeded, else 0.
+//! - `gantry_agent_heartbeat_failures_total`: heartbeats that failed.
+//! - `gantry_agent_controller_ops_total{kind,outcome}`: controller
+//!   operations carried out, by outcome.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +45,9 @@ pub struct Metrics {
     ops: Family<OpLabels, Counter>,
     op_seconds: Family<KindLabel, Histogram, fn() -> Histogram>,
     instances: Family<StateLabel, Gauge>,
+    controller_up: Gauge,
+    heartbeat_failures: Counter,
+    controller_ops: Family<OpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,11 +65,32 @@ impl Default for Metrics {
             op_seconds.clone(),
         );
         registry.register("instances", "Instances by state", instances.clone());
+        let controller_up = Gauge::default();
+        let heartbeat_failures = Counter::default();
+        let controller_ops = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "controller_up",
+            "Whether the controller answered the last call",
+            controller_up.clone(),
+        );
+        registry.register(
+            "heartbeat_failures",
+            "Heartbeats that failed",
+            heartbeat_failures.clone(),
+        );
+        registry.register(
+            "controller_ops",
+            "Controller operations carried out",
+            controller_ops.clone(),
+        );
         Self {
             registry,
             ops,
             op_seconds,
             instances,
+            controller_up,
+            heartbeat_failures,
+            controller_ops,
         }
     }
 }
@@ -78,6 +107,24 @@ impl Metrics {
         self.op_seconds
             .get_or_create(&KindLabel { kind: kind.into() })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn controller_link(&self, up: bool) {
+        self.controller_up.set(i64::from(up));
+    }
+
+    pub fn heartbeat_failed(&self) {
+        self.heartbeat_failures.inc();
+    }
+
+    pub fn controller_op_done(&self, kind: &str, ok: bool) {
+        let outcome = if ok { "succeeded" } else { "failed" };
+        self.controller_ops
+            .get_or_create(&OpLabels {
+                kind: kind.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Renders the text exposition, with instance counts given by the caller.
@@ -121,6 +168,22 @@ mod tests {
         );
         assert!(
             text.contains("gantry_agent_operation_seconds_count{kind=\"stop\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("gantry_agent_controller_up 0"), "{text}");
+        m.controller_link(true);
+        m.heartbeat_failed();
+        m.controller_op_done("start", true);
+        let text = m.render(&[]);
+        assert!(text.contains("gantry_agent_controller_up 1"), "{text}");
+        assert!(
+            text.contains("gantry_agent_heartbeat_failures_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gantry_agent_controller_ops_total{kind=\"start\",outcome=\"succeeded\"} 1"
+            ),
             "{text}"
         );
     }

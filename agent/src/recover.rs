@@ -9,7 +9,7 @@ use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::{Libvirt, PowerState};
 use crate::manager::{domain_name, Inner, Manager, ManagerError};
 use gantry_proto::{InstanceId, InstanceState};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ impl Manager {
         let virt = Libvirt::new(&cfg.libvirt_uri);
         virt.ping()?;
         let domain_type = cfg.resolved_domain_type();
+        let usage = crate::usage::UsageBook::open(
+            &layout.usage_dir(),
+            Arc::new(crate::usage::SystemClock),
+        )?;
         let m = Arc::new(Manager {
             cfg,
             layout,
@@ -36,6 +40,8 @@ impl Manager {
             gpus,
             metrics: crate::metrics::Metrics::default(),
             inner: Mutex::new(Inner::default()),
+            usage,
+            changed: tokio::sync::Notify::new(),
         });
         let mut known = HashSet::new();
         for loaded in m.layout.load_instances()? {
@@ -53,6 +59,13 @@ impl Manager {
                 }
             }
         }
+        let states: HashMap<InstanceId, InstanceState> = m
+            .lock()
+            .instances
+            .values()
+            .map(|r| (r.spec.id, r.state))
+            .collect();
+        m.usage.finish_recovery(&states);
         for name in m.virt.gantry_domains()? {
             if !known.contains(&name) {
                 tracing::warn!(

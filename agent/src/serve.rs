@@ -1,6 +1,7 @@
 //! The daemon: opens the manager (re-attaching to running VMs), makes or
 //! loads the local API token, binds the API, tells systemd it is ready,
-//! pings the watchdog, and stops cleanly on SIGTERM or SIGINT.
+//! pings the watchdog, starts the controller link when configured, and
+//! stops cleanly on SIGTERM or SIGINT.
 
 use crate::api::{self, AppState};
 use crate::config::AgentConfig;
@@ -72,6 +73,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
         "gantry-agent ready"
     );
     notify_ready();
+    if let Some(c) = cfg.controller.clone() {
+        tracing::info!(
+            controller = c.url,
+            "joining the controller in the background"
+        );
+        crate::link::spawn(manager.clone(), c);
+    }
     let app = api::router(AppState {
         manager: manager.clone(),
         token: Arc::new(token),

@@ -17,7 +17,8 @@ use gantry_proto::api::local::{
     ImageFromSnapshot, ImageInfo, OperationInfo, SnapshotResult, TakeSnapshot,
 };
 use gantry_proto::validate::{self, ValidationError};
-use gantry_proto::{Action, InstanceId, InstanceState, OperationId};
+use gantry_proto::{Action, InstanceId, InstanceState, OperationId, SnapshotId};
+use gantry_store::backend::BackendError;
 use gantry_store::{CreateRequest, Keyring, Progress, RestoreFormat, Store, StoreConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,11 +47,51 @@ impl Manager {
         Ok(Store::open(&self.cfg.snapshot_store_url(), cfg)?)
     }
 
+    /// Opens the host's store only if it exists already (`None` if not).
+    pub fn open_existing_store(&self) -> Result<Option<Store>, SnapshotError> {
+        let keyring = Keyring::load(&self.cfg.store_keyring_path())
+            .map_err(|e| SnapshotError::Keys(e.to_string()))?;
+        let cfg = StoreConfig {
+            keyring: Arc::new(keyring),
+            ..StoreConfig::default()
+        };
+        match Store::open(&self.cfg.snapshot_store_url(), cfg) {
+            Ok(s) => Ok(Some(s)),
+            Err(gantry_store::StoreError::Backend(
+                BackendError::Missing(_) | BackendError::NotFound(_),
+            )) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a snapshot from the host's store; an unknown one is already
+    /// gone (success).
+    pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), SnapshotError> {
+        let Some(store) = self.open_existing_store()? else {
+            return Ok(());
+        };
+        match store.delete(&id.to_string()) {
+            Ok(()) | Err(gantry_store::StoreError::UnknownSnapshot(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Starts a snapshot of an instance's root disk.
     pub fn snapshot(
         self: &Arc<Self>,
         id: InstanceId,
         req: TakeSnapshot,
+    ) -> Result<OperationInfo, ManagerError> {
+        self.snapshot_as(id, req, None)
+    }
+
+    /// [`Manager::snapshot`], published under `snapshot_id` when given
+    /// (the controller's id).
+    pub fn snapshot_as(
+        self: &Arc<Self>,
+        id: InstanceId,
+        req: TakeSnapshot,
+        snapshot_id: Option<SnapshotId>,
     ) -> Result<OperationInfo, ManagerError> {
         validate::snapshot_name("name", &req.name)?;
         if let Some(o) = &req.owner {
@@ -58,19 +99,22 @@ impl Manager {
                 .map_err(|e| ValidationError::new("owner", e.to_string()))?;
         }
         self.record(id)?.state.check_action(Action::Snapshot)?;
-        self.submit(id, "snapshot", move |m, op| m.run_snapshot(id, req, op))
+        self.submit(id, "snapshot", move |m, op| {
+            m.run_snapshot(id, req, snapshot_id, op)
+        })
     }
 
     fn run_snapshot(
         &self,
         id: InstanceId,
         req: TakeSnapshot,
+        snapshot_id: Option<SnapshotId>,
         op: OperationId,
     ) -> Result<(), ManagerError> {
         let name = domain_name(id);
         self.record(id)?.state.check_action(Action::Snapshot)?;
         self.set_state(id, InstanceState::Suspending)?;
-        let saved = self.pause_and_save(id, &req, op);
+        let saved = self.pause_and_save(id, &req, snapshot_id, op);
         match saved {
             Ok(result) => {
                 if let Some(o) = self.lock().ops.get_mut(&op) {
@@ -98,6 +142,7 @@ impl Manager {
         &self,
         id: InstanceId,
         req: &TakeSnapshot,
+        snapshot_id: Option<SnapshotId>,
         op: OperationId,
     ) -> Result<SnapshotResult, ManagerError> {
         let name = domain_name(id);
@@ -108,7 +153,7 @@ impl Manager {
         let _ = std::fs::remove_file(&overlay);
         self.virt.external_overlay(&name, "vda", &overlay)?;
         self.set_state(id, InstanceState::Saving)?;
-        let saved = self.save_root(id, req, op);
+        let saved = self.save_root(id, req, snapshot_id, op);
         // Whatever the store said, fold the overlay back into root.qcow2 and
         // keep the persistent definition pointing at it.
         let merged = self.virt.commit_and_pivot(&name, "vda", COMMIT_TIMEOUT);
@@ -126,10 +171,12 @@ impl Manager {
         &self,
         id: InstanceId,
         req: &TakeSnapshot,
+        snapshot_id: Option<SnapshotId>,
         op: OperationId,
     ) -> Result<SnapshotResult, ManagerError> {
         let store = self.open_store()?;
         let root = self.layout.root_disk(id);
+        let wanted = snapshot_id.map(|s| s.to_string());
         let progress = |p: Progress| {
             if let Some(part) = (p.done * 85).checked_div(p.total) {
                 self.progress(op, (10 + part) as u8);
@@ -143,6 +190,7 @@ impl Manager {
                 parent: None,
                 changed_extents: None,
                 progress: Some(&progress),
+                id: wanted.as_deref(),
             })
             .map_err(SnapshotError::from)?;
         let snapshot_id = info.id.parse().map_err(|_| {

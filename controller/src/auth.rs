@@ -4,11 +4,15 @@
 //! A minted token reads `gty_<token id hex>_<64 hex secret>`; only the
 //! blake3 hash of the whole string is stored. The bootstrap admin token
 //! (from `GANTRY_ADMIN_TOKEN`, the config, or generated into
-//! `<state-dir>/admin-token`) is kept only as a hash in memory.
+//! `<state-dir>/admin-token`) is kept only as a hash in memory. Hosts
+//! present a join token (`gjt_<id>_<64 hex>`, table `join_tokens`) once,
+//! then their own credential (`ghc_<host id>_<64 hex>`, `hosts.
+//! credential_hash`); both are checked the same way.
 
 use crate::db::{col, parsed_opt, Db, DbError};
 use crate::error::ApiError;
-use gantry_proto::ids::{AccountId, TokenId};
+use gantry_proto::api::agent::{HOST_CREDENTIAL_PREFIX, JOIN_TOKEN_PREFIX};
+use gantry_proto::ids::{AccountId, HostId, JoinTokenId, TokenId};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
 use std::io::Write;
@@ -32,18 +36,32 @@ pub enum AuthError {
     },
 }
 
-/// Who is calling.
+/// Who is calling: an admin (none of account, host, join set), an
+/// account's token, a host (its credential) or a host about to join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// Token id, or `bootstrap-admin`.
+    /// Token id, host id, join token id, or `bootstrap-admin`.
     pub actor: String,
-    /// `None` for admin tokens.
+    /// Set for account tokens.
     pub account: Option<AccountId>,
+    /// Set for host credentials.
+    pub host: Option<HostId>,
+    /// Set for join tokens.
+    pub join: Option<JoinTokenId>,
 }
 
 impl Identity {
+    pub fn admin(actor: impl Into<String>) -> Self {
+        Self {
+            actor: actor.into(),
+            account: None,
+            host: None,
+            join: None,
+        }
+    }
+
     pub fn is_admin(&self) -> bool {
-        self.account.is_none()
+        self.account.is_none() && self.host.is_none() && self.join.is_none()
     }
 
     pub fn require_admin(&self) -> Result<(), ApiError> {
@@ -56,6 +74,9 @@ impl Identity {
 
     /// Whether this caller may see an object owned by `owner`.
     pub fn can_see(&self, owner: &AccountId) -> bool {
+        if self.host.is_some() || self.join.is_some() {
+            return false;
+        }
         self.account.as_ref().is_none_or(|a| a == owner)
     }
 }
@@ -70,10 +91,23 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A fresh token for `id`: the secret string (shown once) and its hash.
 pub fn mint(id: TokenId) -> (String, String) {
+    mint_with("gty_", id.uuid())
+}
+
+/// A fresh `<prefix><uuid simple>_<64 hex>` secret and its hash.
+pub fn mint_with(prefix: &str, id: uuid::Uuid) -> (String, String) {
     let secret: [u8; 32] = rand::random();
-    let token = format!("gty_{}_{}", id.uuid().simple(), hex(&secret));
+    let token = format!("{prefix}{}_{}", id.simple(), hex(&secret));
     let h = hex(&hash(&token));
     (token, h)
+}
+
+/// The id embedded in a `<prefix><uuid simple>_<hex>` token.
+fn embedded<T: std::str::FromStr>(token: &str, prefix: &str, id_prefix: &str) -> Option<T> {
+    token
+        .strip_prefix(prefix)
+        .and_then(|r| r.split_once('_'))
+        .and_then(|(id, _)| format!("{id_prefix}-{id}").parse::<T>().ok())
 }
 
 /// How long a verified token is trusted without asking the database again.
@@ -129,35 +163,53 @@ impl Verifier {
         token: &str,
         presented: &[u8; 32],
     ) -> Result<Identity, ApiError> {
-        if let Some(id) = token
-            .strip_prefix("gty_")
-            .and_then(|r| r.split_once('_'))
-            .and_then(|(id, _)| format!("{}-{id}", TokenId::PREFIX).parse::<TokenId>().ok())
-        {
-            let row =
-                sqlx::query("SELECT hash, account_id FROM tokens WHERE id = $1 AND revoked = 0")
-                    .bind(id.to_string())
-                    .fetch_optional(&db.pool)
-                    .await?;
-            let Some(row) = row else {
-                return Err(ApiError::Unauthorized);
-            };
-            let stored: String = col(&row, "hash")?;
-            if hex(presented).as_bytes().ct_eq(stored.as_bytes()).into() {
-                let account: Option<AccountId> = parsed_opt(&row, "account_id", "tokens")?;
-                return Ok(Identity {
-                    actor: id.to_string(),
-                    account,
-                });
-            }
-            return Err(ApiError::Unauthorized);
+        if let Some(id) = embedded::<TokenId>(token, "gty_", TokenId::PREFIX) {
+            let sql = "SELECT hash, account_id FROM tokens WHERE id = $1 AND revoked = 0";
+            let row = lookup(db, sql, &id.to_string(), presented).await?;
+            let account: Option<AccountId> = parsed_opt(&row, "account_id", "tokens")?;
+            let mut who = Identity::admin(id.to_string());
+            who.account = account;
+            return Ok(who);
+        }
+        if let Some(id) = embedded::<JoinTokenId>(token, JOIN_TOKEN_PREFIX, JoinTokenId::PREFIX) {
+            let sql = "SELECT hash FROM join_tokens WHERE id = $1";
+            lookup(db, sql, &id.to_string(), presented).await?;
+            let mut who = Identity::admin(id.to_string());
+            who.join = Some(id);
+            return Ok(who);
+        }
+        if let Some(id) = embedded::<HostId>(token, HOST_CREDENTIAL_PREFIX, HostId::PREFIX) {
+            let sql = "SELECT credential_hash AS hash FROM hosts WHERE id = $1 \
+                       AND credential_hash IS NOT NULL";
+            lookup(db, sql, &id.to_string(), presented).await?;
+            let mut who = Identity::admin(id.to_string());
+            who.host = Some(id);
+            return Ok(who);
         }
         if bool::from(presented.ct_eq(&self.bootstrap)) {
-            return Ok(Identity {
-                actor: "bootstrap-admin".into(),
-                account: None,
-            });
+            return Ok(Identity::admin("bootstrap-admin"));
         }
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Loads the row holding a stored hash (column `hash`) and compares it with
+/// the presented token's hash in constant time.
+async fn lookup(
+    db: &Db,
+    sql: &str,
+    id: &str,
+    presented: &[u8; 32],
+) -> Result<sqlx::any::AnyRow, ApiError> {
+    let row = sqlx::query(sql)
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    let stored: String = col(&row, "hash")?;
+    if hex(presented).as_bytes().ct_eq(stored.as_bytes()).into() {
+        Ok(row)
+    } else {
         Err(ApiError::Unauthorized)
     }
 }

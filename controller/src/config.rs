@@ -39,8 +39,23 @@ pub struct Config {
     /// Requests per second allowed per token, and the burst above it.
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
-    /// A host not heard from for this long is not scheduled on.
+    /// How often agents are told to heartbeat.
+    pub heartbeat_secs: u64,
+    /// A host not heard from for this long is marked unhealthy and not
+    /// scheduled on.
     pub heartbeat_timeout_secs: u64,
+    /// How often the reconcile loop runs.
+    pub reconcile_secs: u64,
+    /// How often snapshot storage is charged.
+    pub snapshot_meter_secs: u64,
+    /// Snapshot storage price, micro-units per TB (10^12 bytes) per hour.
+    pub snapshot_price_micros_per_tb_hour: i64,
+    /// How long an account may stay at or below zero credit before its
+    /// Running instances are stopped.
+    pub credit_grace_secs: u64,
+    /// Whether every host sees one shared snapshot store (then a snapshot
+    /// can be restored anywhere and store usage is counted once).
+    pub snapshot_store_shared: bool,
     /// Smallest root disk `grow-disk` accepts, GiB.
     pub min_root_disk_gib: u64,
     /// Snapshot storage quota of new accounts, GiB.
@@ -60,7 +75,13 @@ impl Default for Config {
             max_body_bytes: 64 * 1024,
             rate_limit_per_second: 50,
             rate_limit_burst: 100,
-            heartbeat_timeout_secs: 120,
+            heartbeat_secs: 10,
+            heartbeat_timeout_secs: 60,
+            reconcile_secs: 5,
+            snapshot_meter_secs: 3600,
+            snapshot_price_micros_per_tb_hour: 100_000,
+            credit_grace_secs: 3600,
+            snapshot_store_shared: false,
             min_root_disk_gib: 50,
             default_snapshot_quota_gib: 100,
             port_range_start: 20000,
@@ -100,7 +121,16 @@ impl Config {
         positive("max_body_bytes", self.max_body_bytes as u64)?;
         positive("rate_limit_per_second", self.rate_limit_per_second.into())?;
         positive("rate_limit_burst", self.rate_limit_burst.into())?;
+        positive("heartbeat_secs", self.heartbeat_secs)?;
         positive("heartbeat_timeout_secs", self.heartbeat_timeout_secs)?;
+        positive("reconcile_secs", self.reconcile_secs)?;
+        positive("snapshot_meter_secs", self.snapshot_meter_secs)?;
+        if self.snapshot_price_micros_per_tb_hour < 0 {
+            return Err((
+                "snapshot_price_micros_per_tb_hour",
+                "must not be negative".into(),
+            ));
+        }
         positive("max_db_connections", self.max_db_connections.into())?;
         positive("port_range_start", self.port_range_start.into())?;
         if let Some(t) = &self.admin_token {

@@ -19,8 +19,14 @@ pub enum ApiError {
     Invalid(#[from] ValidationError),
     #[error("a bearer token is required (Authorization: Bearer ...)")]
     Unauthorized,
+    /// 401 with a reason (an expired or already used join token).
+    #[error("{0}")]
+    BadToken(String),
     #[error("this call needs an admin token")]
     Forbidden,
+    /// 403 with a reason (host credentials, join tokens, other hosts' objects).
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -53,8 +59,8 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Unauthorized | Self::BadToken(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::Denied(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,

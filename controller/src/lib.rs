@@ -7,12 +7,15 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod openapi;
+pub mod reconcile;
 pub mod scheduler;
 
+use gantry_proto::ids::HostId;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -27,6 +30,46 @@ pub struct Inner {
     pub cfg: Config,
     pub verifier: auth::Verifier,
     pub limiter: auth::Limiter,
+    /// Wakes a host's pending work long-poll.
+    pub wake: Wakers,
+}
+
+/// One [`tokio::sync::Notify`] per host with a work long-poll, and whether
+/// the service is shutting down (then polls answer at once).
+#[derive(Default)]
+pub struct Wakers {
+    hosts: std::sync::Mutex<std::collections::HashMap<HostId, Arc<tokio::sync::Notify>>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Wakers {
+    /// The host's notifier (created on first use).
+    pub fn get(&self, host: &HostId) -> Arc<tokio::sync::Notify> {
+        let mut m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(*host).or_default().clone()
+    }
+
+    /// Whether [`Wakers::close`] was called.
+    pub fn closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Shutting down: wakes every poll and makes new ones answer at once.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for n in m.values() {
+            n.notify_waiters();
+        }
+    }
+
+    /// Wakes every poll of `host` that is waiting now.
+    pub fn wake(&self, host: &HostId) {
+        let m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get(host) {
+            n.notify_waiters();
+        }
+    }
 }
 
 impl std::ops::Deref for AppState {
@@ -77,6 +120,7 @@ pub async fn open(
         verifier: auth::Verifier::new(&token),
         limiter,
         cfg,
+        wake: Wakers::default(),
     })))
 }
 
@@ -93,8 +137,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let looper = tokio::spawn(reconcile::run(state.clone()));
+    let st = state.clone();
+    // Work long-polls answer at once, so shutdown does not wait for them.
+    let shutdown = async move {
+        shutdown.await;
+        st.wake.close();
+    };
     let app = api::router(state);
-    axum::serve(listener, app)
+    let res = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    looper.abort();
+    res
 }

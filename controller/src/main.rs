@@ -1,7 +1,7 @@
 //! `gantry-controller --listen ADDR --state-dir DIR [--config FILE]`.
 //!
-//! Opens and migrates the database, binds the listener, then tells systemd
-//! it is ready (`Type=notify`); SIGTERM or Ctrl-C finish in-flight requests
+//! Opens and migrates the database, binds the listener, writes the bound
+//! address to `<state-dir>/listen-addr`, then tells systemd it is ready (`Type=notify`); SIGTERM or Ctrl-C finish in-flight requests
 //! and exit 0.
 
 use anyhow::Context;
@@ -57,13 +57,30 @@ async fn run() -> anyhow::Result<()> {
         .await
         .context("cannot start")?;
     let listener = gantry_controller::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "listening");
+    // Where we listen (for `--listen 127.0.0.1:0`); read by tests and scripts.
+    let addr_file = args.state_dir.join("listen-addr");
+    write_atomic(&addr_file, &format!("{local}\n"))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
     // Readiness: the database is migrated and the listener is bound.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     gantry_controller::serve(state, listener, shutdown()).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Temp file, fsync, rename, fsync dir.
+fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(".listen-addr.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 async fn shutdown() {

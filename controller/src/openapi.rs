@@ -87,12 +87,6 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "hosts",
         "Cordon and drain a host (admin)",
     ),
-    (
-        "post",
-        "/v1/admin/hosts/{id}/heartbeat",
-        "hosts",
-        "Record a host heartbeat (admin)",
-    ),
     ("get", "/v1/flavors", "flavors", "List flavors"),
     (
         "post",
@@ -152,12 +146,6 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "post",
-        "/v1/admin/instances/{id}/observed",
-        "instances",
-        "Record an observed state (admin)",
-    ),
-    (
-        "post",
         "/v1/instances/{id}/snapshots",
         "snapshots",
         "Snapshot a Running instance",
@@ -174,6 +162,42 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "/v1/snapshots/{id}",
         "snapshots",
         "Delete a snapshot",
+    ),
+    (
+        "get",
+        "/v1/usage",
+        "usage",
+        "Usage ledger records (?instance=&limit=)",
+    ),
+    (
+        "post",
+        "/v1/admin/join-tokens",
+        "agent",
+        "Mint a one-time host join token (admin)",
+    ),
+    (
+        "post",
+        "/v1/agent/join",
+        "agent",
+        "A host joins (join token); answers its credential",
+    ),
+    (
+        "post",
+        "/v1/agent/heartbeat",
+        "agent",
+        "Host heartbeat: capacity, health, states, usage (host)",
+    ),
+    (
+        "get",
+        "/v1/agent/work",
+        "agent",
+        "Long-poll the host's work (?wait_secs=) (host)",
+    ),
+    (
+        "post",
+        "/v1/agent/ops/{id}",
+        "agent",
+        "Report an operation's progress or outcome (host)",
     ),
     ("post", "/v1/volumes", "volumes", "Create a data volume"),
     ("get", "/v1/volumes", "volumes", "List data volumes"),

@@ -176,9 +176,24 @@ pub async fn candidates(
     cutoff_ms: i64,
     fitting: bool,
 ) -> Result<Vec<Candidate>, DbError> {
+    candidates_on(tx, need, cutoff_ms, fitting, None).await
+}
+
+/// [`candidates`], limited to `pin` when given (a snapshot's host).
+pub async fn candidates_on(
+    tx: &mut Tx,
+    need: &Need,
+    cutoff_ms: i64,
+    fitting: bool,
+    pin: Option<&HostId>,
+) -> Result<Vec<Candidate>, DbError> {
     let model = need.gpu_model.clone().unwrap_or_default();
+    let pin = pin.map(|h| h.to_string()).unwrap_or_default();
     let rows = if fitting {
-        let sql = format!("{CANDIDATES}{FITTING} ORDER BY {} LIMIT $7", order_by(need));
+        let sql = format!(
+            "{CANDIDATES} AND ($8 = '' OR h.id = $8){FITTING} ORDER BY {} LIMIT $7",
+            order_by(need)
+        );
         sqlx::query(&sql)
             .bind(model)
             .bind(cutoff_ms)
@@ -187,12 +202,14 @@ pub async fn candidates(
             .bind(need.disk_gib as i64)
             .bind(need.gpu_count as i64)
             .bind(SHORTLIST)
+            .bind(pin)
             .fetch_all(&mut **tx)
             .await?
     } else {
-        sqlx::query(CANDIDATES)
+        sqlx::query(&format!("{CANDIDATES} AND ($3 = '' OR h.id = $3)"))
             .bind(model)
             .bind(cutoff_ms)
+            .bind(pin)
             .fetch_all(&mut **tx)
             .await?
     };
@@ -210,19 +227,26 @@ pub async fn candidates(
         .collect()
 }
 
-/// Picks a host and claims capacity and GPUs on it for `instance`.
-/// Returns the host and the claimed GPUs' PCI addresses.
+/// Picks a host (only `pin` when given) and claims capacity and GPUs on
+/// it for `instance`. Returns the host and the claimed GPUs' PCI addresses.
 pub async fn place(
     tx: &mut Tx,
     instance: InstanceId,
     need: &Need,
     cutoff_ms: i64,
     timeout_secs: u64,
+    pin: Option<&HostId>,
 ) -> Result<(HostId, Vec<String>), PlaceError> {
-    let cands = candidates(tx, need, cutoff_ms, true).await?;
+    let cands = candidates_on(tx, need, cutoff_ms, true, pin).await?;
     let Some(i) = choose(&cands, need) else {
-        let all = candidates(tx, need, cutoff_ms, false).await?;
-        return Err(PlaceError::NoFit(explain(&all, need, timeout_secs)));
+        let all = candidates_on(tx, need, cutoff_ms, false, pin).await?;
+        let why = explain(&all, need, timeout_secs);
+        return Err(PlaceError::NoFit(match pin {
+            Some(h) => format!(
+                "the snapshot is stored on host {h}, which cannot take this instance: {why}"
+            ),
+            None => why,
+        }));
     };
     let host: HostId = cands[i].id.parse().map_err(|e| {
         PlaceError::Db(DbError::Corrupt {

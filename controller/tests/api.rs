@@ -291,13 +291,8 @@ async fn openapi_lists_every_route_and_the_router_answers_each() {
 async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gantry-controller"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.path())
         .env_remove("GANTRY_ADMIN_TOKEN")
         .stderr(std::process::Stdio::piped())
@@ -305,12 +300,16 @@ async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}");
+    // The bound address (port 0 asked for any) is written to the state dir.
+    let mut url = String::new();
     let mut up = false;
     for _ in 0..100 {
-        if http.get(format!("{url}/healthz")).send().await.is_ok() {
-            up = true;
-            break;
+        if let Ok(a) = std::fs::read_to_string(dir.path().join("listen-addr")) {
+            url = format!("http://{}", a.trim());
+            if http.get(format!("{url}/healthz")).send().await.is_ok() {
+                up = true;
+                break;
+            }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -324,9 +323,44 @@ async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // A host long-polling for work does not hold up shutdown.
+    let jt: serde_json::Value = http
+        .post(format!("{url}/v1/admin/join-tokens"))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let joined: serde_json::Value = http
+        .post(format!("{url}/v1/agent/join"))
+        .bearer_auth(jt["token"].as_str().unwrap())
+        .json(&json!({"name": "h1", "address": "h1", "capacity":
+            {"vcpus": 8, "memory_mib": 8192, "disk_gib": 100}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cred = joined["credential"].as_str().unwrap().to_string();
+    let poll = tokio::spawn(
+        http.get(format!("{url}/v1/agent/work?wait_secs=60"))
+            .bearer_auth(cred)
+            .send(),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let asked = std::time::Instant::now();
     nix_kill(child.id());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(30),
+        "shutdown waited for the long-poll"
+    );
+    assert_eq!(poll.await.unwrap().unwrap().status(), 200);
     let mut out = String::new();
     child
         .stdout
@@ -396,6 +430,17 @@ async fn gantryctl_prints_tables_json_and_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs an admin token"));
     let out = ctl(ADMIN, &["host", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("h1"));
+    let out = ctl(
+        ADMIN,
+        &["--json", "join-token", "create", "--ttl-secs", "60"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["token"].as_str().unwrap().starts_with("gjt_"), "{v}");
+    let out = ctl(&tok, &["usage", "--instance", &id]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("AMOUNT_MICROS"));
+    let out = ctl(&tok, &["join-token", "create"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs an admin token"));
     let out = ctl("", &["flavor", "list"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("set GANTRY_TOKEN"));
 }

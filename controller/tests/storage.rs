@@ -383,9 +383,10 @@ async fn snapshotting(s: &Server, t: &str, id: &str, sid: &str) {
     s.observe(id, "Paused").await;
     s.observe(id, "Saving").await;
     s.observe(id, "Running").await;
-    let r = s.post(&snap, t, json!({"name": "before upgrade"})).await;
+    // Until the host reports the snapshot operation, the instance is busy.
+    let r = s.post(&snap, t, json!({"name": "other"})).await;
     assert_eq!(r.status, 409);
-    assert!(r.error().contains("already exists"), "{}", r.body);
+    assert!(r.error().contains("pending operation"), "{}", r.body);
     let list = s.get("/v1/snapshots?status=Creating", t).await.body;
     assert_eq!(list[0]["id"], sid);
     let r = s
@@ -395,19 +396,26 @@ async fn snapshotting(s: &Server, t: &str, id: &str, sid: &str) {
     assert!(r.error().contains("still being created"));
 }
 
-async fn snapshot_success(s: &Server, t: &str, _id: &str, sid: &str, f: &str) {
+async fn snapshot_success(s: &Server, t: &str, id: &str, sid: &str, f: &str) {
     // The host reports success: the snapshot counts against the quota and,
     // made as an image, new instances can start from it.
-    let status = format!("/v1/admin/snapshots/{sid}/status");
-    let done =
-        json!({"status": "Success", "logical_bytes": 20u64 << 30, "compressed_bytes": 3u64 << 30});
-    s.ok(Method::POST, &status, ADMIN, Some(done.clone()), 200)
-        .await;
-    let r = s.post(&status, ADMIN, done).await;
+    let r = s.finish_snapshot(id, 20u64 << 30, 3u64 << 30).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let snap = s.get(&format!("/v1/snapshots/{sid}"), t).await.body;
     assert_eq!(
-        (r.status, r.error().as_str()),
-        (409, "a snapshot cannot go from Success to Success")
+        (snap["status"].as_str(), snap["logical_bytes"].as_u64()),
+        (Some("Success"), Some(20u64 << 30))
     );
+    // The name is now taken.
+    let r = s
+        .post(
+            &format!("/v1/instances/{id}/snapshots"),
+            t,
+            json!({"name": "before upgrade"}),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(r.error().contains("already exists"), "{}", r.body);
     assert_eq!(
         s.get("/v1/account", t).await.body["snapshot_used_bytes"],
         3u64 << 30
@@ -492,14 +500,8 @@ async fn scheduling(s: Server) {
         200,
     )
     .await;
-    s.ok(
-        Method::POST,
-        &format!("/v1/admin/hosts/{used}/heartbeat"),
-        ADMIN,
-        Some(json!({"health": "unhealthy"})),
-        200,
-    )
-    .await;
+    let r = s.heartbeat(&used, json!({"health": "unhealthy"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
     let r = s.post("/v1/instances", &t, mk("x", &one, "pack")).await;
     assert_eq!(
         (r.status, r.error().as_str()),

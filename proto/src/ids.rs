@@ -147,6 +147,10 @@ define_id!(
     /// An API token (the id, never the secret).
     TokenId, "tok", "token"
 );
+define_id!(
+    /// A one-time token a host joins the controller with.
+    JoinTokenId, "jtk", "join token"
+);
 
 #[cfg(test)]
 mod tests {

@@ -125,6 +125,39 @@ impl InstanceState {
         }
     }
 
+    /// Whether `to` can be reached from `self` through zero or more edges.
+    pub fn can_reach(self, to: InstanceState) -> bool {
+        let mut seen = vec![self];
+        let mut i = 0;
+        while i < seen.len() {
+            let from = seen[i];
+            if from == to {
+                return true;
+            }
+            for next in Self::ALL {
+                if from.can_become(next) && !seen.contains(&next) {
+                    seen.push(next);
+                }
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Applies a state a host *observed*, which may skip steps the reporter
+    /// went through between two reports (Running -> Suspending -> Paused ->
+    /// Saving -> Running reads as Running -> Running). Accepted when `to` is
+    /// reachable from `self`; a report that would leave a final state or go
+    /// backwards along no path is refused, so a stale report cannot
+    /// resurrect a released instance.
+    pub fn observe(self, to: InstanceState) -> Result<InstanceState, TransitionError> {
+        if self == to || self.can_reach(to) {
+            Ok(to)
+        } else {
+            Err(TransitionError::Illegal { from: self, to })
+        }
+    }
+
     /// Whether `action` may be asked for in this state.
     pub fn check_action(self, action: Action) -> Result<(), TransitionError> {
         use Action::*;
@@ -384,5 +417,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn observe_accepts_reachable_states_only() {
+        use InstanceState::*;
+        for from in InstanceState::ALL {
+            for to in InstanceState::ALL {
+                let direct = from == to || from.can_become(to);
+                if direct {
+                    assert!(from.observe(to).is_ok(), "{from} -> {to}");
+                }
+                if from.is_final() && from != to {
+                    assert!(from.observe(to).is_err(), "{from} -> {to}");
+                }
+            }
+        }
+        assert!(Saving.observe(Released).is_ok());
+        assert!(Creating.observe(Released).is_ok());
+        assert!(Stopped.observe(Saving).is_ok());
+        assert!(Released.observe(Running).is_err());
+        assert!(Releasing.observe(Running).is_err());
     }
 }

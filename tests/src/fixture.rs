@@ -385,6 +385,9 @@ pub struct TestVm<'a> {
     pub console_log: PathBuf,
     pub exec_socket: PathBuf,
     boots: usize,
+    /// Released through the agent's local API on drop (not when a
+    /// controller owns the instance).
+    release_on_drop: bool,
 }
 
 impl<'a> TestVm<'a> {
@@ -415,6 +418,14 @@ impl<'a> TestVm<'a> {
         Ok(vm)
     }
 
+    /// A handle on an instance a controller owns: the test drives it
+    /// through the controller, and dropping the handle leaves it alone.
+    pub fn observe(agent: &'a TestAgent, id: InstanceId) -> anyhow::Result<Self> {
+        let mut vm = Self::attach(agent, id)?;
+        vm.release_on_drop = false;
+        Ok(vm)
+    }
+
     /// A handle on an existing instance (e.g. after an agent restart).
     pub fn attach(agent: &'a TestAgent, id: InstanceId) -> anyhow::Result<Self> {
         let info = agent.instance(id)?;
@@ -427,11 +438,20 @@ impl<'a> TestVm<'a> {
             console_log,
             exec_socket,
             boots,
+            release_on_drop: true,
         })
     }
 
     fn wait_boot(&self, n: usize) -> anyhow::Result<()> {
         guest::wait_for_marker_count(&self.console_log, n, BOOT_TIMEOUT)
+    }
+
+    /// Waits until the guest has booted at least once.
+    pub fn wait_first_boot(&mut self) -> anyhow::Result<()> {
+        if self.boots == 0 {
+            self.wait_next_boot()?;
+        }
+        Ok(())
     }
 
     /// Waits for the next boot marker (after start, reboot or reset).
@@ -464,6 +484,9 @@ impl<'a> TestVm<'a> {
 
 impl Drop for TestVm<'_> {
     fn drop(&mut self) {
+        if !self.release_on_drop {
+            return;
+        }
         if let Ok(info) = self.agent.instance(self.id) {
             if !info.state.is_final() {
                 let _ = self.agent.act(

@@ -1,6 +1,10 @@
 //! End-to-end test support for Gantry: the real-guest fixture
 //! ([`fixture::TestAgent`], [`fixture::TestVm`]) and the host side of the
-//! test guest's console and exec channel ([`guest`]).
+//! test guest's console and exec channel ([`guest`]), and a real controller
+//! process ([`controller::TestController`]) and a whole small cloud of
+//! both ([`cloud::Cloud`]).
 
+pub mod cloud;
+pub mod controller;
 pub mod fixture;
 pub mod guest;

@@ -205,6 +205,7 @@ fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
         parent: parent.as_deref(),
         changed_extents: extents.as_deref(),
         progress: Some(&cb),
+        id: None,
     };
     let info = s.create(&req)?;
     if let Some(b) = pb {

@@ -115,6 +115,10 @@ pub struct CreateRequest<'a> {
     /// With a parent: only these ranges changed since it was taken.
     pub changed_extents: Option<&'a [Extent]>,
     pub progress: Option<ProgressFn<'a>>,
+    /// Publish under this id (`snap-<32 hex>`, e.g. one the controller
+    /// chose); `None` makes a fresh one. An id already in the store is
+    /// refused.
+    pub id: Option<&'a str>,
 }
 
 /// A snapshot as reported to callers.
@@ -373,7 +377,22 @@ impl Store {
                 reason,
             });
         }
+        if let Some(id) = req.id {
+            check_id(id)?;
+        }
         let _lock = self.backend.lock(false)?;
+        if let Some(id) = req.id {
+            match self.backend.get(&manifest_key(id)) {
+                Ok(_) => {
+                    return Err(StoreError::Invalid {
+                        field: "id",
+                        reason: format!("snapshot {id} already exists"),
+                    })
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let parent = req.parent.map(|p| self.manifest(p)).transpose()?;
         let chunk_size = parent
             .as_ref()
@@ -393,7 +412,10 @@ impl Store {
             Namespace::Public => HashMap::new(),
             Namespace::Owner(_) => self.chunk_sizes(&Namespace::Public)?,
         };
-        let id = gantry_proto::SnapshotId::new().to_string();
+        let id = req.id.map_or_else(
+            || gantry_proto::SnapshotId::new().to_string(),
+            str::to_string,
+        );
         tracing::info!(snapshot = %id, image = %req.image.display(), store = %self.describe(), "creating snapshot");
         let ctx = pipeline::CreateCtx {
             store: self,
@@ -604,6 +626,7 @@ mod tests {
             parent,
             changed_extents: None,
             progress: None,
+            id: None,
         }
     }
 
@@ -671,5 +694,29 @@ mod tests {
             .create(&req(&base, Some("acct"), Some(&other.id)))
             .unwrap_err();
         assert!(err.to_string().contains("another owner"), "{err}");
+    }
+
+    #[test]
+    fn publishes_under_a_given_id_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), "a.raw", &[(0, 1)]);
+        let s = store();
+        let want = gantry_proto::SnapshotId::new().to_string();
+        let r = CreateRequest {
+            id: Some(&want),
+            ..req(&img, Some("acct"), None)
+        };
+        let info = s.create(&r).unwrap();
+        assert_eq!(info.id, want);
+        assert_eq!(s.manifest(&want).unwrap().meta.id, want);
+        let again = s.create(&r).unwrap_err().to_string();
+        assert!(again.contains("already exists"), "{again}");
+        let bad = CreateRequest {
+            id: Some("snap-nothex"),
+            ..req(&img, None, None)
+        };
+        let e = s.create(&bad).unwrap_err().to_string();
+        assert!(e.contains("invalid snapshot id"), "{e}");
+        assert_eq!(s.snapshot_ids().unwrap(), vec![want]);
     }
 }

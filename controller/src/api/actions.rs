@@ -1,11 +1,10 @@
-//! Instance actions (one or a batch) and the observed-state report.
+//! Instance actions (one or a batch) and applying observed states.
 //!
 //! An action is checked against the instance's observed state with
 //! [`InstanceState::check_action`], then recorded as the desired state plus
-//! a pending operation (`202` with its id); the reconcile loop of the agent
-//! protocol carries it to the host. A report moves the observed state
-//! through [`InstanceState::transition`], keeps the billing clock, completes
-//! the pending operation and frees a final instance's host resources.
+//! a pending operation (`202` with its id) for the instance's host, whose
+//! work long-poll is woken. The agent reports the operation's outcome
+//! (`api::agent`); observed states arrive through [`apply_observed`].
 
 use super::instances::{gate, load_in};
 use super::{accepted, path_id, Body, Caller};
@@ -21,21 +20,24 @@ use gantry_proto::ids::*;
 use gantry_proto::{validate, Action, InstanceState};
 
 /// Records an operation row.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert_op(
     tx: &mut Tx,
     op: OperationId,
     account: &AccountId,
+    host: Option<HostId>,
     instance: Option<InstanceId>,
     kind: &str,
     detail: &str,
 ) -> Result<(), sqlx::Error> {
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO operations (id, account_id, instance_id, kind, detail, state, created_ms, \
-         updated_ms) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)",
+        "INSERT INTO operations (id, account_id, host_id, instance_id, kind, detail, state, \
+         created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
     )
     .bind(op.to_string())
     .bind(account.to_string())
+    .bind(host.map(|h| h.to_string()))
     .bind(instance.map(|i| i.to_string()))
     .bind(kind)
     .bind(detail)
@@ -95,6 +97,9 @@ async fn do_action(
     let action = req.action();
     let rec = load_in(&st.db.pool, who, id).await?;
     check(&rec, action)?;
+    if action == Action::Start {
+        crate::billing::require_credit(st, &rec.account, "starting instances").await?;
+    }
     let desired = match action {
         Action::Start | Action::Reboot | Action::ForceReboot => InstanceState::Running,
         Action::Stop => InstanceState::Stopped,
@@ -107,11 +112,12 @@ async fn do_action(
     let detail = match req {
         InstanceAction::ChangeType { flavor } => {
             change_type(st, &mut tx, &rec, *flavor).await?;
-            flavor.to_string()
+            // The old flavor and disk, to undo the change if the host fails.
+            format!("{flavor} {} {}", rec.flavor, rec.root_disk_gib)
         }
         InstanceAction::GrowDisk { root_disk_gib } => {
             grow_disk(st, &mut tx, &rec, *root_disk_gib).await?;
-            root_disk_gib.to_string()
+            format!("{root_disk_gib} {}", rec.root_disk_gib)
         }
         _ => String::new(),
     };
@@ -119,13 +125,124 @@ async fn do_action(
         &mut tx,
         op,
         &rec.account,
+        rec.host,
         Some(rec.id),
         action.name(),
         &detail,
     )
     .await?;
     tx.commit().await?;
+    if let Some(h) = &rec.host {
+        st.wake.wake(h);
+    }
     Ok(op)
+}
+
+/// Undoes the records of a `change-type` or `grow-disk` the host could not
+/// carry out (operation detail: the new value, then the old ones): the
+/// old flavor and disk size, and the host capacity they hold.
+pub(crate) async fn undo_resize(
+    tx: &mut Tx,
+    rec: &InstanceRec,
+    kind: &str,
+    detail: &str,
+) -> ApiResult<()> {
+    let parts: Vec<&str> = detail.split(' ').collect();
+    let Some(host) = rec.host else {
+        return Ok(());
+    };
+    match (kind, parts.as_slice()) {
+        ("grow-disk", [new, old]) => {
+            let (new, old): (i64, i64) = (new.parse().unwrap_or(0), old.parse().unwrap_or(0));
+            if new <= old || rec.root_disk_gib as i64 != new {
+                return Ok(());
+            }
+            sqlx::query("UPDATE hosts SET used_disk_gib = used_disk_gib - $1 WHERE id = $2")
+                .bind(new - old)
+                .bind(host.to_string())
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("UPDATE instances SET root_disk_gib = $1 WHERE id = $2")
+                .bind(old)
+                .bind(rec.id.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        ("change-type", [_, old, disk]) => {
+            if let Ok(disk) = disk.parse::<u64>() {
+                undo_change_type(tx, rec, &host, old, disk).await?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Books the old flavor and disk again (the new ones if the old no longer
+/// fit) and records them.
+async fn undo_change_type(
+    tx: &mut Tx,
+    rec: &InstanceRec,
+    host: &HostId,
+    old: &str,
+    disk: u64,
+) -> ApiResult<()> {
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM flavors WHERE id = $1",
+        crate::db::rows::FLAVOR_COLS
+    ))
+    .bind(old)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(());
+    };
+    let f = crate::db::rows::flavor(&row)?;
+    let (now, id) = (rec.clone(), rec.id);
+    scheduler::free(tx, host, id, now.vcpus, now.memory_mib, now.root_disk_gib).await?;
+    let need = |vcpus, memory_mib, disk_gib, gpu_model, gpu_count| Need {
+        vcpus,
+        memory_mib,
+        disk_gib,
+        gpu_model,
+        gpu_count,
+        placement: Placement::Pack,
+    };
+    let back = need(
+        f.vcpus,
+        f.memory_mib,
+        disk,
+        f.gpu_model.clone(),
+        f.gpu_count,
+    );
+    let (flavor, disk) = match scheduler::reserve(tx, host, id, &back).await {
+        Ok(_) => (f.id, disk),
+        Err(e) => {
+            // The old size no longer fits: keep the new one booked.
+            tracing::error!(instance = %id, error = %e, "cannot restore the old flavor");
+            let n = need(
+                now.vcpus,
+                now.memory_mib,
+                now.root_disk_gib,
+                now.gpu_model,
+                now.gpu_count,
+            );
+            scheduler::reserve(tx, host, id, &n)
+                .await
+                .map_err(|e| match e {
+                    PlaceError::Db(e) => ApiError::Db(e),
+                    other => ApiError::Conflict(other.to_string()),
+                })?;
+            (now.flavor, now.root_disk_gib)
+        }
+    };
+    sqlx::query("UPDATE instances SET flavor_id = $1, root_disk_gib = $2 WHERE id = $3")
+        .bind(flavor.to_string())
+        .bind(disk as i64)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Moves the instance to another flavor on its host (it is Stopped).
@@ -263,83 +380,54 @@ pub async fn batch(
     Ok(Json(out))
 }
 
-/// `POST /v1/admin/instances/{id}/observed`: the state a host reports.
-pub async fn report(
-    State(st): State<AppState>,
-    who: Caller,
-    Path(id): Path<String>,
-    Body(req): Body<ReportState>,
-) -> ApiResult<Json<InstanceSummary>> {
-    who.require_admin()?;
-    let id: InstanceId = path_id(&id, "instance")?;
-    let mut tx = st.db.begin_write().await?;
-    let rec = load_in(&mut *tx, &who, id).await?;
-    let to = req.state;
-    if to != rec.observed {
-        rec.observed
-            .transition(to)
-            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+/// Applies a state the instance's host observed (heartbeat or operation
+/// report) through [`InstanceState::observe`]; an impossible report (e.g.
+/// Released -> Running) is logged and ignored. Reaching Released or Failed
+/// gives the host resources, ports and volume back.
+pub(crate) async fn apply_observed(
+    tx: &mut Tx,
+    rec: &InstanceRec,
+    to: InstanceState,
+) -> Result<(), crate::db::DbError> {
+    if to == rec.observed {
+        return Ok(());
     }
-    let now = now_ms();
-    let (billed, since) = match (
-        rec.observed == InstanceState::Running,
-        to == InstanceState::Running,
-    ) {
-        (true, false) => (rec.billed_ms_at(now), None),
-        (false, true) => (rec.billed_ms, Some(now)),
-        _ => (rec.billed_ms, rec.running_since_ms),
-    };
-    // The pending operation is done once the instance stops moving.
-    let settles = to.is_final()
-        || matches!(
-            to,
-            InstanceState::Running | InstanceState::Stopped | InstanceState::Suspended
-        );
-    let pending = if settles { None } else { rec.pending_op };
+    if let Err(e) = rec.observed.observe(to) {
+        tracing::warn!(instance = %rec.id, error = %e, "ignoring an observed state");
+        return Ok(());
+    }
     sqlx::query(
-        "UPDATE instances SET observed_state = $1, state_since_ms = $2, billed_ms = $3, \
-         running_since_ms = $4, pending_op = $5 WHERE id = $6",
+        "UPDATE instances SET observed_state = $1, state_since_ms = $2 WHERE id = $3 \
+         AND observed_state = $4",
     )
     .bind(to.name())
-    .bind(if to != rec.observed {
-        now
-    } else {
-        rec.state_since_ms
-    })
-    .bind(billed)
-    .bind(since)
-    .bind(pending.map(|p| p.to_string()))
-    .bind(id.to_string())
-    .execute(&mut *tx)
+    .bind(now_ms())
+    .bind(rec.id.to_string())
+    .bind(rec.observed.name())
+    .execute(&mut **tx)
     .await?;
-    if let (Some(op), true) = (rec.pending_op, settles) {
-        let (state, err) = if to == InstanceState::Failed {
-            ("failed", Some(format!("the instance went to {to}")))
-        } else {
-            ("succeeded", None)
-        };
-        sqlx::query("UPDATE operations SET state = $1, progress = 100, error = $2, updated_ms = $3 WHERE id = $4")
-            .bind(state)
-            .bind(err)
-            .bind(now)
-            .bind(op.to_string())
-            .execute(&mut *tx)
-            .await?;
-    }
     if to.is_final() && !rec.observed.is_final() {
-        if let Some(h) = &rec.host {
-            scheduler::free(&mut tx, h, id, rec.vcpus, rec.memory_mib, rec.root_disk_gib).await?;
-        }
-        sqlx::query("DELETE FROM port_forwards WHERE instance_id = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE volumes SET instance_id = NULL WHERE instance_id = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
+        release_resources(tx, rec).await?;
     }
-    tx.commit().await?;
-    let rec = load_in(&st.db.pool, &who, id).await?;
-    Ok(Json(super::instances::summary(&rec, now_ms())))
+    Ok(())
+}
+
+/// Gives back what a final instance held: capacity, GPUs, ports, volume.
+pub(crate) async fn release_resources(
+    tx: &mut Tx,
+    rec: &InstanceRec,
+) -> Result<(), crate::db::DbError> {
+    let id = rec.id.to_string();
+    if let Some(h) = &rec.host {
+        scheduler::free(tx, h, rec.id, rec.vcpus, rec.memory_mib, rec.root_disk_gib).await?;
+    }
+    sqlx::query("DELETE FROM port_forwards WHERE instance_id = $1")
+        .bind(&id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE volumes SET instance_id = NULL WHERE instance_id = $1")
+        .bind(&id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -149,11 +149,16 @@ async fn add_credit(
         ));
     }
     let mut tx = st.db.begin_write().await?;
-    let done = sqlx::query("UPDATE accounts SET credit_micros = credit_micros + $1 WHERE id = $2")
-        .bind(req.amount_micros)
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await?;
+    let done = sqlx::query(
+        "UPDATE accounts SET credit_micros = credit_micros + $1, credit_exhausted_ms = CASE \
+         WHEN credit_micros + $1 <= 0 THEN COALESCE(credit_exhausted_ms, $2) ELSE NULL END \
+         WHERE id = $3",
+    )
+    .bind(req.amount_micros)
+    .bind(now_ms())
+    .bind(id.to_string())
+    .execute(&mut *tx)
+    .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::NotFound(format!("no account {id}")));
     }
@@ -341,15 +346,22 @@ async fn create_image(
         1,
         gantry_proto::spec::MAX_DISK_GIB,
     )?;
+    let origin = req
+        .origin
+        .as_ref()
+        .map(|o| serde_json::to_string(o).unwrap_or_default());
     let id = ImageId::new();
     let at = now_ms();
-    sqlx::query("INSERT INTO images (id, name, size_gib, created_ms) VALUES ($1, $2, $3, $4)")
-        .bind(id.to_string())
-        .bind(&req.name)
-        .bind(req.size_gib as i64)
-        .bind(at)
-        .execute(&st.db.pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO images (id, name, size_gib, origin, created_ms) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(&req.name)
+    .bind(req.size_gib as i64)
+    .bind(origin)
+    .bind(at)
+    .execute(&st.db.pool)
+    .await?;
     Ok(created(ImageInfo {
         id,
         name: req.name,

@@ -1,8 +1,9 @@
-//! Admin host calls: register (with capacity and GPUs), list, get, cordon,
-//! uncordon, drain, heartbeat.
+//! Admin host calls: register (pre-provision, with capacity and GPUs),
+//! list, get, cordon, uncordon, drain; and the host rows the agent
+//! protocol's join and heartbeat write ([`insert_host`], [`sync_gpus`]).
 
 use super::{created, path_id, Body, Caller};
-use crate::db::{col, is_unique_violation, now_ms, parsed_opt, rows, to_time};
+use crate::db::{col, is_unique_violation, now_ms, parsed_opt, rows, to_time, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -21,28 +22,40 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/hosts/{id}/cordon", post(cordon))
         .route("/admin/hosts/{id}/uncordon", post(uncordon))
         .route("/admin/hosts/{id}/drain", post(drain))
-        .route("/admin/hosts/{id}/heartbeat", post(heartbeat))
 }
 
 fn check(req: &RegisterHost) -> ApiResult<()> {
-    use gantry_proto::spec::{MAX_DISK_GIB, MAX_MEMORY_MIB, MAX_VCPUS};
     validate::object_name("name", &req.name)?;
     validate::object_name("address", &req.address)?;
-    validate::in_range("vcpus", req.vcpus.into(), 1, MAX_VCPUS * 16)?;
-    validate::in_range("memory_mib", req.memory_mib, 1024, MAX_MEMORY_MIB * 16)?;
-    validate::in_range("disk_gib", req.disk_gib, 1, MAX_DISK_GIB * 16)?;
-    if req.gpus.len() > MAX_HOST_GPUS {
+    check_capacity("", req.vcpus, req.memory_mib, req.disk_gib, &req.gpus)
+}
+
+/// Checks a host's capacity; `prefix` goes before field names
+/// (`capacity.` in agent bodies).
+pub(crate) fn check_capacity(
+    prefix: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_gib: u64,
+    gpus: &[GpuDevice],
+) -> ApiResult<()> {
+    use gantry_proto::spec::{MAX_DISK_GIB, MAX_MEMORY_MIB, MAX_VCPUS};
+    let f = |n: &str| format!("{prefix}{n}");
+    validate::in_range(&f("vcpus"), vcpus.into(), 1, MAX_VCPUS * 16)?;
+    validate::in_range(&f("memory_mib"), memory_mib, 1024, MAX_MEMORY_MIB * 16)?;
+    validate::in_range(&f("disk_gib"), disk_gib, 1, MAX_DISK_GIB * 16)?;
+    if gpus.len() > MAX_HOST_GPUS {
         return Err(ApiError::invalid(
-            "gpus",
+            f("gpus"),
             format!("at most {MAX_HOST_GPUS} GPUs per host"),
         ));
     }
     let mut seen = HashSet::new();
-    for (i, g) in req.gpus.iter().enumerate() {
-        validate::object_name(&format!("gpus[{i}].model"), &g.model)?;
+    for (i, g) in gpus.iter().enumerate() {
+        validate::object_name(&f(&format!("gpus[{i}].model")), &g.model)?;
         if !seen.insert(g.pci) {
             return Err(ApiError::invalid(
-                format!("gpus[{i}].pci"),
+                f(&format!("gpus[{i}].pci")),
                 format!("{} is listed twice", g.pci),
             ));
         }
@@ -58,8 +71,14 @@ async fn register(
     who.require_admin()?;
     check(&req)?;
     let id = HostId::new();
-    let now = now_ms();
     let mut tx = st.db.begin_write().await?;
+    insert_host(&mut tx, id, &req).await?;
+    tx.commit().await?;
+    Ok(created(load(&st, &id).await?))
+}
+
+/// Inserts a healthy host (heard from now) and its GPUs.
+pub(crate) async fn insert_host(tx: &mut Tx, id: HostId, req: &RegisterHost) -> ApiResult<()> {
     let res = sqlx::query(
         "INSERT INTO hosts (id, name, address, vcpus, memory_mib, disk_gib, health, \
          last_heartbeat_ms, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'healthy', $7, $7)",
@@ -70,8 +89,8 @@ async fn register(
     .bind(req.vcpus as i64)
     .bind(req.memory_mib as i64)
     .bind(req.disk_gib as i64)
-    .bind(now)
-    .execute(&mut *tx)
+    .bind(now_ms())
+    .execute(&mut **tx)
     .await;
     match res {
         Err(e) if is_unique_violation(&e) => {
@@ -82,33 +101,83 @@ async fn register(
         }
         r => r?,
     };
-    let mut pools: std::collections::BTreeMap<&str, i64> = Default::default();
-    for g in &req.gpus {
-        sqlx::query("INSERT INTO host_gpus (host_id, pci, model) VALUES ($1, $2, $3)")
-            .bind(id.to_string())
-            .bind(g.pci.to_string())
-            .bind(&g.model)
-            .execute(&mut *tx)
+    sync_gpus(tx, &id, &req.gpus).await?;
+    Ok(())
+}
+
+/// Makes the host's GPU rows match `gpus`: new ones are added, missing
+/// ones removed unless an instance holds them; the per-model pools and
+/// `gpu_total` are recounted.
+pub(crate) async fn sync_gpus(tx: &mut Tx, id: &HostId, gpus: &[GpuDevice]) -> ApiResult<()> {
+    let host = id.to_string();
+    let rows = sqlx::query("SELECT pci, model, instance_id FROM host_gpus WHERE host_id = $1")
+        .bind(&host)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut known = HashMap::new();
+    for r in &rows {
+        let held: Option<String> = col(r, "instance_id")?;
+        known.insert(col::<String>(r, "pci")?, (col::<String>(r, "model")?, held));
+    }
+    let want: HashMap<String, &str> = gpus
+        .iter()
+        .map(|g| (g.pci.to_string(), g.model.as_str()))
+        .collect();
+    if want.len() == known.len()
+        && want
+            .iter()
+            .all(|(p, m)| known.get(p).is_some_and(|k| k.0 == *m))
+    {
+        return Ok(());
+    }
+    for (pci, (model, held)) in &known {
+        if want.get(pci) == Some(&model.as_str()) {
+            continue;
+        }
+        if held.is_some() {
+            tracing::warn!(%host, %pci, "a held GPU is gone from the host's report; keeping it");
+            continue;
+        }
+        sqlx::query("DELETE FROM host_gpus WHERE host_id = $1 AND pci = $2")
+            .bind(&host)
+            .bind(pci)
+            .execute(&mut **tx)
             .await?;
-        *pools.entry(g.model.as_str()).or_default() += 1;
     }
-    for (model, n) in pools {
-        sqlx::query(
-            "INSERT INTO host_gpu_pools (host_id, model, total, free) VALUES ($1, $2, $3, $3)",
-        )
-        .bind(id.to_string())
-        .bind(model)
-        .bind(n)
-        .execute(&mut *tx)
-        .await?;
+    for (pci, model) in &want {
+        if known.get(pci).is_some_and(|k| k.0 == *model) {
+            continue;
+        }
+        if known.get(pci).is_some_and(|k| k.1.is_some()) {
+            continue;
+        }
+        sqlx::query("INSERT INTO host_gpus (host_id, pci, model) VALUES ($1, $2, $3)")
+            .bind(&host)
+            .bind(pci)
+            .bind(*model)
+            .execute(&mut **tx)
+            .await?;
     }
-    sqlx::query("UPDATE hosts SET gpu_total = $1 WHERE id = $2")
-        .bind(req.gpus.len() as i64)
-        .bind(id.to_string())
-        .execute(&mut *tx)
+    sqlx::query("DELETE FROM host_gpu_pools WHERE host_id = $1")
+        .bind(&host)
+        .execute(&mut **tx)
         .await?;
-    tx.commit().await?;
-    Ok(created(load(&st, &id).await?))
+    sqlx::query(
+        "INSERT INTO host_gpu_pools (host_id, model, total, free) SELECT host_id, model, \
+         COUNT(*), SUM(CASE WHEN instance_id IS NULL THEN 1 ELSE 0 END) FROM host_gpus \
+         WHERE host_id = $1 GROUP BY host_id, model",
+    )
+    .bind(&host)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE hosts SET gpu_total = (SELECT COUNT(*) FROM host_gpus g WHERE g.host_id = $1) \
+         WHERE id = $1",
+    )
+    .bind(&host)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.address, h.vcpus, h.memory_mib, h.disk_gib, \
@@ -243,24 +312,4 @@ async fn drain(
         "UPDATE hosts SET cordoned = 1, draining = 1 WHERE id = $1",
     )
     .await
-}
-
-async fn heartbeat(
-    State(st): State<AppState>,
-    who: Caller,
-    Path(id): Path<String>,
-    Body(req): Body<Heartbeat>,
-) -> ApiResult<Json<HostInfo>> {
-    who.require_admin()?;
-    let id: HostId = path_id(&id, "host")?;
-    let done = sqlx::query("UPDATE hosts SET health = $1, last_heartbeat_ms = $2 WHERE id = $3")
-        .bind(rows::health_str(req.health))
-        .bind(now_ms())
-        .bind(id.to_string())
-        .execute(&st.db.pool)
-        .await?;
-    if done.rows_affected() == 0 {
-        return Err(ApiError::NotFound(format!("no host {id}")));
-    }
-    Ok(Json(load(&st, &id).await?))
 }

@@ -23,10 +23,6 @@ pub fn routes() -> Router<AppState> {
         .route("/instances/{id}", get(get_one))
         .route("/instances/{id}/actions", post(super::actions::act))
         .route("/instances/{id}/{view}", get(view))
-        .route(
-            "/admin/instances/{id}/observed",
-            post(super::actions::report),
-        )
 }
 
 /// Loads an instance the caller may see (another account's is 404).
@@ -72,7 +68,7 @@ pub(crate) fn gate(rec: &InstanceRec) -> ApiResult<()> {
     Ok(())
 }
 
-pub(crate) fn summary(rec: &InstanceRec, now: i64) -> InstanceSummary {
+pub(crate) fn summary(rec: &InstanceRec, _now: i64) -> InstanceSummary {
     InstanceSummary {
         id: rec.id,
         name: rec.name.clone(),
@@ -81,7 +77,7 @@ pub(crate) fn summary(rec: &InstanceRec, now: i64) -> InstanceSummary {
         state: rec.observed,
         flavor: rec.flavor,
         host: rec.host,
-        cost_micros: rec.cost_micros_at(now),
+        cost_micros: rec.charged_micros,
         allowed_actions: if rec.pending_op.is_some() {
             Vec::new()
         } else {
@@ -97,10 +93,53 @@ struct Resolved {
     image: Option<ImageId>,
     snapshot: Option<SnapshotId>,
     root_disk_gib: u64,
+    /// The image the disk descends from (see `instances.base_image_id`).
+    base_image: Option<ImageId>,
+    /// The host whose store holds the snapshot (host-local stores).
+    pin: Option<HostId>,
 }
 
-async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> ApiResult<Resolved> {
-    validate::object_name("name", &req.name)?;
+/// A Success snapshot of `account`: its host, the base image of the
+/// snapshotted instance, its as-image image and its logical size.
+struct SnapBase {
+    host: Option<HostId>,
+    base_image: Option<ImageId>,
+    image: Option<ImageId>,
+    logical_bytes: u64,
+}
+
+async fn snapshot_base(
+    st: &AppState,
+    account: &AccountId,
+    s: SnapshotId,
+    field: &str,
+) -> ApiResult<SnapBase> {
+    let row = sqlx::query(
+        "SELECT s.status, s.host_id, s.logical_bytes, i.id AS image_id, src.base_image_id FROM \
+         snapshots s LEFT JOIN images i ON i.source_snapshot_id = s.id LEFT JOIN instances src \
+         ON src.id = s.instance_id WHERE s.id = $1 AND s.account_id = $2",
+    )
+    .bind(s.to_string())
+    .bind(account.to_string())
+    .fetch_optional(&st.db.pool)
+    .await?
+    .ok_or_else(|| ApiError::invalid(field, format!("no snapshot {s}")))?;
+    let status: String = crate::db::col(&row, "status")?;
+    if status != "Success" {
+        return Err(ApiError::invalid(
+            field,
+            format!("snapshot {s} is {status}, not Success"),
+        ));
+    }
+    Ok(SnapBase {
+        host: crate::db::parsed_opt(&row, "host_id", "snapshots")?,
+        base_image: crate::db::parsed_opt(&row, "base_image_id", "instances")?,
+        image: crate::db::parsed_opt(&row, "image_id", "images")?,
+        logical_bytes: crate::db::col::<i64>(&row, "logical_bytes")?.max(0) as u64,
+    })
+}
+
+fn check_ports(req: &CreateInstance) -> ApiResult<()> {
     if req.ports.len() > MAX_PORT_FORWARDS {
         return Err(ApiError::invalid(
             "ports",
@@ -115,6 +154,12 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
             ));
         }
     }
+    Ok(())
+}
+
+async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> ApiResult<Resolved> {
+    validate::object_name("name", &req.name)?;
+    check_ports(req)?;
     let row = sqlx::query(&format!(
         "SELECT {} FROM flavors WHERE id = $1",
         rows::FLAVOR_COLS
@@ -124,32 +169,19 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
     .await?
     .ok_or_else(|| ApiError::invalid("flavor", format!("no flavor {}", req.flavor)))?;
     let flavor = rows::flavor(&row)?;
+    let shared = st.cfg.snapshot_store_shared;
     let image_id = match (req.image, req.snapshot) {
         (Some(i), None) => i,
         (None, Some(s)) => {
-            let row = sqlx::query(
-                "SELECT s.status, i.id AS image_id FROM snapshots s LEFT JOIN images i ON \
-                 i.source_snapshot_id = s.id WHERE s.id = $1 AND s.account_id = $2",
-            )
-            .bind(s.to_string())
-            .bind(account.to_string())
-            .fetch_optional(&st.db.pool)
-            .await?
-            .ok_or_else(|| ApiError::invalid("snapshot", format!("no snapshot {s}")))?;
-            let status: String = crate::db::col(&row, "status")?;
-            if status != "Success" {
-                return Err(ApiError::invalid(
-                    "snapshot",
-                    format!("snapshot {s} is {status}, not Success"),
-                ));
-            }
-            let img: Option<ImageId> = crate::db::parsed_opt(&row, "image_id", "images")?;
-            let root = flavor.root_disk_gib;
+            let b = snapshot_base(st, account, s, "snapshot").await?;
+            let root = flavor.root_disk_gib.max(b.logical_bytes.div_ceil(1 << 30));
             return Ok(Resolved {
                 flavor,
-                image: img,
+                image: b.image,
                 snapshot: Some(s),
                 root_disk_gib: root,
+                base_image: b.base_image,
+                pin: b.host.filter(|_| !shared),
             });
         }
         _ => {
@@ -160,7 +192,7 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
         }
     };
     let row = sqlx::query(&format!(
-        "SELECT {} FROM images WHERE id = $1 AND (account_id IS NULL OR account_id = $2)",
+        "SELECT {}, origin FROM images WHERE id = $1 AND (account_id IS NULL OR account_id = $2)",
         rows::IMAGE_COLS
     ))
     .bind(image_id.to_string())
@@ -169,12 +201,31 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
     .await?
     .ok_or_else(|| ApiError::invalid("image", format!("no image {image_id}")))?;
     let image = rows::image(&row)?;
-    let root = flavor.root_disk_gib.max(image.size_gib);
+    let mut root = flavor.root_disk_gib.max(image.size_gib);
+    let (base_image, pin) = match image.source_snapshot {
+        Some(s) => {
+            let b = snapshot_base(st, account, s, "image").await?;
+            root = root.max(b.logical_bytes.div_ceil(1 << 30));
+            (b.base_image, b.host.filter(|_| !shared))
+        }
+        None => {
+            let origin: Option<String> = crate::db::col(&row, "origin")?;
+            if origin.is_none() {
+                return Err(ApiError::invalid(
+                    "image",
+                    format!("image {image_id} has no origin, so no host can fetch it"),
+                ));
+            }
+            (Some(image_id), None)
+        }
+    };
     Ok(Resolved {
         flavor,
         image: Some(image_id),
         snapshot: None,
         root_disk_gib: root,
+        base_image,
+        pin,
     })
 }
 
@@ -188,6 +239,7 @@ async fn create(
         .await
         .map_err(|_| ApiError::invalid("account", format!("no account {account}")))?;
     let r = resolve(&st, &account, &req).await?;
+    crate::billing::require_credit(&st, &account, "creating instances").await?;
     let need = Need {
         vcpus: r.flavor.vcpus,
         memory_mib: r.flavor.memory_mib,
@@ -202,8 +254,9 @@ async fn create(
         attempt += 1;
         let mut tx = st.db.begin_write().await?;
         match insert(&st, &mut tx, id, account, &req, &r, &need).await {
-            Ok(op) => {
+            Ok((op, host)) => {
                 tx.commit().await?;
+                st.wake.wake(&host);
                 let rec = load_in(&st.db.pool, &who, id).await?;
                 let mut body = serde_json::to_value(summary(&rec, now_ms())).unwrap_or_default();
                 body["operation"] = serde_json::json!(op.to_string());
@@ -250,9 +303,10 @@ async fn insert(
     req: &CreateInstance,
     r: &Resolved,
     need: &Need,
-) -> Result<OperationId, Insert> {
+) -> Result<(OperationId, HostId), Insert> {
     let cutoff = now_ms() - st.cfg.heartbeat_timeout_secs as i64 * 1000;
-    let (host, _gpus) = scheduler::place(tx, id, need, cutoff, st.cfg.heartbeat_timeout_secs)
+    let timeout = st.cfg.heartbeat_timeout_secs;
+    let (host, _gpus) = scheduler::place(tx, id, need, cutoff, timeout, r.pin.as_ref())
         .await
         .map_err(Insert::Place)?;
     if let Some(v) = req.data_volume {
@@ -300,7 +354,8 @@ async fn insert(
     sqlx::query(
         "INSERT INTO instances (id, account_id, name, flavor_id, image_id, snapshot_id, host_id, \
          desired_state, observed_state, state_since_ms, root_disk_gib, data_volume_id, pending_op, \
-         created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', 'Creating', $8, $9, $10, $11, $8)",
+         created_ms, base_image_id) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', 'Creating', $8, \
+         $9, $10, $11, $8, $12)",
     )
     .bind(id.to_string())
     .bind(account.to_string())
@@ -313,10 +368,11 @@ async fn insert(
     .bind(r.root_disk_gib as i64)
     .bind(req.data_volume.map(|v| v.to_string()))
     .bind(op.to_string())
+    .bind(r.base_image.map(|i| i.to_string()))
     .execute(&mut **tx)
     .await?;
-    super::actions::insert_op(tx, op, &account, Some(id), "create", "").await?;
-    Ok(op)
+    super::actions::insert_op(tx, op, &account, Some(host), Some(id), "create", "").await?;
+    Ok((op, host))
 }
 
 async fn list(
@@ -491,13 +547,14 @@ async fn monitor(st: &AppState, rec: &InstanceRec) -> ApiResult<MonitorView> {
     Ok(view)
 }
 
+/// What the ledger has charged for the instance: its Running time as its
+/// host counted it, up to the last heartbeat.
 async fn billing(st: &AppState, rec: &InstanceRec) -> ApiResult<BillingView> {
-    let now = now_ms();
     let acct = super::admin::load_account(st, &rec.account).await?;
     Ok(BillingView {
         price_micros_per_hour: rec.price_micros_per_hour,
-        billed_seconds: (rec.billed_ms_at(now) / 1000) as u64,
-        cost_micros: rec.cost_micros_at(now),
+        billed_seconds: (rec.billed_ms.max(0) / 1000) as u64,
+        cost_micros: rec.charged_micros,
         account_credit_micros: acct.credit_micros,
     })
 }

@@ -3,9 +3,12 @@
 
 pub mod actions;
 pub mod admin;
+pub mod agent;
+pub mod commands;
 pub mod hosts;
 pub mod instances;
 pub mod snapshots;
+pub mod usage;
 
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
@@ -26,6 +29,8 @@ pub fn router(state: AppState) -> Router {
         .merge(hosts::routes())
         .merge(instances::routes())
         .merge(snapshots::routes())
+        .merge(agent::routes())
+        .merge(usage::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .route(
@@ -59,13 +64,8 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
         Some(t) => st.verifier.verify(&st.db, &t).await,
     };
     let who = who.and_then(|w| st.limiter.check(&w.actor).map(|_| w));
-    // Admin paths are refused before their body is even read.
-    let who = who.and_then(|w| {
-        if path.starts_with("/v1/admin/") {
-            w.require_admin()?;
-        }
-        Ok(w)
-    });
+    // Admin and agent paths are refused before their body is even read.
+    let who = who.and_then(|w| allowed(&w, &path).map(|_| w));
     let (resp, who) = match who {
         Ok(w) => {
             req.extensions_mut().insert(w.clone());
@@ -73,10 +73,38 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
         }
         Err(e) => (e.into_response(), None),
     };
-    if method != Method::GET && method != Method::HEAD {
+    // Heartbeats (and work polls, GETs) are too many to audit.
+    if method != Method::GET && method != Method::HEAD && path != "/v1/agent/heartbeat" {
         crate::audit::record(&st.db, who.as_ref(), method.as_str(), &path, resp.status()).await;
     }
     resp
+}
+
+/// Path rules: a join token may only join; a host credential may only call
+/// `/v1/agent/*` (but not join); nobody else may call `/v1/agent/*`; admin
+/// paths need an admin.
+fn allowed(who: &Identity, path: &str) -> ApiResult<()> {
+    let agent = path.starts_with("/v1/agent/");
+    if who.join.is_some() {
+        if path != "/v1/agent/join" {
+            return Err(ApiError::Denied(
+                "a join token may only call /v1/agent/join".into(),
+            ));
+        }
+    } else if who.host.is_some() {
+        if !agent || path == "/v1/agent/join" {
+            return Err(ApiError::Denied(
+                "a host credential may only call /v1/agent/ paths".into(),
+            ));
+        }
+    } else if agent {
+        return Err(ApiError::Denied(
+            "only hosts call /v1/agent/ paths (with a join token or host credential)".into(),
+        ));
+    } else if path.starts_with("/v1/admin/") {
+        who.require_admin()?;
+    }
+    Ok(())
 }
 
 /// A JSON body, parsed strictly: malformed JSON is 400, an unknown or

@@ -1,6 +1,8 @@
 //! Snapshots (create with every refusal named, list, get, delete) and data
-//! volumes (create, list, delete). The agent does the snapshot work (next
-//! issue); here the record starts as `Creating`.
+//! volumes (create, list, delete). A snapshot starts as `Creating` with a
+//! `snapshot` operation for the instance's host; the agent's report of
+//! that operation settles it (`api::agent`). Deleting a stored snapshot
+//! asks its host to remove it from its store.
 
 use super::instances::load;
 use super::{created, path_id, query, Body, Caller};
@@ -21,12 +23,11 @@ pub fn routes() -> Router<AppState> {
         .route("/instances/{id}/snapshots", post(create))
         .route("/snapshots", get(list))
         .route("/snapshots/{id}", get(get_one).delete(delete))
-        .route("/admin/snapshots/{id}/status", post(report))
         .route("/volumes", post(create_volume).get(list_volumes))
         .route("/volumes/{id}", axum::routing::delete(delete_volume))
 }
 
-const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 
 async fn create(
     State(st): State<AppState>,
@@ -45,12 +46,7 @@ async fn create(
             acct.name
         )));
     }
-    if acct.credit_micros <= 0 {
-        return Err(ApiError::PaymentRequired(format!(
-            "account {} has no credit left; add credit before taking snapshots",
-            acct.name
-        )));
-    }
+    crate::billing::require_credit(&st, &rec.account, "taking snapshots").await?;
     if acct.snapshot_used_bytes >= acct.snapshot_quota_gib * GIB {
         return Err(ApiError::Conflict(format!(
             "account {} has used its snapshot storage quota ({} GiB); delete snapshots first",
@@ -96,12 +92,16 @@ async fn create(
         &mut tx,
         op,
         &rec.account,
+        rec.host,
         Some(rec.id),
         "snapshot",
         &sid.to_string(),
     )
     .await?;
     tx.commit().await?;
+    if let Some(h) = &rec.host {
+        st.wake.wake(h);
+    }
     let snap = load_snapshot(&st, &who, sid).await?;
     Ok(super::accepted(snap))
 }
@@ -187,68 +187,39 @@ async fn delete(
         .bind(s.id.to_string())
         .execute(&mut *tx)
         .await?;
+    let row = sqlx::query("SELECT host_id FROM snapshots WHERE id = $1")
+        .bind(s.id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+    let host: Option<HostId> = match &row {
+        Some(r) => crate::db::parsed_opt(r, "host_id", "snapshots")?,
+        None => None,
+    };
     sqlx::query("DELETE FROM snapshots WHERE id = $1")
         .bind(s.id.to_string())
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    Ok(Json(s))
-}
-
-/// `POST /v1/admin/snapshots/{id}/status`: moves the snapshot through
-/// [`SnapshotStatus::transition`]; on success with `as_image` it also
-/// publishes a private image made from it.
-async fn report(
-    State(st): State<AppState>,
-    who: Caller,
-    Path(id): Path<String>,
-    Body(req): Body<ReportSnapshot>,
-) -> ApiResult<Json<SnapshotInfo>> {
-    who.require_admin()?;
-    let s = load_snapshot(&st, &who, path_id(&id, "snapshot")?).await?;
-    s.status
-        .transition(req.status)
-        .map_err(ApiError::Conflict)?;
-    if req.compressed_bytes > req.logical_bytes {
-        return Err(ApiError::invalid(
-            "compressed_bytes",
-            "must not exceed logical_bytes",
-        ));
-    }
-    let mut tx = st.db.begin_write().await?;
-    let done = sqlx::query(
-        "UPDATE snapshots SET status = $1, logical_bytes = $2, compressed_bytes = $3 \
-         WHERE id = $4 AND status = $5",
-    )
-    .bind(req.status.name())
-    .bind(req.logical_bytes as i64)
-    .bind(req.compressed_bytes as i64)
-    .bind(s.id.to_string())
-    .bind(s.status.name())
-    .execute(&mut *tx)
-    .await?;
-    if done.rows_affected() != 1 {
-        return Err(ApiError::Conflict(format!(
-            "snapshot {} changed meanwhile",
-            s.id
-        )));
-    }
-    if s.as_image && req.status == SnapshotStatus::Success {
-        sqlx::query(
-            "INSERT INTO images (id, name, size_gib, account_id, source_snapshot_id, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+    // A stored snapshot is removed from its host's store too.
+    let host = host.filter(|_| s.status == SnapshotStatus::Success);
+    if let Some(h) = host {
+        let op = OperationId::new();
+        let detail = s.id.to_string();
+        super::actions::insert_op(
+            &mut tx,
+            op,
+            &s.account,
+            Some(h),
+            None,
+            "delete-snapshot",
+            &detail,
         )
-        .bind(ImageId::new().to_string())
-        .bind(format!("snapshot-{}", s.id))
-        .bind(req.logical_bytes.div_ceil(GIB).max(1) as i64)
-        .bind(s.account.to_string())
-        .bind(s.id.to_string())
-        .bind(now_ms())
-        .execute(&mut *tx)
         .await?;
     }
     tx.commit().await?;
-    Ok(Json(load_snapshot(&st, &who, s.id).await?))
+    if let Some(h) = &host {
+        st.wake.wake(h);
+    }
+    Ok(Json(s))
 }
 
 async fn create_volume(

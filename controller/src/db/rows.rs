@@ -4,7 +4,7 @@
 use super::{col, parsed, parsed_opt, to_time, DbError};
 use gantry_proto::api::v1::{
     AccountInfo, AuditEntry, FlavorInfo, HostHealth, ImageInfo, OperationInfo, OperationState,
-    SnapshotInfo, TokenInfo, VolumeInfo,
+    SnapshotInfo, TokenInfo, UsageKind, UsageRecord, VolumeInfo,
 };
 use gantry_proto::ids::*;
 use gantry_proto::InstanceState;
@@ -81,7 +81,7 @@ pub fn volume(r: &AnyRow) -> Result<VolumeInfo, DbError> {
 }
 
 pub const SNAPSHOT_COLS: &str = "id, account_id, instance_id, name, description, status, \
-     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, created_ms";
+     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms";
 
 pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
     Ok(SnapshotInfo {
@@ -96,6 +96,7 @@ pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
         logical_bytes: col::<i64>(r, "logical_bytes")? as u64,
         compressed_bytes: col::<i64>(r, "compressed_bytes")? as u64,
         operation: parsed_opt(r, "operation_id", "snapshots")?,
+        error: col(r, "error")?,
         created_at: to_time(col(r, "created_ms")?),
     })
 }
@@ -124,6 +125,26 @@ pub fn operation(r: &AnyRow) -> Result<OperationInfo, DbError> {
         progress_percent: col::<i64>(r, "progress")?.clamp(0, 100) as u8,
         error: col(r, "error")?,
         created_at: to_time(col(r, "created_ms")?),
+    })
+}
+
+pub const USAGE_COLS: &str =
+    "account_id, instance_id, kind, quantity, price_micros, amount_micros, at_ms";
+
+pub fn usage(r: &AnyRow) -> Result<UsageRecord, DbError> {
+    let kind: String = col(r, "kind")?;
+    Ok(UsageRecord {
+        account: parsed(r, "account_id", "usage_records")?,
+        instance: parsed_opt(r, "instance_id", "usage_records")?,
+        kind: if kind == "snapshot" {
+            UsageKind::Snapshot
+        } else {
+            UsageKind::Instance
+        },
+        quantity: col(r, "quantity")?,
+        price_micros: col(r, "price_micros")?,
+        amount_micros: col(r, "amount_micros")?,
+        at: to_time(col(r, "at_ms")?),
     })
 }
 
@@ -178,8 +199,12 @@ pub struct InstanceRec {
     pub state_since_ms: i64,
     pub root_disk_gib: u64,
     pub data_volume: Option<VolumeId>,
-    pub running_since_ms: Option<i64>,
+    pub base_image: Option<ImageId>,
+    /// Running time billed so far (up to the counter `usage_seq`).
     pub billed_ms: i64,
+    pub usage_seq: i64,
+    /// Amount charged so far (the ledger's sum for this instance).
+    pub charged_micros: i64,
     pub pending_op: Option<OperationId>,
     pub created_ms: i64,
 }
@@ -187,8 +212,8 @@ pub struct InstanceRec {
 pub const INSTANCE_SELECT: &str = "SELECT i.id, i.account_id, i.name, i.flavor_id, f.name AS \
      flavor_name, f.vcpus, f.memory_mib, f.gpu_model, f.gpu_count, f.price_micros_per_hour, \
      i.image_id, i.snapshot_id, i.host_id, h.address AS host_address, i.desired_state, \
-     i.observed_state, i.state_since_ms, i.root_disk_gib, i.data_volume_id, i.running_since_ms, \
-     i.billed_ms, i.pending_op, i.created_ms FROM instances i JOIN flavors f ON f.id = \
+     i.observed_state, i.state_since_ms, i.root_disk_gib, i.data_volume_id, i.base_image_id, \
+     i.billed_ms, i.usage_seq, i.charged_micros, i.pending_op, i.created_ms FROM instances i JOIN flavors f ON f.id = \
      i.flavor_id LEFT JOIN hosts h ON h.id = i.host_id";
 
 pub fn instance(r: &AnyRow) -> Result<InstanceRec, DbError> {
@@ -213,22 +238,11 @@ pub fn instance(r: &AnyRow) -> Result<InstanceRec, DbError> {
         state_since_ms: col(r, "state_since_ms")?,
         root_disk_gib: col::<i64>(r, "root_disk_gib")? as u64,
         data_volume: parsed_opt(r, "data_volume_id", T)?,
-        running_since_ms: col(r, "running_since_ms")?,
+        base_image: parsed_opt(r, "base_image_id", T)?,
         billed_ms: col(r, "billed_ms")?,
+        usage_seq: col(r, "usage_seq")?,
+        charged_micros: col(r, "charged_micros")?,
         pending_op: parsed_opt(r, "pending_op", T)?,
         created_ms: col(r, "created_ms")?,
     })
-}
-
-impl InstanceRec {
-    /// Milliseconds billed so far (time spent Running).
-    pub fn billed_ms_at(&self, now_ms: i64) -> i64 {
-        self.billed_ms + self.running_since_ms.map_or(0, |s| (now_ms - s).max(0))
-    }
-
-    /// Accumulated cost, micro-units, rounded down.
-    pub fn cost_micros_at(&self, now_ms: i64) -> i64 {
-        let ms = self.billed_ms_at(now_ms) as i128;
-        (ms * self.price_micros_per_hour as i128 / 3_600_000) as i64
-    }
 }

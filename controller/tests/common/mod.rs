@@ -6,6 +6,10 @@
 use gantry_controller::Config;
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
 
@@ -52,6 +56,10 @@ pub async fn fresh_pg_db(url: &str) -> String {
 pub struct Server {
     pub url: String,
     pub http: reqwest::Client,
+    /// Simulated hosts: host id -> (credential, capacity).
+    hosts: Mutex<HashMap<String, (String, Value)>>,
+    /// The simulated agents' clock for `sent_at_ms` (only grows).
+    clock: AtomicI64,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -116,6 +124,8 @@ impl Server {
         Some(Self {
             url: format!("http://{addr}"),
             http: reqwest::Client::new(),
+            hosts: Mutex::default(),
+            clock: AtomicI64::new(chrono::Utc::now().timestamp_millis()),
             _dir: dir,
             stop: Some(tx),
         })
@@ -212,8 +222,161 @@ impl Server {
         (id, t["token"].as_str().unwrap().to_string())
     }
 
-    /// A host with `gpus` GPUs of `model`.
+    /// A fresh join token (admin).
+    pub async fn join_token(&self) -> String {
+        let t = self
+            .ok(
+                Method::POST,
+                "/v1/admin/join-tokens",
+                ADMIN,
+                Some(json!({})),
+                201,
+            )
+            .await;
+        t["token"].as_str().unwrap().to_string()
+    }
+
+    /// The capacity body of a simulated host with `gpus` GPUs of `model`.
+    pub fn capacity(model: &str, gpus: usize) -> Value {
+        let gpus: Vec<Value> = (0..gpus)
+            .map(|i| json!({"model": model, "pci": format!("0000:{:02x}:00.0", 0x10 + i)}))
+            .collect();
+        json!({"vcpus": 128, "memory_mib": 1_048_576, "disk_gib": 20_000, "gpus": gpus})
+    }
+
+    /// Joins a simulated host through the real protocol (join token, then
+    /// its own credential) and returns its id.
     pub async fn host(&self, name: &str, model: &str, gpus: usize) -> String {
+        let token = self.join_token().await;
+        let cap = Self::capacity(model, gpus);
+        let r = self
+            .post(
+                "/v1/agent/join",
+                &token,
+                json!({"name": name, "address": format!("{name}.example"), "capacity": cap}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "join: {}", r.body);
+        let id = r.body["host"].as_str().unwrap().to_string();
+        let cred = r.body["credential"].as_str().unwrap().to_string();
+        self.hosts.lock().unwrap().insert(id.clone(), (cred, cap));
+        id
+    }
+
+    /// The credential of a simulated host.
+    pub fn cred(&self, host: &str) -> String {
+        self.hosts.lock().unwrap()[host].0.clone()
+    }
+
+    /// A heartbeat of `host`: healthy, its capacity, nothing observed, no
+    /// usage; `extra` replaces fields.
+    pub async fn heartbeat(&self, host: &str, extra: Value) -> Reply {
+        let (cred, cap) = self.hosts.lock().unwrap()[host].clone();
+        let mut body = json!({
+            "sent_at_ms": self.clock.fetch_add(1, Ordering::SeqCst) + 1,
+            "capacity": cap, "health": "healthy", "instances": [], "usage": []
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        self.post("/v1/agent/heartbeat", &cred, body).await
+    }
+
+    /// `GET /v1/agent/work?wait_secs=N` as `host`.
+    pub async fn work(&self, host: &str, wait_secs: u64) -> Value {
+        let cred = self.cred(host);
+        self.ok(
+            Method::GET,
+            &format!("/v1/agent/work?wait_secs={wait_secs}"),
+            &cred,
+            None,
+            200,
+        )
+        .await
+    }
+
+    /// Reports an operation of `host`.
+    pub async fn report(&self, host: &str, op: &str, body: Value) -> Reply {
+        let cred = self.cred(host);
+        self.post(&format!("/v1/agent/ops/{op}"), &cred, body).await
+    }
+
+    /// The host an instance is on.
+    pub async fn host_of(&self, instance: &str) -> String {
+        let hw = self
+            .ok(
+                Method::GET,
+                &format!("/v1/instances/{instance}/hardware"),
+                ADMIN,
+                None,
+                200,
+            )
+            .await;
+        hw["host"]
+            .as_str()
+            .expect("instance has a host")
+            .to_string()
+    }
+
+    /// The unfinished operation of `instance` in its host's work, if any.
+    pub async fn op_of(&self, instance: &str) -> Option<Value> {
+        let host = self.host_of(instance).await;
+        let w = self.work(&host, 0).await;
+        w["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["instance"] == instance)
+            .cloned()
+    }
+
+    /// Plays the instance's host reaching `state`, as an agent would: a
+    /// settled state ends the instance's pending operation (not a
+    /// snapshot: see [`Server::finish_snapshot`]) through an operation
+    /// report; anything else arrives in a heartbeat.
+    pub async fn observe(&self, instance: &str, state: &str) {
+        let host = self.host_of(instance).await;
+        let settles = ["Running", "Stopped", "Suspended", "Released", "Failed"].contains(&state);
+        if let Some(op) = self.op_of(instance).await {
+            if settles && op["command"]["kind"] != "snapshot" {
+                let id = op["id"].as_str().unwrap();
+                let r = self
+                    .report(
+                        &host,
+                        id,
+                        json!({"outcome": "succeeded", "progress": 100, "instance_state": state}),
+                    )
+                    .await;
+                assert_eq!(r.status, 204, "{}", r.body);
+                return;
+            }
+        }
+        let r = self
+            .heartbeat(
+                &host,
+                json!({"instances": [{"id": instance, "state": state}]}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    /// Reports the instance's pending snapshot operation as succeeded with
+    /// these sizes (the instance back to Running).
+    pub async fn finish_snapshot(&self, instance: &str, logical: u64, compressed: u64) -> Reply {
+        let host = self.host_of(instance).await;
+        let op = self.op_of(instance).await.expect("a snapshot operation");
+        assert_eq!(op["command"]["kind"], "snapshot", "{op}");
+        self.report(
+            &host,
+            op["id"].as_str().unwrap(),
+            json!({"outcome": "succeeded", "progress": 100, "instance_state": "Running",
+                "snapshot": {"logical_bytes": logical, "compressed_bytes": compressed}}),
+        )
+        .await
+    }
+
+    /// A host pre-registered by an admin (it has not joined).
+    pub async fn registered_host(&self, name: &str, model: &str, gpus: usize) -> String {
         let gpus: Vec<Value> = (0..gpus)
             .map(|i| json!({"model": model, "pci": format!("0000:{:02x}:00.0", 0x10 + i)}))
             .collect();
@@ -254,22 +417,27 @@ impl Server {
                 Method::POST,
                 "/v1/admin/images",
                 ADMIN,
-                Some(json!({"name": name, "size_gib": 10})),
+                Some(json!({"name": name, "size_gib": 10,
+                    "origin": {"from": "file", "disk": format!("/srv/images/{name}.qcow2")}})),
                 201,
             )
             .await;
         i["id"].as_str().unwrap().to_string()
     }
+}
 
-    /// Reports an observed state as an agent would.
-    pub async fn observe(&self, instance: &str, state: &str) {
-        self.ok(
-            Method::POST,
-            &format!("/v1/admin/instances/{instance}/observed"),
-            ADMIN,
-            Some(json!({"state": state})),
-            200,
-        )
-        .await;
+/// Polls `check` every 200 ms for up to 15 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    panic!("timed out waiting for: {what}");
 }

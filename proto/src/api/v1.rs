@@ -5,6 +5,7 @@
 //! ledger. Times are RFC 3339 UTC. Long work answers `202` with an
 //! [`OperationInfo`]; `GET /v1/operations/{id}` reports it.
 
+use crate::api::agent::ImageOrigin;
 use crate::ids::{
     AccountId, FlavorId, HostId, ImageId, InstanceId, OperationId, SnapshotId, TokenId, VolumeId,
 };
@@ -101,8 +102,8 @@ pub struct GpuDevice {
     pub pci: PciAddress,
 }
 
-/// `POST /v1/admin/hosts`: registers a host and its capacity (the agent
-/// will do this itself once the agent protocol lands).
+/// `POST /v1/admin/hosts`: pre-registers a host and its capacity (a host
+/// normally joins itself with a join token; see [`crate::api::agent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHost {
@@ -121,13 +122,6 @@ pub struct RegisterHost {
 pub enum HostHealth {
     Healthy,
     Unhealthy,
-}
-
-/// `POST /v1/admin/hosts/{id}/heartbeat`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Heartbeat {
-    pub health: HostHealth,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +184,9 @@ pub struct FlavorInfo {
 pub struct CreateImage {
     pub name: String,
     pub size_gib: u64,
+    /// Where hosts get the image; an image without one cannot be booted.
+    #[serde(default)]
+    pub origin: Option<ImageOrigin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,14 +400,6 @@ pub struct OperationInfo {
     pub created_at: DateTime<Utc>,
 }
 
-/// `POST /v1/admin/instances/{id}/observed`: records the state an agent
-/// reports, through the state machine (stand-in until the agent protocol).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReportState {
-    pub state: InstanceState,
-}
-
 // ---------- snapshots ----------
 
 /// `POST /v1/instances/{id}/snapshots`.
@@ -441,19 +430,36 @@ pub struct SnapshotInfo {
     pub logical_bytes: u64,
     pub compressed_bytes: u64,
     pub operation: Option<OperationId>,
+    /// Why the snapshot failed.
+    #[serde(default)]
+    pub error: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
-/// `POST /v1/admin/snapshots/{id}/status`: the outcome a host reports
-/// (stand-in until the agent protocol).
+// ---------- usage ----------
+
+/// What a usage record charges for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageKind {
+    /// Time an instance spent Running: `quantity` in ms, `price_micros`
+    /// per hour.
+    Instance,
+    /// Snapshot storage: `quantity` in byte-ms, `price_micros` per TB-hour
+    /// (TB = 10^12 bytes).
+    Snapshot,
+}
+
+/// One row of `GET /v1/usage`: a charge against the account's credit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReportSnapshot {
-    pub status: SnapshotStatus,
-    #[serde(default)]
-    pub logical_bytes: u64,
-    #[serde(default)]
-    pub compressed_bytes: u64,
+pub struct UsageRecord {
+    pub account: AccountId,
+    pub instance: Option<InstanceId>,
+    pub kind: UsageKind,
+    pub quantity: i64,
+    pub price_micros: i64,
+    pub amount_micros: i64,
+    pub at: DateTime<Utc>,
 }
 
 // ---------- audit ----------

@@ -4,9 +4,11 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use reqwest::Method;
 use serde_json::{json, Value};
+use text::{qs, render, strip_nulls};
+
+mod text;
 
 #[derive(Parser)]
 #[command(version, about = "Command-line client for the Gantry controller")]
@@ -59,6 +61,29 @@ enum Cmd {
     },
     /// An operation's state and progress.
     Operation { id: String },
+    /// Host join tokens (admin).
+    #[command(subcommand)]
+    JoinToken(JoinTokenCmd),
+    /// Usage ledger records, newest first.
+    Usage {
+        #[arg(long)]
+        instance: Option<String>,
+        /// Another account's records (admin).
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum JoinTokenCmd {
+    /// Mint a one-time token a host joins with; it is shown once.
+    Create {
+        /// How long it can be used [default: 3600, at most 7 days].
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,11 +203,21 @@ enum FlavorCmd {
 #[derive(Subcommand)]
 enum ImageCmd {
     List,
+    /// A base image; hosts read it from `--disk` (with optional direct-boot
+    /// `--kernel`, `--initrd`, `--cmdline`).
     Create {
         #[arg(long)]
         name: String,
         #[arg(long)]
         size_gib: u64,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long, requires = "disk")]
+        kernel: Option<String>,
+        #[arg(long, requires = "disk")]
+        initrd: Option<String>,
+        #[arg(long, requires = "disk")]
+        cmdline: Option<String>,
     },
 }
 
@@ -296,27 +331,6 @@ fn action_body(action: &str, flavor: Option<String>, gib: Option<u64>) -> Value 
     b
 }
 
-fn qs(pairs: &[(&str, Option<String>)]) -> String {
-    let parts: Vec<String> = pairs
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", url_escape(v))))
-        .collect();
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", parts.join("&"))
-    }
-}
-
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 const INSTANCE_COLS: &[&str] = &[
     "id",
     "name",
@@ -347,6 +361,32 @@ fn plan(cmd: Cmd) -> anyhow::Result<Call> {
             &["at", "actor", "method", "path", "status"],
         ),
         Cmd::Operation { id } => call(M::GET, format!("/v1/operations/{id}"), None, &[]),
+        Cmd::JoinToken(JoinTokenCmd::Create { ttl_secs }) => call(
+            M::POST,
+            "/v1/admin/join-tokens",
+            Some(json!({"ttl_secs": ttl_secs})),
+            &[],
+        ),
+        Cmd::Usage {
+            instance,
+            account,
+            limit,
+        } => {
+            let q = [
+                ("instance", instance),
+                ("account", account),
+                ("limit", Some(limit.to_string())),
+            ];
+            let cols = &[
+                "at",
+                "kind",
+                "instance",
+                "quantity",
+                "price_micros",
+                "amount_micros",
+            ];
+            call(M::GET, format!("/v1/usage{}", qs(&q)), None, cols)
+        }
     })
 }
 
@@ -510,12 +550,21 @@ fn plan_image(c: ImageCmd) -> Call {
             None,
             &["id", "name", "size_gib", "source_snapshot"],
         ),
-        ImageCmd::Create { name, size_gib } => call(
-            M::POST,
-            "/v1/admin/images",
-            Some(json!({"name": name, "size_gib": size_gib})),
-            &[],
-        ),
+        ImageCmd::Create {
+            name,
+            size_gib,
+            disk,
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let origin = disk.map(|d| {
+                json!({"from": "file", "disk": d, "kernel": kernel, "initrd": initrd,
+                    "cmdline": cmdline})
+            });
+            let body = json!({"name": name, "size_gib": size_gib, "origin": origin});
+            call(M::POST, "/v1/admin/images", Some(body), &[])
+        }
     }
 }
 
@@ -648,47 +697,6 @@ fn plan_token(c: TokenCmd) -> Call {
 }
 
 /// Drops `null` members (optional fields left out) from a request body.
-fn strip_nulls(v: Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.into_iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k, strip_nulls(v)))
-                .collect(),
-        ),
-        other => other,
-    }
-}
-
-fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
-}
-
-fn render(v: &Value, columns: &[&str]) -> String {
-    let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY);
-    match v {
-        Value::Array(rows) => {
-            t.set_header(columns.iter().map(|c| c.to_uppercase()));
-            for r in rows {
-                t.add_row(columns.iter().map(|c| cell(&r[*c])));
-            }
-        }
-        Value::Object(m) => {
-            for (k, v) in m {
-                t.add_row(vec![k.clone(), cell(v)]);
-            }
-        }
-        other => return cell(other),
-    }
-    t.to_string()
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -731,25 +739,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", render(&body, c.columns));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tables_show_chosen_columns_and_nulls_are_dropped() {
-        let rows = json!([{"id": "ins-1", "name": "web", "status": "Running", "host": null,
-            "cost_micros": 5, "allowed_actions": ["stop", "reboot"]}]);
-        let out = render(&rows, INSTANCE_COLS);
-        assert!(
-            out.contains("ALLOWED_ACTIONS") && out.contains("stop,reboot") && out.contains(" - "),
-            "{out}"
-        );
-        assert_eq!(strip_nulls(json!({"a": null, "b": 1})), json!({"b": 1}));
-        assert_eq!(
-            qs(&[("status", Some("Running x".into())), ("x", None)]),
-            "?status=Running%20x"
-        );
-    }
 }

@@ -1,0 +1,526 @@
+//! The work loop: long-polls the controller, carries out each operation
+//! once (journalled by id), reports Running at once, progress every ~2 s
+//! and the outcome; re-reports the outcome of an operation delivered again.
+//! Operations found unfinished after an agent restart are settled first
+//! ([`settle_interrupted`]). Instances the controller wants Released that
+//! this host still has, with nothing in flight, are released.
+
+use super::client::{self, backoff};
+use super::journal::{Entry, Finished};
+use super::{now_ms, Link};
+use crate::images;
+use crate::manager::{Manager, ManagerError};
+use backon::BackoffBuilder;
+use gantry_proto::api::agent::{
+    AgentCommand, AgentOp, DesiredInstance, ImageOrigin, ImageSource, OpOutcome, OpReport,
+    SnapshotSizes, Work,
+};
+use gantry_proto::api::local::{
+    ActionRequest, DiskKind, ImageFromSnapshot, ImportImage, OperationState, TakeSnapshot,
+};
+use gantry_proto::{InstanceId, InstanceState, OperationId, SnapshotId};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often progress is sent while a local operation runs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How often the local operation is looked at.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// The work loop (runs forever).
+pub async fn run(link: Arc<Link>) {
+    settle_interrupted(&link).await;
+    if let Err(e) = link
+        .journal
+        .prune(now_ms().saturating_sub(super::journal::KEEP_REPORTED_MS))
+    {
+        tracing::warn!(error = %e, "cannot prune the operation journal");
+    }
+    let mut delays = backoff().build();
+    loop {
+        let wait = link.cfg.poll_wait_secs;
+        match link.client.work(link.credential(), wait).await {
+            Ok(work) => {
+                link.link_up(true);
+                delays = backoff().build();
+                let started = handle(&link, &work);
+                if started == 0 && !work.ops.is_empty() {
+                    // Everything listed is already in hand: don't spin while
+                    // the controller still shows it pending.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Err(e) => {
+                link.link_up(false);
+                let d = delays.next().unwrap_or(client::MAX_BACKOFF);
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "work poll failed");
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+}
+
+/// Starts what is new in `work`; returns how many tasks it started.
+pub fn handle(link: &Arc<Link>, work: &Work) -> usize {
+    let mut started = 0;
+    for op in &work.ops {
+        if !claim(link, op.id) {
+            continue;
+        }
+        started += 1;
+        let l = link.clone();
+        let op = op.clone();
+        tokio::spawn(async move {
+            carry_out(&l, op.clone()).await;
+            release_claim(&l, op.id);
+        });
+    }
+    for d in &work.instances {
+        if drifted_to_release(link, d, work) {
+            tracing::info!(instance = %d.id, "the controller wants this instance released; releasing");
+            let req = ActionRequest::Release {
+                delete_data_volume: false,
+            };
+            if let Err(e) = link.manager.action(d.id, req) {
+                tracing::warn!(instance = %d.id, error = %e, "cannot release");
+            }
+        }
+    }
+    started
+}
+
+fn claim(link: &Link, id: OperationId) -> bool {
+    link.in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id)
+}
+
+fn release_claim(link: &Link, id: OperationId) {
+    link.in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+}
+
+/// Desired Released, still here, not busy, and no operation for it listed
+/// or in flight.
+fn drifted_to_release(link: &Link, d: &DesiredInstance, work: &Work) -> bool {
+    if d.desired != InstanceState::Released {
+        return false;
+    }
+    let Ok(rec) = link.manager.record(d.id) else {
+        return false;
+    };
+    let listed = work.ops.iter().any(|o| op_instance(o) == Some(d.id));
+    !rec.state.is_final()
+        && rec.state != InstanceState::Releasing
+        && !rec.state.is_snapshotting()
+        && !listed
+        && !link.manager.is_busy(d.id)
+}
+
+fn op_instance(op: &AgentOp) -> Option<InstanceId> {
+    match &op.command {
+        AgentCommand::Create { spec, .. } => Some(spec.id),
+        _ => op.instance,
+    }
+}
+
+/// The name of a command, for logs and metrics.
+pub fn kind(c: &AgentCommand) -> &'static str {
+    match c {
+        AgentCommand::Create { .. } => "create",
+        AgentCommand::Start {} => "start",
+        AgentCommand::Stop {} => "stop",
+        AgentCommand::Reboot {} => "reboot",
+        AgentCommand::ForceReboot {} => "force-reboot",
+        AgentCommand::Release {} => "release",
+        AgentCommand::ChangeType { .. } => "change-type",
+        AgentCommand::GrowDisk { .. } => "grow-disk",
+        AgentCommand::Snapshot { .. } => "snapshot",
+        AgentCommand::DeleteSnapshot { .. } => "delete-snapshot",
+    }
+}
+
+/// Runs (or re-reports) one operation, journalled by id.
+async fn carry_out(link: &Arc<Link>, op: AgentOp) {
+    let (entry, new) = match link.journal.accept(&op, now_ms()) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(op = %op.id, error = %e, "cannot journal the operation; not running it");
+            return;
+        }
+    };
+    if !new {
+        match entry.outcome {
+            Some(outcome) => report_outcome(link, &entry.op, outcome).await,
+            // Journalled but never finished by this process: settled at
+            // start-up normally; settle it now.
+            None => settle_one(link, entry).await,
+        }
+        return;
+    }
+    execute(link, op).await;
+}
+
+/// Executes a journalled operation and reports its outcome.
+async fn execute(link: &Arc<Link>, op: AgentOp) {
+    tracing::info!(op = %op.id, kind = kind(&op.command), "operation started");
+    send_report(
+        link,
+        op.id,
+        running(0, state_of(&link.manager, op_instance(&op))),
+    )
+    .await;
+    let outcome = match run_command(link, &op).await {
+        Ok(o) => o,
+        Err(e) => Finished::failed(e.to_string(), state_of(&link.manager, op_instance(&op))),
+    };
+    link.manager
+        .metrics()
+        .controller_op_done(kind(&op.command), outcome.ok);
+    report_outcome(link, &op, outcome).await;
+}
+
+async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
+    if let Err(e) = link.journal.finish(op.id, outcome.clone()) {
+        tracing::error!(op = %op.id, error = %e, "cannot journal the outcome");
+    }
+    tracing::info!(op = %op.id, kind = kind(&op.command), ok = outcome.ok, error = outcome.error.as_deref().unwrap_or(""), "operation ended");
+    let report = OpReport {
+        outcome: if outcome.ok {
+            OpOutcome::Succeeded
+        } else {
+            OpOutcome::Failed
+        },
+        progress: 100,
+        error: outcome.error,
+        snapshot: outcome.snapshot,
+        instance_state: outcome.instance_state,
+    };
+    let r = client::retry(
+        "report",
+        || link.client.report(link.credential(), op.id, &report),
+        |_| link.link_up(false),
+    )
+    .await;
+    match r {
+        Ok(()) => {}
+        Err(e) => tracing::warn!(op = %op.id, error = %e, "the controller refused the report"),
+    }
+    if let Err(e) = link.journal.mark_reported(op.id) {
+        tracing::error!(op = %op.id, error = %e, "cannot journal the report");
+    }
+}
+
+/// One report, not retried (progress; a later one supersedes it).
+async fn send_report(link: &Link, op: OperationId, report: OpReport) {
+    if let Err(e) = link.client.report(link.credential(), op, &report).await {
+        tracing::debug!(op = %op, error = %e, "progress report failed");
+    }
+}
+
+fn running(progress: u8, instance_state: Option<InstanceState>) -> OpReport {
+    OpReport {
+        outcome: OpOutcome::Running,
+        progress,
+        error: None,
+        snapshot: None,
+        instance_state,
+    }
+}
+
+fn state_of(m: &Manager, id: Option<InstanceId>) -> Option<InstanceState> {
+    m.record(id?).ok().map(|r| r.state)
+}
+
+fn needs_instance(op: &AgentOp) -> Result<InstanceId, ManagerError> {
+    op.instance.ok_or_else(|| {
+        ManagerError::Conflict(format!(
+            "operation {} ({}) names no instance",
+            op.id,
+            kind(&op.command)
+        ))
+    })
+}
+
+/// How long an operation waits for another one on its instance to end.
+const BUSY_WAIT: Duration = Duration::from_secs(120);
+
+/// What starting a command gave.
+enum Started {
+    /// A local operation on this instance, to follow.
+    Local(InstanceId, OperationId),
+    /// Already over.
+    Done(Finished),
+}
+
+/// Maps the command onto the manager and waits for the local operation;
+/// an instance busy with another operation is waited for a while.
+async fn run_command(link: &Arc<Link>, op: &AgentOp) -> Result<Finished, ManagerError> {
+    let since = Instant::now();
+    loop {
+        match start(link, op).await {
+            Ok(Started::Local(id, local)) => return Ok(follow(link, op.id, id, local).await),
+            Ok(Started::Done(f)) => return Ok(f),
+            Err(ManagerError::Busy { .. }) if since.elapsed() < BUSY_WAIT => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> {
+    let m = &link.manager;
+    let act = |req: ActionRequest| -> Result<Started, ManagerError> {
+        let id = needs_instance(op)?;
+        Ok(Started::Local(id, m.action(id, req)?.id))
+    };
+    match &op.command {
+        AgentCommand::Create { spec, image } => {
+            if spec.image != image.image {
+                return Err(ManagerError::Conflict(format!(
+                    "spec.image {} differs from image.image {}",
+                    spec.image, image.image
+                )));
+            }
+            ensure_image(link, image).await?;
+            let mm = m.clone();
+            let spec = spec.clone();
+            let id = spec.id;
+            let local = tokio::task::spawn_blocking(move || mm.create(spec))
+                .await
+                .expect("create task")?;
+            Ok(Started::Local(id, local.id))
+        }
+        AgentCommand::Start {} => act(ActionRequest::Start),
+        AgentCommand::Stop {} => act(ActionRequest::Stop { timeout_secs: None }),
+        AgentCommand::Reboot {} => act(ActionRequest::Reboot),
+        AgentCommand::ForceReboot {} => act(ActionRequest::ForceReboot),
+        AgentCommand::Release {} => act(ActionRequest::Release {
+            delete_data_volume: false,
+        }),
+        AgentCommand::ChangeType { vcpus, memory_mib } => act(ActionRequest::ChangeType {
+            vcpus: *vcpus,
+            memory_mib: *memory_mib,
+        }),
+        AgentCommand::GrowDisk { root_disk_gib } => act(ActionRequest::GrowDisk {
+            disk: DiskKind::Root,
+            size_gib: *root_disk_gib,
+        }),
+        AgentCommand::Snapshot {
+            snapshot,
+            name,
+            owner,
+            auto_release,
+        } => {
+            let id = needs_instance(op)?;
+            let req = TakeSnapshot {
+                name: name.clone(),
+                owner: Some(owner.to_string()),
+                auto_release: *auto_release,
+            };
+            Ok(Started::Local(
+                id,
+                m.snapshot_as(id, req, Some(*snapshot))?.id,
+            ))
+        }
+        AgentCommand::DeleteSnapshot { snapshot } => {
+            delete_snapshot(m, *snapshot).await?;
+            Ok(Started::Done(Finished {
+                ok: true,
+                error: None,
+                snapshot: None,
+                instance_state: None,
+            }))
+        }
+    }
+}
+
+async fn delete_snapshot(m: &Arc<Manager>, id: SnapshotId) -> Result<(), ManagerError> {
+    let mm = m.clone();
+    tokio::task::spawn_blocking(move || mm.delete_snapshot(id))
+        .await
+        .expect("delete task")?;
+    Ok(())
+}
+
+/// Waits for a local operation, reporting progress every ~2 s.
+async fn follow(link: &Link, op: OperationId, id: InstanceId, local: OperationId) -> Finished {
+    let m = &link.manager;
+    let mut last_sent = Instant::now();
+    loop {
+        tokio::time::sleep(LOOK_EVERY).await;
+        let info = match m.operation(local) {
+            Ok(i) => i,
+            Err(e) => return Finished::failed(e.to_string(), state_of(m, Some(id))),
+        };
+        match info.state {
+            OperationState::Running => {
+                if last_sent.elapsed() >= PROGRESS_EVERY {
+                    last_sent = Instant::now();
+                    send_report(link, op, running(info.progress, state_of(m, Some(id)))).await;
+                }
+            }
+            OperationState::Succeeded => {
+                return Finished {
+                    ok: true,
+                    error: None,
+                    snapshot: info.snapshot.map(|s| SnapshotSizes {
+                        logical_bytes: s.logical_size,
+                        compressed_bytes: s.stored_bytes,
+                    }),
+                    instance_state: state_of(m, Some(id)),
+                }
+            }
+            OperationState::Failed => {
+                let why = info.error.unwrap_or_else(|| "failed".into());
+                return Finished::failed(why, state_of(m, Some(id)));
+            }
+        }
+    }
+}
+
+/// Makes sure the image is in the host's cache, filling it from its origin.
+async fn ensure_image(link: &Link, src: &ImageSource) -> Result<(), ManagerError> {
+    let _one_at_a_time = link.image_fill.lock().await;
+    let m = link.manager.clone();
+    let src = src.clone();
+    tokio::task::spawn_blocking(move || {
+        if images::open(m.layout(), src.image, false).is_ok() {
+            return Ok(());
+        }
+        tracing::info!(image = %src.image, "filling the image cache");
+        let filled = match &src.origin {
+            ImageOrigin::File {
+                disk,
+                kernel,
+                initrd,
+                cmdline,
+            } => images::import(
+                m.layout(),
+                &ImportImage {
+                    id: Some(src.image),
+                    name: src.name.clone(),
+                    disk: disk.clone(),
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: cmdline.clone(),
+                },
+            )
+            .map_err(ManagerError::from),
+            ImageOrigin::Snapshot {
+                snapshot,
+                boot_like,
+            } => m.image_from_snapshot(&ImageFromSnapshot {
+                id: Some(ImageSource::snapshot_image_id(*snapshot)),
+                name: src.name.clone(),
+                snapshot: *snapshot,
+                boot_like: *boot_like,
+            }),
+        };
+        match filled {
+            Ok(_) | Err(ManagerError::Image(images::ImageError::Exists(_))) => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .expect("image task")
+}
+
+/// Settles operations journalled by an earlier process and never finished:
+/// reports recorded outcomes; decides the rest ([`settle_one`]).
+pub async fn settle_interrupted(link: &Arc<Link>) {
+    let entries = match link.journal.all() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the operation journal");
+            return;
+        }
+    };
+    for entry in entries.into_iter().filter(|e| !e.reported) {
+        if !claim(link, entry.op.id) {
+            continue;
+        }
+        let l = link.clone();
+        tokio::spawn(async move {
+            let id = entry.op.id;
+            match entry.outcome.clone() {
+                Some(o) => report_outcome(&l, &entry.op, o).await,
+                None => settle_one(&l, entry).await,
+            }
+            release_claim(&l, id);
+        });
+    }
+}
+
+/// An operation interrupted by a restart: succeeded when the instance
+/// already is where it leads, failed for a snapshot, else run again (which
+/// fails with a sentence when the state no longer allows it).
+async fn settle_one(link: &Arc<Link>, entry: Entry) {
+    let op = entry.op;
+    match interrupted_outcome(&link.manager, &op) {
+        Some(outcome) => {
+            if let AgentCommand::Snapshot { snapshot, .. } = &op.command {
+                // It may have been published just before the restart: the
+                // controller records it as failed, so nothing may remain.
+                if let Err(e) = delete_snapshot(&link.manager, *snapshot).await {
+                    tracing::warn!(snapshot = %snapshot, error = %e, "cannot remove an interrupted snapshot");
+                }
+            }
+            tracing::info!(op = %op.id, ok = outcome.ok, "settled an operation interrupted by a restart");
+            report_outcome(link, &op, outcome).await;
+        }
+        None => {
+            tracing::info!(op = %op.id, "running an interrupted operation again");
+            execute(link, op).await;
+        }
+    }
+}
+
+/// The outcome of an interrupted operation, or `None` to run it again.
+pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
+    let id = op_instance(op);
+    let rec = id.and_then(|i| m.record(i).ok());
+    let state = rec.as_ref().map(|r| r.state);
+    let done = |ok: bool| {
+        ok.then_some(Finished {
+            ok: true,
+            error: None,
+            snapshot: None,
+            instance_state: state,
+        })
+    };
+    use InstanceState::*;
+    match &op.command {
+        AgentCommand::Snapshot { .. } => {
+            Some(Finished::failed("interrupted by an agent restart", state))
+        }
+        AgentCommand::DeleteSnapshot { .. } => None,
+        AgentCommand::Create { .. } => done(matches!(state, Some(Running | Stopped))),
+        AgentCommand::Release {} => {
+            if rec.is_none() || state == Some(Released) {
+                Some(Finished {
+                    ok: true,
+                    error: None,
+                    snapshot: None,
+                    instance_state: Some(Released),
+                })
+            } else {
+                None
+            }
+        }
+        AgentCommand::Start {} | AgentCommand::Reboot {} | AgentCommand::ForceReboot {} => {
+            done(state == Some(Running))
+        }
+        AgentCommand::Stop {} => done(state == Some(Stopped)),
+        AgentCommand::ChangeType { vcpus, memory_mib } => done(rec.is_some_and(|r| {
+            r.state == Stopped && r.spec.vcpus == *vcpus && r.spec.memory_mib == *memory_mib
+        })),
+        AgentCommand::GrowDisk { root_disk_gib } => {
+            done(rec.is_some_and(|r| r.spec.root_disk_gib >= *root_disk_gib))
+        }
+    }
+}

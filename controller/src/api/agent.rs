@@ -1,0 +1,333 @@
+//! The agent protocol's endpoints (`/v1/agent/*`, see
+//! `gantry_proto::api::agent`): join, heartbeat, the work long-poll and
+//! operation reports; and `POST /v1/admin/join-tokens`.
+//!
+//! The guard lets only join tokens reach `join` and only host credentials
+//! reach the rest; each handler acts on the calling host's objects only.
+
+use super::commands;
+use super::{created, path_id, query, Body, Caller};
+use crate::auth;
+use crate::db::{col, now_ms, parsed_opt, rows, to_time, Tx};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gantry_proto::api::agent::*;
+use gantry_proto::api::v1::{HostHealth, RegisterHost};
+use gantry_proto::ids::{HostId, JoinTokenId, OperationId};
+use gantry_proto::validate;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Default and longest life of a join token.
+const JOIN_TTL_SECS: u64 = 3600;
+const JOIN_TTL_MAX_SECS: u64 = 7 * 24 * 3600;
+/// Default work long-poll.
+const DEFAULT_WAIT_SECS: u64 = 25;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/join-tokens", post(create_join_token))
+        .route("/agent/join", post(join))
+        .route("/agent/heartbeat", post(heartbeat))
+        .route("/agent/work", get(work))
+        .route("/agent/ops/{id}", post(report))
+}
+
+/// The calling host (the guard already refused everyone else).
+fn host_of(who: &Caller) -> ApiResult<HostId> {
+    who.host
+        .ok_or_else(|| ApiError::Denied("this call needs a host credential".into()))
+}
+
+async fn create_join_token(
+    State(st): State<AppState>,
+    who: Caller,
+    Body(req): Body<CreateJoinToken>,
+) -> ApiResult<Response> {
+    who.require_admin()?;
+    let ttl = req.ttl_secs.unwrap_or(JOIN_TTL_SECS);
+    validate::in_range("ttl_secs", ttl, 1, JOIN_TTL_MAX_SECS)?;
+    let id = JoinTokenId::new();
+    let (token, hash) = auth::mint_with(JOIN_TOKEN_PREFIX, id.uuid());
+    let now = now_ms();
+    let expires = now + ttl as i64 * 1000;
+    sqlx::query(
+        "INSERT INTO join_tokens (id, hash, expires_ms, created_ms) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id.to_string())
+    .bind(hash)
+    .bind(expires)
+    .bind(now)
+    .execute(&st.db.pool)
+    .await?;
+    Ok(created(CreatedJoinToken {
+        id,
+        token,
+        expires_at: to_time(expires),
+    }))
+}
+
+/// `POST /v1/agent/join`: creates (or, for a retry with the same name,
+/// finds) the host and mints its credential.
+async fn join(
+    State(st): State<AppState>,
+    who: Caller,
+    Body(req): Body<JoinRequest>,
+) -> ApiResult<Response> {
+    let jt = who
+        .join
+        .ok_or_else(|| ApiError::Denied("joining needs a join token".into()))?;
+    let c = &req.capacity;
+    validate::object_name("name", &req.name)?;
+    validate::object_name("address", &req.address)?;
+    super::hosts::check_capacity("capacity.", c.vcpus, c.memory_mib, c.disk_gib, &c.gpus)?;
+    let mut tx = st.db.begin_write().await?;
+    let host = claim_join(&mut tx, jt, &req).await?;
+    let (credential, hash) = auth::mint_with(HOST_CREDENTIAL_PREFIX, host.uuid());
+    sqlx::query(
+        "UPDATE hosts SET credential_hash = $1, health = 'healthy', last_heartbeat_ms = $2 \
+         WHERE id = $3",
+    )
+    .bind(hash)
+    .bind(now_ms())
+    .bind(host.to_string())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    // An older credential of this host must stop working at once.
+    st.verifier.forget_all();
+    tracing::info!(%host, name = %req.name, "host joined");
+    Ok(created(JoinResponse {
+        host,
+        credential,
+        heartbeat_secs: st.cfg.heartbeat_secs,
+    }))
+}
+
+/// Checks the join token and binds it to the host named in `req`: a new
+/// host, a pre-registered one that never joined, or (a retry) the host the
+/// token already joined.
+async fn claim_join(tx: &mut Tx, jt: JoinTokenId, req: &JoinRequest) -> ApiResult<HostId> {
+    let row = sqlx::query("SELECT expires_ms, host_name, host_id FROM join_tokens WHERE id = $1")
+        .bind(jt.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    if col::<i64>(&row, "expires_ms")? <= now_ms() {
+        return Err(ApiError::BadToken(format!(
+            "join token {jt} has expired; ask an admin for a new one"
+        )));
+    }
+    let used_by: Option<String> = col(&row, "host_name")?;
+    if let Some(name) = used_by {
+        if name != req.name {
+            return Err(ApiError::BadToken(format!(
+                "join token {jt} was already used by another host"
+            )));
+        }
+        let host: Option<HostId> = parsed_opt(&row, "host_id", "join_tokens")?;
+        return host.ok_or_else(|| ApiError::BadToken(format!("join token {jt} is unusable")));
+    }
+    let existing = sqlx::query("SELECT id, credential_hash FROM hosts WHERE name = $1")
+        .bind(&req.name)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let c = &req.capacity;
+    let host = match existing {
+        Some(r) if col::<Option<String>>(&r, "credential_hash")?.is_some() => {
+            return Err(ApiError::Conflict(format!(
+                "a host named {:?} already exists",
+                req.name
+            )))
+        }
+        Some(r) => {
+            // Pre-registered by an admin: this join adopts it.
+            let id: HostId = crate::db::parsed(&r, "id", "hosts")?;
+            update_capacity(tx, &id, c, Some(&req.address)).await?;
+            id
+        }
+        None => {
+            let id = HostId::new();
+            let reg = RegisterHost {
+                name: req.name.clone(),
+                address: req.address.clone(),
+                vcpus: c.vcpus,
+                memory_mib: c.memory_mib,
+                disk_gib: c.disk_gib,
+                gpus: c.gpus.clone(),
+            };
+            super::hosts::insert_host(tx, id, &reg).await?;
+            id
+        }
+    };
+    let done = sqlx::query(
+        "UPDATE join_tokens SET host_name = $1, host_id = $2 WHERE id = $3 AND host_name IS NULL",
+    )
+    .bind(&req.name)
+    .bind(host.to_string())
+    .bind(jt.to_string())
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(ApiError::BadToken(format!(
+            "join token {jt} was already used by another host"
+        )));
+    }
+    Ok(host)
+}
+
+async fn update_capacity(
+    tx: &mut Tx,
+    id: &HostId,
+    c: &HostCapacity,
+    address: Option<&str>,
+) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE hosts SET vcpus = $1, memory_mib = $2, disk_gib = $3, \
+         address = COALESCE($4, address) WHERE id = $5",
+    )
+    .bind(c.vcpus as i64)
+    .bind(c.memory_mib as i64)
+    .bind(c.disk_gib as i64)
+    .bind(address.map(str::to_owned))
+    .bind(id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    super::hosts::sync_gpus(tx, id, &c.gpus).await
+}
+
+/// `POST /v1/agent/heartbeat`: capacity, health and observed states (unless
+/// older than the last heartbeat applied), store usage, and billing of the
+/// usage counters.
+async fn heartbeat(
+    State(st): State<AppState>,
+    who: Caller,
+    Body(hb): Body<AgentHeartbeat>,
+) -> ApiResult<Json<HeartbeatAck>> {
+    let host = host_of(&who)?;
+    let c = &hb.capacity;
+    super::hosts::check_capacity("capacity.", c.vcpus, c.memory_mib, c.disk_gib, &c.gpus)?;
+    let mut tx = st.db.begin_write().await?;
+    // Any heartbeat shows the host is alive; only a newer one says more.
+    sqlx::query("UPDATE hosts SET last_heartbeat_ms = $1 WHERE id = $2")
+        .bind(now_ms())
+        .bind(host.to_string())
+        .execute(&mut *tx)
+        .await?;
+    let fresh = sqlx::query(
+        "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2 WHERE id = $3 \
+         AND last_heartbeat_sent_ms < $1",
+    )
+    .bind(hb.sent_at_ms)
+    .bind(rows::health_str(hb.health))
+    .bind(host.to_string())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if fresh {
+        if hb.health != HostHealth::Healthy {
+            tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
+        }
+        update_capacity(&mut tx, &host, c, None).await?;
+        for o in &hb.instances {
+            commands::observe(&mut tx, &host, o.id, o.state).await?;
+        }
+        if let Some(store) = &hb.store {
+            store_usage(&mut tx, &host, store).await?;
+        }
+    } else {
+        tracing::debug!(%host, sent_at_ms = hb.sent_at_ms, "ignoring an older heartbeat");
+    }
+    let mut billed = Vec::with_capacity(hb.usage.len());
+    for u in &hb.usage {
+        if let Some(ack) = crate::billing::bill_counter(&mut tx, &host, u).await? {
+            billed.push(ack);
+        }
+    }
+    tx.commit().await?;
+    Ok(Json(HeartbeatAck {
+        heartbeat_secs: st.cfg.heartbeat_secs,
+        billed,
+    }))
+}
+
+/// Replaces the host's per-account store usage rows.
+async fn store_usage(tx: &mut Tx, host: &HostId, store: &[StoreUsage]) -> ApiResult<()> {
+    sqlx::query("DELETE FROM host_store_usage WHERE host_id = $1")
+        .bind(host.to_string())
+        .execute(&mut **tx)
+        .await?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, u) in store.iter().enumerate() {
+        if !seen.insert(u.account) {
+            return Err(ApiError::invalid(
+                format!("store[{i}].account"),
+                format!("{} is listed twice", u.account),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO host_store_usage (host_id, account_id, billed_bytes, at_ms) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(host.to_string())
+        .bind(u.account.to_string())
+        .bind(u.billed_bytes.min(i64::MAX as u64) as i64)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// `GET /v1/agent/work?wait_secs=N`.
+async fn work(
+    State(st): State<AppState>,
+    who: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Work>> {
+    let host = host_of(&who)?;
+    query(&q, &["wait_secs"])?;
+    let wait = match q.get("wait_secs") {
+        None => DEFAULT_WAIT_SECS,
+        Some(w) => w
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad("wait_secs", "must be a whole number of seconds"))?,
+    };
+    validate::in_range("wait_secs", wait, 0, MAX_WAIT_SECS)?;
+    // Listen before looking, so a wake between the two is not lost.
+    let notify = st.wake.get(&host);
+    let woken = notify.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    let w = commands::build_work(&st, &host).await?;
+    if wait == 0 || st.wake.closed() || w.ops.iter().any(|o| o.phase == OpPhase::Pending) {
+        return Ok(Json(w));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(wait), woken).await;
+    Ok(Json(commands::build_work(&st, &host).await?))
+}
+
+/// `POST /v1/agent/ops/{id}`.
+async fn report(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    Body(r): Body<OpReport>,
+) -> ApiResult<StatusCode> {
+    let host = host_of(&who)?;
+    let id: OperationId = path_id(&id, "operation")?;
+    validate::in_range("progress", r.progress.into(), 0, 100)?;
+    if let Some(e) = &r.error {
+        validate::free_text("error", e, 2000)?;
+    }
+    let mut tx = st.db.begin_write().await?;
+    commands::apply_report(&mut tx, &host, id, &r).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

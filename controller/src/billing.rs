@@ -1,0 +1,237 @@
+//! The usage ledger and credits: charging instance Running time from the
+//! hosts' usage counters, metering snapshot storage, and refusing work to
+//! accounts without credit.
+//!
+//! Every charge is one `usage_records` row, subtracted from
+//! `accounts.credit_micros` in the same transaction that moves the
+//! instance's `usage_seq`/`billed_ms` (or the account's
+//! `snapshot_metered_ms`), so a retry never charges twice.
+
+use crate::db::{col, now_ms, parsed_opt, DbError, Tx};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use gantry_proto::api::agent::{UsageAck, UsageCounter};
+use gantry_proto::api::v1::UsageKind;
+use gantry_proto::ids::{AccountId, HostId, InstanceId};
+use gantry_proto::InstanceState;
+
+/// 402 when the account has no credit left.
+pub async fn require_credit(st: &AppState, account: &AccountId, what: &str) -> ApiResult<()> {
+    let row = sqlx::query("SELECT name, credit_micros FROM accounts WHERE id = $1")
+        .bind(account.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| ApiError::invalid("account", format!("no account {account}")))?;
+    let credit: i64 = col(&row, "credit_micros")?;
+    if credit <= 0 {
+        let name: String = col(&row, "name")?;
+        return Err(ApiError::PaymentRequired(format!(
+            "account {name} has no credit left; add credit before {what}"
+        )));
+    }
+    Ok(())
+}
+
+/// One charge against an account.
+pub struct Charge {
+    pub account: AccountId,
+    pub instance: Option<InstanceId>,
+    pub kind: UsageKind,
+    pub quantity: i64,
+    pub price_micros: i64,
+    pub amount_micros: i64,
+}
+
+/// Writes the ledger row and takes the amount from the account's credit,
+/// noting when the credit ran out.
+pub async fn charge(tx: &mut Tx, c: &Charge) -> Result<(), DbError> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO usage_records (id, account_id, instance_id, kind, quantity, price_micros, \
+         amount_micros, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(uuid::Uuid::now_v7().simple().to_string())
+    .bind(c.account.to_string())
+    .bind(c.instance.map(|i| i.to_string()))
+    .bind(match c.kind {
+        UsageKind::Instance => "instance",
+        UsageKind::Snapshot => "snapshot",
+    })
+    .bind(c.quantity)
+    .bind(c.price_micros)
+    .bind(c.amount_micros)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE accounts SET credit_micros = credit_micros - $1, credit_exhausted_ms = CASE \
+         WHEN credit_micros - $1 <= 0 THEN COALESCE(credit_exhausted_ms, $2) ELSE NULL END \
+         WHERE id = $3",
+    )
+    .bind(c.amount_micros)
+    .bind(now)
+    .bind(c.account.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The amount for Running seconds `[a_s, b_s)` at `price` per hour:
+/// `floor(b*p/3600) - floor(a*p/3600)`, so consecutive charges telescope
+/// to the exact total with no rounding drift.
+pub fn instance_amount(a_s: i64, b_s: i64, price: i64) -> i64 {
+    let at = |s: i64| (s as i128 * price as i128 / 3600) as i64;
+    at(b_s) - at(a_s)
+}
+
+/// Bills one usage counter of `host` (see the contract in
+/// `gantry_proto::api::agent`). `None` when the instance belongs to
+/// another host (nothing is acknowledged).
+pub async fn bill_counter(
+    tx: &mut Tx,
+    host: &HostId,
+    c: &UsageCounter,
+) -> Result<Option<UsageAck>, DbError> {
+    let row = sqlx::query(
+        "SELECT i.account_id, i.host_id, i.observed_state, i.usage_seq, i.billed_ms, \
+         f.price_micros_per_hour FROM instances i JOIN flavors f ON f.id = i.flavor_id \
+         WHERE i.id = $1",
+    )
+    .bind(c.instance.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(Some(UsageAck {
+            instance: c.instance,
+            seq: c.seq,
+            done: true,
+        }));
+    };
+    let owner: Option<HostId> = parsed_opt(&row, "host_id", "instances")?;
+    if owner.as_ref() != Some(host) {
+        tracing::warn!(instance = %c.instance, %host, "usage counter for another host's instance");
+        return Ok(None);
+    }
+    let state: InstanceState = crate::db::parsed(&row, "observed_state", "instances")?;
+    let seq: i64 = col(&row, "usage_seq")?;
+    let billed: i64 = col(&row, "billed_ms")?;
+    let counter_seq = c.seq.min(i64::MAX as u64) as i64;
+    let running = c.running_ms.min(i64::MAX as u64) as i64;
+    if counter_seq > seq {
+        let (new_billed, amount) = if running < billed {
+            tracing::warn!(instance = %c.instance, running, billed, "usage counter went backwards");
+            (billed, 0)
+        } else {
+            let price: i64 = col(&row, "price_micros_per_hour")?;
+            (
+                running,
+                instance_amount(billed / 1000, running / 1000, price),
+            )
+        };
+        sqlx::query(
+            "UPDATE instances SET usage_seq = $1, billed_ms = $2, charged_micros = \
+             charged_micros + $3 WHERE id = $4 AND usage_seq = $5",
+        )
+        .bind(counter_seq)
+        .bind(new_billed)
+        .bind(amount)
+        .bind(c.instance.to_string())
+        .bind(seq)
+        .execute(&mut **tx)
+        .await?;
+        if new_billed > billed {
+            let price: i64 = col(&row, "price_micros_per_hour")?;
+            let account = crate::db::parsed(&row, "account_id", "instances")?;
+            let ch = Charge {
+                account,
+                instance: Some(c.instance),
+                kind: UsageKind::Instance,
+                quantity: new_billed - billed,
+                price_micros: price,
+                amount_micros: amount,
+            };
+            charge(tx, &ch).await?;
+        }
+    }
+    Ok(Some(UsageAck {
+        instance: c.instance,
+        seq: c.seq,
+        done: state.is_final(),
+    }))
+}
+
+/// Charges snapshot storage of every account whose meter is due: the
+/// bytes the hosts last reported (summed over hosts; counted once with a
+/// shared store) times the price times the hours since the last charge.
+/// Returns how many accounts were charged.
+pub async fn meter(st: &AppState) -> Result<usize, DbError> {
+    let now = now_ms();
+    let agg = if st.cfg.snapshot_store_shared {
+        "MAX"
+    } else {
+        "SUM"
+    };
+    let sql = format!(
+        "SELECT a.id, a.snapshot_metered_ms, CAST(COALESCE({agg}(u.billed_bytes), 0) AS BIGINT) \
+         AS bytes FROM accounts a LEFT JOIN host_store_usage u ON u.account_id = a.id \
+         WHERE a.snapshot_metered_ms IS NULL OR a.snapshot_metered_ms <= $1 \
+         GROUP BY a.id, a.snapshot_metered_ms"
+    );
+    let due = now - st.cfg.snapshot_meter_secs as i64 * 1000;
+    let rows = sqlx::query(&sql).bind(due).fetch_all(&st.db.pool).await?;
+    let mut charged = 0;
+    for r in &rows {
+        let account: AccountId = crate::db::parsed(r, "id", "accounts")?;
+        let from: Option<i64> = col(r, "snapshot_metered_ms")?;
+        let bytes: i64 = col(r, "bytes")?;
+        let mut tx = st.db.begin_write().await?;
+        let moved = sqlx::query(
+            "UPDATE accounts SET snapshot_metered_ms = $1 WHERE id = $2 AND \
+             (snapshot_metered_ms = $3 OR (snapshot_metered_ms IS NULL AND $3 = -1))",
+        )
+        .bind(now)
+        .bind(account.to_string())
+        .bind(from.unwrap_or(-1))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            continue; // another replica metered it meanwhile
+        }
+        if let (Some(from), true) = (from, bytes > 0) {
+            let price = st.cfg.snapshot_price_micros_per_tb_hour;
+            let byte_ms = bytes as i128 * (now - from).max(0) as i128;
+            let amount = byte_ms * price as i128 / (1_000_000_000_000i128 * 3_600_000);
+            let ch = Charge {
+                account,
+                instance: None,
+                kind: UsageKind::Snapshot,
+                quantity: byte_ms.min(i64::MAX as i128) as i64,
+                price_micros: price,
+                amount_micros: amount.min(i64::MAX as i128) as i64,
+            };
+            charge(&mut tx, &ch).await?;
+            charged += 1;
+        }
+        tx.commit().await?;
+    }
+    Ok(charged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_amount;
+
+    #[test]
+    fn charges_telescope_without_drift() {
+        let price = 2_000_001; // micros per hour, not a multiple of 3600
+        let mut total = 0;
+        let mut a = 0;
+        for b in [1, 2, 7, 3599, 3600, 3601, 10_000, 86_401] {
+            total += instance_amount(a, b, price);
+            a = b;
+        }
+        assert_eq!(total, instance_amount(0, 86_401, price));
+        assert_eq!(instance_amount(0, 3600, 3_600_000), 3_600_000);
+        assert_eq!(instance_amount(5, 5, 3_600_000), 0);
+    }
+}

@@ -1,0 +1,89 @@
+//! How gantryctl writes: query strings, request bodies without nulls, and
+//! answers as tables.
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use serde_json::Value;
+
+pub fn qs(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", url_escape(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, strip_nulls(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+pub fn render(v: &Value, columns: &[&str]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    match v {
+        Value::Array(rows) => {
+            t.set_header(columns.iter().map(|c| c.to_uppercase()));
+            for r in rows {
+                t.add_row(columns.iter().map(|c| cell(&r[*c])));
+            }
+        }
+        Value::Object(m) => {
+            for (k, v) in m {
+                t.add_row(vec![k.clone(), cell(v)]);
+            }
+        }
+        other => return cell(other),
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_show_chosen_columns_and_nulls_are_dropped() {
+        let rows = json!([{"id": "ins-1", "name": "web", "status": "Running", "host": null,
+            "cost_micros": 5, "allowed_actions": ["stop", "reboot"]}]);
+        let out = render(&rows, &["id", "name", "host", "allowed_actions"]);
+        assert!(
+            out.contains("ALLOWED_ACTIONS") && out.contains("stop,reboot") && out.contains(" - "),
+            "{out}"
+        );
+        assert_eq!(strip_nulls(json!({"a": null, "b": 1})), json!({"b": 1}));
+        assert_eq!(
+            qs(&[("status", Some("Running x".into())), ("x", None)]),
+            "?status=Running%20x"
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! The reconcile loop, started by [`crate::serve`]: every `reconcile_secs`
+//! it marks silent hosts unhealthy, stops the Running instances of
+//! accounts out of credit for longer than `credit_grace_secs`, and runs
+//! the snapshot storage meter. Each step is idempotent (conditional
+//! updates), so replicas sharing a database and restarts are harmless. A
+//! database error is logged and the loop backs off exponentially (up to
+//! 60 s).
+
+use crate::db::{now_ms, rows, DbError};
+use crate::AppState;
+use gantry_proto::ids::OperationId;
+use gantry_proto::InstanceState;
+use std::time::Duration;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Runs forever (the caller aborts it).
+pub async fn run(st: AppState) {
+    let every = Duration::from_secs(st.cfg.reconcile_secs.max(1));
+    let mut delay = every;
+    loop {
+        tokio::time::sleep(delay).await;
+        match once(&st).await {
+            Ok(()) => delay = every,
+            Err(e) => {
+                delay = (delay * 2).min(MAX_BACKOFF).max(every);
+                tracing::error!(error = %e, retry_in_s = delay.as_secs(), "reconcile failed");
+            }
+        }
+    }
+}
+
+/// One pass of every step.
+pub async fn once(st: &AppState) -> Result<(), DbError> {
+    mark_unhealthy(st).await?;
+    grace_stops(st).await?;
+    crate::billing::meter(st).await?;
+    Ok(())
+}
+
+/// Hosts not heard from within `heartbeat_timeout_secs` become unhealthy.
+async fn mark_unhealthy(st: &AppState) -> Result<(), DbError> {
+    let cutoff = now_ms() - st.cfg.heartbeat_timeout_secs as i64 * 1000;
+    let done = sqlx::query(
+        "UPDATE hosts SET health = 'unhealthy' WHERE health = 'healthy' AND last_heartbeat_ms < $1",
+    )
+    .bind(cutoff)
+    .execute(&st.db.pool)
+    .await?;
+    if done.rows_affected() > 0 {
+        tracing::warn!(
+            hosts = done.rows_affected(),
+            "hosts missed their heartbeats; marked unhealthy"
+        );
+    }
+    Ok(())
+}
+
+/// Notes when credit ran out (or came back), then stops the Running
+/// instances of accounts out of credit for longer than the grace time.
+async fn grace_stops(st: &AppState) -> Result<(), DbError> {
+    let now = now_ms();
+    sqlx::query(
+        "UPDATE accounts SET credit_exhausted_ms = $1 WHERE credit_micros <= 0 \
+         AND credit_exhausted_ms IS NULL",
+    )
+    .bind(now)
+    .execute(&st.db.pool)
+    .await?;
+    sqlx::query(
+        "UPDATE accounts SET credit_exhausted_ms = NULL WHERE credit_micros > 0 \
+         AND credit_exhausted_ms IS NOT NULL",
+    )
+    .execute(&st.db.pool)
+    .await?;
+    let cutoff = now - st.cfg.credit_grace_secs as i64 * 1000;
+    let sql = format!(
+        "{} JOIN accounts a ON a.id = i.account_id WHERE a.credit_micros <= 0 AND \
+         a.credit_exhausted_ms IS NOT NULL AND a.credit_exhausted_ms <= $1 AND \
+         i.observed_state = 'Running' AND i.pending_op IS NULL",
+        rows::INSTANCE_SELECT
+    );
+    let found = sqlx::query(&sql)
+        .bind(cutoff)
+        .fetch_all(&st.db.pool)
+        .await?;
+    for r in &found {
+        let rec = rows::instance(r)?;
+        let op = OperationId::new();
+        let mut tx = st.db.begin_write().await?;
+        let claimed = sqlx::query(
+            "UPDATE instances SET pending_op = $1, desired_state = $2 WHERE id = $3 \
+             AND pending_op IS NULL AND observed_state = 'Running'",
+        )
+        .bind(op.to_string())
+        .bind(InstanceState::Stopped.name())
+        .bind(rec.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            continue;
+        }
+        crate::api::actions::insert_op(
+            &mut tx,
+            op,
+            &rec.account,
+            rec.host,
+            Some(rec.id),
+            "stop",
+            "",
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(instance = %rec.id, account = %rec.account, "out of credit; stopping");
+        if let Some(h) = &rec.host {
+            st.wake.wake(h);
+        }
+    }
+    Ok(())
+}

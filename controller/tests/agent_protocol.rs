@@ -1,0 +1,713 @@
+//! The agent protocol over real HTTP, driven by simulated hosts (the test
+//! harness joins them with join tokens and calls `/v1/agent/*` as an agent
+//! would), each test on SQLite and on PostgreSQL: join and credentials,
+//! who may call what, the work long-poll, idempotent operation reports,
+//! snapshots and host health. Billing is in `billing.rs`.
+
+mod common;
+
+use common::{eventually, Backend, Server, ADMIN};
+use gantry_controller::Config;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+macro_rules! on_both {
+    ($name:ident $(, $tweak:expr)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                if let Some(s) = Server::start_with(Backend::Sqlite, tweak).await {
+                    super::$name(s).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(s) = Server::start_with(Backend::Postgres, tweak).await {
+                    super::$name(s).await;
+                }
+            }
+            #[allow(unused_variables)]
+            fn tweak(c: &mut Config) {
+                $( ($tweak)(c); )?
+            }
+        }
+    };
+}
+
+on_both!(join_and_credentials);
+on_both!(who_may_call_what);
+on_both!(work_long_poll_and_reports);
+on_both!(failed_resizes_are_undone);
+on_both!(snapshots_through_operations);
+on_both!(heartbeat_timeout, |c: &mut Config| {
+    c.heartbeat_timeout_secs = 1;
+    c.reconcile_secs = 1;
+});
+
+fn join_body(name: &str) -> Value {
+    json!({"name": name, "address": "10.0.0.5", "capacity": Server::capacity("H100", 2)})
+}
+
+async fn join_and_credentials(s: Server) {
+    let r = s
+        .post("/v1/admin/join-tokens", ADMIN, json!({"ttl_secs": 0}))
+        .await;
+    assert_eq!(
+        (r.status, r.field().as_str()),
+        (422, "ttl_secs"),
+        "{}",
+        r.body
+    );
+    let r = s
+        .post(
+            "/v1/admin/join-tokens",
+            ADMIN,
+            json!({"ttl_secs": 8 * 86400}),
+        )
+        .await;
+    assert_eq!((r.status, r.field().as_str()), (422, "ttl_secs"));
+    let token = s.join_token().await;
+    assert!(token.starts_with("gjt_"), "{token}");
+    let r = s.post("/v1/agent/join", &token, join_body("gpu1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let host = r.body["host"].as_str().unwrap().to_string();
+    let first = r.body["credential"].as_str().unwrap().to_string();
+    assert!(first.starts_with("ghc_"));
+    assert_eq!(r.body["heartbeat_secs"], 10);
+    let h = s.get(&format!("/v1/admin/hosts/{host}"), ADMIN).await.body;
+    assert_eq!(
+        (h["name"].as_str(), h["gpus"].as_array().unwrap().len()),
+        (Some("gpu1"), 2)
+    );
+    // A lost reply: the same token and name again -> the same host, a new
+    // credential; the old one stops working.
+    let r = s.post("/v1/agent/join", &token, join_body("gpu1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["host"], host.as_str());
+    let second = r.body["credential"].as_str().unwrap().to_string();
+    assert_ne!(first, second);
+    assert_eq!(
+        s.get("/v1/agent/work?wait_secs=0", &first).await.status,
+        401
+    );
+    assert_eq!(
+        s.get("/v1/agent/work?wait_secs=0", &second).await.status,
+        200
+    );
+    join_reuse(&s, &token, &second).await;
+}
+
+/// Join tokens reused wrongly, expired or forged; pre-registered hosts;
+/// the audit log.
+async fn join_reuse(s: &Server, token: &str, second: &str) {
+    // Any other reuse is refused.
+    let r = s.post("/v1/agent/join", token, join_body("gpu2")).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.error().contains("already used"), "{}", r.body);
+    let other = s.join_token().await;
+    let r = s.post("/v1/agent/join", &other, join_body("gpu1")).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let short = s
+        .ok(
+            Method::POST,
+            "/v1/admin/join-tokens",
+            ADMIN,
+            Some(json!({"ttl_secs": 1})),
+            201,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = s
+        .post(
+            "/v1/agent/join",
+            short["token"].as_str().unwrap(),
+            join_body("gpu3"),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.error().contains("expired"), "{}", r.body);
+    let forged = format!("{}0000", &token[..token.len() - 4]);
+    assert_eq!(
+        s.post("/v1/agent/join", &forged, join_body("gpu4"))
+            .await
+            .status,
+        401
+    );
+    // A pre-registered host is adopted by its first join.
+    let pre = s.registered_host("gpu5", "L4", 1).await;
+    let r = s.post("/v1/agent/join", &other, join_body("gpu5")).await;
+    assert_eq!(
+        (r.status, r.body["host"].as_str()),
+        (201, Some(pre.as_str())),
+        "{}",
+        r.body
+    );
+    let h = s.get(&format!("/v1/admin/hosts/{pre}"), ADMIN).await.body;
+    assert_eq!(h["gpus"][0]["model"], "H100", "{h}");
+    // Joins are audited, heartbeats are not.
+    let hb = s
+        .post(
+            "/v1/agent/heartbeat",
+            second,
+            json!({"sent_at_ms": 1, "capacity": Server::capacity("H100", 2),
+                "health": "healthy", "instances": [], "usage": []}),
+        )
+        .await;
+    assert_eq!(hb.status, 200, "{}", hb.body);
+    let log = s.get("/v1/admin/audit", ADMIN).await.body;
+    let paths: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"/v1/agent/join"), "{paths:?}");
+    assert!(!paths.contains(&"/v1/agent/heartbeat"), "{paths:?}");
+}
+
+async fn who_may_call_what(s: Server) {
+    let (_, tenant) = s.account("acme").await;
+    let a = s.host("a", "H100", 2).await;
+    let b = s.host("b", "H100", 0).await;
+    let f = s.flavor("g1", Some("H100"), 1).await;
+    let img = s.image("ubuntu").await;
+    let ins = s
+        .post(
+            "/v1/instances",
+            &tenant,
+            json!({"name": "w", "flavor": f, "image": img}),
+        )
+        .await;
+    assert_eq!(
+        (ins.status, ins.body["host"].as_str()),
+        (202, Some(a.as_str()))
+    );
+    let op = ins.body["operation"].as_str().unwrap().to_string();
+    // Host B may not report host A's operation.
+    let r = s
+        .report(&b, &op, json!({"outcome": "succeeded", "progress": 100}))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.error(), format!("operation {op} belongs to another host"));
+    assert_eq!(
+        s.get(&format!("/v1/operations/{op}"), ADMIN).await.body["state"],
+        "pending"
+    );
+    let r = s
+        .report(
+            &b,
+            "op-00000000000000000000000000000000",
+            json!({"outcome": "running", "progress": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    // B's work does not show A's instance or operation, and B's heartbeat
+    // cannot change A's instance.
+    let w = s.work(&b, 0).await;
+    assert_eq!(
+        (
+            w["ops"].as_array().unwrap().len(),
+            w["instances"].as_array().unwrap().len()
+        ),
+        (0, 0)
+    );
+    let id = ins.id();
+    let r = s
+        .heartbeat(&b, json!({"instances": [{"id": id, "state": "Failed"}]}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.get(&format!("/v1/instances/{id}"), &tenant).await.body["state"],
+        "Creating"
+    );
+    credentials_stay_in_lane(&s, &tenant, &b, &id).await;
+}
+
+/// Every credential kind is refused outside its own paths.
+async fn credentials_stay_in_lane(s: &Server, tenant: &str, b: &str, id: &str) {
+    // A host credential reaches nothing but /v1/agent/*.
+    let cred = s.cred(b);
+    for path in [
+        "/v1/flavors",
+        "/v1/admin/hosts",
+        "/v1/instances",
+        &format!("/v1/instances/{id}"),
+    ] {
+        let r = s.get(path, &cred).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+    }
+    assert_eq!(
+        s.post("/v1/agent/join", &cred, join_body("x")).await.status,
+        403
+    );
+    // Tenants and admins do not call the agent protocol; join tokens only join.
+    for t in [tenant, ADMIN] {
+        assert_eq!(s.get("/v1/agent/work", t).await.status, 403);
+        assert_eq!(
+            s.post("/v1/agent/heartbeat", t, json!({})).await.status,
+            403
+        );
+    }
+    let jt = s.join_token().await;
+    assert_eq!(s.get("/v1/flavors", &jt).await.status, 403);
+    assert_eq!(s.get("/v1/agent/work", &jt).await.status, 403);
+    let r = s.get("/v1/agent/work?wait_secs=61", &cred).await;
+    assert_eq!((r.status, r.field().as_str()), (422, "wait_secs"));
+}
+
+async fn work_long_poll_and_reports(s: Server) {
+    let (_, t) = s.account("acme").await;
+    let h = s.host("h", "A100", 2).await;
+    let f = s.flavor("a1", Some("A100"), 1).await;
+    let img = s.image("ubuntu").await;
+    let vol = s
+        .post("/v1/volumes", &t, json!({"name": "data", "size_gib": 100}))
+        .await
+        .id();
+    // Nothing to do: an empty answer once wait_secs has passed.
+    let start = Instant::now();
+    let w = s.work(&h, 1).await;
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    assert_eq!(w, json!({"instances": [], "ops": []}));
+    let r = s
+        .post(
+            "/v1/instances",
+            &t,
+            json!({"name": "w", "flavor": f, "image": img, "data_volume": vol}),
+        )
+        .await;
+    let id = r.id();
+    let op = r.body["operation"].as_str().unwrap().to_string();
+    // A pending operation answers at once, with the whole command.
+    let start = Instant::now();
+    let w = s.work(&h, 30).await;
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let o = &w["ops"][0];
+    assert_eq!(
+        (o["id"].as_str(), o["phase"].as_str()),
+        (Some(op.as_str()), Some("pending"))
+    );
+    let c = &o["command"];
+    assert_eq!(c["kind"], "create");
+    assert_eq!(c["spec"]["gpus"], json!(["0000:10:00.0"]));
+    assert_eq!(
+        c["spec"]["data_volume"],
+        json!({"id": vol, "size_gib": 100})
+    );
+    assert_eq!(
+        (
+            c["spec"]["vcpus"].as_u64(),
+            c["spec"]["memory_mib"].as_u64()
+        ),
+        (Some(4), Some(8192))
+    );
+    let origin = &c["image"]["origin"];
+    assert_eq!(
+        (origin["from"].as_str(), origin["disk"].as_str()),
+        (Some("file"), Some("/srv/images/ubuntu.qcow2"))
+    );
+    assert_eq!(c["image"]["image"], img.as_str());
+    assert_eq!(
+        w["instances"][0],
+        json!({"id": id, "desired": "Running", "observed": "Creating"})
+    );
+    // Acknowledged: now the poll waits.
+    let r = s
+        .report(&h, &op, json!({"outcome": "running", "progress": 40}))
+        .await;
+    assert_eq!(r.status, 204);
+    let info = s.get(&format!("/v1/operations/{op}"), &t).await.body;
+    assert_eq!(
+        (info["state"].as_str(), info["progress_percent"].as_u64()),
+        (Some("running"), Some(40))
+    );
+    let start = Instant::now();
+    let w = s.work(&h, 1).await;
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    assert_eq!(w["ops"][0]["phase"], "running");
+    reports_and_wakes(&s, &t, &h, &op, &id).await;
+    failed_create(&s, &t, &h, &f, &img, &id).await;
+}
+
+/// Idempotent reports, and a poll woken early by a new operation.
+async fn reports_and_wakes(s: &Server, t: &str, h: &str, op: &str, id: &str) {
+    // Succeeded twice: one state change, the second report changes nothing.
+    let done = json!({"outcome": "succeeded", "progress": 100, "instance_state": "Running"});
+    assert_eq!(s.report(h, op, done.clone()).await.status, 204);
+    let after = s.get(&format!("/v1/operations/{op}"), t).await.body;
+    assert_eq!(s.report(h, op, done).await.status, 204);
+    let fail = json!({"outcome": "failed", "progress": 0, "error": "late"});
+    assert_eq!(s.report(h, op, fail).await.status, 204);
+    assert_eq!(s.get(&format!("/v1/operations/{op}"), t).await.body, after);
+    assert_eq!(after["state"], "succeeded");
+    assert_eq!(
+        s.get(&format!("/v1/instances/{id}"), t).await.body["state"],
+        "Running"
+    );
+    // A new operation wakes a waiting poll early.
+    let cred = s.cred(h);
+    let url = format!("{}/v1/agent/work?wait_secs=30", s.url);
+    let http = s.http.clone();
+    let start = Instant::now();
+    let poll = tokio::spawn(async move {
+        let r = http.get(url).bearer_auth(cred).send().await.unwrap();
+        (r.json::<Value>().await.unwrap(), start.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop = s
+        .ok(
+            Method::POST,
+            &format!("/v1/instances/{id}/actions"),
+            t,
+            Some(json!({"action": "stop"})),
+            202,
+        )
+        .await;
+    let (w, took) = poll.await.unwrap();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(w["ops"][0]["id"], stop["operation"]);
+    assert_eq!(w["ops"][0]["command"], json!({"kind": "stop"}));
+}
+
+/// A failed create: the instance is Failed and its resources are free.
+async fn failed_create(s: &Server, t: &str, h: &str, f: &str, img: &str, id: &str) {
+    // A failed create: the instance is Failed and its resources are free.
+    let r = s
+        .post(
+            "/v1/instances",
+            t,
+            json!({"name": "bad", "flavor": f, "image": img}),
+        )
+        .await;
+    let bad = r.id();
+    let op = r.body["operation"].as_str().unwrap();
+    let r = s
+        .report(
+            h,
+            op,
+            json!({"outcome": "failed", "progress": 10, "error": "no disk space"}),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let info = s.get(&format!("/v1/operations/{op}"), t).await.body;
+    assert_eq!(
+        (info["state"].as_str(), info["error"].as_str()),
+        (Some("failed"), Some("no disk space"))
+    );
+    let rows = s.get("/v1/instances?status=Failed", t).await.body;
+    assert_eq!(rows[0]["id"], bad.as_str());
+    let host = s.get(&format!("/v1/admin/hosts/{h}"), ADMIN).await.body;
+    assert_eq!(host["used_vcpus"], 4, "{host}");
+    let held: Vec<&Value> = host["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| !g["instance"].is_null())
+        .collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0]["instance"], id);
+}
+
+async fn snapshots_through_operations(s: Server) {
+    let (_, t) = s.account("snappy").await;
+    // Two hosts: restores must still land on the snapshot's.
+    s.host("h", "L4", 3).await;
+    s.host("o", "L4", 3).await;
+    let f = s.flavor("l4", Some("L4"), 1).await;
+    let img = s.image("ubuntu").await;
+    let id = s
+        .post(
+            "/v1/instances",
+            &t,
+            json!({"name": "w", "flavor": f, "image": img, "placement": "pack"}),
+        )
+        .await
+        .id();
+    let home = s.host_of(&id).await;
+    s.observe(&id, "Running").await;
+    let snap = s
+        .ok(
+            Method::POST,
+            &format!("/v1/instances/{id}/snapshots"),
+            &t,
+            Some(json!({"name": "s1", "as_image": true, "auto_release": false})),
+            202,
+        )
+        .await;
+    let sid = snap["id"].as_str().unwrap().to_string();
+    let op = s.op_of(&id).await.unwrap();
+    assert_eq!(op["command"]["snapshot"], sid.as_str());
+    assert_eq!(
+        (
+            op["command"]["name"].as_str(),
+            op["command"]["auto_release"].as_bool()
+        ),
+        (Some("s1"), Some(false))
+    );
+    assert_eq!(
+        op["command"]["owner"],
+        s.get("/v1/account", &t).await.body["id"]
+    );
+    // Success without sizes is refused; with them, Success and an image.
+    let r = s
+        .report(
+            &home,
+            op["id"].as_str().unwrap(),
+            json!({"outcome": "succeeded", "progress": 100}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.field().as_str()),
+        (422, "snapshot"),
+        "{}",
+        r.body
+    );
+    assert_eq!(s.finish_snapshot(&id, 10 << 30, 2 << 30).await.status, 204);
+    let got = s.get(&format!("/v1/snapshots/{sid}"), &t).await.body;
+    assert_eq!(
+        (got["status"].as_str(), got["compressed_bytes"].as_u64()),
+        (Some("Success"), Some(2 << 30))
+    );
+    let imgs = s.get("/v1/images", &t).await.body;
+    let mine = imgs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["source_snapshot"] == sid.as_str())
+        .expect("image listed");
+    restore_on_home(&s, &t, &home, &f, &img, &sid, mine["id"].as_str().unwrap()).await;
+    snapshot_failure_and_delete(&s, &t, &id, &home, &sid).await;
+}
+
+/// Instances from the snapshot (or its image) land on its host.
+async fn restore_on_home(
+    s: &Server,
+    t: &str,
+    home: &str,
+    f: &str,
+    img: &str,
+    sid: &str,
+    image: &str,
+) {
+    // Instances from the snapshot (or its image) go to the snapshot's host
+    // and restore it from that host's store.
+    for body in [
+        json!({"name": "r1", "flavor": f, "snapshot": sid}),
+        json!({"name": "r2", "flavor": f, "image": image, "placement": "spread"}),
+    ] {
+        let r = s.post("/v1/instances", t, body).await;
+        assert_eq!(
+            (r.status, r.body["host"].as_str()),
+            (202, Some(home)),
+            "{}",
+            r.body
+        );
+        let op = s.op_of(&r.id()).await.unwrap();
+        let image = &op["command"]["image"];
+        assert_eq!(
+            image["origin"],
+            json!({"from": "snapshot", "snapshot": sid, "boot_like": img})
+        );
+        assert_eq!(
+            image["image"],
+            format!("img-{}", sid.split_once('-').unwrap().1)
+        );
+    }
+    s.ok(
+        Method::POST,
+        &format!("/v1/admin/hosts/{home}/cordon"),
+        ADMIN,
+        None,
+        200,
+    )
+    .await;
+    let r = s
+        .post(
+            "/v1/instances",
+            t,
+            json!({"name": "r3", "flavor": f, "snapshot": sid}),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.error().contains(&format!("stored on host {home}")),
+        "{}",
+        r.body
+    );
+}
+
+/// A failed snapshot keeps its reason; deleting a stored one asks its host
+/// to drop it.
+async fn snapshot_failure_and_delete(s: &Server, t: &str, id: &str, home: &str, sid: &str) {
+    // A failed snapshot keeps its reason.
+    let snap2 = s
+        .ok(
+            Method::POST,
+            &format!("/v1/instances/{id}/snapshots"),
+            t,
+            Some(json!({"name": "s2"})),
+            202,
+        )
+        .await;
+    let op = s.op_of(id).await.unwrap();
+    let r = s
+        .report(
+            home,
+            op["id"].as_str().unwrap(),
+            json!({"outcome": "failed", "progress": 30,
+            "error": "store is full", "instance_state": "Running"}),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let got = s
+        .get(
+            &format!("/v1/snapshots/{}", snap2["id"].as_str().unwrap()),
+            t,
+        )
+        .await
+        .body;
+    assert_eq!(
+        (got["status"].as_str(), got["error"].as_str()),
+        (Some("Failed"), Some("store is full"))
+    );
+    // Deleting a stored snapshot asks its host to drop it.
+    s.ok(
+        Method::DELETE,
+        &format!("/v1/snapshots/{sid}"),
+        t,
+        None,
+        200,
+    )
+    .await;
+    let w = s.work(home, 0).await;
+    let del = w["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["command"]["kind"] == "delete-snapshot")
+        .expect("delete op");
+    assert_eq!(
+        (
+            del["command"]["snapshot"].as_str(),
+            del["instance"].is_null()
+        ),
+        (Some(sid), true)
+    );
+    assert_eq!(
+        s.report(
+            home,
+            del["id"].as_str().unwrap(),
+            json!({"outcome": "succeeded", "progress": 100})
+        )
+        .await
+        .status,
+        204
+    );
+}
+
+async fn heartbeat_timeout(s: Server) {
+    let (_, t) = s.account("acme").await;
+    let h = s.host("h", "none", 0).await;
+    let f = s.flavor("c", None, 0).await;
+    let img = s.image("ubuntu").await;
+    eventually("the silent host is unhealthy", || async {
+        s.get(&format!("/v1/admin/hosts/{h}"), ADMIN).await.body["health"] == "unhealthy"
+    })
+    .await;
+    let r = s
+        .post(
+            "/v1/instances",
+            &t,
+            json!({"name": "x", "flavor": f, "image": img}),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(
+        r.error().starts_with("no host is schedulable"),
+        "{}",
+        r.body
+    );
+    // A healthy heartbeat brings it back; an older one changes nothing.
+    s.heartbeat(&h, json!({"health": "healthy"})).await;
+    let r = s
+        .heartbeat(&h, json!({"health": "unhealthy", "sent_at_ms": 5}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.get(&format!("/v1/admin/hosts/{h}"), ADMIN).await.body["health"],
+        "healthy"
+    );
+    let r = s
+        .post(
+            "/v1/instances",
+            &t,
+            json!({"name": "y", "flavor": f, "image": img}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["host"].as_str()),
+        (202, Some(h.as_str())),
+        "{}",
+        r.body
+    );
+}
+
+async fn failed_resizes_are_undone(s: Server) {
+    let (_, t) = s.account("acme").await;
+    let h = s.host("h", "A100", 4).await;
+    let one = s.flavor("a1", Some("A100"), 1).await;
+    let two = s.flavor("a2", Some("A100"), 2).await;
+    let img = s.image("ubuntu").await;
+    let id = s
+        .post(
+            "/v1/instances",
+            &t,
+            json!({"name": "w", "flavor": one, "image": img}),
+        )
+        .await
+        .id();
+    s.observe(&id, "Running").await;
+    let act = format!("/v1/instances/{id}/actions");
+    s.ok(Method::POST, &act, &t, Some(json!({"action": "stop"})), 202)
+        .await;
+    s.observe(&id, "Stopped").await;
+    let fail = json!({"outcome": "failed", "progress": 0, "error": "qemu-img failed"});
+    for body in [
+        json!({"action": "grow-disk", "root_disk_gib": 80}),
+        json!({"action": "change-type", "flavor": two}),
+    ] {
+        let op = s.ok(Method::POST, &act, &t, Some(body), 202).await;
+        let r = s
+            .report(&h, op["operation"].as_str().unwrap(), fail.clone())
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        let cfg = s.get(&format!("/v1/instances/{id}/config"), &t).await.body;
+        assert_eq!(
+            (cfg["flavor"].as_str(), cfg["root_disk_gib"].as_u64()),
+            (Some(one.as_str()), Some(50))
+        );
+        let host = s.get(&format!("/v1/admin/hosts/{h}"), ADMIN).await.body;
+        assert_eq!(
+            (host["used_vcpus"].as_u64(), host["used_disk_gib"].as_u64()),
+            (Some(4), Some(50)),
+            "{host}"
+        );
+        let hw = s
+            .get(&format!("/v1/instances/{id}/hardware"), &t)
+            .await
+            .body;
+        assert_eq!(hw["gpus"].as_array().unwrap().len(), 1, "{hw}");
+    }
+    // Nothing is left pending: the instance takes actions again.
+    s.ok(
+        Method::POST,
+        &act,
+        &t,
+        Some(json!({"action": "start"})),
+        202,
+    )
+    .await;
+}

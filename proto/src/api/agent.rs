@@ -1,0 +1,366 @@
+//! The agent <-> controller protocol (`/v1/agent/...` on the controller).
+//!
+//! The agent always calls; the controller never connects to a host.
+//!
+//! 1. **Join.** An admin mints a one-time join token
+//!    (`POST /v1/admin/join-tokens` -> [`CreatedJoinToken`]). The agent calls
+//!    `POST /v1/agent/join` with `Authorization: Bearer <join token>` and a
+//!    [`JoinRequest`]; the answer ([`JoinResponse`]) carries the host's id and
+//!    its own credential (`ghc_...`), shown once and kept by the controller
+//!    only as a hash. Presenting the same join token again with the same
+//!    host name before it expires mints a fresh credential for the same host
+//!    (a join whose reply was lost can be retried); any other reuse is 401.
+//! 2. **Heartbeat.** Every [`JoinResponse::heartbeat_secs`] the agent posts
+//!    an [`AgentHeartbeat`] (`POST /v1/agent/heartbeat`, Bearer: the host
+//!    credential): capacity and health, the observed state of every
+//!    instance, the per-instance Running-time counters and the store's
+//!    per-account usage. The answer ([`HeartbeatAck`]) says which counters
+//!    are billed.
+//! 3. **Work.** The agent long-polls `GET /v1/agent/work?wait_secs=N`
+//!    ([`Work`]): the desired state of the host's instances and the
+//!    operations to carry out, each with an id. The controller answers at
+//!    once while an operation is `pending` (not yet acknowledged), else when
+//!    something changes for the host or after `wait_secs`.
+//! 4. **Report.** The agent reports each operation's progress and outcome
+//!    with `POST /v1/agent/ops/{id}` ([`OpReport`]). Operations are
+//!    idempotent by id: the agent remembers the ids it has started and
+//!    re-reports instead of re-running; the controller ignores a report for
+//!    an operation that has already ended.
+//!
+//! A host credential acts only on its own host's objects: an operation or
+//! instance of another host answers 403.
+//!
+//! **Usage counters.** For each instance the agent keeps `running_ms`, the
+//! total milliseconds the guest has been Running on this host, and `seq`,
+//! bumped every time the counter is persisted (before it is ever sent). Both
+//! only grow. The controller bills `running_ms - billed_ms` when it sees a
+//! larger `seq`, so a retried heartbeat bills nothing twice and time spent
+//! while the controller was unreachable is billed when it is back.
+
+use crate::api::v1::{GpuDevice, HostHealth};
+use crate::ids::{AccountId, HostId, ImageId, InstanceId, JoinTokenId, OperationId, SnapshotId};
+use crate::instance::InstanceState;
+use crate::spec::InstanceSpec;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of join tokens: `gjt_<join token uuid>_<64 hex>`.
+pub const JOIN_TOKEN_PREFIX: &str = "gjt_";
+/// Prefix of host credentials: `ghc_<host uuid>_<64 hex>`.
+pub const HOST_CREDENTIAL_PREFIX: &str = "ghc_";
+/// Longest long-poll the controller holds.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+/// `POST /v1/admin/join-tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinToken {
+    /// How long the token can be used; default one hour, at most 7 days.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The answer to [`CreateJoinToken`]; `token` is shown only here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedJoinToken {
+    pub id: JoinTokenId,
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a host has to offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCapacity {
+    /// vCPUs the host offers to guests.
+    pub vcpus: u32,
+    /// Memory the host offers to guests (after its reserve), MiB.
+    pub memory_mib: u64,
+    /// Disk for instance disks, GiB.
+    pub disk_gib: u64,
+    #[serde(default)]
+    pub gpus: Vec<GpuDevice>,
+}
+
+/// `POST /v1/agent/join` (Bearer: the join token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The host's name (unique in the fleet).
+    pub name: String,
+    /// Address tenants reach forwarded ports on (IP or DNS name).
+    pub address: String,
+    pub capacity: HostCapacity,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub host: HostId,
+    /// The host's credential (`ghc_...`): shown once, keep it secret.
+    pub credential: String,
+    /// How often to heartbeat.
+    pub heartbeat_secs: u64,
+}
+
+/// An instance as its host last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedInstance {
+    pub id: InstanceId,
+    pub state: InstanceState,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The Running-time counter of one instance (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageCounter {
+    pub instance: InstanceId,
+    pub seq: u64,
+    pub running_ms: u64,
+}
+
+/// Compressed bytes an account holds in the host's snapshot store (its
+/// own namespace, deduplicated): what it is billed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreUsage {
+    pub account: AccountId,
+    pub billed_bytes: u64,
+}
+
+/// `POST /v1/agent/heartbeat` (Bearer: the host credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHeartbeat {
+    /// When the agent built this heartbeat (Unix ms); older ones than the
+    /// last seen are ignored.
+    pub sent_at_ms: i64,
+    pub capacity: HostCapacity,
+    pub health: HostHealth,
+    /// What makes the host unhealthy or degraded, in sentences.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    pub instances: Vec<ObservedInstance>,
+    pub usage: Vec<UsageCounter>,
+    /// Per-account store usage; `None` when not measured this time.
+    #[serde(default)]
+    pub store: Option<Vec<StoreUsage>>,
+}
+
+/// A counter the controller has billed up to `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageAck {
+    pub instance: InstanceId,
+    pub seq: u64,
+    /// The controller has the instance as Released (or unknown): once this
+    /// `seq` is acknowledged the agent may forget the counter.
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub heartbeat_secs: u64,
+    pub billed: Vec<UsageAck>,
+}
+
+/// Where the agent gets an instance's base image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ImageOrigin {
+    /// A disk file on the host (later: a URL), with optional direct-boot
+    /// kernel, initrd and command line.
+    File {
+        disk: String,
+        #[serde(default)]
+        kernel: Option<String>,
+        #[serde(default)]
+        initrd: Option<String>,
+        #[serde(default)]
+        cmdline: Option<String>,
+    },
+    /// A snapshot in the host's store, restored into the image cache;
+    /// direct-boot files are copied from `boot_like`.
+    Snapshot {
+        snapshot: SnapshotId,
+        #[serde(default)]
+        boot_like: Option<ImageId>,
+    },
+}
+
+/// The image an instance boots from: its id in the host's image cache and
+/// how to fill the cache when the image is missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSource {
+    pub image: ImageId,
+    pub name: String,
+    pub origin: ImageOrigin,
+}
+
+impl ImageSource {
+    /// The cache id of the image restored from `snapshot`: the snapshot's
+    /// uuid under the image prefix, so every host and every retry agree.
+    pub fn snapshot_image_id(snapshot: SnapshotId) -> ImageId {
+        ImageId::from_uuid(snapshot.uuid())
+    }
+}
+
+/// What an operation asks the agent to do.
+// `Create` is much larger than the rest; commands are few and short-lived,
+// so the size does not matter and a plain enum keeps the JSON flat.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AgentCommand {
+    Create {
+        spec: InstanceSpec,
+        image: ImageSource,
+    },
+    // Struct variants (not unit ones) so that unknown fields are refused.
+    Start {},
+    Stop {},
+    Reboot {},
+    ForceReboot {},
+    Release {},
+    ChangeType {
+        vcpus: u32,
+        memory_mib: u64,
+    },
+    GrowDisk {
+        root_disk_gib: u64,
+    },
+    /// Take Snapshot of the root disk into the host's store under this id.
+    Snapshot {
+        snapshot: SnapshotId,
+        name: String,
+        owner: AccountId,
+        auto_release: bool,
+    },
+    /// Remove a snapshot from the host's store (its record is gone).
+    DeleteSnapshot {
+        snapshot: SnapshotId,
+    },
+}
+
+/// Whether the agent has acknowledged an operation yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpPhase {
+    Pending,
+    Running,
+}
+
+/// One operation for the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOp {
+    pub id: OperationId,
+    #[serde(default)]
+    pub instance: Option<InstanceId>,
+    pub phase: OpPhase,
+    pub command: AgentCommand,
+}
+
+/// The desired state of one of the host's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredInstance {
+    pub id: InstanceId,
+    pub desired: InstanceState,
+    /// What the controller last recorded as observed.
+    pub observed: InstanceState,
+}
+
+/// `GET /v1/agent/work?wait_secs=N`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Work {
+    pub instances: Vec<DesiredInstance>,
+    pub ops: Vec<AgentOp>,
+}
+
+/// How an operation stands on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpOutcome {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// What a finished snapshot produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSizes {
+    /// Guest-visible size of the root disk.
+    pub logical_bytes: u64,
+    /// Compressed bytes of the distinct chunks it references.
+    pub compressed_bytes: u64,
+}
+
+/// `POST /v1/agent/ops/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpReport {
+    pub outcome: OpOutcome,
+    /// 0 to 100.
+    pub progress: u8,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Set when a snapshot operation succeeded.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotSizes>,
+    /// The instance's state on the host when this was sent.
+    #[serde(default)]
+    pub instance_state: Option<InstanceState>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_read_as_written_and_refuse_unknown_fields() {
+        let c: AgentCommand =
+            serde_json::from_str(r#"{"kind":"grow-disk","root_disk_gib":80}"#).unwrap();
+        assert_eq!(c, AgentCommand::GrowDisk { root_disk_gib: 80 });
+        let c: AgentCommand = serde_json::from_str(r#"{"kind":"force-reboot"}"#).unwrap();
+        assert_eq!(c, AgentCommand::ForceReboot {});
+        let e = serde_json::from_str::<AgentCommand>(r#"{"kind":"stop","x":1}"#).unwrap_err();
+        assert!(e.to_string().contains('x'), "{e}");
+        let o: ImageOrigin =
+            serde_json::from_str(r#"{"from":"file","disk":"/srv/img/root.qcow2"}"#).unwrap();
+        assert!(matches!(o, ImageOrigin::File { kernel: None, .. }));
+    }
+
+    #[test]
+    fn snapshot_images_have_stable_ids() {
+        let s = SnapshotId::new();
+        let a = ImageSource::snapshot_image_id(s);
+        assert_eq!(a, ImageSource::snapshot_image_id(s));
+        assert_eq!(a.uuid(), s.uuid());
+    }
+
+    #[test]
+    fn heartbeat_round_trips() {
+        let hb = AgentHeartbeat {
+            sent_at_ms: 1,
+            capacity: HostCapacity {
+                vcpus: 2,
+                memory_mib: 4096,
+                disk_gib: 10,
+                gpus: vec![],
+            },
+            health: HostHealth::Healthy,
+            problems: vec![],
+            instances: vec![ObservedInstance {
+                id: InstanceId::new(),
+                state: InstanceState::Running,
+                last_error: None,
+            }],
+            usage: vec![],
+            store: None,
+        };
+        let text = serde_json::to_string(&hb).unwrap();
+        assert_eq!(serde_json::from_str::<AgentHeartbeat>(&text).unwrap(), hb);
+    }
+}

@@ -1,0 +1,225 @@
+//! A whole small cloud for end-to-end tests: a real controller
+//! ([`TestController`]) and a real agent ([`TestAgent`]) that joined it with
+//! a join token, an account with credit, a tenant token, a flavor and the
+//! test guest as an image — everything set up through the public APIs, as
+//! an operator and a tenant would. [`RunClock`] keeps the bounds of the time
+//! an instance really ran, to check what was billed.
+
+use crate::controller::{Api, Database, TestController};
+use crate::fixture::{TestAgent, OP_TIMEOUT};
+use crate::guest;
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Heartbeat interval the test controller asks agents for, seconds.
+pub const HEARTBEAT_SECS: u64 = 2;
+/// Price of the test flavor: 3.6 credits an hour = 1000 micro-units a second.
+pub const PRICE_MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+pub struct Cloud {
+    pub ctl: TestController,
+    pub agent: TestAgent,
+    pub admin: Api,
+    pub tenant: Api,
+    pub account: String,
+    pub flavor: String,
+    pub image: String,
+    pub host: String,
+}
+
+fn id_of(v: &Value) -> anyhow::Result<String> {
+    v["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no id in {v}"))
+}
+
+impl Cloud {
+    /// Controller, join token, agent (joined), flavor, image, account,
+    /// credit and tenant token.
+    pub fn start(db: &Database) -> anyhow::Result<Self> {
+        let ctl = TestController::start(
+            db,
+            &format!("heartbeat_secs = {HEARTBEAT_SECS}\nheartbeat_timeout_secs = 30\nreconcile_secs = 1\n"),
+        )?;
+        let admin = ctl.admin();
+        let jt = admin.post("/v1/admin/join-tokens", &json!({}))?;
+        let token = jt["token"].as_str().context("join token")?;
+        let agent = TestAgent::start_with(&format!(
+            "\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\naddress = \"127.0.0.1\"\npoll_wait_secs = 5\n",
+            ctl.url
+        ))?;
+        let hosts = admin.wait_for(
+            "/v1/admin/hosts",
+            Duration::from_secs(60),
+            "the agent to join",
+            |v| {
+                v.as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|h| h["name"] == "e2e-host" && h["health"] == "healthy")
+                })
+            },
+        )?;
+        let host = hosts
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == "e2e-host"))
+            .map(id_of)
+            .context("joined host")??;
+        let g = guest::guest_image()?;
+        let image = id_of(&admin.post(
+            "/v1/admin/images",
+            &json!({
+                "name": "test-guest",
+                "size_gib": 1,
+                "origin": {
+                    "from": "file",
+                    "disk": g.disk.display().to_string(),
+                    "kernel": g.kernel.display().to_string(),
+                    "initrd": g.initrd.display().to_string(),
+                    "cmdline": g.cmdline,
+                }
+            }),
+        )?)?;
+        let flavor = id_of(&admin.post(
+            "/v1/admin/flavors",
+            &json!({"name": "tiny", "vcpus": 1, "memory_mib": 256, "root_disk_gib": 1,
+                    "price_micros_per_hour": PRICE_MICROS_PER_HOUR}),
+        )?)?;
+        let account = id_of(&admin.post(
+            "/v1/admin/accounts",
+            &json!({"name": "acme", "billing_profile_complete": true}),
+        )?)?;
+        admin.post(
+            &format!("/v1/admin/accounts/{account}/credits"),
+            &json!({"amount_micros": 1_000_000_000_000i64, "note": "e2e"}),
+        )?;
+        let t = admin.post(
+            "/v1/admin/tokens",
+            &json!({"name": "acme-e2e", "account": account}),
+        )?;
+        let tenant = ctl.with_token(t["token"].as_str().context("tenant token")?);
+        Ok(Cloud {
+            ctl,
+            agent,
+            admin,
+            tenant,
+            account,
+            flavor,
+            image,
+            host,
+        })
+    }
+
+    /// Creates an instance as the tenant; returns its id once the create
+    /// operation has succeeded.
+    pub fn create(&self, body: Value) -> anyhow::Result<String> {
+        let v = self.tenant.post("/v1/instances", &body)?;
+        let op = v["operation"].as_str().context("create operation")?;
+        self.tenant.wait_op(op, OP_TIMEOUT)?;
+        id_of(&v)
+    }
+
+    /// Runs an action as the tenant and waits for its operation.
+    pub fn act(&self, id: &str, action: &str) -> anyhow::Result<()> {
+        let v = self.tenant.post(
+            &format!("/v1/instances/{id}/actions"),
+            &json!({ "action": action }),
+        )?;
+        let op = v["operation"].as_str().context("action operation")?;
+        self.tenant.wait_op(op, OP_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Waits until the controller reports the instance in `state`.
+    pub fn wait_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
+        let want = state.to_string();
+        self.admin
+            .wait_for(
+                &format!("/v1/instances?account={}&limit=1000", self.account),
+                OP_TIMEOUT,
+                &format!("instance {id} to be {state}"),
+                |v| {
+                    v.as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|i| i["id"] == id && i["state"] == want.as_str())
+                    })
+                },
+            )
+            .map(|_| ())
+    }
+
+    /// The controller's billing view of an instance (admin).
+    pub fn billed_ms(&self, id: &str) -> anyhow::Result<u64> {
+        // Released instances answer only config/hardware views; the ledger
+        // answers for every instance.
+        let recs = self.admin.get(&format!(
+            "/v1/usage?account={}&instance={id}&limit=10000",
+            self.account
+        ))?;
+        let recs = recs.as_array().context("usage records")?;
+        Ok(recs
+            .iter()
+            .filter(|r| r["kind"] == "instance")
+            .map(|r| r["quantity"].as_u64().unwrap_or(0))
+            .sum())
+    }
+
+    /// Waits until billing of `id` has settled (no change over two
+    /// heartbeats); returns the billed milliseconds.
+    pub fn settled_billed_ms(&self, id: &str) -> anyhow::Result<u64> {
+        let mut last = self.billed_ms(id)?;
+        let start = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_secs(2 * HEARTBEAT_SECS + 1));
+            let now = self.billed_ms(id)?;
+            if now == last {
+                return Ok(now);
+            }
+            last = now;
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("billing of {id} did not settle");
+            }
+        }
+    }
+}
+
+/// Bounds on how long an instance really ran: each Running period starts
+/// between the request and the controller reporting Running, and ends
+/// between the request to stop and the report that it stopped.
+#[derive(Default, Debug)]
+pub struct RunClock {
+    min: Duration,
+    max: Duration,
+    started: Option<(Instant, Instant)>,
+}
+
+impl RunClock {
+    /// A Running period began somewhere in `[asked, seen]`.
+    pub fn started(&mut self, asked: Instant, seen: Instant) {
+        self.started = Some((asked, seen));
+    }
+
+    /// The current period ended somewhere in `[asked, seen]`.
+    pub fn stopped(&mut self, asked: Instant, seen: Instant) {
+        if let Some((a, s)) = self.started.take() {
+            self.min += asked.saturating_duration_since(s);
+            self.max += seen.saturating_duration_since(a);
+        }
+    }
+
+    /// Checks `billed_ms` lies within the bounds, widened by one heartbeat
+    /// interval and the billing granularity (whole seconds).
+    pub fn check(&self, billed_ms: u64) -> anyhow::Result<()> {
+        let slack = Duration::from_secs(HEARTBEAT_SECS + 1);
+        let lo = self.min.saturating_sub(slack).as_millis() as u64;
+        let hi = (self.max + slack).as_millis() as u64;
+        eprintln!("billed {billed_ms} ms; the instance ran between {lo} and {hi} ms");
+        if billed_ms < lo || billed_ms > hi {
+            bail!(
+                "billed {billed_ms} ms, but the instance ran between {lo} and {hi} ms ({self:?})"
+            );
+        }
+        Ok(())
+    }
+}

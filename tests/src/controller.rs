@@ -1,0 +1,312 @@
+//! A real `gantry-controller` process for end-to-end tests
+//! ([`TestController`]): its own state directory, SQLite by default or a
+//! fresh PostgreSQL database, the admin token it generated, and a small
+//! blocking HTTP client ([`Api`]) that calls it with any token. Killed and
+//! cleaned up on drop.
+
+use crate::fixture::{workspace_bin, ApiFailure};
+use anyhow::{bail, Context};
+use gantry_proto::api::error::ErrorBody;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `gantry-controller` process.
+pub struct TestController {
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    pub url: String,
+    pub admin_token: String,
+    /// The address it listens on; kept across restarts so agents find it.
+    listen: String,
+    child: Option<Child>,
+}
+
+/// Where the test database lives.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite,
+    /// A fresh database on the PostgreSQL server at this URL.
+    Postgres(String),
+}
+
+impl Database {
+    /// PostgreSQL from `GANTRY_TEST_PG_URL`; without it the test is
+    /// skipped, or fails under `GANTRY_TEST_STRICT=1`.
+    pub fn postgres(test: &str) -> Option<Self> {
+        match std::env::var("GANTRY_TEST_PG_URL") {
+            Ok(u) if !u.is_empty() => Some(Self::Postgres(u)),
+            _ => {
+                let msg = format!(
+                    "{test}: GANTRY_TEST_PG_URL is not set: run scripts/setup-postgres and source .cache/env/postgres.env"
+                );
+                if std::env::var("GANTRY_TEST_STRICT").as_deref() == Ok("1") {
+                    panic!("{msg}");
+                }
+                eprintln!("skipped: {msg}");
+                None
+            }
+        }
+    }
+}
+
+/// Creates a fresh database next to the one `url` names; returns its URL.
+fn fresh_pg_database(url: &str) -> anyhow::Result<String> {
+    let name = format!("gantry_e2e_{}_{}", std::process::id(), suffix());
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .context("run psql (is PostgreSQL's client installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "cannot create database {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let (base, _) = url.rsplit_once('/').context("database URL has no path")?;
+    Ok(format!("{base}/{name}"))
+}
+
+fn suffix() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:x}", t.as_nanos() & 0xff_ffff_ffff)
+}
+
+impl TestController {
+    /// Starts a controller; `extra_config` is appended to its TOML config.
+    pub fn start(db: &Database, extra_config: &str) -> anyhow::Result<Self> {
+        let state_dir = PathBuf::from(format!(
+            "/var/tmp/gantry-ctl-{}-{}",
+            std::process::id(),
+            suffix()
+        ));
+        std::fs::create_dir_all(&state_dir)?;
+        let config = state_dir.with_extension("toml");
+        let mut text = String::from("rate_limit_per_second = 1000\nrate_limit_burst = 2000\n");
+        if let Database::Postgres(url) = db {
+            text.push_str(&format!("database_url = {:?}\n", fresh_pg_database(url)?));
+        }
+        text.push_str(extra_config);
+        std::fs::write(&config, text)?;
+        let mut ctl = TestController {
+            state_dir,
+            config,
+            url: String::new(),
+            admin_token: String::new(),
+            listen: "127.0.0.1:0".into(),
+            child: None,
+        };
+        ctl.spawn()?;
+        Ok(ctl)
+    }
+
+    /// Starts the process (again) on the same address and waits until it
+    /// answers `/healthz`.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let addr_file = self.state_dir.join("listen-addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.with_extension("log"))?;
+        let child = Command::new(workspace_bin("gantry-controller"))
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .env_remove("GANTRY_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn gantry-controller (is it built? cargo build --workspace --bins)")?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "gantry-controller exited at start ({st}); log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                self.listen = a.trim().to_string();
+                self.url = format!("http://{}", self.listen);
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("gantry-controller did not start; log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.admin_token = std::fs::read_to_string(self.state_dir.join("admin-token"))
+            .context("read the generated admin token")?
+            .trim()
+            .to_string();
+        Ok(())
+    }
+
+    /// SIGKILLs the controller.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// A client calling with the admin token.
+    pub fn admin(&self) -> Api {
+        self.with_token(&self.admin_token)
+    }
+
+    /// A client calling with `token`.
+    pub fn with_token(&self, token: &str) -> Api {
+        Api {
+            url: self.url.clone(),
+            token: token.to_string(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        }
+    }
+}
+
+impl Drop for TestController {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        if std::env::var_os("GANTRY_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+            let _ = std::fs::remove_file(&self.config);
+            let _ = std::fs::remove_file(self.state_dir.with_extension("log"));
+        }
+    }
+}
+
+/// A blocking client of the controller's API with one token.
+pub struct Api {
+    pub url: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn call(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<(u16, serde_json::Value), ApiFailure> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .map_err(|e| ApiFailure {
+                status: 0,
+                error: e.to_string(),
+                field: None,
+            })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let body: ErrorBody = serde_json::from_str(&text).unwrap_or(ErrorBody {
+                error: text,
+                field: None,
+            });
+            return Err(ApiFailure {
+                status,
+                error: body.error,
+                field: body.field,
+            });
+        }
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
+    pub fn get(&self, path: &str) -> Result<serde_json::Value, ApiFailure> {
+        Ok(self.call(self.http.get(format!("{}{path}", self.url)))?.1)
+    }
+
+    pub fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ApiFailure> {
+        Ok(self
+            .call(self.http.post(format!("{}{path}", self.url)).json(body))?
+            .1)
+    }
+
+    /// The status of a GET (for authorisation checks).
+    pub fn status_of_get(&self, path: &str) -> u16 {
+        match self.call(self.http.get(format!("{}{path}", self.url))) {
+            Ok((s, _)) => s,
+            Err(e) => e.status,
+        }
+    }
+
+    /// The status of a POST (for authorisation checks).
+    pub fn status_of_post(&self, path: &str, body: &serde_json::Value) -> u16 {
+        match self.call(self.http.post(format!("{}{path}", self.url)).json(body)) {
+            Ok((s, _)) => s,
+            Err(e) => e.status,
+        }
+    }
+
+    /// Polls `GET path` until `done` holds of the answer; returns it.
+    pub fn wait_for(
+        &self,
+        path: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let start = Instant::now();
+        let mut last = serde_json::Value::Null;
+        while start.elapsed() < timeout {
+            match self.get(path) {
+                Ok(v) if done(&v) => return Ok(v),
+                Ok(v) => last = v,
+                Err(e) => last = serde_json::json!({ "error": e.to_string() }),
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        bail!("timed out after {timeout:?} waiting for {what}; last answer of {path}: {last}")
+    }
+
+    /// Waits for an operation to end; fails unless it succeeded.
+    pub fn wait_op(&self, op: &str, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let v = self.wait_for(
+            &format!("/v1/operations/{op}"),
+            timeout,
+            &format!("operation {op}"),
+            |v| matches!(v["state"].as_str(), Some("succeeded" | "failed")),
+        )?;
+        if v["state"] != "succeeded" {
+            bail!("operation {op} failed: {}", v["error"]);
+        }
+        Ok(v)
+    }
+}

@@ -2,8 +2,14 @@
 //! credentials come from the usual `AWS_*` environment variables
 //! (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //! `AWS_REGION`, `AWS_ALLOW_HTTP`). A PUT is atomic and durable once
-//! acknowledged, so `sync` has nothing to do. The store lock is a set of
-//! `locks/<kind>-<uuid>` objects; a lock older than [`STALE_LOCK`] is ignored.
+//! acknowledged, so `sync` has nothing to do.
+//!
+//! The store lock is a set of `locks/<kind>-<uuid>` objects, each a lease:
+//! its holder rewrites it every [`LEASE_REFRESH`] while it holds the lock,
+//! and a lock object not rewritten for [`STALE_LOCK`] was left by a dead
+//! process and is ignored. Ages are measured on the server's clock (the
+//! `last_modified` of the lock just written by the requester against the
+//! others'), so clock skew between hosts does not matter.
 
 use super::{Backend, BackendError, LockGuard, ObjectInfo};
 use futures::TryStreamExt;
@@ -13,8 +19,11 @@ use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Age after which a lock object is considered left behind by a dead process.
-pub const STALE_LOCK: Duration = Duration::from_secs(6 * 3600);
+/// Age after which a lock object not refreshed is considered left behind by
+/// a dead process.
+pub const STALE_LOCK: Duration = Duration::from_secs(120);
+/// How often a holder rewrites its lock object.
+pub const LEASE_REFRESH: Duration = Duration::from_secs(20);
 /// How long a lock request waits for a conflicting lock to go away.
 pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 
@@ -109,15 +118,61 @@ impl S3Backend {
 struct S3Lock {
     backend: (Arc<tokio::runtime::Runtime>, Arc<AmazonS3>),
     path: ObjPath,
+    /// Dropping it stops the lease refresher.
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    refresher: Option<std::thread::JoinHandle<()>>,
 }
 impl LockGuard for S3Lock {}
+
+impl S3Lock {
+    /// Keeps the lease fresh until the guard is dropped.
+    fn refresh_lease(&mut self) {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (rt, s3) = self.backend.clone();
+        let path = self.path.clone();
+        self.stop = Some(tx);
+        self.refresher = std::thread::Builder::new()
+            .name("s3-lock-lease".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(LEASE_REFRESH)
+                {
+                    let body = PutPayload::from(format!("pid {}", std::process::id()));
+                    if let Err(e) = rt.block_on(s3.put(&path, body)) {
+                        tracing::warn!(lock = %path, error = %e, "could not refresh store lock");
+                    }
+                }
+            })
+            .ok();
+    }
+}
+
 impl Drop for S3Lock {
     fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
         let (rt, s3) = &self.backend;
         if let Err(e) = rt.block_on(s3.delete(&self.path)) {
             tracing::warn!(lock = %self.path, error = %e, "could not remove store lock");
         }
     }
+}
+
+/// Whether lock `key` keeps `mine` (just written) from being taken: it is
+/// another lock, still fresh on the server's clock, and conflicts.
+fn conflicts(
+    key: &str,
+    modified: chrono::DateTime<chrono::Utc>,
+    mine: &str,
+    mine_modified: chrono::DateTime<chrono::Utc>,
+    exclusive: bool,
+) -> bool {
+    let fresh = (mine_modified - modified)
+        .to_std()
+        .map_or(true, |age| age < STALE_LOCK);
+    key != mine && fresh && (exclusive || key.starts_with("locks/exclusive-"))
 }
 
 impl Backend for S3Backend {
@@ -168,19 +223,26 @@ impl Backend for S3Backend {
                 format!("pid {}", std::process::id()).as_bytes(),
                 true,
             )?;
-            let guard = S3Lock {
+            let mut guard = S3Lock {
                 backend: (self.rt.clone(), self.s3.clone()),
                 path: self.path(&name),
+                stop: None,
+                refresher: None,
             };
-            let now = chrono::Utc::now();
-            let conflict = self.list_meta("locks/")?.into_iter().any(|m| {
-                let key = self.rel(&m.location);
-                let fresh = (now - m.last_modified)
-                    .to_std()
-                    .map_or(true, |age| age < STALE_LOCK);
-                key != name && fresh && (exclusive || key.starts_with("locks/exclusive-"))
-            });
+            let locks: Vec<(String, chrono::DateTime<chrono::Utc>)> = self
+                .list_meta("locks/")?
+                .into_iter()
+                .map(|m| (self.rel(&m.location), m.last_modified))
+                .collect();
+            let mine_at = locks
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map_or_else(chrono::Utc::now, |(_, at)| *at);
+            let conflict = locks
+                .iter()
+                .any(|(k, at)| conflicts(k, *at, &name, mine_at, exclusive));
             if !conflict {
+                guard.refresh_lease();
                 return Ok(Box::new(guard));
             }
             drop(guard);
@@ -206,4 +268,28 @@ impl Backend for S3Backend {
 
 fn uuid_like() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn stale_and_compatible_locks_do_not_conflict() {
+        let now = Utc.timestamp_opt(1_000_000, 0).unwrap();
+        let old = now - chrono::Duration::seconds(STALE_LOCK.as_secs() as i64 + 1);
+        let recent = now - chrono::Duration::seconds(5);
+        let me = "locks/shared-a";
+        // Shared locks share; an exclusive one blocks them while fresh.
+        assert!(!conflicts("locks/shared-b", recent, me, now, false));
+        assert!(conflicts("locks/exclusive-b", recent, me, now, false));
+        assert!(!conflicts("locks/exclusive-b", old, me, now, false));
+        // An exclusive request waits for every fresh lock but its own.
+        assert!(conflicts("locks/shared-b", recent, "locks/exclusive-a", now, true));
+        assert!(!conflicts("locks/exclusive-a", now, "locks/exclusive-a", now, true));
+        // A lock written "in the future" (server clock) is fresh.
+        let later = now + chrono::Duration::seconds(30);
+        assert!(conflicts("locks/exclusive-b", later, me, now, false));
+    }
 }

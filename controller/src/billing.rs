@@ -84,13 +84,26 @@ pub fn instance_amount(a_s: i64, b_s: i64, price: i64) -> i64 {
     at(b_s) - at(a_s)
 }
 
+/// Applies charges in account id order, so that concurrent transactions
+/// lock account rows in the same order and cannot deadlock.
+pub async fn charge_all(tx: &mut Tx, mut charges: Vec<Charge>) -> Result<(), DbError> {
+    charges.sort_by_key(|c| c.account);
+    for c in &charges {
+        charge(tx, c).await?;
+    }
+    Ok(())
+}
+
 /// Bills one usage counter of `host` (see the contract in
-/// `gantry_proto::api::agent`). `None` when the instance belongs to
-/// another host (nothing is acknowledged).
+/// `gantry_proto::api::agent`); the charge is added to `charges` for the
+/// caller to apply with [`charge_all`] once every instance row is updated
+/// (locks are taken host, then instances, then accounts). `None` when the
+/// instance belongs to another host (nothing is acknowledged).
 pub async fn bill_counter(
     tx: &mut Tx,
     host: &HostId,
     c: &UsageCounter,
+    charges: &mut Vec<Charge>,
 ) -> Result<Option<UsageAck>, DbError> {
     let row = sqlx::query(
         "SELECT i.account_id, i.host_id, i.observed_state, i.usage_seq, i.billed_ms, \
@@ -142,15 +155,14 @@ pub async fn bill_counter(
         if new_billed > billed {
             let price: i64 = col(&row, "price_micros_per_hour")?;
             let account = crate::db::parsed(&row, "account_id", "instances")?;
-            let ch = Charge {
+            charges.push(Charge {
                 account,
                 instance: Some(c.instance),
                 kind: UsageKind::Instance,
                 quantity: new_billed - billed,
                 price_micros: price,
                 amount_micros: amount,
-            };
-            charge(tx, &ch).await?;
+            });
         }
     }
     Ok(Some(UsageAck {

@@ -44,6 +44,12 @@ pub enum ApiError {
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
+    /// Whether the database aborted the transaction over a conflict with
+    /// another one, so that running it again is safe.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Db(e) if crate::db::is_retryable(e))
+    }
+
     pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::BadRequest {
             field: Some(field.into()),

@@ -207,11 +207,38 @@ async fn update_capacity(
 async fn heartbeat(
     State(st): State<AppState>,
     who: Caller,
-    Body(hb): Body<AgentHeartbeat>,
+    Body(mut hb): Body<AgentHeartbeat>,
 ) -> ApiResult<Json<HeartbeatAck>> {
     let host = host_of(&who)?;
     let c = &hb.capacity;
     super::hosts::check_capacity("capacity.", c.vcpus, c.memory_mib, c.disk_gib, &c.gpus)?;
+    // Rows are locked host, then instances by id, then accounts by id, in
+    // every write transaction of the agent protocol, so two heartbeats (or
+    // a heartbeat and an op report) cannot deadlock.
+    hb.instances.sort_by_key(|o| o.id);
+    hb.usage.sort_by_key(|u| u.instance);
+    let mut attempt = 0;
+    let billed = loop {
+        attempt += 1;
+        match heartbeat_once(&st, &host, &hb).await {
+            Err(e) if e.is_retryable() && attempt < crate::db::WRITE_ATTEMPTS => {
+                tracing::debug!(%host, attempt, error = %e, "heartbeat conflicted; retrying");
+            }
+            r => break r?,
+        }
+    };
+    Ok(Json(HeartbeatAck {
+        heartbeat_secs: st.cfg.heartbeat_secs,
+        billed,
+    }))
+}
+
+/// One attempt at applying a heartbeat, in one transaction.
+async fn heartbeat_once(
+    st: &AppState,
+    host: &HostId,
+    hb: &AgentHeartbeat,
+) -> ApiResult<Vec<UsageAck>> {
     let mut tx = st.db.begin_write().await?;
     // Any heartbeat shows the host is alive; only a newer one says more.
     sqlx::query("UPDATE hosts SET last_heartbeat_ms = $1 WHERE id = $2")
@@ -234,27 +261,26 @@ async fn heartbeat(
         if hb.health != HostHealth::Healthy {
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
-        update_capacity(&mut tx, &host, c, None).await?;
+        update_capacity(&mut tx, host, &hb.capacity, None).await?;
         for o in &hb.instances {
-            commands::observe(&mut tx, &host, o.id, o.state).await?;
+            commands::observe(&mut tx, host, o.id, o.state).await?;
         }
         if let Some(store) = &hb.store {
-            store_usage(&mut tx, &host, store).await?;
+            store_usage(&mut tx, host, store).await?;
         }
     } else {
         tracing::debug!(%host, sent_at_ms = hb.sent_at_ms, "ignoring an older heartbeat");
     }
     let mut billed = Vec::with_capacity(hb.usage.len());
+    let mut charges = Vec::new();
     for u in &hb.usage {
-        if let Some(ack) = crate::billing::bill_counter(&mut tx, &host, u).await? {
+        if let Some(ack) = crate::billing::bill_counter(&mut tx, host, u, &mut charges).await? {
             billed.push(ack);
         }
     }
+    crate::billing::charge_all(&mut tx, charges).await?;
     tx.commit().await?;
-    Ok(Json(HeartbeatAck {
-        heartbeat_secs: st.cfg.heartbeat_secs,
-        billed,
-    }))
+    Ok(billed)
 }
 
 /// Replaces the host's per-account store usage rows.
@@ -326,8 +352,27 @@ async fn report(
     if let Some(e) = &r.error {
         validate::free_text("error", e, 2000)?;
     }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match report_once(&st, &host, id, &r).await {
+            Err(e) if e.is_retryable() && attempt < crate::db::WRITE_ATTEMPTS => {
+                tracing::debug!(%host, op = %id, attempt, error = %e, "report conflicted; retrying");
+            }
+            res => break res.map(|()| StatusCode::NO_CONTENT),
+        }
+    }
+}
+
+/// One attempt at applying an op report, in one transaction; the host row
+/// is locked first, as in heartbeats (see [`heartbeat`]).
+async fn report_once(st: &AppState, host: &HostId, id: OperationId, r: &OpReport) -> ApiResult<()> {
     let mut tx = st.db.begin_write().await?;
-    commands::apply_report(&mut tx, &host, id, &r).await?;
+    sqlx::query("UPDATE hosts SET last_heartbeat_ms = last_heartbeat_ms WHERE id = $1")
+        .bind(host.to_string())
+        .execute(&mut *tx)
+        .await?;
+    commands::apply_report(&mut tx, host, id, r).await?;
     tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }

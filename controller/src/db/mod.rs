@@ -165,6 +165,22 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
+/// A transaction the database aborted to resolve a conflict with another
+/// one (PostgreSQL deadlock 40P01 or serialization failure 40001; SQLite
+/// busy): running it again is safe and usually succeeds.
+pub fn is_retryable(e: &DbError) -> bool {
+    match e {
+        DbError::Sqlx(sqlx::Error::Database(d)) => matches!(
+            d.code().as_deref(),
+            Some("40P01" | "40001" | "5" | "6" | "517")
+        ),
+        _ => false,
+    }
+}
+
+/// Attempts a retryable write transaction gets.
+pub const WRITE_ATTEMPTS: u32 = 5;
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -73,7 +73,9 @@ struct Args {
     /// Database pool size of the started controller [default: its own].
     #[arg(long)]
     db_connections: Option<u32>,
-    /// Use a running controller at this URL instead of starting one.
+    /// Use a running controller at this URL instead of starting one (its
+    /// CPU use then reads 0). Hosts of an earlier run stay schedulable
+    /// until `heartbeat_timeout_secs` passes: wait that long between runs.
     #[arg(long, requires = "admin_token")]
     url: Option<String>,
     /// Admin token of the controller given by --url.
@@ -171,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             || result
                 .as_ref()
                 .map_or(true, |(l, _)| !l.mismatches.is_empty());
-        if let Some(p) = c.save_log().filter(|_| failed) {
+        if let Some(p) = failed.then(|| c.save_log()).flatten() {
             eprintln!("the controller's log: {}", p.display());
         }
     }
@@ -299,8 +301,10 @@ async fn simulate(
 }
 
 async fn join_all(api: &api::Api, admin: &str, args: &Args) -> anyhow::Result<Vec<Arc<Host>>> {
+    let run = format!("sim{}", chrono::Utc::now().format("%H%M%S"));
+    let run = run.as_str();
     let joined: Vec<_> = futures::stream::iter(0..args.hosts)
-        .map(|i| async move { Host::join(api, admin, i).await })
+        .map(|i| async move { Host::join(api, admin, run, i).await })
         .buffered(args.join_concurrency.max(1))
         .collect()
         .await;

@@ -286,8 +286,20 @@ mod tests {
         assert!(conflicts("locks/exclusive-b", recent, me, now, false));
         assert!(!conflicts("locks/exclusive-b", old, me, now, false));
         // An exclusive request waits for every fresh lock but its own.
-        assert!(conflicts("locks/shared-b", recent, "locks/exclusive-a", now, true));
-        assert!(!conflicts("locks/exclusive-a", now, "locks/exclusive-a", now, true));
+        assert!(conflicts(
+            "locks/shared-b",
+            recent,
+            "locks/exclusive-a",
+            now,
+            true
+        ));
+        assert!(!conflicts(
+            "locks/exclusive-a",
+            now,
+            "locks/exclusive-a",
+            now,
+            true
+        ));
         // A lock written "in the future" (server clock) is fresh.
         let later = now + chrono::Duration::seconds(30);
         assert!(conflicts("locks/exclusive-b", later, me, now, false));

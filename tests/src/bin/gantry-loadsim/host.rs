@@ -121,8 +121,9 @@ fn capacity(index: usize) -> HostCapacity {
 }
 
 impl Host {
-    /// Mints a join token (admin) and joins as host number `index`.
-    pub async fn join(api: &Api, admin: &str, index: usize) -> Result<Host, CallError> {
+    /// Mints a join token (admin) and joins as host `<run>-<index>` (the
+    /// run id keeps names unique when a controller is loaded twice).
+    pub async fn join(api: &Api, admin: &str, run: &str, index: usize) -> Result<Host, CallError> {
         let t = Duration::from_secs(30);
         let jt: CreatedJoinToken = api
             .call(
@@ -135,7 +136,7 @@ impl Host {
             )
             .await?;
         let req = JoinRequest {
-            name: format!("sim-{index:05}"),
+            name: format!("{run}-{index:05}"),
             address: format!(
                 "10.{}.{}.{}",
                 64 + index / 65536,

@@ -1,7 +1,8 @@
 //! Measures this machine's limits for the snapshot benchmark, on the
 //! allocated data of a real image: reading it, blake3 and zstd throughput
-//! per chunk on N threads. Usage:
-//! `gantry-store-limits IMAGE [--threads N] [--chunk-size BYTES] [--levels 1,3]`
+//! per chunk on N threads, and writing that data to disk with an fsync (the
+//! floor of a durable restore). Usage:
+//! `gantry-store-limits IMAGE [--threads N] [--chunk-size BYTES] [--levels 1,3] [--write-dir DIR]`
 
 use anyhow::{bail, Context};
 use gantry_store::image::ImageSource;
@@ -39,7 +40,7 @@ fn par<F: Fn(&[u8]) -> usize + Sync>(chunks: &[Vec<u8>], threads: usize, f: F) -
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let Some(image) = args.get(1) else {
-        bail!("usage: gantry-store-limits IMAGE [--threads N] [--chunk-size B] [--levels 1,3]")
+        bail!("usage: gantry-store-limits IMAGE [--threads N] [--chunk-size B] [--levels 1,3] [--write-dir DIR]")
     };
     let threads: usize = arg(&args, "--threads")
         .map_or(Ok(2), |s| s.parse())
@@ -91,5 +92,25 @@ fn main() -> anyhow::Result<()> {
             out as f64 / 1e9
         );
     }
+    if let Some(dir) = arg(&args, "--write-dir") {
+        let s = write_synced(std::path::Path::new(&dir), &chunks)?;
+        println!("write + fsync (1 thread, to {dir}): {:.2} GB/s", gb / s);
+    }
     Ok(())
+}
+
+/// Seconds to write `chunks` into a new file in `dir` and fsync it.
+fn write_synced(dir: &std::path::Path, chunks: &[Vec<u8>]) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let path = dir.join(".gantry-store-limits.tmp");
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    for c in chunks {
+        f.write_all(c)?;
+    }
+    f.sync_all()?;
+    let s = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(s)
 }

@@ -4,11 +4,11 @@
 //! blocking HTTP client ([`Api`]) that calls it with any token. Killed and
 //! cleaned up on drop.
 
-use crate::fixture::{workspace_bin, ApiFailure};
+use crate::fixture::{kill9, log_tail, spawn_daemon, terminate, workspace_bin, ApiFailure};
 use anyhow::{bail, Context};
 use gantry_proto::api::error::ErrorBody;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A `gantry-controller` process.
@@ -105,50 +105,21 @@ impl TestController {
     }
 
     /// Starts the process (again) on the same address and waits until it
-    /// answers `/healthz`.
+    /// listens.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let addr_file = self.state_dir.join("listen-addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state_dir.with_extension("log"))?;
-        let child = Command::new(workspace_bin("gantry-controller"))
-            .arg("--listen")
+        let mut cmd = Command::new(workspace_bin("gantry-controller"));
+        cmd.arg("--listen")
             .arg(&self.listen)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info,sqlx=warn")
-            .env_remove("GANTRY_ADMIN_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn gantry-controller (is it built? cargo build --workspace --bins)")?;
+            .env_remove("GANTRY_ADMIN_TOKEN");
+        let (child, addr) = spawn_daemon(cmd, &self.state_dir, "gantry-controller")?;
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "gantry-controller exited at start ({st}); log:\n{}",
-                    self.log_tail()
-                );
-            }
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                self.listen = a.trim().to_string();
-                self.url = format!("http://{}", self.listen);
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("gantry-controller did not start; log:\n{}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.url = format!("http://{addr}");
+        self.listen = addr;
         self.admin_token = std::fs::read_to_string(self.state_dir.join("admin-token"))
             .context("read the generated admin token")?
             .trim()
@@ -158,17 +129,11 @@ impl TestController {
 
     /// SIGKILLs the controller.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn log_tail(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.state_dir)
     }
 
     /// A client calling with the admin token.
@@ -191,13 +156,7 @@ impl TestController {
 
 impl Drop for TestController {
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+        terminate(&mut self.child);
         if std::env::var_os("GANTRY_TEST_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.state_dir);
             let _ = std::fs::remove_file(&self.config);

@@ -116,43 +116,14 @@ impl TestAgent {
 
     /// Starts the agent process and waits until its API answers.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
-        let addr_file = self.state_dir.join("listen-addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state_dir.with_extension("log"))?;
-        let child = Command::new(workspace_bin("gantry-agent"))
-            .arg("--config")
+        let mut cmd = Command::new(workspace_bin("gantry-agent"));
+        cmd.arg("--config")
             .arg(&self.config)
             .arg("serve")
-            .env("GANTRY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn gantry-agent (is it built? cargo build --workspace --bins)")?;
+            .env("GANTRY_LOG", "info");
+        let (child, addr) = spawn_daemon(cmd, &self.state_dir, "gantry-agent")?;
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "gantry-agent exited at start ({st}); log:\n{}",
-                    self.log_tail()
-                );
-            }
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                self.url = format!("http://{}", a.trim());
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("gantry-agent did not start; log:\n{}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.url = format!("http://{addr}");
         self.token = std::fs::read_to_string(self.state_dir.join("agent-token"))?
             .trim()
             .to_string();
@@ -161,17 +132,11 @@ impl TestAgent {
 
     /// SIGKILLs the agent (VMs keep running under libvirt).
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(&mut self.child);
     }
 
     pub fn log_tail(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.state_dir)
     }
 
     fn call(
@@ -296,13 +261,7 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+        terminate(&mut self.child);
         for d in self.own_domains() {
             let _ = virsh(&["destroy", &d]);
             let _ = virsh(&["undefine", &d]);
@@ -312,6 +271,69 @@ impl Drop for TestAgent {
             let _ = std::fs::remove_file(&self.config);
             let _ = std::fs::remove_file(self.state_dir.with_extension("log"));
         }
+    }
+}
+
+/// Starts a daemon that writes `<state_dir>/listen-addr` once it listens,
+/// logging to `<state_dir>.log`; returns it and the address it bound.
+pub fn spawn_daemon(
+    mut cmd: Command,
+    state_dir: &Path,
+    what: &str,
+) -> anyhow::Result<(Child, String)> {
+    let addr_file = state_dir.join("listen-addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.with_extension("log"))?;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("spawn {what} (is it built? cargo build --workspace --bins)"))?;
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().ok().flatten() {
+            bail!(
+                "{what} exited at start ({st}); log:\n{}",
+                log_tail(state_dir)
+            );
+        }
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            return Ok((child, a.trim().to_string()));
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("{what} did not start; log:\n{}", log_tail(state_dir));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last 40 lines of a daemon's log (`<state_dir>.log`).
+pub fn log_tail(state_dir: &Path) -> String {
+    let text = std::fs::read_to_string(state_dir.with_extension("log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// SIGKILLs a daemon.
+pub fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERMs a daemon and waits for it.
+pub fn terminate(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = c.wait();
     }
 }
 

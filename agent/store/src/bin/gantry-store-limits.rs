@@ -104,7 +104,8 @@ fn write_synced(dir: &std::path::Path, chunks: &[Vec<u8>]) -> anyhow::Result<f64
     use std::io::Write;
     let path = dir.join(".gantry-store-limits.tmp");
     let t = Instant::now();
-    let mut f = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
     for c in chunks {
         f.write_all(c)?;
     }

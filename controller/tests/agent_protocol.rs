@@ -4,38 +4,14 @@
 //! who may call what, the work long-poll, idempotent operation reports,
 //! snapshots and host health. Billing is in `billing.rs`.
 
+#[macro_use]
 mod common;
 
-use common::{eventually, Backend, Server, ADMIN};
+use common::{eventually, Server, ADMIN};
 use gantry_controller::Config;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-macro_rules! on_both {
-    ($name:ident $(, $tweak:expr)?) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                if let Some(s) = Server::start_with(Backend::Sqlite, tweak).await {
-                    super::$name(s).await;
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                if let Some(s) = Server::start_with(Backend::Postgres, tweak).await {
-                    super::$name(s).await;
-                }
-            }
-            #[allow(unused_variables)]
-            fn tweak(c: &mut Config) {
-                $( ($tweak)(c); )?
-            }
-        }
-    };
-}
 
 on_both!(join_and_credentials);
 on_both!(who_may_call_what);
@@ -630,8 +606,25 @@ async fn heartbeat_timeout(s: Server) {
         "{}",
         r.body
     );
+    // The host says why it is unhealthy; the admin sees it.
+    let why = "libvirt does not answer: connection refused";
+    let r = s
+        .heartbeat(&h, json!({"health": "unhealthy", "problems": [why]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let host = s.get(&format!("/v1/admin/hosts/{h}"), ADMIN).await.body;
+    assert_eq!(host["problems"], json!([why]), "{host}");
+    let r = s
+        .heartbeat(&h, json!({"health": "unhealthy", "problems": ["a\nb"]}))
+        .await;
+    assert_eq!(
+        (r.status, r.body["field"].as_str()),
+        (422, Some("problems[0]"))
+    );
     // A healthy heartbeat brings it back; an older one changes nothing.
     s.heartbeat(&h, json!({"health": "healthy"})).await;
+    let host = s.get(&format!("/v1/admin/hosts/{h}"), ADMIN).await.body;
+    assert_eq!(host["problems"], json!([]), "{host}");
     let r = s
         .heartbeat(&h, json!({"health": "unhealthy", "sent_at_ms": 5}))
         .await;

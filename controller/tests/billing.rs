@@ -3,37 +3,13 @@
 //! ledger, credit exhaustion (402s and grace stops) and the snapshot
 //! storage meter.
 
+#[macro_use]
 mod common;
 
-use common::{eventually, Backend, Server, ADMIN};
+use common::{eventually, Server, ADMIN};
 use gantry_controller::Config;
 use reqwest::Method;
 use serde_json::{json, Value};
-
-macro_rules! on_both {
-    ($name:ident $(, $tweak:expr)?) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                if let Some(s) = Server::start_with(Backend::Sqlite, tweak).await {
-                    super::$name(s).await;
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                if let Some(s) = Server::start_with(Backend::Postgres, tweak).await {
-                    super::$name(s).await;
-                }
-            }
-            #[allow(unused_variables)]
-            fn tweak(c: &mut Config) {
-                $( ($tweak)(c); )?
-            }
-        }
-    };
-}
 
 on_both!(usage_counters_bill_once);
 on_both!(credit_exhaustion, |c: &mut Config| {

@@ -2,31 +2,13 @@
 //! on PostgreSQL (when `GANTRY_TEST_PG_URL` is set; required under
 //! `GANTRY_TEST_STRICT=1`).
 
+#[macro_use]
 mod common;
 
-use common::{Backend, Server, ADMIN};
+use common::{Server, ADMIN};
 use reqwest::Method;
 use serde_json::json;
 use std::collections::HashSet;
-
-macro_rules! on_both {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                if let Some(s) = super::Server::start(super::Backend::Sqlite).await {
-                    super::$name(s).await;
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                if let Some(s) = super::Server::start(super::Backend::Postgres).await {
-                    super::$name(s).await;
-                }
-            }
-        }
-    };
-}
 
 on_both!(lifecycle);
 on_both!(snapshots);

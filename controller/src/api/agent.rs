@@ -212,6 +212,7 @@ async fn heartbeat(
     let host = host_of(&who)?;
     let c = &hb.capacity;
     super::hosts::check_capacity("capacity.", c.vcpus, c.memory_mib, c.disk_gib, &c.gpus)?;
+    check_problems(&hb.problems)?;
     // Rows are locked host, then instances by id, then accounts by id, in
     // every write transaction of the agent protocol, so two heartbeats (or
     // a heartbeat and an op report) cannot deadlock.
@@ -231,6 +232,27 @@ async fn heartbeat(
         heartbeat_secs: st.cfg.heartbeat_secs,
         billed,
     }))
+}
+
+/// A heartbeat lists at most this many problems.
+const MAX_PROBLEMS: usize = 32;
+
+/// Problems are sentences: one line each, bounded, no control characters.
+fn check_problems(problems: &[String]) -> ApiResult<()> {
+    if problems.len() > MAX_PROBLEMS {
+        return Err(ApiError::invalid(
+            "problems",
+            format!("at most {MAX_PROBLEMS} problems"),
+        ));
+    }
+    for (i, p) in problems.iter().enumerate() {
+        let field = format!("problems[{i}]");
+        validate::free_text(&field, p, 500)?;
+        if p.trim().is_empty() || p.contains('\n') {
+            return Err(ApiError::invalid(field, "must be one non-empty line"));
+        }
+    }
+    Ok(())
 }
 
 /// One attempt at applying a heartbeat, in one transaction.
@@ -262,6 +284,11 @@ async fn heartbeat_once(
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
         update_capacity(&mut tx, host, &hb.capacity, None).await?;
+        sqlx::query("UPDATE hosts SET problems = $1 WHERE id = $2")
+            .bind(hb.problems.join("\n"))
+            .bind(host.to_string())
+            .execute(&mut *tx)
+            .await?;
         for o in &hb.instances {
             commands::observe(&mut tx, host, o.id, o.state).await?;
         }

@@ -181,7 +181,7 @@ pub(crate) async fn sync_gpus(tx: &mut Tx, id: &HostId, gpus: &[GpuDevice]) -> A
 }
 
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.address, h.vcpus, h.memory_mib, h.disk_gib, \
-     h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.health, h.cordoned, h.draining, \
+     h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.health, h.problems, h.cordoned, h.draining, \
      h.last_heartbeat_ms, (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND \
      i.observed_state NOT IN ('Released', 'Failed')) AS instances FROM hosts h";
 
@@ -198,6 +198,10 @@ fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
         used_disk_gib: col::<i64>(r, "used_disk_gib")? as u64,
         gpus,
         health: rows::health(&col::<String>(r, "health")?),
+        problems: col::<String>(r, "problems")?
+            .lines()
+            .map(str::to_string)
+            .collect(),
         cordoned: col::<i64>(r, "cordoned")? != 0,
         draining: col::<i64>(r, "draining")? != 0,
         last_heartbeat: to_time(col(r, "last_heartbeat_ms")?),

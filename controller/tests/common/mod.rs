@@ -19,6 +19,36 @@ pub enum Backend {
     Postgres,
 }
 
+/// Defines `mod NAME { sqlite, postgres }`: the async test fn `NAME(Server)`
+/// run on a fresh SQLite and a fresh PostgreSQL controller, with an
+/// optional config tweak `|c: &mut Config| ...`.
+#[allow(unused_macros)]
+macro_rules! on_both {
+    ($name:ident $(, $tweak:expr)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use crate::common::{Backend, Server};
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                if let Some(s) = Server::start_with(Backend::Sqlite, tweak).await {
+                    super::$name(s).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(s) = Server::start_with(Backend::Postgres, tweak).await {
+                    super::$name(s).await;
+                }
+            }
+            #[allow(unused_variables)]
+            fn tweak(c: &mut gantry_controller::Config) {
+                $( ($tweak)(c); )?
+            }
+        }
+    };
+}
+
 /// The PostgreSQL server URL, or `None` (skip) when not configured; under
 /// `GANTRY_TEST_STRICT=1` a missing URL fails the test.
 pub fn pg_url() -> Option<String> {

@@ -144,6 +144,9 @@ pub struct HostInfo {
     pub used_disk_gib: u64,
     pub gpus: Vec<GpuInfo>,
     pub health: HostHealth,
+    /// What the host last said makes it unhealthy or degraded.
+    #[serde(default)]
+    pub problems: Vec<String>,
     pub cordoned: bool,
     pub draining: bool,
     pub last_heartbeat: DateTime<Utc>,

@@ -4,9 +4,8 @@
 //! blocking HTTP client ([`Api`]) that calls it with any token. Killed and
 //! cleaned up on drop.
 
-use crate::fixture::{kill9, log_tail, spawn_daemon, terminate, workspace_bin, ApiFailure};
+use crate::fixture::{kill9, log_tail, send, spawn_daemon, terminate, workspace_bin, ApiFailure};
 use anyhow::{bail, Context};
-use gantry_proto::api::error::ErrorBody;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -177,31 +176,7 @@ impl Api {
         &self,
         req: reqwest::blocking::RequestBuilder,
     ) -> Result<(u16, serde_json::Value), ApiFailure> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .map_err(|e| ApiFailure {
-                status: 0,
-                error: e.to_string(),
-                field: None,
-            })?;
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        if !(200..300).contains(&status) {
-            let body: ErrorBody = serde_json::from_str(&text).unwrap_or(ErrorBody {
-                error: text,
-                field: None,
-            });
-            return Err(ApiFailure {
-                status,
-                error: body.error,
-                field: body.field,
-            });
-        }
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        ))
+        send(req, &self.token)
     }
 
     pub fn get(&self, path: &str) -> Result<serde_json::Value, ApiFailure> {

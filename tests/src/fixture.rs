@@ -143,28 +143,7 @@ impl TestAgent {
         &self,
         req: reqwest::blocking::RequestBuilder,
     ) -> Result<serde_json::Value, ApiFailure> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .map_err(|e| ApiFailure {
-                status: 0,
-                error: e.to_string(),
-                field: None,
-            })?;
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        if !(200..300).contains(&status) {
-            let body: ErrorBody = serde_json::from_str(&text).unwrap_or(ErrorBody {
-                error: text,
-                field: None,
-            });
-            return Err(ApiFailure {
-                status,
-                error: body.error,
-                field: body.field,
-            });
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+        send(req, &self.token).map(|(_, v)| v)
     }
 
     pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ApiFailure> {
@@ -335,6 +314,36 @@ pub fn terminate(child: &mut Option<Child>) {
         );
         let _ = c.wait();
     }
+}
+
+/// Sends `req` with a bearer token; a 2xx answer gives its status and
+/// JSON body (null when empty), anything else the API's error sentence.
+pub fn send(
+    req: reqwest::blocking::RequestBuilder,
+    token: &str,
+) -> Result<(u16, serde_json::Value), ApiFailure> {
+    let resp = req.bearer_auth(token).send().map_err(|e| ApiFailure {
+        status: 0,
+        error: e.to_string(),
+        field: None,
+    })?;
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    if !(200..300).contains(&status) {
+        let body: ErrorBody = serde_json::from_str(&text).unwrap_or(ErrorBody {
+            error: text,
+            field: None,
+        });
+        return Err(ApiFailure {
+            status,
+            error: body.error,
+            field: body.field,
+        });
+    }
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    ))
 }
 
 /// An API error as a user sees it.

@@ -112,7 +112,14 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
     let sid2 = snap2["id"].as_str().context("snapshot id")?.to_string();
     cloud.wait_state(&id, "Released")?;
     clock.stopped(asked, Instant::now());
-    let s2 = cloud.tenant.get(&format!("/v1/snapshots/{sid2}"))?;
+    // The instance may read Released (a heartbeat) a moment before the
+    // operation's report settles the snapshot.
+    let s2 = cloud.tenant.wait_for(
+        &format!("/v1/snapshots/{sid2}"),
+        OP_TIMEOUT,
+        "the auto-release snapshot",
+        |v| v["status"] != "Creating",
+    )?;
     assert_eq!(s2["status"], "Success", "{s2}");
     let images = cloud.tenant.get("/v1/images")?;
     assert!(

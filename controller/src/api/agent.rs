@@ -268,12 +268,20 @@ async fn heartbeat_once(
         .bind(host.to_string())
         .execute(&mut *tx)
         .await?;
+    // Health, capacity and problems, in one statement, only from a newer
+    // heartbeat than the last one applied.
+    let c = &hb.capacity;
     let fresh = sqlx::query(
-        "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2 WHERE id = $3 \
+        "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2, vcpus = $3, \
+         memory_mib = $4, disk_gib = $5, problems = $6 WHERE id = $7 \
          AND last_heartbeat_sent_ms < $1",
     )
     .bind(hb.sent_at_ms)
     .bind(rows::health_str(hb.health))
+    .bind(c.vcpus as i64)
+    .bind(c.memory_mib as i64)
+    .bind(c.disk_gib as i64)
+    .bind(hb.problems.join("\n"))
     .bind(host.to_string())
     .execute(&mut *tx)
     .await?
@@ -283,12 +291,7 @@ async fn heartbeat_once(
         if hb.health != HostHealth::Healthy {
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
-        update_capacity(&mut tx, host, &hb.capacity, None).await?;
-        sqlx::query("UPDATE hosts SET problems = $1 WHERE id = $2")
-            .bind(hb.problems.join("\n"))
-            .bind(host.to_string())
-            .execute(&mut *tx)
-            .await?;
+        super::hosts::sync_gpus(&mut tx, host, &c.gpus).await?;
         for o in &hb.instances {
             commands::observe(&mut tx, host, o.id, o.state).await?;
         }

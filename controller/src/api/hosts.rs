@@ -302,8 +302,8 @@ async fn uncordon(
     .await
 }
 
-/// Cordons the host and marks it draining: its instances are to be moved
-/// or stopped by the reconcile loop (agent protocol, next issue).
+/// Cordons the host and marks it draining. Moving or stopping its
+/// instances is not built yet; draining hosts only take no new work.
 async fn drain(
     State(st): State<AppState>,
     who: Caller,

@@ -84,6 +84,8 @@ pub struct Manager {
     /// Woken whenever an instance changes state or an operation ends (the
     /// controller link heartbeats promptly then).
     pub(crate) changed: tokio::sync::Notify,
+    /// Background recompression of the host's snapshot store.
+    pub(crate) compaction: crate::snapshots::Compaction,
 }
 
 /// The libvirt domain name of an instance.

@@ -9,6 +9,8 @@
 //! - `gantry_agent_heartbeat_failures_total`: heartbeats that failed.
 //! - `gantry_agent_controller_ops_total{kind,outcome}`: controller
 //!   operations carried out, by outcome.
+//! - `gantry_agent_store_compacted_bytes_total`: bytes the snapshot store's
+//!   background compaction saved.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -48,6 +50,7 @@ pub struct Metrics {
     controller_up: Gauge,
     heartbeat_failures: Counter,
     controller_ops: Family<OpLabels, Counter>,
+    compacted: Counter,
 }
 
 impl Default for Metrics {
@@ -83,7 +86,14 @@ impl Default for Metrics {
             "Controller operations carried out",
             controller_ops.clone(),
         );
+        let compacted = Counter::default();
+        registry.register(
+            "store_compacted_bytes",
+            "Bytes the snapshot store compaction saved",
+            compacted.clone(),
+        );
         Self {
+            compacted,
             registry,
             ops,
             op_seconds,
@@ -115,6 +125,10 @@ impl Metrics {
 
     pub fn heartbeat_failed(&self) {
         self.heartbeat_failures.inc();
+    }
+
+    pub fn store_compacted(&self, saved: u64) {
+        self.compacted.inc_by(saved);
     }
 
     pub fn controller_op_done(&self, kind: &str, ok: bool) {

@@ -42,6 +42,7 @@ impl Manager {
             inner: Mutex::new(Inner::default()),
             usage,
             changed: tokio::sync::Notify::new(),
+            compaction: Default::default(),
         });
         let mut known = HashSet::new();
         for loaded in m.layout.load_instances()? {

@@ -52,6 +52,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
         .await
         .expect("manager open task")?;
     manager.spawn_watcher(Duration::from_secs(2));
+    manager.compact_store_soon(); // queues left by a restart
     let token = load_or_create_token(&manager.layout().token_file())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -8,6 +8,12 @@
 //! the data volume never is) -> the overlay is committed back and the guest
 //! resumes (Running), or is released (`auto_release`). Any failure commits
 //! the overlay back, resumes the guest and ends in Running.
+//!
+//! The store publishes at a fast zstd level, which keeps the guest's pause
+//! short; a background thread (one at a time, at low priority and on one
+//! core) then recompresses the new chunks at the level at rest
+//! (`Store::compact`). The operation reports the sizes at publish; the
+//! store usage in heartbeats, which billing uses, follows the compaction.
 
 use crate::disks;
 use crate::images;
@@ -22,6 +28,27 @@ use gantry_store::backend::BackendError;
 use gantry_store::{CreateRequest, Keyring, Progress, RestoreFormat, Store, StoreConfig};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Nice value of the background compaction thread.
+const COMPACTION_NICE: libc::c_int = 10;
+
+/// Whether a background compaction runs, and whether another pass is due.
+#[derive(Default)]
+pub(crate) struct Compaction {
+    state: std::sync::Mutex<CompactionState>,
+}
+
+#[derive(Default)]
+struct CompactionState {
+    running: bool,
+    again: bool,
+}
+
+impl Compaction {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CompactionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// How long committing the temporary overlay back may take.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -64,6 +91,68 @@ impl Manager {
         }
     }
 
+    /// Starts compacting the host's store in the background unless a
+    /// compaction runs already (it then runs once more when done).
+    pub fn compact_store_soon(self: &Arc<Self>) {
+        {
+            let mut s = self.compaction.lock();
+            if s.running {
+                s.again = true;
+                return;
+            }
+            s.running = true;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("store-compact".into())
+            .spawn(move || loop {
+                me.compact_store();
+                let mut s = me.compaction.lock();
+                if !s.again {
+                    s.running = false;
+                    break;
+                }
+                s.again = false;
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start store compaction");
+            self.compaction.lock().running = false;
+        }
+    }
+
+    /// One compaction pass on this thread, niced and on one worker.
+    fn compact_store(&self) {
+        // SAFETY: setpriority only changes this thread's nice value (Linux
+        // keeps it per thread); failing leaves the thread at normal priority.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, COMPACTION_NICE);
+        }
+        let mut store = match self.open_existing_store() {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the store to compact it");
+                return;
+            }
+        };
+        store.set_threads(1);
+        match store.compact(None) {
+            Ok(r) if r.snapshots > 0 => {
+                tracing::info!(
+                    snapshots = r.snapshots,
+                    before = r.bytes_before,
+                    after = r.bytes_after,
+                    "snapshot store compacted"
+                );
+                self.metrics
+                    .store_compacted(r.bytes_before.saturating_sub(r.bytes_after));
+                self.changed.notify_one(); // report the smaller usage soon
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "snapshot store compaction failed"),
+        }
+    }
+
     /// Removes a snapshot from the host's store; an unknown one is already
     /// gone (success).
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), SnapshotError> {
@@ -99,8 +188,13 @@ impl Manager {
                 .map_err(|e| ValidationError::new("owner", e.to_string()))?;
         }
         self.record(id)?.state.check_action(Action::Snapshot)?;
+        let me = Arc::clone(self);
         self.submit(id, "snapshot", move |m, op| {
-            m.run_snapshot(id, req, snapshot_id, op)
+            let r = m.run_snapshot(id, req, snapshot_id, op);
+            if r.is_ok() {
+                me.compact_store_soon();
+            }
+            r
         })
     }
 

@@ -2,7 +2,7 @@
 //! command line. The agent binary forwards its `snapshot` subcommand here.
 
 use crate::store::{parse_extents, CreateRequest, Progress, RestoreFormat, Store, StoreConfig};
-use crate::Keyring;
+use crate::{CompactReport, Keyring};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -64,9 +64,17 @@ pub enum SnapshotCommand {
         /// Chunk size in bytes (power of two, 4 KiB - 64 MiB).
         #[arg(long)]
         chunk_size: Option<u32>,
-        /// zstd compression level.
+        /// zstd level chunks rest at (after compaction).
         #[arg(long)]
         zstd_level: Option<i32>,
+        /// zstd level new chunks are written at before the snapshot is
+        /// published; below --zstd-level, `compact` recompresses them later.
+        #[arg(long)]
+        publish_level: Option<i32>,
+        /// Compact right after publishing, so the command ends with the
+        /// chunks at --zstd-level.
+        #[arg(long)]
+        compact: bool,
     },
     /// Rebuild a snapshot's disk, checking every chunk.
     Restore {
@@ -96,6 +104,14 @@ pub enum SnapshotCommand {
         #[arg(long)]
         id: String,
     },
+    /// Recompress chunks written at the publish level to the level at rest.
+    Compact {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// zstd level at rest.
+        #[arg(long)]
+        zstd_level: Option<i32>,
+    },
     /// Remove chunks no snapshot references.
     Gc {
         #[command(flatten)]
@@ -108,12 +124,15 @@ pub enum SnapshotCommand {
     },
 }
 
-fn open(
-    a: &StoreArgs,
-    create: bool,
+/// Tuning a subcommand overrides.
+#[derive(Default)]
+struct Tuning {
     chunk: Option<u32>,
     level: Option<i32>,
-) -> anyhow::Result<Store> {
+    publish: Option<i32>,
+}
+
+fn open(a: &StoreArgs, create: bool, t: Tuning) -> anyhow::Result<Store> {
     let keyring = Keyring::load(&a.keyring)?;
     let mut cfg = StoreConfig {
         keyring: Arc::new(keyring),
@@ -123,11 +142,14 @@ fn open(
     if let Some(t) = a.threads {
         cfg.threads = t.max(1);
     }
-    if let Some(c) = chunk {
+    if let Some(c) = t.chunk {
         cfg.chunk_size = c;
     }
-    if let Some(l) = level {
+    if let Some(l) = t.level {
         cfg.zstd_level = l;
+    }
+    if let Some(l) = t.publish {
+        cfg.publish_level = l;
     }
     Ok(Store::open(&a.store, cfg)?)
 }
@@ -145,6 +167,16 @@ fn bar(json: bool, what: &str) -> Option<ProgressBar> {
     b.set_style(style);
     b.set_message(what.to_string());
     Some(b)
+}
+
+/// A progress callback that moves `pb` (when there is one).
+fn follow(pb: &Option<ProgressBar>) -> impl Fn(Progress) + Sync + '_ {
+    move |p: Progress| {
+        if let Some(b) = pb {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -165,6 +197,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
         c @ SnapshotCommand::List { .. } => list_cmd(c),
         c @ SnapshotCommand::Delete { .. } => delete_cmd(c),
         c @ SnapshotCommand::Gc { .. } => gc_cmd(c),
+        c @ SnapshotCommand::Compact { .. } => compact_cmd(c),
         c @ SnapshotCommand::Stats { .. } => stats_cmd(c),
     }
 }
@@ -179,6 +212,8 @@ fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
         changed_extents,
         chunk_size,
         zstd_level,
+        publish_level,
+        compact,
     } = cmd
     else {
         unreachable!("dispatched by run")
@@ -190,14 +225,14 @@ fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
             anyhow::Ok(parse_extents(&t)?)
         })
         .transpose()?;
-    let s = open(&store, true, chunk_size, zstd_level)?;
-    let pb = bar(store.json, "snapshot");
-    let cb = |p: Progress| {
-        if let Some(b) = &pb {
-            b.set_length(p.total);
-            b.set_position(p.done);
-        }
+    let tuning = Tuning {
+        chunk: chunk_size,
+        level: zstd_level,
+        publish: publish_level,
     };
+    let s = open(&store, true, tuning)?;
+    let pb = bar(store.json, "snapshot");
+    let cb = follow(&pb);
     let req = CreateRequest {
         image: &image,
         name: &name,
@@ -207,9 +242,19 @@ fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
         progress: Some(&cb),
         id: None,
     };
-    let info = s.create(&req)?;
-    if let Some(b) = pb {
+    let mut info = s.create(&req)?;
+    if let Some(b) = &pb {
         b.finish_and_clear();
+    }
+    if compact {
+        run_compact(&s, store.json)?;
+        if let Some(now) = s.list()?.into_iter().find(|i| i.id == info.id) {
+            // What compaction saved came out of the chunks this create wrote
+            // (and those of parents still waiting for compaction).
+            let saved = info.stored_bytes.saturating_sub(now.stored_bytes);
+            info.new_bytes = info.new_bytes.saturating_sub(saved);
+            info.stored_bytes = now.stored_bytes;
+        }
     }
     if store.json {
         return print_json(&info);
@@ -236,20 +281,15 @@ fn restore_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     else {
         unreachable!("dispatched by run")
     };
-    let s = open(&store, false, None, None)?;
+    let s = open(&store, false, Tuning::default())?;
     let pb = bar(store.json, "restore");
-    let cb = |p: Progress| {
-        if let Some(b) = &pb {
-            b.set_length(p.total);
-            b.set_position(p.done);
-        }
-    };
+    let cb = follow(&pb);
     let fmt = match format {
         OutFormat::Raw => RestoreFormat::Raw,
         OutFormat::Qcow2 => RestoreFormat::Qcow2,
     };
     let info = s.restore(&id, &out, fmt, Some(&cb))?;
-    if let Some(b) = pb {
+    if let Some(b) = &pb {
         b.finish_and_clear();
     }
     if store.json {
@@ -268,7 +308,7 @@ fn verify_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     let SnapshotCommand::Verify { store } = cmd else {
         unreachable!("dispatched by run")
     };
-    let s = open(&store, false, None, None)?;
+    let s = open(&store, false, Tuning::default())?;
     let r = s.verify(None)?;
     if store.json {
         print_json(&r)?;
@@ -309,7 +349,7 @@ fn list_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     let SnapshotCommand::List { store } = cmd else {
         unreachable!("dispatched by run")
     };
-    let s = open(&store, false, None, None)?;
+    let s = open(&store, false, Tuning::default())?;
     let list = s.list()?;
     if store.json {
         return print_json(&list);
@@ -332,7 +372,7 @@ fn delete_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     let SnapshotCommand::Delete { store, id } = cmd else {
         unreachable!("dispatched by run")
     };
-    open(&store, false, None, None)?.delete(&id)?;
+    open(&store, false, Tuning::default())?.delete(&id)?;
     if store.json {
         return print_json(&serde_json::json!({ "deleted": id }));
     }
@@ -340,11 +380,61 @@ fn delete_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_compact(s: &Store, json: bool) -> anyhow::Result<CompactReport> {
+    let pb = bar(json, "compact");
+    if let Some(b) = &pb {
+        b.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} chunks eta {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+    }
+    let cb = follow(&pb);
+    let r = s.compact(Some(&cb))?;
+    if let Some(b) = &pb {
+        b.finish_and_clear();
+    }
+    Ok(r)
+}
+
+fn compact_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let SnapshotCommand::Compact { store, zstd_level } = cmd else {
+        unreachable!("dispatched by run")
+    };
+    let tuning = Tuning {
+        level: zstd_level,
+        ..Tuning::default()
+    };
+    let r = run_compact(&open(&store, false, tuning)?, store.json)?;
+    if store.json {
+        return print_json(&r);
+    }
+    println!(
+        "compacted {} snapshots: {} chunks, {} rewritten, {} -> {}{}",
+        r.snapshots,
+        r.chunks,
+        r.rewritten,
+        mib(r.bytes_before),
+        mib(r.bytes_after),
+        match r.waiting {
+            0 => String::new(),
+            n => format!(", {n} still being created"),
+        }
+    );
+    for p in &r.problems {
+        println!("left as is: {p}");
+    }
+    if !r.problems.is_empty() {
+        bail!("{} chunks failed their check; run verify", r.problems.len());
+    }
+    Ok(())
+}
+
 fn gc_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     let SnapshotCommand::Gc { store } = cmd else {
         unreachable!("dispatched by run")
     };
-    let r = open(&store, false, None, None)?.gc()?;
+    let r = open(&store, false, Tuning::default())?.gc()?;
     if store.json {
         return print_json(&r);
     }
@@ -361,7 +451,7 @@ fn stats_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
     let SnapshotCommand::Stats { store } = cmd else {
         unreachable!("dispatched by run")
     };
-    let r = open(&store, false, None, None)?.stats()?;
+    let r = open(&store, false, Tuning::default())?.stats()?;
     if store.json {
         return print_json(&r);
     }

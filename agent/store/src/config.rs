@@ -2,7 +2,9 @@
 //! it into an opened [`Store`].
 
 use crate::keys::Keyring;
-use crate::store::{Store, StoreConfig, StoreError, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
+use crate::store::{
+    Store, StoreConfig, StoreError, DEFAULT_CHUNK_SIZE, DEFAULT_PUBLISH_LEVEL, DEFAULT_ZSTD_LEVEL,
+};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,8 +20,13 @@ pub struct StoreSettings {
     pub keyring: PathBuf,
     #[serde(default = "default_chunk_size")]
     pub chunk_size: u32,
+    /// zstd level chunks rest at.
     #[serde(default = "default_level")]
     pub zstd_level: i32,
+    /// zstd level snapshots are published at (compacted to `zstd_level`
+    /// afterwards when lower).
+    #[serde(default = "default_publish_level")]
+    pub publish_level: i32,
     /// Worker threads; 0 means all cores.
     #[serde(default)]
     pub threads: usize,
@@ -34,6 +41,9 @@ fn default_chunk_size() -> u32 {
 fn default_level() -> i32 {
     DEFAULT_ZSTD_LEVEL
 }
+fn default_publish_level() -> i32 {
+    DEFAULT_PUBLISH_LEVEL
+}
 
 impl StoreSettings {
     /// Opens (creating when missing) the configured store.
@@ -42,6 +52,7 @@ impl StoreSettings {
             keyring: Arc::new(Keyring::load(&self.keyring)?),
             chunk_size: self.chunk_size,
             zstd_level: self.zstd_level,
+            publish_level: self.publish_level,
             create_if_missing: true,
             ..StoreConfig::default()
         };

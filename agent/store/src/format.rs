@@ -27,6 +27,20 @@
 //!        object size (u32 LE)
 //! ..  32 blake3 of every byte before it
 //! ```
+//!
+//! Compaction queue (`compact/<snap-id>`), version 1: the chunks a create
+//! wrote at the fast publish level, to be recompressed at the store's
+//! level at rest (see `compact.rs`). Written durably before the manifest.
+//! ```text
+//! 0   8  magic  b"GNTYCMPQ"
+//! 8   2  version (u16 LE) = 1
+//! 10  2  reserved (0)
+//! 12  4  namespace name length L (u32 LE, <= 256)
+//! 16  L  namespace directory name (`public` or `acct-<owner>`)
+//! ..  8  chunk count N (u64 LE)
+//! ..  32*N chunk ids
+//! ..  32 blake3 of every byte before it
+//! ```
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -47,6 +61,12 @@ pub const MAX_HEADER_LEN: usize = 64 * 1024;
 pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 /// Largest accepted chunk size.
 pub const MAX_CHUNK_SIZE: u32 = 64 * 1024 * 1024;
+/// Magic at the start of every compaction queue.
+pub const QUEUE_MAGIC: &[u8; 8] = b"GNTYCMPQ";
+/// Current compaction queue version.
+pub const QUEUE_VERSION: u16 = 1;
+/// Longest namespace name a queue may hold.
+const MAX_QUEUE_NS_LEN: usize = 256;
 /// Codec byte: payload stored as is.
 pub const CODEC_STORED: u8 = 0;
 /// Codec byte: payload is one zstd frame.
@@ -282,6 +302,73 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Chunks of one namespace waiting to be recompressed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompactQueue {
+    /// Directory name of the namespace (`Namespace::dir`).
+    pub namespace: String,
+    pub chunks: Vec<ChunkId>,
+}
+
+impl CompactQueue {
+    /// Serializes to the version-1 byte layout.
+    pub fn encode(&self) -> Vec<u8> {
+        let ns = self.namespace.as_bytes();
+        let mut out = Vec::with_capacity(64 + ns.len() + self.chunks.len() * 32);
+        out.extend_from_slice(QUEUE_MAGIC);
+        out.extend_from_slice(&QUEUE_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(ns.len() as u32).to_le_bytes());
+        out.extend_from_slice(ns);
+        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        for c in &self.chunks {
+            out.extend_from_slice(&c.0);
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Parses and validates a queue; any malformed input is an error.
+    pub fn decode(data: &[u8]) -> Result<Self, FormatError> {
+        if data.len() < 16 + 8 + 32 {
+            return Err(FormatError::Truncated("compaction queue"));
+        }
+        if &data[..8] != QUEUE_MAGIC {
+            return Err(FormatError::BadMagic("compaction queue"));
+        }
+        let version = u16::from_le_bytes([data[8], data[9]]);
+        if version != QUEUE_VERSION {
+            return Err(FormatError::Version {
+                what: "compaction queue",
+                version,
+            });
+        }
+        let (body, sum) = data.split_at(data.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(FormatError::Checksum);
+        }
+        let mut r = Reader { buf: body, pos: 12 };
+        let ns_len = r.u32()? as usize;
+        if ns_len > MAX_QUEUE_NS_LEN {
+            return Err(FormatError::Invalid("namespace name too long".into()));
+        }
+        let namespace = std::str::from_utf8(r.take(ns_len)?)
+            .map_err(|_| FormatError::Invalid("namespace name is not UTF-8".into()))?
+            .to_string();
+        let count = r.u64()?;
+        if count.checked_mul(32) != Some((body.len() - r.pos) as u64) {
+            return Err(FormatError::Invalid(format!(
+                "{count} chunk ids do not fit"
+            )));
+        }
+        let chunks = (0..count)
+            .map(|_| Ok(ChunkId(r.take(32)?.try_into().expect("32 bytes"))))
+            .collect::<Result<_, FormatError>>()?;
+        Ok(Self { namespace, chunks })
+    }
+}
+
 /// Builds a chunk object around an already-encoded payload.
 pub fn chunk_header(codec: u8, raw_len: u32) -> [u8; CHUNK_HEADER_LEN] {
     let mut h = [0u8; CHUNK_HEADER_LEN];
@@ -376,11 +463,29 @@ mod tests {
         assert_eq!(ChunkId::from_hex(&id.to_hex().to_uppercase()), None);
     }
 
+    #[test]
+    fn compaction_queue_round_trips_and_refuses_damage() {
+        let q = CompactQueue {
+            namespace: "acct-a1".into(),
+            chunks: vec![ChunkId([1; 32]), ChunkId([2; 32])],
+        };
+        let data = q.encode();
+        assert_eq!(CompactQueue::decode(&data).unwrap(), q);
+        for p in 0..data.len() {
+            let mut bad = data.clone();
+            bad[p] ^= 0x40;
+            assert!(CompactQueue::decode(&bad).is_err(), "flip at {p} accepted");
+        }
+        let err = CompactQueue::decode(&data[..data.len() - 1]).unwrap_err();
+        assert_eq!(err, FormatError::Checksum);
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let _ = Manifest::decode(&data);
             let _ = parse_chunk(&data);
+            let _ = CompactQueue::decode(&data);
         }
 
         #[test]

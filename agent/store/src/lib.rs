@@ -5,18 +5,21 @@
 //!
 //! Entry points: [`Store::open`], [`Store::create`], [`Store::restore`],
 //! [`Store::verify`], [`Store::gc`], [`Store::list`], [`Store::delete`],
-//! [`Store::stats`]; the `gantry-agent snapshot` command line is [`cli`].
+//! [`Store::stats`], [`Store::compact`]; the `gantry-agent snapshot` command line is [`cli`].
 
 pub mod backend;
 pub mod cli;
+pub mod compact;
 pub mod config;
 pub mod format;
 pub mod image;
 pub mod keys;
 pub mod maintain;
+mod output;
 mod pipeline;
 pub mod store;
 
+pub use compact::CompactReport;
 pub use config::StoreSettings;
 pub use keys::Keyring;
 pub use maintain::{GcReport, StatsReport, VerifyReport};

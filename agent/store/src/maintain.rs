@@ -2,13 +2,14 @@
 //! (mark and sweep under the exclusive store lock, so it never races a
 //! create) and statistics for billing.
 
+use crate::compact::{compact_key, current_sizes, SizeMap};
 use crate::format::{ChunkId, Entry, Manifest, Space};
 use crate::keys::Namespace;
-use crate::pipeline::decode_chunk;
+use crate::pipeline::{decode_chunk, run_workers};
 use crate::store::{chunk_key, Progress, ProgressFn, SnapshotInfo, Store, StoreError};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 type ChunkRef = (Namespace, ChunkId);
@@ -124,7 +125,7 @@ fn refs_of(m: &Manifest) -> Result<impl Iterator<Item = (ChunkRef, u32)> + '_, S
 
 impl Store {
     /// Every chunk object: (namespace, id, key, size). Stray keys are skipped.
-    fn all_chunks(&self) -> Result<Vec<(ChunkRef, String, u64)>, StoreError> {
+    pub(crate) fn all_chunks(&self) -> Result<Vec<(ChunkRef, String, u64)>, StoreError> {
         Ok(self
             .backend
             .list("chunks/")?
@@ -229,12 +230,7 @@ impl Store {
             Ok(())
         };
         let threads = self.cfg.threads.clamp(1, 64);
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("verify worker panicked"))
-                .collect::<Result<Vec<()>, _>>()
-        })?;
+        run_workers(threads, &AtomicBool::new(false), worker)?;
         let mut corrupt = corrupt.into_inner().expect("corrupt");
         corrupt.sort_by(|a, b| a.chunk.cmp(&b.chunk));
         Ok(VerifyReport {
@@ -276,6 +272,14 @@ impl Store {
                 report.deleted_bytes += size;
             }
         }
+        // Queues of creates that died before publishing, or of snapshots
+        // deleted since (no create runs now: this lock is exclusive).
+        let live: HashSet<&str> = manifests.iter().map(|m| m.meta.id.as_str()).collect();
+        for id in self.compaction_queues()? {
+            if !live.contains(id.as_str()) {
+                self.backend.delete(&compact_key(&id))?;
+            }
+        }
         report.temp_files_removed = self.backend.clean_temp()?;
         self.backend.sync()?;
         tracing::info!(
@@ -295,8 +299,14 @@ impl Store {
                 reason: b.reason.clone(),
             });
         }
+        let chunks = self.all_chunks()?;
+        let sizes: SizeMap = chunks.iter().map(|(r, _, sz)| (r.clone(), *sz)).collect();
         let mut users: HashMap<ChunkRef, (u32, u32)> = HashMap::new();
         let mut per: Vec<HashMap<ChunkRef, u32>> = Vec::new();
+        let mut manifests = manifests;
+        for m in &mut manifests {
+            current_sizes(m, &sizes);
+        }
         for m in &manifests {
             let mine: HashMap<ChunkRef, u32> = refs_of(m)?.collect();
             for (r, sz) in &mine {
@@ -337,7 +347,6 @@ impl Store {
                 unique_bytes: unique,
             });
         }
-        let chunks = self.all_chunks()?;
         let stored_bytes = chunks.iter().map(|c| c.2).sum();
         let garbage_bytes = chunks
             .iter()

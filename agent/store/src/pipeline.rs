@@ -8,10 +8,9 @@
 use crate::format::{self, chunk_count, ChunkId, Entry, Manifest, Space, CHUNK_HEADER_LEN};
 use crate::image::ImageSource;
 use crate::keys::{ChunkHasher, Namespace};
+use crate::output::{is_zero, AlignedBuf, SparseOut};
 use crate::store::{chunk_key, Extent, Progress, ProgressFn, Store, StoreError};
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -37,10 +36,13 @@ pub(crate) struct CreateOut {
     pub entries: Vec<Entry>,
     pub allocated: u64,
     pub new_bytes: u64,
+    /// Chunks this run wrote (at the publish level).
+    pub written: Vec<ChunkId>,
 }
 
-/// One create worker's entries (by chunk index) and the bytes it wrote.
-type WorkerOut = (Vec<(u64, Entry)>, u64);
+/// One create worker's entries (by chunk index), the bytes it wrote and
+/// the chunks it wrote.
+type WorkerOut = (Vec<(u64, Entry)>, u64, Vec<ChunkId>);
 
 fn chunk_len(size: u64, cs: u32, i: u64) -> u64 {
     (size - i * u64::from(cs)).min(u64::from(cs))
@@ -117,9 +119,31 @@ pub(crate) fn reuse_plan(
         .collect())
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+/// Runs `worker` on `threads` scoped threads; the first to fail sets
+/// `abort` so the others stop at their next chunk. Returns every worker's
+/// result, or the first error.
+pub(crate) fn run_workers<T: Send>(
+    threads: usize,
+    abort: &AtomicBool,
+    worker: impl Fn() -> Result<T, StoreError> + Sync,
+) -> Result<Vec<T>, StoreError> {
+    let results: Vec<Result<T, StoreError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = worker();
+                    if r.is_err() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("store worker panicked"))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 /// Runs the create pipeline on all cores.
@@ -129,28 +153,18 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let abort = AtomicBool::new(false);
-    let threads = ctx.store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
-    let results: Vec<Result<WorkerOut, StoreError>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let r = create_worker(ctx, n, &next, &done, &abort);
-                    if r.is_err() {
-                        abort.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("create worker panicked"))
-            .collect()
-    });
+    // A worker waits while its chunk is read and written; two per core keep
+    // the cores busy meanwhile (memory: two chunk buffers per worker).
+    let threads = (ctx.store.cfg.threads.clamp(1, 64) * 2).min(n.max(1) as usize);
+    let results = run_workers(threads, &abort, || {
+        create_worker(ctx, n, &next, &done, &abort)
+    })?;
     let mut entries = vec![Entry::Zero; n as usize];
     let mut new_bytes = 0;
-    for r in results {
-        let (part, nb) = r?;
+    let mut written = Vec::new();
+    for (part, nb, w) in results {
         new_bytes += nb;
+        written.extend(w);
         for (i, e) in part {
             entries[i as usize] = e;
         }
@@ -163,6 +177,7 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
         entries,
         allocated,
         new_bytes,
+        written,
     })
 }
 
@@ -175,14 +190,16 @@ fn create_worker(
 ) -> Result<WorkerOut, StoreError> {
     let size = ctx.image.virtual_size();
     let cs = ctx.chunk_size as usize;
-    let mut buf = vec![0u8; cs];
+    let mut abuf = AlignedBuf::new(cs);
+    let buf = abuf.as_mut_slice();
     let mut out = vec![0u8; CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(cs)];
-    let level = ctx.store.cfg.zstd_level;
+    let level = ctx.store.publish_level();
     let mut comp =
         zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
     let public_hasher = ctx.store.hasher(&Namespace::Public, false)?;
     let mut mine = Vec::new();
     let mut new_bytes = 0u64;
+    let mut written = Vec::new();
     while !abort.load(Ordering::Relaxed) {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= n {
@@ -200,6 +217,9 @@ fn create_worker(
                     Entry::Zero
                 } else {
                     let (e, nb) = store_chunk(ctx, data, &mut comp, &mut out, &public_hasher)?;
+                    if let (Entry::Chunk { id, .. }, 1..) = (e, nb) {
+                        written.push(id);
+                    }
                     new_bytes += nb;
                     e
                 }
@@ -214,7 +234,7 @@ fn create_worker(
             });
         }
     }
-    Ok((mine, new_bytes))
+    Ok((mine, new_bytes, written))
 }
 
 /// Hashes one chunk and writes it unless the store already has it.
@@ -273,7 +293,7 @@ fn store_chunk(
     ))
 }
 
-/// Decodes a chunk object into `buf`, checking length and hash.
+/// Decodes a chunk object into `buf` (resized to fit), checking length and hash.
 pub(crate) fn decode_chunk(
     data: &[u8],
     buf: &mut Vec<u8>,
@@ -281,10 +301,26 @@ pub(crate) fn decode_chunk(
     id: &ChunkId,
     dec: &mut zstd::bulk::Decompressor<'_>,
 ) -> Result<usize, String> {
+    let (_, raw_len, _) = format::parse_chunk(data).map_err(|e| e.to_string())?;
+    if buf.len() < raw_len as usize {
+        buf.resize(raw_len as usize, 0);
+    }
+    decode_chunk_into(data, buf, hasher, id, dec)
+}
+
+/// Decodes a chunk object into the front of `dst`, checking length and hash.
+pub(crate) fn decode_chunk_into(
+    data: &[u8],
+    dst: &mut [u8],
+    hasher: &ChunkHasher,
+    id: &ChunkId,
+    dec: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<usize, String> {
     let (codec, raw_len, payload) = format::parse_chunk(data).map_err(|e| e.to_string())?;
     let raw_len = raw_len as usize;
-    buf.resize(raw_len, 0);
-    let dst = &mut buf[..raw_len];
+    let Some(dst) = dst.get_mut(..raw_len) else {
+        return Err(format!("holds {raw_len} bytes, more than a chunk"));
+    };
     if codec == format::CODEC_STORED {
         if payload.len() != raw_len {
             return Err("stored payload has the wrong length".into());
@@ -304,25 +340,6 @@ pub(crate) fn decode_chunk(
     Ok(raw_len)
 }
 
-/// Writes the non-zero 4 KiB blocks of `data` at `off`, keeping the file sparse.
-fn write_sparse(f: &std::fs::File, data: &[u8], off: u64) -> std::io::Result<()> {
-    const B: usize = 4096;
-    let mut i = 0;
-    while i < data.len() {
-        while i < data.len() && is_zero(&data[i..(i + B).min(data.len())]) {
-            i += B;
-        }
-        let s = i;
-        while i < data.len() && !is_zero(&data[i..(i + B).min(data.len())]) {
-            i += B;
-        }
-        if s < data.len() {
-            f.write_all_at(&data[s..i.min(data.len())], off + s as u64)?;
-        }
-    }
-    Ok(())
-}
-
 /// Restores a manifest into a new sparse raw file at `path`.
 pub(crate) fn restore_raw(
     store: &Store,
@@ -336,21 +353,18 @@ pub(crate) fn restore_raw(
         path: path.to_path_buf(),
         source,
     };
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)
-        .map_err(outp)?;
-    f.set_len(m.meta.virtual_size).map_err(outp)?;
     let size = m.meta.virtual_size;
+    let f = SparseOut::create(path, size).map_err(outp)?;
     let cs = m.meta.chunk_size;
     let n = m.entries.len() as u64;
     let (next, done, abort) = (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false));
-    let threads = store.cfg.threads.clamp(1, 64).min(n.max(1) as usize);
-    let write_lock = Mutex::new(());
+    // A direct write blocks its worker until the device has the data, so
+    // twice as many workers as cores keep the cores busy meanwhile.
+    let per_core = if f.is_direct() { 2 } else { 1 };
+    let threads = (store.cfg.threads.clamp(1, 64) * per_core).min(n.max(1) as usize);
     let worker = || -> Result<(), StoreError> {
-        let mut buf = Vec::with_capacity(cs as usize);
+        let mut abuf = AlignedBuf::new(cs as usize);
+        let buf = abuf.as_mut_slice();
         let mut dec =
             zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
         while !abort.load(Ordering::Relaxed) {
@@ -369,7 +383,7 @@ pub(crate) fn restore_raw(
                     },
                     e => e.into(),
                 })?;
-                let got = decode_chunk(&data, &mut buf, h, id, &mut dec).map_err(|reason| {
+                let got = decode_chunk_into(&data, buf, h, id, &mut dec).map_err(|reason| {
                     StoreError::CorruptChunk {
                         chunk: id.to_hex(),
                         snapshot: snapshot.clone(),
@@ -384,10 +398,7 @@ pub(crate) fn restore_raw(
                         reason,
                     });
                 }
-                // Buffered writes to one file serialise on its inode lock in the
-                // kernel anyway; queue here so a waiting worker sleeps instead.
-                let _w = write_lock.lock().expect("write lock");
-                write_sparse(&f, &buf[..got], i * u64::from(cs)).map_err(outp)?;
+                f.write_at(buf, got, i * u64::from(cs)).map_err(outp)?;
             }
             let d = done.fetch_add(len, Ordering::Relaxed) + len;
             if let Some(p) = progress {
@@ -399,22 +410,6 @@ pub(crate) fn restore_raw(
         }
         Ok(())
     };
-    let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let r = worker();
-                    if r.is_err() {
-                        abort.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("restore worker panicked"))
-            .collect()
-    });
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
-    Ok(())
+    run_workers(threads, &abort, worker)?;
+    f.finish().map_err(outp)
 }

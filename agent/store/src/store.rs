@@ -6,6 +6,8 @@
 //! - `gantry-store.json` marker: `{"format":"gantry-snapshot-store","version":1}`
 //! - `chunks/<namespace>/<2 hex>/<64 hex>`: chunk objects (see `format`)
 //! - `snapshots/<snap-id>`: manifests, written last and atomically
+//! - `compact/<snap-id>`: chunks written at the fast publish level, waiting
+//!   to be recompressed at the level at rest (see `compact`)
 //!
 //! All calls block; an async caller runs them on a blocking thread.
 
@@ -27,8 +29,12 @@ pub const STORE_FORMAT: &str = "gantry-snapshot-store";
 pub const STORE_VERSION: u32 = 1;
 /// Default chunk size (chosen by measurement, see docs/snapshot-store.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
-/// Default zstd level (chosen by measurement, see docs/snapshot-store.md).
+/// Default zstd level at rest (chosen by measurement, see docs/snapshot-store.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Default zstd level a create writes new chunks at before publishing; the
+/// store's compaction brings them to the level at rest afterwards (chosen
+/// by measurement, see docs/snapshot-store.md).
+pub const DEFAULT_PUBLISH_LEVEL: i32 = -10;
 
 /// Errors of store operations.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +76,12 @@ pub enum StoreError {
 pub struct StoreConfig {
     pub keyring: Arc<Keyring>,
     pub chunk_size: u32,
+    /// Level chunks rest at (after compaction).
     pub zstd_level: i32,
+    /// Level a create writes new chunks at. When below `zstd_level`, the
+    /// create queues them for [`Store::compact`]; otherwise it writes them
+    /// at `zstd_level` directly.
+    pub publish_level: i32,
     pub threads: usize,
     /// Initialise the store when it does not exist yet.
     pub create_if_missing: bool,
@@ -82,6 +93,7 @@ impl Default for StoreConfig {
             keyring: Arc::new(Keyring::in_memory()),
             chunk_size: DEFAULT_CHUNK_SIZE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            publish_level: DEFAULT_PUBLISH_LEVEL,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             create_if_missing: false,
         }
@@ -237,11 +249,16 @@ impl Store {
                 ),
             });
         }
-        if !zstd::compression_level_range().contains(&cfg.zstd_level) {
-            return Err(StoreError::Invalid {
-                field: "zstd level",
-                reason: format!("{} is out of range", cfg.zstd_level),
-            });
+        for (field, level) in [
+            ("zstd level", cfg.zstd_level),
+            ("publish level", cfg.publish_level),
+        ] {
+            if !zstd::compression_level_range().contains(&level) {
+                return Err(StoreError::Invalid {
+                    field,
+                    reason: format!("{level} is out of range"),
+                });
+            }
         }
         let where_ = backend.describe();
         match backend.get(MARKER_KEY) {
@@ -264,6 +281,16 @@ impl Store {
             Err(e) => return Err(e.into()),
         }
         Ok(Self { backend, cfg })
+    }
+
+    /// Sets the number of worker threads (at least 1).
+    pub fn set_threads(&mut self, n: usize) {
+        self.cfg.threads = n.max(1);
+    }
+
+    /// The level a create writes new chunks at.
+    pub fn publish_level(&self) -> i32 {
+        self.cfg.publish_level.min(self.cfg.zstd_level)
     }
 
     /// Where the store lives.
@@ -311,9 +338,13 @@ impl Store {
     /// All snapshots, oldest first.
     pub fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
         let mut out = Vec::new();
+        let sizes = self.chunk_object_sizes()?;
         for id in self.snapshot_ids()? {
             match self.manifest(&id) {
-                Ok(m) => out.push(SnapshotInfo::from_manifest(&m, 0)),
+                Ok(mut m) => {
+                    crate::compact::current_sizes(&mut m, &sizes);
+                    out.push(SnapshotInfo::from_manifest(&m, 0))
+                }
                 Err(StoreError::UnknownSnapshot(_)) => {} // deleted meanwhile
                 Err(e @ StoreError::BadManifest { .. }) => {
                     tracing::warn!(error = %e, "skipping unreadable manifest (see verify)");
@@ -336,6 +367,7 @@ impl Store {
             }
         })?;
         self.backend.delete(&manifest_key(id))?;
+        self.backend.delete(&crate::compact::compact_key(id))?;
         Ok(())
     }
 
@@ -438,7 +470,7 @@ impl Store {
                 created_at: chrono::Utc::now(),
                 virtual_size: image.virtual_size(),
                 chunk_size,
-                zstd_level: self.cfg.zstd_level,
+                zstd_level: self.publish_level(),
                 source_format: image.format().as_str().into(),
                 allocated_bytes: out.allocated,
             },
@@ -446,6 +478,7 @@ impl Store {
         };
         // Every chunk must be durable before the manifest can name it.
         self.backend.sync()?;
+        self.queue_compaction(&id, &ns, out.written)?;
         self.backend
             .put(&manifest_key(&id), &manifest.encode(), true)?;
         tracing::info!(snapshot = %id, new_bytes = out.new_bytes, "snapshot published");

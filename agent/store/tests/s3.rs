@@ -40,6 +40,13 @@ fn s3_store_round_trip_verify_gc() {
     let a = env.create(&store, &img, &small);
     let b = env.create(&store, &img, &small);
     assert_eq!(b["new_bytes"], 0);
+    let c: serde_json::Value =
+        serde_json::from_str(&env.ok(&["compact", "--store", &store, "--json"])).unwrap();
+    assert_eq!(c["snapshots"], 1, "{c}");
+    assert!(
+        c["bytes_after"].as_u64() < c["bytes_before"].as_u64(),
+        "{c}"
+    );
     assert_eq!(env.list(&store).len(), 2);
     let out = env.path("out.raw");
     env.restore(&store, &id_of(&a), &out, &[]);

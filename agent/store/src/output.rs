@@ -151,4 +151,19 @@ mod tests {
             "the zero block stays a hole: {blocks} bytes allocated"
         );
     }
+
+    #[test]
+    fn buffered_fallback_writes_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out");
+        let mut out = SparseOut::create(&p, ALIGN as u64 + 10).unwrap();
+        out.direct = None; // as on a filesystem that refuses O_DIRECT
+        assert!(!out.is_direct());
+        let mut b = AlignedBuf::new(2 * ALIGN);
+        let buf = b.as_mut_slice();
+        buf.fill(5);
+        out.write_at(buf, ALIGN + 10, 0).unwrap();
+        out.finish().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), vec![5u8; ALIGN + 10]);
+    }
 }

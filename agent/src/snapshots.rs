@@ -12,13 +12,15 @@
 //! The store publishes at a fast zstd level, which keeps the guest's pause
 //! short; a background thread (one at a time, at low priority and on one
 //! core) then recompresses the new chunks at the level at rest
-//! (`Store::compact`). The operation reports the sizes at publish; the
-//! store usage in heartbeats, which billing uses, follows the compaction.
+//! (`Store::compact`). The operation reports the sizes at publish; the next
+//! heartbeat after a compaction carries the snapshots' new sizes, and the
+//! store usage in heartbeats, which billing uses, follows too.
 
 use crate::disks;
 use crate::images;
 use crate::layout::ImageRecord;
 use crate::manager::{domain_name, Manager, ManagerError};
+use gantry_proto::api::agent::SnapshotSize;
 use gantry_proto::api::local::{
     ImageFromSnapshot, ImageInfo, OperationInfo, SnapshotResult, TakeSnapshot,
 };
@@ -42,6 +44,8 @@ pub(crate) struct Compaction {
 struct CompactionState {
     running: bool,
     again: bool,
+    /// Snapshot sizes after the last compaction, for the next heartbeat.
+    sizes: Option<Vec<SnapshotSize>>,
 }
 
 impl Compaction {
@@ -146,10 +150,39 @@ impl Manager {
                 );
                 self.metrics
                     .store_compacted(r.bytes_before.saturating_sub(r.bytes_after));
-                self.changed.notify_one(); // report the smaller usage soon
+                match store.list() {
+                    Ok(list) => {
+                        let sizes = list
+                            .iter()
+                            .filter_map(|i| {
+                                Some(SnapshotSize {
+                                    snapshot: i.id.parse().ok()?,
+                                    compressed_bytes: i.stored_bytes,
+                                })
+                            })
+                            .collect();
+                        self.compaction.lock().sizes = Some(sizes);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot list the compacted store"),
+                }
+                self.changed.notify_one(); // report the smaller sizes soon
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "snapshot store compaction failed"),
+        }
+    }
+
+    /// Snapshot sizes changed by a compaction and not yet reported.
+    pub fn take_snapshot_sizes(&self) -> Option<Vec<SnapshotSize>> {
+        self.compaction.lock().sizes.take()
+    }
+
+    /// Gives back sizes a failed heartbeat did not deliver (unless a newer
+    /// compaction has replaced them meanwhile).
+    pub fn return_snapshot_sizes(&self, sizes: Option<Vec<SnapshotSize>>) {
+        let mut s = self.compaction.lock();
+        if s.sizes.is_none() {
+            s.sizes = sizes;
         }
     }
 
@@ -191,7 +224,9 @@ impl Manager {
         let me = Arc::clone(self);
         self.submit(id, "snapshot", move |m, op| {
             let r = m.run_snapshot(id, req, snapshot_id, op);
-            if r.is_ok() {
+            // A controller's snapshot is compacted once its outcome is
+            // reported (see link::work), so the new sizes follow the report.
+            if r.is_ok() && snapshot_id.is_none() {
                 me.compact_store_soon();
             }
             r

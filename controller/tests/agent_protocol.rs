@@ -390,8 +390,7 @@ async fn failed_create(s: &Server, t: &str, h: &str, f: &str, img: &str, id: &st
 async fn snapshots_through_operations(s: Server) {
     let (_, t) = s.account("snappy").await;
     // Two hosts: restores must still land on the snapshot's.
-    s.host("h", "L4", 3).await;
-    s.host("o", "L4", 3).await;
+    let hosts = [s.host("h", "L4", 3).await, s.host("o", "L4", 3).await];
     let f = s.flavor("l4", Some("L4"), 1).await;
     let img = s.image("ubuntu").await;
     let id = s
@@ -447,6 +446,8 @@ async fn snapshots_through_operations(s: Server) {
         (got["status"].as_str(), got["compressed_bytes"].as_u64()),
         (Some("Success"), Some(2 << 30))
     );
+    let other = hosts.iter().find(|h| **h != home).unwrap();
+    compacted_sizes(&s, &t, &home, other, &sid).await;
     let imgs = s.get("/v1/images", &t).await.body;
     let mine = imgs
         .as_array()
@@ -456,6 +457,21 @@ async fn snapshots_through_operations(s: Server) {
         .expect("image listed");
     restore_on_home(&s, &t, &home, &f, &img, &sid, mine["id"].as_str().unwrap()).await;
     snapshot_failure_and_delete(&s, &t, &id, &home, &sid).await;
+}
+
+/// After compacting its store a host reports smaller sizes for its
+/// snapshots; another host's report, or a size above the logical size,
+/// changes nothing.
+async fn compacted_sizes(s: &Server, t: &str, home: &str, other: &str, sid: &str) {
+    let size = |b: u64| json!({"snapshot_sizes": [{"snapshot": sid, "compressed_bytes": b}]});
+    let shown = || async {
+        s.get(&format!("/v1/snapshots/{sid}"), t).await.body["compressed_bytes"].as_u64()
+    };
+    assert_eq!(s.heartbeat(other, size(1)).await.status, 200);
+    assert_eq!(s.heartbeat(home, size(11 << 30)).await.status, 200);
+    assert_eq!(shown().await, Some(2 << 30));
+    assert_eq!(s.heartbeat(home, size(1 << 30)).await.status, 200);
+    assert_eq!(shown().await, Some(1 << 30));
 }
 
 /// Instances from the snapshot (or its image) land on its host.

@@ -102,6 +102,19 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
     }
     cloud.act(&id2, "release")?;
     cloud.wait_state(&id2, "Released")?;
+    // The snapshot was published at the store's fast level; once the agent
+    // has compacted it, the controller shows the smaller size.
+    let published = done["compressed_bytes"].as_u64().unwrap_or(0);
+    cloud.tenant.wait_for(
+        &format!("/v1/snapshots/{sid}"),
+        OP_TIMEOUT,
+        "the compacted snapshot size",
+        |v| {
+            v["compressed_bytes"]
+                .as_u64()
+                .is_some_and(|b| b > 0 && b < published)
+        },
+    )?;
 
     // Snapshot with auto-release: the first instance ends Released.
     let asked = Instant::now();

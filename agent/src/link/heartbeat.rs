@@ -1,9 +1,9 @@
 //! Heartbeats: what the host offers (vCPUs and memory from sysinfo, less
 //! the memory reserve; disk from statvfs of the state directory; GPUs from
 //! the inventory), its health (unhealthy when libvirt does not answer), the
-//! observed state of every instance, the usage counters, and per-account
+//! observed state of every instance, the usage counters, per-account
 //! store usage (measured at most once a minute, only when the store
-//! exists). Sent every `heartbeat_secs`, and ~200 ms after any instance
+//! exists) and, after a compaction, the snapshots' new sizes. Sent every `heartbeat_secs`, and ~200 ms after any instance
 //! changes state or an operation ends.
 
 use super::{client::backoff, store_heartbeat_secs, Link};
@@ -148,6 +148,7 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         instances,
         usage,
         store,
+        snapshot_sizes: m.take_snapshot_sizes(),
     })
 }
 
@@ -158,11 +159,13 @@ pub async fn send_once(link: &Arc<Link>) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let ack = link
-        .client
-        .heartbeat(link.credential(), &hb)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ack = match link.client.heartbeat(link.credential(), &hb).await {
+        Ok(ack) => ack,
+        Err(e) => {
+            link.manager.return_snapshot_sizes(hb.snapshot_sizes);
+            return Err(e.to_string());
+        }
+    };
     link.manager.usage().ack(&ack.billed);
     store_heartbeat_secs(link, ack.heartbeat_secs);
     Ok(())

@@ -212,6 +212,11 @@ async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
     if let Err(e) = link.journal.mark_reported(op.id) {
         tracing::error!(op = %op.id, error = %e, "cannot journal the report");
     }
+    if report.snapshot.is_some() {
+        // Only now: the sizes the compaction measures reach the controller
+        // after the snapshot they belong to is settled there.
+        link.manager.compact_store_soon();
+    }
 }
 
 /// One report, not retried (progress; a later one supersedes it).

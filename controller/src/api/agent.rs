@@ -309,8 +309,41 @@ async fn heartbeat_once(
         }
     }
     crate::billing::charge_all(&mut tx, charges).await?;
+    if let Some(sizes) = &hb.snapshot_sizes {
+        let shared = st.cfg.snapshot_store_shared;
+        snapshot_sizes(&mut tx, host, sizes, shared).await?;
+    }
     tx.commit().await?;
     Ok(billed)
+}
+
+/// Applies the sizes a host measured after compacting its store to its
+/// successful snapshots (to any host's when the store is shared, since every
+/// host then sees the same chunks). A size above the snapshot's logical
+/// size, or for another host's or an unknown snapshot, changes nothing.
+async fn snapshot_sizes(
+    tx: &mut Tx,
+    host: &HostId,
+    sizes: &[SnapshotSize],
+    shared: bool,
+) -> ApiResult<()> {
+    let sql = if shared {
+        "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = 'Success' \
+         AND logical_bytes >= $1"
+    } else {
+        "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = 'Success' \
+         AND logical_bytes >= $1 AND host_id = $3"
+    };
+    for s in sizes {
+        let mut q = sqlx::query(sql)
+            .bind(s.compressed_bytes.min(i64::MAX as u64) as i64)
+            .bind(s.snapshot.to_string());
+        if !shared {
+            q = q.bind(host.to_string());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Replaces the host's per-account store usage rows.

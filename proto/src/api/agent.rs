@@ -13,8 +13,9 @@
 //! 2. **Heartbeat.** Every [`JoinResponse::heartbeat_secs`] the agent posts
 //!    an [`AgentHeartbeat`] (`POST /v1/agent/heartbeat`, Bearer: the host
 //!    credential): capacity and health, the observed state of every
-//!    instance, the per-instance Running-time counters and the store's
-//!    per-account usage. The answer ([`HeartbeatAck`]) says which counters
+//!    instance, the per-instance Running-time counters, the store's
+//!    per-account usage and, after the store compacted, the snapshots' new
+//!    compressed sizes. The answer ([`HeartbeatAck`]) says which counters
 //!    are billed.
 //! 3. **Work.** The agent long-polls `GET /v1/agent/work?wait_secs=N`
 //!    ([`Work`]): the desired state of the host's instances and the
@@ -130,6 +131,15 @@ pub struct StoreUsage {
     pub billed_bytes: u64,
 }
 
+/// A snapshot's current compressed size in the host's store. It shrinks
+/// when the store compacts the chunks a snapshot was published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSize {
+    pub snapshot: SnapshotId,
+    pub compressed_bytes: u64,
+}
+
 /// `POST /v1/agent/heartbeat` (Bearer: the host credential).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +157,10 @@ pub struct AgentHeartbeat {
     /// Per-account store usage; `None` when not measured this time.
     #[serde(default)]
     pub store: Option<Vec<StoreUsage>>,
+    /// Snapshot sizes that changed (after a compaction of the store);
+    /// `None` when none did.
+    #[serde(default)]
+    pub snapshot_sizes: Option<Vec<SnapshotSize>>,
 }
 
 /// A counter the controller has billed up to `seq`.
@@ -359,6 +373,10 @@ mod tests {
             }],
             usage: vec![],
             store: None,
+            snapshot_sizes: Some(vec![SnapshotSize {
+                snapshot: SnapshotId::new(),
+                compressed_bytes: 7,
+            }]),
         };
         let text = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<AgentHeartbeat>(&text).unwrap(), hb);

@@ -232,6 +232,7 @@ impl Host {
             instances,
             usage,
             store: None,
+            snapshot_sizes: None,
         };
         (hb, sent)
     }

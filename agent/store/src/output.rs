@@ -51,19 +51,24 @@ pub(crate) struct SparseOut {
 }
 
 impl SparseOut {
-    /// Creates `path` (which must not exist) with `size` bytes of holes.
-    pub(crate) fn create(path: &Path, size: u64) -> std::io::Result<Self> {
+    /// Creates `path` (which must not exist) with `size` bytes of holes;
+    /// with `direct`, writes bypass the page cache where allowed.
+    pub(crate) fn create(path: &Path, size: u64, direct: bool) -> std::io::Result<Self> {
         let buffered = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .open(path)?;
         buffered.set_len(size)?;
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
+        let direct = direct
+            .then(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
         Ok(Self {
             direct,
             buffered,
@@ -128,7 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out");
         let size = 3 * ALIGN as u64 + 100;
-        let out = SparseOut::create(&p, size).unwrap();
+        let out = SparseOut::create(&p, size, true).unwrap();
         let mut b = AlignedBuf::new(2 * ALIGN);
         let buf = b.as_mut_slice();
         buf.fill(7);
@@ -156,9 +161,8 @@ mod tests {
     fn buffered_fallback_writes_the_same_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out");
-        let mut out = SparseOut::create(&p, ALIGN as u64 + 10).unwrap();
-        out.direct = None; // as on a filesystem that refuses O_DIRECT
-        assert!(!out.is_direct());
+        let out = SparseOut::create(&p, ALIGN as u64 + 10, false).unwrap();
+        assert!(!out.is_direct()); // as on a filesystem that refuses O_DIRECT
         let mut b = AlignedBuf::new(2 * ALIGN);
         let buf = b.as_mut_slice();
         buf.fill(5);

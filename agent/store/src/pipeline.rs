@@ -340,7 +340,8 @@ pub(crate) fn decode_chunk_into(
     Ok(raw_len)
 }
 
-/// Restores a manifest into a new sparse raw file at `path`.
+/// Restores a manifest into a new sparse raw file at `path`, bypassing the
+/// page cache where the filesystem allows (see `output`).
 pub(crate) fn restore_raw(
     store: &Store,
     m: &Manifest,
@@ -354,7 +355,7 @@ pub(crate) fn restore_raw(
         source,
     };
     let size = m.meta.virtual_size;
-    let f = SparseOut::create(path, size).map_err(outp)?;
+    let f = SparseOut::create(path, size, true).map_err(outp)?;
     let cs = m.meta.chunk_size;
     let n = m.entries.len() as u64;
     let (next, done, abort) = (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false));

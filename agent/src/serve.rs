@@ -52,7 +52,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
         .await
         .expect("manager open task")?;
     manager.spawn_watcher(Duration::from_secs(2));
-    manager.compact_store_soon(); // queues left by a restart
+    if cfg.controller.is_none() {
+        // Queues left by a restart; with a controller, the link compacts
+        // once the interrupted operations are reported.
+        manager.compact_store_soon();
+    }
     let token = load_or_create_token(&manager.layout().token_file())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -436,29 +436,40 @@ async fn ensure_image(link: &Link, src: &ImageSource) -> Result<(), ManagerError
 }
 
 /// Settles operations journalled by an earlier process and never finished:
-/// reports recorded outcomes; decides the rest ([`settle_one`]).
+/// reports recorded outcomes; decides the rest ([`settle_one`]). Once all
+/// are reported, compacts the store (queues a restart left), so no new
+/// snapshot size reaches the controller before its snapshot's outcome.
 pub async fn settle_interrupted(link: &Arc<Link>) {
     let entries = match link.journal.all() {
         Ok(e) => e,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the operation journal");
+            link.manager.compact_store_soon();
             return;
         }
     };
+    let mut settling = Vec::new();
     for entry in entries.into_iter().filter(|e| !e.reported) {
         if !claim(link, entry.op.id) {
             continue;
         }
         let l = link.clone();
-        tokio::spawn(async move {
+        settling.push(tokio::spawn(async move {
             let id = entry.op.id;
             match entry.outcome.clone() {
                 Some(o) => report_outcome(&l, &entry.op, o).await,
                 None => settle_one(&l, entry).await,
             }
             release_claim(&l, id);
-        });
+        }));
     }
+    let manager = link.manager.clone();
+    tokio::spawn(async move {
+        for s in settling {
+            let _ = s.await;
+        }
+        manager.compact_store_soon();
+    });
 }
 
 /// An operation interrupted by a restart: succeeded when the instance

@@ -3,8 +3,9 @@
 //! the inventory), its health (unhealthy when libvirt does not answer), the
 //! observed state of every instance, the usage counters, per-account
 //! store usage (measured at most once a minute, only when the store
-//! exists) and, after a compaction, the snapshots' new sizes. Sent every `heartbeat_secs`, and ~200 ms after any instance
-//! changes state or an operation ends.
+//! exists) and, after a compaction, the snapshots' new sizes. Sent every
+//! `heartbeat_secs`, and ~200 ms after any instance changes state or an
+//! operation ends.
 
 use super::{client::backoff, store_heartbeat_secs, Link};
 use crate::manager::Manager;

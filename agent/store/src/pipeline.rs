@@ -190,8 +190,7 @@ fn create_worker(
 ) -> Result<WorkerOut, StoreError> {
     let size = ctx.image.virtual_size();
     let cs = ctx.chunk_size as usize;
-    let mut abuf = AlignedBuf::new(cs);
-    let buf = abuf.as_mut_slice();
+    let mut buf = vec![0u8; cs];
     let mut out = vec![0u8; CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(cs)];
     let level = ctx.store.publish_level();
     let mut comp =

@@ -203,23 +203,7 @@ impl Manifest {
 
     /// Parses and validates a manifest; any malformed input is an error.
     pub fn decode(data: &[u8]) -> Result<Self, FormatError> {
-        if data.len() < 16 + 8 + 32 {
-            return Err(FormatError::Truncated("manifest"));
-        }
-        if &data[..8] != MANIFEST_MAGIC {
-            return Err(FormatError::BadMagic("manifest"));
-        }
-        let version = u16::from_le_bytes([data[8], data[9]]);
-        if version != MANIFEST_VERSION {
-            return Err(FormatError::Version {
-                what: "manifest",
-                version,
-            });
-        }
-        let (body, sum) = data.split_at(data.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(FormatError::Checksum);
-        }
+        let body = unseal(data, MANIFEST_MAGIC, MANIFEST_VERSION, "manifest")?;
         let mut r = Reader { buf: body, pos: 12 };
         let hlen = r.u32()? as usize;
         if hlen > MAX_HEADER_LEN {
@@ -262,6 +246,34 @@ impl Manifest {
         }
         Ok(Self { meta, entries })
     }
+}
+
+/// Checks the magic, version and trailing blake3 of a sealed object
+/// (manifest or compaction queue); returns the bytes before the checksum.
+fn unseal<'a>(
+    data: &'a [u8],
+    magic: &[u8; 8],
+    version: u16,
+    what: &'static str,
+) -> Result<&'a [u8], FormatError> {
+    if data.len() < 16 + 8 + 32 {
+        return Err(FormatError::Truncated(what));
+    }
+    if &data[..8] != magic {
+        return Err(FormatError::BadMagic(what));
+    }
+    let found = u16::from_le_bytes([data[8], data[9]]);
+    if found != version {
+        return Err(FormatError::Version {
+            what,
+            version: found,
+        });
+    }
+    let (body, sum) = data.split_at(data.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(FormatError::Checksum);
+    }
+    Ok(body)
 }
 
 fn validate_meta(m: &SnapshotMeta) -> Result<(), FormatError> {
@@ -331,23 +343,7 @@ impl CompactQueue {
 
     /// Parses and validates a queue; any malformed input is an error.
     pub fn decode(data: &[u8]) -> Result<Self, FormatError> {
-        if data.len() < 16 + 8 + 32 {
-            return Err(FormatError::Truncated("compaction queue"));
-        }
-        if &data[..8] != QUEUE_MAGIC {
-            return Err(FormatError::BadMagic("compaction queue"));
-        }
-        let version = u16::from_le_bytes([data[8], data[9]]);
-        if version != QUEUE_VERSION {
-            return Err(FormatError::Version {
-                what: "compaction queue",
-                version,
-            });
-        }
-        let (body, sum) = data.split_at(data.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(FormatError::Checksum);
-        }
+        let body = unseal(data, QUEUE_MAGIC, QUEUE_VERSION, "compaction queue")?;
         let mut r = Reader { buf: body, pos: 12 };
         let ns_len = r.u32()? as usize;
         if ns_len > MAX_QUEUE_NS_LEN {

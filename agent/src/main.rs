@@ -267,6 +267,8 @@ async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()>
                 image,
                 data_volume,
                 gpus: vec![],
+                nic: None,
+                guest: None,
             };
             let c = client(cfg, &conn)?;
             let op: OperationInfo = c.post("/v1/instances", &spec).await?;

@@ -151,6 +151,14 @@ define_id!(
     /// A one-time token a host joins the controller with.
     JoinTokenId, "jtk", "join token"
 );
+define_id!(
+    /// A port forward of an instance (a host port leading to a guest port).
+    ForwardId, "fwd", "port forward"
+);
+define_id!(
+    /// An SSH public key of an account.
+    SshKeyId, "key", "ssh key"
+);
 
 #[cfg(test)]
 mod tests {

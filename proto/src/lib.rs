@@ -3,12 +3,13 @@
 //! This crate is a leaf: it depends only on serde and id/time types. It owns
 //! the identifiers ([`ids`]), the instance and snapshot state machines
 //! ([`instance`], [`snapshot`]), the instance spec an agent turns into a VM
-//! ([`spec`]), input validation shared by every entry point ([`validate`]),
+//! ([`spec`]), instance access networking ([`net`]), input validation shared by every entry point ([`validate`]),
 //! and the bodies of the HTTP APIs ([`api`]).
 
 pub mod api;
 pub mod ids;
 pub mod instance;
+pub mod net;
 pub mod snapshot;
 pub mod spec;
 pub mod validate;

@@ -3,6 +3,7 @@
 //! again before anything reaches libvirt.
 
 use crate::ids::{ImageId, InstanceId, VolumeId};
+use crate::net::{GuestConfig, NicSpec};
 use crate::validate::{self, PciAddress, ValidationError};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,12 @@ pub struct InstanceSpec {
     /// Whole GPUs passed through, by PCI address.
     #[serde(default)]
     pub gpus: Vec<PciAddress>,
+    /// The access NIC; `None`: the instance has no network.
+    #[serde(default)]
+    pub nic: Option<NicSpec>,
+    /// What the guest is told at boot (the seed disk); `None`: no seed.
+    #[serde(default)]
+    pub guest: Option<GuestConfig>,
 }
 
 /// The data disk the guest mounts at `/datadrive`. It outlives instances.
@@ -52,6 +59,12 @@ impl InstanceSpec {
         validate::in_range("root_disk_gib", self.root_disk_gib, 1, MAX_DISK_GIB)?;
         if let Some(v) = &self.data_volume {
             validate::in_range("data_volume.size_gib", v.size_gib, 1, MAX_DISK_GIB)?;
+        }
+        if let Some(n) = &self.nic {
+            n.validate("nic")?;
+        }
+        if let Some(g) = &self.guest {
+            g.validate("guest")?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, g) in self.gpus.iter().enumerate() {
@@ -80,6 +93,8 @@ mod tests {
             image: ImageId::new(),
             data_volume: None,
             gpus: vec![],
+            nic: None,
+            guest: None,
         }
     }
 

@@ -432,6 +432,8 @@ impl<'a> TestVm<'a> {
             image,
             data_volume: opts.volume,
             gpus: vec![],
+            nic: None,
+            guest: None,
         }
     }
 

@@ -150,6 +150,7 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         usage,
         store,
         snapshot_sizes: m.take_snapshot_sizes(),
+        https_port: None,
     })
 }
 

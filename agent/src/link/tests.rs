@@ -78,6 +78,8 @@ async fn work(State(s): State<Shared>, h: HeaderMap) -> Result<Json<Work>, Statu
     Ok(Json(Work {
         instances: vec![],
         ops,
+        access: None,
+        tls: None,
     }))
 }
 
@@ -411,6 +413,8 @@ fn vm_spec(id: InstanceId, image: gantry_proto::ImageId) -> InstanceSpec {
         image,
         data_volume: None,
         gpus: vec![],
+        nic: None,
+        guest: None,
     }
 }
 

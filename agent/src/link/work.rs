@@ -140,6 +140,7 @@ pub fn kind(c: &AgentCommand) -> &'static str {
         AgentCommand::GrowDisk { .. } => "grow-disk",
         AgentCommand::Snapshot { .. } => "snapshot",
         AgentCommand::DeleteSnapshot { .. } => "delete-snapshot",
+        AgentCommand::SetPassword { .. } => "set-password",
     }
 }
 
@@ -198,6 +199,7 @@ async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
         error: outcome.error,
         snapshot: outcome.snapshot,
         instance_state: outcome.instance_state,
+        note: None,
     };
     let r = client::retry(
         "report",
@@ -233,6 +235,7 @@ fn running(progress: u8, instance_state: Option<InstanceState>) -> OpReport {
         error: None,
         snapshot: None,
         instance_state,
+        note: None,
     }
 }
 
@@ -332,6 +335,9 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
                 m.snapshot_as(id, req, Some(*snapshot))?.id,
             ))
         }
+        AgentCommand::SetPassword { .. } => Err(ManagerError::Conflict(
+            "setting passwords is not supported by this agent yet".into(),
+        )),
         AgentCommand::DeleteSnapshot { snapshot } => {
             delete_snapshot(m, *snapshot).await?;
             Ok(Started::Done(Finished {
@@ -514,7 +520,7 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
         AgentCommand::Snapshot { .. } => {
             Some(Finished::failed("interrupted by an agent restart", state))
         }
-        AgentCommand::DeleteSnapshot { .. } => None,
+        AgentCommand::DeleteSnapshot { .. } | AgentCommand::SetPassword { .. } => None,
         AgentCommand::Create { .. } => done(matches!(state, Some(Running | Stopped))),
         AgentCommand::Release {} => {
             if rec.is_none() || state == Some(Released) {

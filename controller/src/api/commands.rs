@@ -79,6 +79,7 @@ pub async fn build_work(st: &AppState, host: &HostId) -> ApiResult<Work> {
                     error: Some(e.to_string()),
                     snapshot: None,
                     instance_state: None,
+                    note: None,
                 };
                 let mut tx = st.db.begin_write().await?;
                 apply_report(&mut tx, host, op.id, &report).await?;
@@ -86,7 +87,12 @@ pub async fn build_work(st: &AppState, host: &HostId) -> ApiResult<Work> {
             }
         }
     }
-    Ok(Work { instances, ops })
+    Ok(Work {
+        instances,
+        ops,
+        access: None,
+        tls: None,
+    })
 }
 
 fn gone(what: String) -> ApiError {
@@ -198,6 +204,8 @@ async fn create_command(st: &AppState, rec: &InstanceRec) -> ApiResult<AgentComm
         image: image.image,
         data_volume,
         gpus,
+        nic: None,
+        guest: None,
     };
     Ok(AgentCommand::Create { spec, image })
 }

@@ -198,6 +198,9 @@ fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
         used_disk_gib: col::<i64>(r, "used_disk_gib")? as u64,
         gpus,
         health: rows::health(&col::<String>(r, "health")?),
+        access_subnet: None,
+        domain: None,
+        https_port: None,
         problems: col::<String>(r, "problems")?
             .lines()
             .map(str::to_string)

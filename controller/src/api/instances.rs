@@ -517,16 +517,16 @@ async fn access(st: &AppState, rec: &InstanceRec) -> ApiResult<AccessView> {
     .bind(rec.id.to_string())
     .fetch_all(&st.db.pool)
     .await?;
-    let mut port_forwards = Vec::new();
-    for r in &found {
-        port_forwards.push(PortForward {
-            guest_port: crate::db::col::<i64>(r, "guest_port")? as u16,
-            host_port: crate::db::col::<i64>(r, "host_port")? as u16,
-        });
-    }
+    let _ = found;
     Ok(AccessView {
         host_address: rec.host_address.clone(),
-        port_forwards,
+        private_ip: None,
+        ssh_user: "root".into(),
+        ssh_command: None,
+        password_set: false,
+        jupyter_url: None,
+        forwards: Vec::new(),
+        ca_certificate_path: "/v1/ca.pem".into(),
     })
 }
 

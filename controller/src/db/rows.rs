@@ -124,6 +124,7 @@ pub fn operation(r: &AnyRow) -> Result<OperationInfo, DbError> {
         state,
         progress_percent: col::<i64>(r, "progress")?.clamp(0, 100) as u8,
         error: col(r, "error")?,
+        note: None,
         created_at: to_time(col(r, "created_ms")?),
     })
 }

@@ -17,10 +17,14 @@
 //!    per-account usage and, after the store compacted, the snapshots' new
 //!    compressed sizes. The answer ([`HeartbeatAck`]) says which counters
 //!    are billed.
-//! 3. **Work.** The agent long-polls `GET /v1/agent/work?wait_secs=N`
-//!    ([`Work`]): the desired state of the host's instances and the
-//!    operations to carry out, each with an id. The controller answers at
-//!    once while an operation is `pending` (not yet acknowledged), else when
+//! 3. **Work.** The agent long-polls
+//!    `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F` ([`Work`]): the
+//!    desired state of the host's instances and the operations to carry
+//!    out, each with an id; the host's access state ([`HostAccess`]: its
+//!    subnet and every port forward) when its revision differs from `R`, and
+//!    the certificate of its HTTPS proxy ([`HostTls`]) when its fingerprint
+//!    differs from `F`. The controller answers at once while an operation is
+//!    `pending` (not yet acknowledged) or either of those is news, else when
 //!    something changes for the host or after `wait_secs`.
 //! 4. **Report.** The agent reports each operation's progress and outcome
 //!    with `POST /v1/agent/ops/{id}` ([`OpReport`]). Operations are
@@ -41,6 +45,7 @@
 use crate::api::v1::{GpuDevice, HostHealth};
 use crate::ids::{AccountId, HostId, ImageId, InstanceId, JoinTokenId, OperationId, SnapshotId};
 use crate::instance::InstanceState;
+use crate::net::{HostAccess, HostTls, Secret};
 use crate::spec::InstanceSpec;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -161,6 +166,10 @@ pub struct AgentHeartbeat {
     /// `None` when none did.
     #[serde(default)]
     pub snapshot_sizes: Option<Vec<SnapshotSize>>,
+    /// The port of the host's shared HTTPS listener (the proxy that answers
+    /// `https://<guest_port>-<instance>.<domain>`); `None` when it has none.
+    #[serde(default)]
+    pub https_port: Option<u16>,
 }
 
 /// A counter the controller has billed up to `seq`.
@@ -256,6 +265,11 @@ pub enum AgentCommand {
     DeleteSnapshot {
         snapshot: SnapshotId,
     },
+    /// Set root's password: at once through the guest agent when the guest
+    /// runs one, else from the next boot (the report's `note` says which).
+    SetPassword {
+        password_hash: Secret,
+    },
 }
 
 /// Whether the agent has acknowledged an operation yet.
@@ -285,11 +299,17 @@ pub struct DesiredInstance {
     pub observed: InstanceState,
 }
 
-/// `GET /v1/agent/work?wait_secs=N`.
+/// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Work {
     pub instances: Vec<DesiredInstance>,
     pub ops: Vec<AgentOp>,
+    /// The host's access state, when its revision is not `R`.
+    #[serde(default)]
+    pub access: Option<HostAccess>,
+    /// The proxy's certificate, when its fingerprint is not `F`.
+    #[serde(default)]
+    pub tls: Option<HostTls>,
 }
 
 /// How an operation stands on the host.
@@ -326,6 +346,10 @@ pub struct OpReport {
     /// The instance's state on the host when this was sent.
     #[serde(default)]
     pub instance_state: Option<InstanceState>,
+    /// A sentence for the user about a successful outcome (e.g. "applies
+    /// at the next boot").
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 #[cfg(test)]
@@ -339,6 +363,9 @@ mod tests {
         assert_eq!(c, AgentCommand::GrowDisk { root_disk_gib: 80 });
         let c: AgentCommand = serde_json::from_str(r#"{"kind":"force-reboot"}"#).unwrap();
         assert_eq!(c, AgentCommand::ForceReboot {});
+        let c: AgentCommand =
+            serde_json::from_str(r#"{"kind":"set-password","password_hash":"$6$s$h"}"#).unwrap();
+        assert!(!format!("{c:?}").contains("$6$s$h"), "secrets never print");
         let e = serde_json::from_str::<AgentCommand>(r#"{"kind":"stop","x":1}"#).unwrap_err();
         assert!(e.to_string().contains('x'), "{e}");
         let o: ImageOrigin =
@@ -377,6 +404,7 @@ mod tests {
                 snapshot: SnapshotId::new(),
                 compressed_bytes: 7,
             }]),
+            https_port: Some(443),
         };
         let text = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<AgentHeartbeat>(&text).unwrap(), hb);

@@ -7,9 +7,11 @@
 
 use crate::api::agent::ImageOrigin;
 use crate::ids::{
-    AccountId, FlavorId, HostId, ImageId, InstanceId, OperationId, SnapshotId, TokenId, VolumeId,
+    AccountId, FlavorId, ForwardId, HostId, ImageId, InstanceId, OperationId, SnapshotId, SshKeyId,
+    TokenId, VolumeId,
 };
 use crate::instance::{Action, InstanceState};
+use crate::net::{Protocol, Secret};
 use crate::snapshot::SnapshotStatus;
 use crate::validate::PciAddress;
 use chrono::{DateTime, Utc};
@@ -151,6 +153,28 @@ pub struct HostInfo {
     pub draining: bool,
     pub last_heartbeat: DateTime<Utc>,
     pub instances: u64,
+    /// The host's access subnet (its instances' addresses come from it).
+    #[serde(default)]
+    pub access_subnet: Option<String>,
+    /// The host's HTTPS name suffix (`<guest_port>-<instance>.<domain>`).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The port of the host's shared HTTPS listener.
+    #[serde(default)]
+    pub https_port: Option<u16>,
+}
+
+/// `PUT /v1/admin/hosts/{id}/certificate`: the operator's certificate for
+/// the host's HTTPS proxy (it should cover `*.<domain>` and the host's
+/// address), replacing the one the controller's CA issued. `DELETE` goes
+/// back to the CA's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetHostCertificate {
+    /// Leaf first, then intermediates (PEM).
+    pub cert_chain_pem: String,
+    /// The leaf's private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key_pem: Secret,
 }
 
 // ---------- flavors and images ----------
@@ -251,7 +275,8 @@ pub struct CreateInstance {
     /// An existing, unattached volume of the account.
     #[serde(default)]
     pub data_volume: Option<VolumeId>,
-    /// Extra guest TCP ports to forward (22 always is).
+    /// Extra guest TCP ports to forward (SSH on 22 and JupyterLab on 8888,
+    /// over HTTPS, always are).
     #[serde(default)]
     pub ports: Vec<u16>,
     #[serde(default)]
@@ -261,10 +286,85 @@ pub struct CreateInstance {
     pub account: Option<AccountId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortForward {
+/// One port forward of an instance (the Access tab's rows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForwardInfo {
+    pub id: ForwardId,
+    pub protocol: Protocol,
     pub guest_port: u16,
     pub host_port: u16,
+    /// Served over HTTPS by the host's proxy (the browser connection is
+    /// encrypted; the guest port speaks plain HTTP).
+    pub https: bool,
+    pub label: String,
+    /// `https://<address>:<host_port>/`, `tcp://<address>:<host_port>` or
+    /// `udp://<address>:<host_port>`.
+    pub url: String,
+    /// `https://<guest_port>-<instance>.<domain>/` where the host has a
+    /// domain (wildcard DNS).
+    #[serde(default)]
+    pub domain_url: Option<String>,
+}
+
+/// `POST /v1/instances/{id}/forwards` ("New Port Forwarding").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateForward {
+    /// The service port inside the instance.
+    pub guest_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Serve it over HTTPS (web services such as JupyterLab or dashboards).
+    #[serde(default)]
+    pub https: bool,
+    #[serde(default)]
+    pub label: String,
+}
+
+/// `PATCH /v1/instances/{id}/forwards/{forward}` ("Edit"): fields left out
+/// stay as they are. The host port stays unless the protocol changes and
+/// the same port is taken for the new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateForward {
+    #[serde(default)]
+    pub guest_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    #[serde(default)]
+    pub https: Option<bool>,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// `POST /v1/ssh-keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSshKey {
+    pub name: String,
+    /// One OpenSSH public key line (`ssh-ed25519 AAAA... comment`).
+    pub public_key: String,
+    /// Admins add keys for an account; tenants leave this out.
+    #[serde(default)]
+    pub account: Option<AccountId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshKeyInfo {
+    pub id: SshKeyId,
+    pub account: AccountId,
+    pub name: String,
+    pub public_key: String,
+    /// `SHA256:<base64>`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/instances/{id}/password` (each reveal is audited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordView {
+    pub user: String,
+    pub password: String,
 }
 
 /// One row of `GET /v1/instances`, and the answer to create.
@@ -283,11 +383,24 @@ pub struct InstanceSummary {
     pub created_at: DateTime<Utc>,
 }
 
-/// `GET /v1/instances/{id}/access`.
+/// `GET /v1/instances/{id}/access`: the Access tab.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessView {
     pub host_address: Option<String>,
-    pub port_forwards: Vec<PortForward>,
+    /// The instance's address on the host's access network.
+    pub private_ip: Option<String>,
+    /// Always `root`.
+    pub ssh_user: String,
+    /// Ready to paste: `ssh -p <port> root@<address>`.
+    pub ssh_command: Option<String>,
+    /// Whether the instance has an initial password (reveal it with
+    /// `GET /v1/instances/{id}/password`).
+    pub password_set: bool,
+    /// The shareable JupyterLab link, token included.
+    pub jupyter_url: Option<String>,
+    pub forwards: Vec<PortForwardInfo>,
+    /// Where to download the CA certificate that signs the HTTPS links.
+    pub ca_certificate_path: String,
 }
 
 /// `GET /v1/instances/{id}/monitor`.
@@ -400,6 +513,10 @@ pub struct OperationInfo {
     pub state: OperationState,
     pub progress_percent: u8,
     pub error: Option<String>,
+    /// A sentence about a successful outcome (e.g. a password reset that
+    /// applies at the next boot).
+    #[serde(default)]
+    pub note: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 

@@ -233,6 +233,7 @@ impl Host {
             usage,
             store: None,
             snapshot_sizes: None,
+            https_port: None,
         };
         (hb, sent)
     }
@@ -407,6 +408,7 @@ impl Host {
             error,
             snapshot: None,
             instance_state,
+            note: None,
         };
         let kind = match outcome {
             OpOutcome::Running => "agent: op report running",

@@ -2,9 +2,10 @@
 //! ([`fixture::TestAgent`], [`fixture::TestVm`]) and the host side of the
 //! test guest's console and exec channel ([`guest`]), and a real controller
 //! process ([`controller::TestController`]) and a whole small cloud of
-//! both ([`cloud::Cloud`]).
+//! both ([`cloud::Cloud`]); network namespaces for tests ([`netns`]).
 
 pub mod cloud;
 pub mod controller;
 pub mod fixture;
 pub mod guest;
+pub mod netns;

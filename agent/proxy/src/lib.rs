@@ -1,0 +1,1 @@
+//! gantry-proxy: the agent's HTTPS front (work in progress).

@@ -1,0 +1,2 @@
+//! gantry-guest-web (work in progress).
+fn main() {}

@@ -18,6 +18,16 @@
 //! host_name = "gpu1"                   # default: the system hostname
 //! address = "10.0.0.5"                 # default: host_name
 //! poll_wait_secs = 25                  # work long-poll, 0..=60
+//!
+//! [network]                            # instance access (docs/access.md)
+//! netns = "gantry-dp"                  # data plane in this named namespace; default: the host's
+//! bridge = "gantry0"                   # the access bridge the agent owns
+//! https_listen = "0.0.0.0:443"         # shared HTTPS listener (by name); "" for none
+//! loopback_forwards = true             # forwards also answer on 127.0.0.1
+//! deny = ["10.0.0.0/8"]                # networks guests may never reach (the controller's
+//!                                      # address is always added when it is an IP)
+//! dns = ["1.1.1.1", "8.8.8.8"]         # resolvers guests are told to use
+//! drift_check_secs = 10                # how often the rules are compared with the kernel's
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +75,86 @@ pub struct AgentConfig {
     pub store_keyring: Option<PathBuf>,
     /// The controller to join and take work from; none = standalone.
     pub controller: Option<ControllerConfig>,
+    /// Instance access networking.
+    pub network: NetworkConfig,
+}
+
+/// The `[network]` section: where the data plane lives and how it behaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// A named network namespace (`/run/netns/<name>`) holding the bridge,
+    /// the firewall rules and the HTTPS listeners; guests' taps are moved
+    /// into it after they start. `None`: the host's own namespace.
+    pub netns: Option<String>,
+    /// The access bridge (created and owned by the agent).
+    pub bridge: String,
+    /// The shared HTTPS listener that answers by host name; empty: none.
+    pub https_listen: String,
+    /// Forwards also answer on the data plane's 127.0.0.1.
+    pub loopback_forwards: bool,
+    /// Networks guests may never reach (management, storage, BMCs).
+    pub deny: Vec<gantry_proto::net::Ipv4Net>,
+    /// Resolvers guests are told to use.
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// How often the kernel's rules are compared with the agent's, seconds.
+    pub drift_check_secs: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            netns: None,
+            bridge: "gantry0".into(),
+            https_listen: "0.0.0.0:443".into(),
+            loopback_forwards: true,
+            deny: Vec::new(),
+            dns: vec![[1, 1, 1, 1].into(), [8, 8, 8, 8].into()],
+            drift_check_secs: 10,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// The shared HTTPS listener's address, if any.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        (!self.https_listen.is_empty())
+            .then(|| self.https_listen.parse().ok())
+            .flatten()
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let iface = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 15
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        };
+        if !iface(&self.bridge) || self.bridge.starts_with("gt-") {
+            return Err((
+                "network.bridge",
+                "must be 1 to 15 of letters, digits, '-' and '_' (not starting gt-)".into(),
+            ));
+        }
+        if let Some(ns) = &self.netns {
+            if !iface(ns) {
+                return Err((
+                    "network.netns",
+                    "must be a namespace name of 1 to 15 letters, digits, '-' and '_'".into(),
+                ));
+            }
+        }
+        if !self.https_listen.is_empty() && self.https_listen.parse::<SocketAddr>().is_err() {
+            return Err((
+                "network.https_listen",
+                "must be an address like 0.0.0.0:443, or empty for none".into(),
+            ));
+        }
+        if self.drift_check_secs == 0 || self.drift_check_secs > 3600 {
+            return Err(("network.drift_check_secs", "must be 1 to 3600".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The `[controller]` section.
@@ -149,6 +239,7 @@ impl Default for AgentConfig {
             snapshot_store: None,
             store_keyring: None,
             controller: None,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -208,6 +299,9 @@ impl AgentConfig {
                 "must be a QEMU machine type like pc or q35",
             ));
         }
+        self.network
+            .check()
+            .map_err(|(field, m)| invalid(field, &m))?;
         if let Some(c) = &self.controller {
             if !(c.url.starts_with("http://") || c.url.starts_with("https://")) {
                 return Err(invalid(

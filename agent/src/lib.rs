@@ -35,6 +35,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod manager;
 pub mod metrics;
+pub mod net;
 pub mod recover;
 pub mod serve;
 pub mod snapshots;

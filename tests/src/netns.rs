@@ -91,6 +91,20 @@ impl Netns {
         .join()
         .map_err(|_| anyhow::anyhow!("the thread in the namespace panicked"))?
     }
+
+    /// Runs `f` on a new thread that joined the namespace and leaves it
+    /// running (a server, say); it ends when the process does, or when `f`
+    /// returns.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
+        let file = std::fs::File::open(self.path())
+            .with_context(|| format!("cannot open {}", self.path().display()))?;
+        std::thread::spawn(move || {
+            if nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                f();
+            }
+        });
+        Ok(())
+    }
 }
 
 impl Drop for Netns {

@@ -1,0 +1,252 @@
+//! The instance's seed disk: a cloud-init NoCloud seed (ISO9660, volume
+//! label `cidata`) attached read-only, carrying the hostname, root's
+//! password hash, the account's SSH keys, the static network configuration
+//! and the JupyterLab token.
+//!
+//! Files (format 1):
+//!
+//! ```text
+//! meta-data                  instance-id, local-hostname (cloud-init)
+//! user-data                  #cloud-config: root's password hash, keys (replacing
+//!                            authorized_keys), sshd drop-in allowing root with a
+//!                            password, the token, and a bootcmd that re-applies
+//!                            the password hash from this disk at every boot
+//! network-config             netplan v2: the access NIC by MAC, static address,
+//!                            default route, resolvers
+//! gantry/format              "1"
+//! gantry/guest.env           HOSTNAME, MAC, ADDRESS, PREFIX, GATEWAY, DNS (KEY=VALUE)
+//! gantry/root-password-hash  one line
+//! gantry/authorized_keys     OpenSSH key lines
+//! gantry/jupyter-token       one line
+//! ```
+//!
+//! The image is padded to [`SEED_SIZE`] so a rewrite never changes the disk's
+//! size: a seed is replaced atomically while the instance is stopped, and
+//! rewritten in place while it runs (QEMU keeps the file open; the guest
+//! reads the seed only at boot, so the next boot sees the new one). Every
+//! value comes from validated proto types (`NicSpec`, `GuestConfig`).
+
+use super::NetError;
+use gantry_proto::net::{GuestConfig, NicSpec};
+use gantry_proto::InstanceId;
+use std::io::{Seek, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// The seed image's fixed size.
+pub const SEED_SIZE: u64 = 2 << 20;
+/// The layout version written to `gantry/format`.
+pub const SEED_FORMAT: u32 = 1;
+
+/// A YAML double-quoted scalar (JSON string syntax is valid YAML).
+fn q(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+/// The seed's files, by relative path.
+pub fn files(
+    id: InstanceId,
+    nic: &NicSpec,
+    guest: &GuestConfig,
+    dns: &[Ipv4Addr],
+) -> Vec<(&'static str, String)> {
+    let keys: String = guest
+        .ssh_authorized_keys
+        .iter()
+        .map(|k| format!("{k}\n"))
+        .collect();
+    let hash = guest.root_password_hash.expose();
+    let token = guest.jupyter_token.expose();
+    let dns_list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
+    let meta = format!("instance-id: {id}\nlocal-hostname: {}\n", guest.hostname);
+    let reapply = "dev=$(blkid -L cidata) && mkdir -p /run/gantry-seed && \
+                   mount -o ro \"$dev\" /run/gantry-seed && \
+                   printf 'root:%s\\n' \"$(cat /run/gantry-seed/gantry/root-password-hash)\" | chpasswd -e; \
+                   umount /run/gantry-seed 2>/dev/null; true";
+    let user = format!(
+        "#cloud-config\n\
+         hostname: {host}\n\
+         preserve_hostname: false\n\
+         disable_root: false\n\
+         ssh_pwauth: true\n\
+         users:\n  - name: root\n    lock_passwd: false\n    hashed_passwd: {hash}\n\
+         chpasswd:\n  expire: false\n\
+         write_files:\n\
+         \x20 - path: /root/.ssh/authorized_keys\n    permissions: \"0600\"\n    owner: root:root\n    content: {keys}\n\
+         \x20 - path: /etc/ssh/sshd_config.d/60-gantry.conf\n    content: {sshd}\n\
+         \x20 - path: /etc/gantry/jupyter-token\n    permissions: \"0600\"\n    content: {token}\n\
+         bootcmd:\n  - [sh, -c, {reapply}]\n\
+         runcmd:\n  - [sh, -c, \"systemctl reload ssh 2>/dev/null || service ssh reload 2>/dev/null || true\"]\n",
+        host = q(&guest.hostname),
+        hash = q(hash),
+        keys = q(&keys),
+        sshd = q("PermitRootLogin yes\nPasswordAuthentication yes\n"),
+        token = q(&format!("{token}\n")),
+        reapply = q(reapply),
+    );
+    let network = format!(
+        "version: 2\n\
+         ethernets:\n  access0:\n    match:\n      macaddress: {mac}\n    set-name: eth0\n\
+         \x20   addresses: [{addr}]\n\
+         \x20   routes:\n      - to: default\n        via: {gw}\n\
+         \x20   nameservers:\n      addresses: [{dns}]\n",
+        mac = q(&nic.mac.to_string()),
+        addr = q(&format!("{}/{}", nic.ip, nic.subnet.prefix())),
+        gw = nic.gateway,
+        dns = dns_list.join(", "),
+    );
+    let env = format!(
+        "HOSTNAME={}\nMAC={}\nADDRESS={}\nPREFIX={}\nGATEWAY={}\nDNS=\"{}\"\n",
+        guest.hostname,
+        nic.mac,
+        nic.ip,
+        nic.subnet.prefix(),
+        nic.gateway,
+        dns_list.join(" ")
+    );
+    vec![
+        ("meta-data", meta),
+        ("user-data", user),
+        ("network-config", network),
+        ("gantry/format", format!("{SEED_FORMAT}\n")),
+        ("gantry/guest.env", env),
+        ("gantry/root-password-hash", format!("{hash}\n")),
+        ("gantry/authorized_keys", keys),
+        ("gantry/jupyter-token", format!("{token}\n")),
+    ]
+}
+
+/// Builds the ISO image of `files` (genisoimage), padded to [`SEED_SIZE`].
+pub fn build_image(files: &[(&str, String)]) -> Result<Vec<u8>, NetError> {
+    let fail = |m: String| NetError::Seed(m);
+    let dir = tempfile::tempdir().map_err(|e| fail(format!("temp dir: {e}")))?;
+    for (rel, content) in files {
+        let p = dir.path().join("root").join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| fail(format!("{}: {e}", parent.display())))?;
+        }
+        std::fs::write(&p, content).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+    }
+    let out = dir.path().join("seed.iso");
+    let res = std::process::Command::new("genisoimage")
+        .args([
+            "-quiet",
+            "-input-charset",
+            "utf-8",
+            "-volid",
+            "cidata",
+            "-joliet",
+            "-rock",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(dir.path().join("root"))
+        .output()
+        .map_err(|e| {
+            fail(format!(
+                "cannot run genisoimage (install it: apt install genisoimage): {e}"
+            ))
+        })?;
+    if !res.status.success() {
+        return Err(fail(format!(
+            "genisoimage: {}",
+            String::from_utf8_lossy(&res.stderr).trim()
+        )));
+    }
+    let mut bytes = std::fs::read(&out).map_err(|e| fail(format!("{}: {e}", out.display())))?;
+    if bytes.len() as u64 > SEED_SIZE {
+        return Err(fail(format!(
+            "the seed is {} bytes, more than {SEED_SIZE} (too many SSH keys?)",
+            bytes.len()
+        )));
+    }
+    bytes.resize(SEED_SIZE as usize, 0);
+    Ok(bytes)
+}
+
+/// Writes the seed image to `path`: atomically when `in_place` is false
+/// (the instance is not running), else over the existing file's bytes
+/// (same size, same inode, synced).
+pub fn write(path: &Path, image: &[u8], in_place: bool) -> Result<(), NetError> {
+    let fail = |e: std::io::Error| NetError::Seed(format!("{}: {e}", path.display()));
+    if !in_place || !path.exists() {
+        return crate::fsutil::write_atomic(path, image, 0o600)
+            .map_err(|e| NetError::Seed(e.to_string()));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open(path)
+        .map_err(fail)?;
+    f.seek(std::io::SeekFrom::Start(0)).map_err(fail)?;
+    f.write_all(image).map_err(fail)?;
+    f.set_len(image.len() as u64).map_err(fail)?;
+    f.sync_all().map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_proto::net::{MacAddr, Secret};
+
+    fn sample() -> (InstanceId, NicSpec, GuestConfig) {
+        let ip: Ipv4Addr = "10.200.0.2".parse().unwrap();
+        let nic = NicSpec {
+            mac: MacAddr::for_ip(ip),
+            ip,
+            subnet: "10.200.0.0/24".parse().unwrap(),
+            gateway: "10.200.0.1".parse().unwrap(),
+        };
+        let guest = GuestConfig {
+            hostname: "web-1".into(),
+            root_password_hash: Secret::new("$6$saltsaltsalt$hashhash./"),
+            ssh_authorized_keys: vec![
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b".into(),
+            ],
+            jupyter_token: Secret::new("ab".repeat(24)),
+        };
+        (InstanceId::from_uuid(uuid::Uuid::from_u128(7)), nic, guest)
+    }
+
+    #[test]
+    fn golden_seed_files() {
+        let (id, nic, guest) = sample();
+        let dns = ["1.1.1.1".parse().unwrap(), "8.8.8.8".parse().unwrap()];
+        let mut all = String::new();
+        for (name, content) in files(id, &nic, &guest, &dns) {
+            all.push_str(&format!("==> {name} <==\n{content}"));
+        }
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/seed-files.txt");
+        if std::env::var_os("GANTRY_BLESS").is_some() {
+            std::fs::write(&path, &all).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).expect("run with GANTRY_BLESS=1 to create");
+        assert_eq!(all, want);
+    }
+
+    #[test]
+    #[ignore = "needs genisoimage: ./scripts/test runs it"]
+    fn image_is_a_cidata_iso_of_fixed_size() {
+        let (id, nic, guest) = sample();
+        let img = build_image(&files(id, &nic, &guest, &[])).unwrap();
+        assert_eq!(img.len() as u64, SEED_SIZE);
+        // ISO9660 primary volume descriptor at sector 16: "CD001", and the
+        // volume id at offset 40.
+        let pvd = &img[16 * 2048..17 * 2048];
+        assert_eq!(&pvd[1..6], b"CD001");
+        assert!(pvd[40..46].eq_ignore_ascii_case(b"cidata"), "volume id");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seed.iso");
+        write(&p, &img, false).unwrap();
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).unwrap());
+        write(&p, &img, true).unwrap();
+        let after = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).unwrap());
+        assert_eq!(
+            inode, after,
+            "an in-place rewrite keeps the inode QEMU holds"
+        );
+    }
+}

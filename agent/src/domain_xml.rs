@@ -5,6 +5,7 @@
 //! come from validated types (ids, PCI addresses, absolute paths, checked
 //! machine names). Golden-file tests pin the output.
 
+use crate::net::InterfaceDef;
 use gantry_proto::validate::PciAddress;
 use quick_xml::events::{BytesEnd, BytesStart, BytesText, Event};
 use quick_xml::Writer;
@@ -53,6 +54,12 @@ pub struct DomainDef {
     pub gpus: Vec<PciAddress>,
     /// Free-form metadata under Gantry's namespace (the instance id).
     pub instance_id: String,
+    /// The access NIC.
+    pub interface: Option<InterfaceDef>,
+    /// The read-only seed disk (NoCloud ISO, serial `cidata`).
+    pub seed: Option<PathBuf>,
+    /// The qemu-guest-agent channel's socket.
+    pub guest_agent_socket: Option<PathBuf>,
 }
 
 type W = Writer<Cursor<Vec<u8>>>;
@@ -131,7 +138,27 @@ impl DomainDef {
         for d in &self.disks {
             write_disk(&mut w, d);
         }
+        if let Some(seed) = &self.seed {
+            write_seed(&mut w, seed);
+        }
+        if let Some(i) = &self.interface {
+            write_interface(&mut w, i);
+        }
         self.write_serials(&mut w);
+        if let Some(sock) = &self.guest_agent_socket {
+            open(&mut w, "channel", &[("type", "unix")]);
+            empty(
+                &mut w,
+                "source",
+                &[("mode", "bind"), ("path", &path_str(sock))],
+            );
+            empty(
+                &mut w,
+                "target",
+                &[("type", "virtio"), ("name", "org.qemu.guest_agent.0")],
+            );
+            close(&mut w, "channel");
+        }
         for g in &self.gpus {
             write_hostdev(&mut w, g);
         }
@@ -209,6 +236,39 @@ fn write_disk(w: &mut W, d: &DiskDef) {
     close(w, "disk");
 }
 
+/// The seed: raw, read-only, excluded from disk-only snapshots.
+fn write_seed(w: &mut W, path: &std::path::Path) {
+    open(
+        w,
+        "disk",
+        &[("type", "file"), ("device", "disk"), ("snapshot", "no")],
+    );
+    empty(w, "driver", &[("name", "qemu"), ("type", "raw")]);
+    empty(w, "source", &[("file", &path_str(path))]);
+    empty(w, "target", &[("dev", "vdz"), ("bus", "virtio")]);
+    text(w, "serial", &[], "cidata");
+    empty(w, "readonly", &[]);
+    close(w, "disk");
+}
+
+/// The access NIC: on the agent's bridge (libvirt attaches the tap), or a
+/// bare tap the agent moves into the data plane's namespace.
+fn write_interface(w: &mut W, i: &InterfaceDef) {
+    let kind = if i.bridge.is_some() {
+        "bridge"
+    } else {
+        "ethernet"
+    };
+    open(w, "interface", &[("type", kind)]);
+    empty(w, "mac", &[("address", &i.mac.to_string())]);
+    if let Some(b) = &i.bridge {
+        empty(w, "source", &[("bridge", b)]);
+    }
+    empty(w, "target", &[("dev", &i.tap)]);
+    empty(w, "model", &[("type", "virtio")]);
+    close(w, "interface");
+}
+
 fn write_hostdev(w: &mut W, g: &PciAddress) {
     open(
         w,
@@ -264,6 +324,9 @@ mod tests {
             exec_socket: "/var/lib/gantry/instances/ins-1/exec.sock".into(),
             gpus: vec![],
             instance_id: "ins-0190b4c2e7a47c3a9d2b8f1e4a6c0d12".into(),
+            interface: None,
+            seed: None,
+            guest_agent_socket: None,
         }
     }
 
@@ -299,6 +362,21 @@ mod tests {
             PciAddress::parse("0000:b3:00.0").unwrap(),
         ];
         golden("domain-kvm-gpus.xml", &d.to_xml());
+    }
+
+    #[test]
+    fn golden_access_nic_seed_and_guest_agent() {
+        let mut d = def();
+        d.interface = Some(InterfaceDef {
+            mac: "52:54:00:c8:00:02".parse().unwrap(),
+            tap: "gt-0123456789a".into(),
+            bridge: Some("gantry0".into()),
+        });
+        d.seed = Some("/var/lib/gantry/instances/ins-1/seed.iso".into());
+        d.guest_agent_socket = Some("/var/lib/gantry/instances/ins-1/qga.sock".into());
+        golden("domain-access-bridge.xml", &d.to_xml());
+        d.interface.as_mut().unwrap().bridge = None;
+        golden("domain-access-netns.xml", &d.to_xml());
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! <state_dir>/
 //!   agent-token                 local API token (0600)
 //!   images/<image-id>/          image.json, disk.qcow2, vmlinuz, initrd.img
-//!   instances/<instance-id>/    instance.json, root.qcow2, console.{sock,log}, exec.sock
+//!   instances/<instance-id>/    instance.json, root.qcow2, console.{sock,log}, exec.sock,
+//!                               seed.iso (NoCloud seed, 0600), qga.sock (guest agent)
+//!   access.json                 the controller's access state (crate::net)
+//!   tls.json                    the HTTPS front's certificate and key (0600, crate::net)
 //!   volumes/<volume-id>.qcow2   data volumes, with volumes/<volume-id>.json
 //!   usage/<instance-id>.json    Running-time counters (crate::usage)
 //!   controller.json             controller credential (0600, crate::link)
@@ -135,6 +138,14 @@ impl Layout {
     }
     pub fn console_log(&self, id: InstanceId) -> PathBuf {
         self.instance_dir(id).join("console.log")
+    }
+    /// The NoCloud seed disk ([`crate::net::seed`]).
+    pub fn seed_disk(&self, id: InstanceId) -> PathBuf {
+        self.instance_dir(id).join("seed.iso")
+    }
+    /// The qemu-guest-agent channel.
+    pub fn guest_agent_socket(&self, id: InstanceId) -> PathBuf {
+        self.instance_dir(id).join("qga.sock")
     }
     pub fn exec_socket(&self, id: InstanceId) -> PathBuf {
         self.instance_dir(id).join("exec.sock")

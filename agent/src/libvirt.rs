@@ -272,6 +272,22 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Sets `user`'s password inside the guest through qemu-guest-agent,
+    /// from a crypt(3) hash (`VIR_DOMAIN_PASSWORD_ENCRYPTED`). Fails when
+    /// the guest runs no guest agent.
+    pub fn set_user_password(
+        &self,
+        name: &str,
+        user: &str,
+        hash: &str,
+    ) -> Result<(), LibvirtError> {
+        /// `VIR_DOMAIN_PASSWORD_ENCRYPTED`: the password is already a hash.
+        const ENCRYPTED: u32 = 1;
+        self.with_domain("set-user-password", name, |d| {
+            d.set_user_password(user, hash, ENCRYPTED)
+        })
+    }
+
     /// Host memory libvirt reports free, in bytes.
     pub fn free_memory(&self) -> Result<u64, LibvirtError> {
         let conn = self.connect()?;

@@ -163,7 +163,47 @@ impl Manager {
             exec_socket: self.layout.exec_socket(spec.id),
             gpus: spec.gpus.clone(),
             instance_id: spec.id.to_string(),
+            interface: spec.nic.map(|n| self.net.interface(spec.id, &n)),
+            seed: (spec.nic.is_some() && spec.guest.is_some())
+                .then(|| self.layout.seed_disk(spec.id)),
+            guest_agent_socket: spec
+                .guest
+                .is_some()
+                .then(|| self.layout.guest_agent_socket(spec.id)),
         })
+    }
+
+    /// Writes the instance's seed disk from its record: atomically, or in
+    /// place while the guest runs (it reads the seed only at boot).
+    pub(crate) fn write_seed(
+        &self,
+        spec: &InstanceSpec,
+        in_place: bool,
+    ) -> Result<(), ManagerError> {
+        let (Some(nic), Some(guest)) = (&spec.nic, &spec.guest) else {
+            return Ok(());
+        };
+        let files = crate::net::seed::files(spec.id, nic, guest, &self.cfg.network.dns);
+        let image = crate::net::seed::build_image(&files)?;
+        crate::net::seed::write(&self.layout.seed_disk(spec.id), &image, in_place)?;
+        Ok(())
+    }
+
+    /// Before a guest with a NIC starts: the bridge it plugs into exists.
+    fn before_start(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
+        if let Some(nic) = &spec.nic {
+            self.net.ensure_bridge_for(nic)?;
+        }
+        Ok(())
+    }
+
+    /// After a guest with a NIC started: its tap is on the access bridge
+    /// (moved into the data plane's namespace when it has its own).
+    fn after_start(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
+        if spec.nic.is_some() {
+            self.net.adopt_taps(&[spec.id])?;
+        }
+        Ok(())
     }
 
     pub(crate) fn run_create(&self, id: InstanceId, op: OperationId) -> Result<(), ManagerError> {
@@ -207,11 +247,17 @@ impl Manager {
             vol.attached_to = Some(id);
             self.layout.save_volume(&vol)?;
         }
+        self.write_seed(&spec, false)?;
         self.progress(op, 60);
         let xml = self.domain_def(&spec)?.to_xml();
         self.virt.define(&domain_name(id), &xml)?;
         self.progress(op, 80);
+        self.before_start(&spec)?;
         self.virt.start(&domain_name(id))?;
+        self.after_start(&spec)?;
+        if spec.nic.is_some() {
+            self.apply_network();
+        }
         Ok(())
     }
 
@@ -266,7 +312,10 @@ impl Manager {
         state.check_action(req.action())?;
         match req {
             ActionRequest::Start => {
+                let spec = self.record(id)?.spec;
+                self.before_start(&spec)?;
                 self.virt.start(&name)?;
+                self.after_start(&spec)?;
                 self.set_state(id, InstanceState::Running)
             }
             ActionRequest::Stop { timeout_secs } => {
@@ -401,7 +450,51 @@ impl Manager {
         }
         self.set_state(id, InstanceState::Released)?;
         self.bury(id, None);
+        if rec.spec.nic.is_some() {
+            self.apply_network();
+        }
         Ok(())
+    }
+}
+
+impl Manager {
+    /// Sets root's password to `hash`: recorded, written into the seed
+    /// disk (so every later boot applies it), and, while the guest runs,
+    /// applied at once through qemu-guest-agent when the guest has one.
+    /// Returns a sentence saying which.
+    pub fn set_password(
+        &self,
+        id: InstanceId,
+        hash: gantry_proto::net::Secret,
+    ) -> Result<String, ManagerError> {
+        gantry_proto::net::password_hash("password_hash", hash.expose())?;
+        let rec = self.record(id)?;
+        if rec.spec.guest.is_none() {
+            return Err(ManagerError::Conflict(format!(
+                "instance {id} has no seed disk (it was created without access); its password cannot be set"
+            )));
+        }
+        let rec = self.update_record(id, |r| {
+            if let Some(g) = r.spec.guest.as_mut() {
+                g.root_password_hash = hash.clone();
+            }
+        })?;
+        let power = self.virt.state(&domain_name(id))?;
+        let open = matches!(power, PowerState::Running | PowerState::Paused);
+        self.write_seed(&rec.spec, open)?;
+        if power != PowerState::Running {
+            return Ok("applies at the next start (the instance is not running)".into());
+        }
+        match self
+            .virt
+            .set_user_password(&domain_name(id), "root", hash.expose())
+        {
+            Ok(()) => Ok("applied now through the guest agent".into()),
+            Err(e) => {
+                tracing::info!(instance = %id, error = %e, "no guest agent; the password applies at the next boot");
+                Ok("applies at the next boot (the guest runs no qemu-guest-agent)".into())
+            }
+        }
     }
 }
 

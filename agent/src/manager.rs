@@ -58,6 +58,8 @@ pub enum ManagerError {
     Snapshot(#[from] crate::snapshots::SnapshotError),
     #[error(transparent)]
     Usage(#[from] crate::usage::UsageError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// What the manager holds in memory; the records are also on disk.
@@ -86,6 +88,8 @@ pub struct Manager {
     pub(crate) changed: tokio::sync::Notify,
     /// Background recompression of the host's snapshot store.
     pub(crate) compaction: crate::snapshots::Compaction,
+    /// Instance access: bridge, taps, forwards, the HTTPS front.
+    pub(crate) net: Arc<crate::net::Network>,
 }
 
 /// The libvirt domain name of an instance.
@@ -120,6 +124,28 @@ impl Manager {
 
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
+    }
+
+    pub fn net(&self) -> &Arc<crate::net::Network> {
+        &self.net
+    }
+
+    /// The access NICs of the instances this host holds (not final).
+    pub fn nics(&self) -> Vec<(InstanceId, gantry_proto::net::NicSpec)> {
+        self.lock()
+            .instances
+            .values()
+            .filter(|r| !r.state.is_final())
+            .filter_map(|r| r.spec.nic.map(|n| (r.spec.id, n)))
+            .collect()
+    }
+
+    /// Applies the access rules for the instances held now (after one
+    /// appears or goes); a failure is logged and shows in the heartbeat.
+    pub(crate) fn apply_network(&self) {
+        if let Err(e) = self.net.apply(&self.nics()) {
+            tracing::warn!(error = %e, "cannot apply the access rules");
+        }
     }
 
     /// Resolves once an instance changed state or an operation ended since

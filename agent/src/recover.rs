@@ -32,7 +32,14 @@ impl Manager {
             &layout.usage_dir(),
             Arc::new(crate::usage::SystemClock),
         )?;
+        let deny = controller_deny(&cfg);
+        let net = Arc::new(crate::net::Network::open_real(
+            &cfg.network,
+            &cfg.state_dir,
+            deny,
+        )?);
         let m = Arc::new(Manager {
+            net,
             cfg,
             layout,
             virt,
@@ -67,6 +74,7 @@ impl Manager {
             .map(|r| (r.spec.id, r.state))
             .collect();
         m.usage.finish_recovery(&states);
+        m.reconcile_network();
         for name in m.virt.gantry_domains()? {
             if !known.contains(&name) {
                 tracing::warn!(
@@ -176,6 +184,40 @@ impl Manager {
         }
     }
 
+    /// Puts running guests' taps on the access bridge and re-applies the
+    /// access rules when the plan changed or the kernel's drifted.
+    pub fn reconcile_network(&self) {
+        if self.nics().is_empty() && self.net.access_rev().is_none() {
+            return;
+        }
+        let running: Vec<InstanceId> = self
+            .lock()
+            .instances
+            .values()
+            .filter(|r| r.spec.nic.is_some() && r.state != InstanceState::Stopped)
+            .map(|r| r.spec.id)
+            .collect();
+        if let Err(e) = self.net.adopt_taps(&running) {
+            tracing::warn!(error = %e, "cannot attach guest taps");
+        }
+        self.apply_network();
+    }
+
+    /// Runs [`Manager::reconcile_network`] every `period` on its own thread.
+    pub fn spawn_network_reconciler(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("net-reconcile".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                match weak.upgrade() {
+                    Some(m) => m.reconcile_network(),
+                    None => return,
+                }
+            })
+            .expect("spawn network reconciler");
+    }
+
     /// Runs [`Manager::watch_once`] every `period` on its own thread.
     pub fn spawn_watcher(self: &Arc<Self>, period: Duration) {
         let weak = Arc::downgrade(self);
@@ -189,6 +231,22 @@ impl Manager {
                 }
             })
             .expect("spawn watcher");
+    }
+}
+
+/// The controller's address, when it is an IP guests could otherwise reach
+/// through the host's NAT: added to the networks guests may never reach.
+fn controller_deny(cfg: &AgentConfig) -> Vec<gantry_proto::net::Ipv4Net> {
+    let Some(c) = &cfg.controller else {
+        return Vec::new();
+    };
+    let rest = c.url.split_once("://").map_or(c.url.as_str(), |(_, r)| r);
+    let host = rest.split(['/', ':']).next().unwrap_or("");
+    match host.parse::<std::net::Ipv4Addr>().ok() {
+        Some(ip) if !ip.is_loopback() => gantry_proto::net::Ipv4Net::new(ip, 32)
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -52,6 +52,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
         .await
         .expect("manager open task")?;
     manager.spawn_watcher(Duration::from_secs(2));
+    manager.spawn_network_reconciler(Duration::from_secs(cfg.network.drift_check_secs));
     if cfg.controller.is_none() {
         // Queues left by a restart; with a controller, the link compacts
         // once the interrupted operations are reported.

@@ -128,11 +128,27 @@ impl ControllerClient {
         Self::expect(Self::send(r).await?)
     }
 
-    pub async fn work(&self, credential: &str, wait_secs: u64) -> Result<Work, ClientError> {
+    /// The work long-poll; `access_rev` and `tls` name the access state
+    /// and certificate the agent already has (they come back only when
+    /// they changed).
+    pub async fn work(
+        &self,
+        credential: &str,
+        wait_secs: u64,
+        access_rev: Option<u64>,
+        tls: Option<String>,
+    ) -> Result<Work, ClientError> {
+        let mut q = vec![("wait_secs", wait_secs.to_string())];
+        if let Some(r) = access_rev {
+            q.push(("access_rev", r.to_string()));
+        }
+        if let Some(f) = tls {
+            q.push(("tls", f));
+        }
         let r = self
             .http
             .get(format!("{}/v1/agent/work", self.base))
-            .query(&[("wait_secs", wait_secs)])
+            .query(&q)
             .bearer_auth(credential)
             .timeout(Duration::from_secs(wait_secs) + CALL_TIMEOUT);
         Self::expect(Self::send(r).await?)

@@ -106,6 +106,7 @@ fn store_usage(m: &Manager) -> Option<Vec<StoreUsage>> {
 pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
     let m = &link.manager;
     let (capacity, mut problems) = capacity(m);
+    problems.extend(m.net().problems());
     let health = match m.libvirt().ping() {
         Ok(_) => HostHealth::Healthy,
         Err(e) => {
@@ -150,7 +151,7 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         usage,
         store,
         snapshot_sizes: m.take_snapshot_sizes(),
-        https_port: None,
+        https_port: m.net().https_port(),
     })
 }
 

@@ -27,6 +27,9 @@ pub struct Finished {
     pub snapshot: Option<SnapshotSizes>,
     #[serde(default)]
     pub instance_state: Option<InstanceState>,
+    /// A sentence about a success (how a password reset applies).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 impl Finished {
@@ -36,6 +39,17 @@ impl Finished {
             error: Some(error.into()),
             snapshot: None,
             instance_state,
+            note: None,
+        }
+    }
+
+    pub fn ok(instance_state: Option<InstanceState>) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            snapshot: None,
+            instance_state,
+            note: None,
         }
     }
 }

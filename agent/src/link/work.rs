@@ -39,10 +39,15 @@ pub async fn run(link: Arc<Link>) {
     let mut delays = backoff().build();
     loop {
         let wait = link.cfg.poll_wait_secs;
-        match link.client.work(link.credential(), wait).await {
+        let (rev, tls) = (
+            link.manager.net().access_rev(),
+            link.manager.net().tls_fingerprint(),
+        );
+        match link.client.work(link.credential(), wait, rev, tls).await {
             Ok(work) => {
                 link.link_up(true);
                 delays = backoff().build();
+                take_access(&link, &work).await;
                 let started = handle(&link, &work);
                 if started == 0 && !work.ops.is_empty() {
                     // Everything listed is already in hand: don't spin while
@@ -57,6 +62,32 @@ pub async fn run(link: Arc<Link>) {
                 tokio::time::sleep(d).await;
             }
         }
+    }
+}
+
+/// Applies the access state and certificate the work answer carries.
+async fn take_access(link: &Arc<Link>, work: &Work) {
+    if work.access.is_none() && work.tls.is_none() {
+        return;
+    }
+    let m = link.manager.clone();
+    let (access, tls) = (work.access.clone(), work.tls.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        if let Some(t) = tls {
+            if let Err(e) = m.net().set_tls(t) {
+                tracing::warn!(error = %e, "cannot install the HTTPS certificate");
+            }
+        }
+        if let Some(a) = access {
+            let rev = a.rev;
+            if let Err(e) = m.net().set_access(a, &m.nics()) {
+                tracing::warn!(rev, error = %e, "cannot apply the access state");
+            }
+        }
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "the access task failed");
     }
 }
 
@@ -199,7 +230,7 @@ async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
         error: outcome.error,
         snapshot: outcome.snapshot,
         instance_state: outcome.instance_state,
-        note: None,
+        note: outcome.note,
     };
     let r = client::retry(
         "report",
@@ -335,17 +366,20 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
                 m.snapshot_as(id, req, Some(*snapshot))?.id,
             ))
         }
-        AgentCommand::SetPassword { .. } => Err(ManagerError::Conflict(
-            "setting passwords is not supported by this agent yet".into(),
-        )),
+        AgentCommand::SetPassword { password_hash } => {
+            let id = needs_instance(op)?;
+            let (mm, hash) = (m.clone(), password_hash.clone());
+            let note = tokio::task::spawn_blocking(move || mm.set_password(id, hash))
+                .await
+                .expect("password task")?;
+            Ok(Started::Done(Finished {
+                note: Some(note),
+                ..Finished::ok(state_of(m, Some(id)))
+            }))
+        }
         AgentCommand::DeleteSnapshot { snapshot } => {
             delete_snapshot(m, *snapshot).await?;
-            Ok(Started::Done(Finished {
-                ok: true,
-                error: None,
-                snapshot: None,
-                instance_state: None,
-            }))
+            Ok(Started::Done(Finished::ok(None)))
         }
     }
 }
@@ -384,6 +418,7 @@ async fn follow(link: &Link, op: OperationId, id: InstanceId, local: OperationId
                         compressed_bytes: s.stored_bytes,
                     }),
                     instance_state: state_of(m, Some(id)),
+                    note: None,
                 }
             }
             OperationState::Failed => {
@@ -507,14 +542,7 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
     let id = op_instance(op);
     let rec = id.and_then(|i| m.record(i).ok());
     let state = rec.as_ref().map(|r| r.state);
-    let done = |ok: bool| {
-        ok.then_some(Finished {
-            ok: true,
-            error: None,
-            snapshot: None,
-            instance_state: state,
-        })
-    };
+    let done = |ok: bool| ok.then_some(Finished::ok(state));
     use InstanceState::*;
     match &op.command {
         AgentCommand::Snapshot { .. } => {
@@ -524,12 +552,7 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
         AgentCommand::Create { .. } => done(matches!(state, Some(Running | Stopped))),
         AgentCommand::Release {} => {
             if rec.is_none() || state == Some(Released) {
-                Some(Finished {
-                    ok: true,
-                    error: None,
-                    snapshot: None,
-                    instance_state: Some(Released),
-                })
+                Some(Finished::ok(Some(Released)))
             } else {
                 None
             }

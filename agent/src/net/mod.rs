@@ -75,6 +75,10 @@ pub type FrontStarter = Box<dyn Fn() -> Result<Arc<dyn HttpsFront>, NetError> + 
 struct State {
     access: Option<HostAccess>,
     tls: Option<HostTls>,
+    /// The last revision and certificate received, taken or refused (a
+    /// refused one is not asked for again until it changes).
+    seen_rev: Option<u64>,
+    seen_tls: Option<String>,
     applied: Option<NetPlan>,
     listing: Option<String>,
     front: Option<Arc<dyn HttpsFront>>,
@@ -173,14 +177,18 @@ impl Network {
         &self.cfg
     }
 
-    /// The revision of the access state the agent holds.
+    /// The revision of the access state the agent last received.
     pub fn access_rev(&self) -> Option<u64> {
-        self.lock().access.as_ref().map(|a| a.rev)
+        let st = self.lock();
+        st.seen_rev.or(st.access.as_ref().map(|a| a.rev))
     }
 
-    /// The fingerprint of the certificate the proxy presents.
+    /// The fingerprint of the certificate the agent last received.
     pub fn tls_fingerprint(&self) -> Option<String> {
-        self.lock().tls.as_ref().map(|t| t.fingerprint.clone())
+        let st = self.lock();
+        st.seen_tls
+            .clone()
+            .or_else(|| st.tls.as_ref().map(|t| t.fingerprint.clone()))
     }
 
     /// The shared HTTPS listener's port, once the proxy runs.
@@ -238,7 +246,14 @@ impl Network {
         access: HostAccess,
         nics: &[(InstanceId, NicSpec)],
     ) -> Result<Applied, NetError> {
-        access.validate()?;
+        self.lock().seen_rev = Some(access.rev);
+        if let Err(e) = access.validate() {
+            self.note_problem(
+                "access state",
+                &format!("revision {} refused: {e}", access.rev),
+            );
+            return Err(e.into());
+        }
         fsutil::write_state(&self.access_file, ACCESS_MAGIC, ACCESS_VERSION, &access)?;
         tracing::info!(
             rev = access.rev,
@@ -251,12 +266,18 @@ impl Network {
 
     /// Takes a new certificate: the proxy presents it at once; persisted.
     pub fn set_tls(&self, tls: HostTls) -> Result<(), NetError> {
+        self.lock().seen_tls = Some(tls.fingerprint.clone());
         if let Some(front) = self.front()? {
-            front.set_certificate(&tls.cert_chain_pem, tls.key_pem.expose())?;
+            if let Err(e) = front.set_certificate(&tls.cert_chain_pem, tls.key_pem.expose()) {
+                self.note_problem("HTTPS certificate", &e.to_string());
+                return Err(e);
+            }
         }
         fsutil::write_state(&self.tls_file, TLS_MAGIC, TLS_VERSION, &tls)?;
         tracing::info!(fingerprint = tls.fingerprint, "HTTPS certificate installed");
-        self.lock().tls = Some(tls);
+        let mut st = self.lock();
+        st.problems.retain(|p| !p.starts_with("HTTPS certificate"));
+        st.tls = Some(tls);
         Ok(())
     }
 

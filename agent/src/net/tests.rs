@@ -240,7 +240,15 @@ fn bad_access_is_refused_and_not_persisted() {
     let f = fwd(a, Protocol::Tcp, 20000, 22, false);
     let err = r.net.set_access(access(1, vec![f, f]), &[]).unwrap_err();
     assert!(err.to_string().contains("forwards[1]"), "{err}");
-    assert_eq!(r.net.access_rev(), None);
+    // Not kept, not applied, but not asked for again either; a problem.
+    assert!(!r._dir.path().join("access.json").exists());
+    assert!(r.host.calls().is_empty());
+    assert_eq!(r.net.access_rev(), Some(1));
+    assert!(
+        r.net.problems()[0].contains("revision 1 refused"),
+        "{:?}",
+        r.net.problems()
+    );
 }
 
 #[test]

@@ -200,7 +200,9 @@ impl Manager {
         if let Err(e) = self.net.adopt_taps(&running) {
             tracing::warn!(error = %e, "cannot attach guest taps");
         }
-        self.apply_network();
+        if let Err(e) = self.net.reconcile(&self.nics()) {
+            tracing::warn!(error = %e, "cannot apply the access rules");
+        }
     }
 
     /// Runs [`Manager::reconcile_network`] every `period` on its own thread.

@@ -9,3 +9,4 @@ pub mod controller;
 pub mod fixture;
 pub mod guest;
 pub mod netns;
+pub mod ssh;

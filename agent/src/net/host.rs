@@ -42,8 +42,9 @@ pub trait HostNet: Send + Sync {
     fn apply_rules(&self, text: &str) -> Result<(), NetError>;
     /// The kernel's current listing of the agent's tables (for drift).
     fn list_rules(&self) -> Result<String, NetError>;
-    /// Deletes the conntrack entries of flows to `port`.
-    fn flush_conntrack(&self, proto: Protocol, port: u16) -> Result<(), NetError>;
+    /// Deletes the conntrack entries of flows to any of `ports`; returns
+    /// how many ports had entries.
+    fn flush_conntrack(&self, proto: Protocol, ports: &[u16]) -> Result<usize, NetError>;
 }
 
 /// The real host: commands run inside the data plane's namespace.
@@ -215,16 +216,23 @@ impl HostNet for CommandHost {
     }
 
     fn list_rules(&self) -> Result<String, NetError> {
+        // Both tables in one run; a missing table fails the whole run, so
+        // fall back to one at a time (then say which is missing).
+        let both = format!(
+            "list table inet {}\nlist table bridge {}\n",
+            super::nft::TABLE,
+            super::nft::GUARD_TABLE
+        );
+        if let Ok(text) = self.run("nft", self.ns.command("nft").args(["-f", "-"]), Some(&both)) {
+            return Ok(text);
+        }
         let mut out = String::new();
         for t in [
             ["inet", super::nft::TABLE],
             ["bridge", super::nft::GUARD_TABLE],
         ] {
-            match self.run(
-                "nft",
-                self.ns.command("nft").args(["list", "table", t[0], t[1]]),
-                None,
-            ) {
+            let cmd = &mut self.ns.command("nft");
+            match self.run("nft", cmd.args(["list", "table", t[0], t[1]]), None) {
                 Ok(text) => out.push_str(&text),
                 Err(_) => out.push_str(&format!("# no table {} {}\n", t[0], t[1])),
             }
@@ -232,34 +240,64 @@ impl HostNet for CommandHost {
         Ok(out)
     }
 
-    fn flush_conntrack(&self, proto: Protocol, port: u16) -> Result<(), NetError> {
-        let out = self
-            .ns
-            .command("conntrack")
-            .args([
-                "-D",
-                "-p",
-                proto.as_str(),
-                "--orig-port-dst",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| NetError::Command {
-                what: "conntrack",
-                message: format!("cannot start conntrack: {e}"),
-            })?;
-        // Exit 1 with "0 flow entries have been deleted" is no error.
-        let err = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() || err.contains("0 flow entries") {
-            Ok(())
-        } else {
-            Err(NetError::Command {
-                what: "conntrack",
-                message: err.trim().to_string(),
-            })
+    fn flush_conntrack(&self, proto: Protocol, ports: &[u16]) -> Result<usize, NetError> {
+        if ports.is_empty() {
+            return Ok(0);
         }
+        // One listing, then a delete only for ports that have flows.
+        let listing = self.run(
+            "conntrack",
+            self.ns.command("conntrack").args(["-L", "-p", proto.as_str()]),
+            None,
+        )?;
+        let live = flows_by_orig_dport(&listing);
+        let mut flushed = 0;
+        for port in ports.iter().filter(|p| live.contains(p)) {
+            let out = self
+                .ns
+                .command("conntrack")
+                .args(["-D", "-p", proto.as_str(), "--orig-port-dst", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| NetError::Command {
+                    what: "conntrack",
+                    message: format!("cannot start conntrack: {e}"),
+                })?;
+            // Exit 1 with "0 flow entries have been deleted" is no error.
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && !err.contains("0 flow entries") {
+                return Err(NetError::Command {
+                    what: "conntrack",
+                    message: err.trim().to_string(),
+                });
+            }
+            flushed += 1;
+        }
+        Ok(flushed)
+    }
+}
+
+/// The original-direction destination ports of the flows in a
+/// `conntrack -L` listing (the first `dport=` of each line).
+pub fn flows_by_orig_dport(listing: &str) -> std::collections::HashSet<u16> {
+    listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("dport=")))
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conntrack_listings_give_original_ports() {
+        let l = "udp      17 29 src=10.77.0.2 dst=10.77.0.1 sport=40000 dport=20001 src=10.200.0.2 \
+                 dst=10.77.0.2 sport=7001 dport=40000 mark=0 use=1\n\
+                 tcp      6 431999 ESTABLISHED src=10.77.0.2 dst=10.77.0.1 sport=5 dport=20000 \
+                 src=10.200.0.2 dst=10.77.0.2 sport=22 dport=5 [ASSURED] mark=0 use=1\n";
+        let ports = super::flows_by_orig_dport(l);
+        assert!(ports.contains(&20001) && ports.contains(&20000) && !ports.contains(&40000));
     }
 }
 
@@ -319,7 +357,10 @@ impl HostNet for FakeHost {
         self.call("list_rules", String::new())?;
         Ok(self.rules.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
-    fn flush_conntrack(&self, proto: Protocol, port: u16) -> Result<(), NetError> {
-        self.call("flush_conntrack", format!("{proto} {port}"))
+    fn flush_conntrack(&self, proto: Protocol, ports: &[u16]) -> Result<usize, NetError> {
+        for port in ports {
+            self.call("flush_conntrack", format!("{proto} {port}"))?;
+        }
+        Ok(ports.len())
     }
 }

@@ -83,6 +83,8 @@ struct State {
     listing: Option<String>,
     front: Option<Arc<dyn HttpsFront>>,
     problems: Vec<String>,
+    /// The bridge's subnet and gateway as last ensured.
+    bridge: Option<(Ipv4Net, std::net::Ipv4Addr)>,
 }
 
 /// The data plane (see the module docs).
@@ -308,7 +310,17 @@ impl Network {
     /// Brings the kernel and the proxy in line with the access state and
     /// `nics` (the local instances' NICs); see [`Applied`].
     pub fn apply(&self, nics: &[(InstanceId, NicSpec)]) -> Result<Applied, NetError> {
-        let r = self.apply_inner(nics);
+        self.apply_with(nics, false)
+    }
+
+    /// [`Network::apply`], also checking the bridge and its sysctls (the
+    /// periodic reconciliation; `apply` checks them when they change).
+    pub fn reconcile(&self, nics: &[(InstanceId, NicSpec)]) -> Result<Applied, NetError> {
+        self.apply_with(nics, true)
+    }
+
+    fn apply_with(&self, nics: &[(InstanceId, NicSpec)], full: bool) -> Result<Applied, NetError> {
+        let r = self.apply_inner(nics, full);
         let mut st = self.lock();
         st.problems.retain(|p| !p.starts_with("access rules:"));
         if let Err(e) = &r {
@@ -317,7 +329,7 @@ impl Network {
         r
     }
 
-    fn apply_inner(&self, nics: &[(InstanceId, NicSpec)]) -> Result<Applied, NetError> {
+    fn apply_inner(&self, nics: &[(InstanceId, NicSpec)], full: bool) -> Result<Applied, NetError> {
         if self.lock().access.is_none() && nics.is_empty() {
             return Ok(Applied::Idle);
         }
@@ -340,29 +352,27 @@ impl Network {
             },
         );
         if let (Some(subnet), Some(gw)) = (p.subnet, p.gateway) {
-            self.host
-                .ensure_bridge(&self.cfg.bridge, gw, subnet, self.cfg.loopback_forwards)?;
+            let bridge = Some((subnet, gw));
+            if full || self.lock().bridge != bridge {
+                self.host
+                    .ensure_bridge(&self.cfg.bridge, gw, subnet, self.cfg.loopback_forwards)?;
+                self.lock().bridge = bridge;
+            }
         }
-        let listing = self.host.list_rules()?;
-        let (same_plan, previous) = {
-            let st = self.lock();
-            (st.applied.as_ref() == Some(&p), st.applied.clone())
-        };
-        let same_listing = self.lock().listing.as_deref() == Some(listing.as_str());
-        if same_plan && same_listing {
-            return Ok(Applied::Unchanged);
-        }
+        let previous = self.lock().applied.clone();
+        let same_plan = previous.as_ref() == Some(&p);
         if same_plan {
+            // Only an unchanged plan needs the kernel's listing compared.
+            let listing = self.host.list_rules()?;
+            if self.lock().listing.as_deref() == Some(listing.as_str()) {
+                return Ok(Applied::Unchanged);
+            }
             tracing::warn!("the kernel's access rules drifted from the agent's; re-applying");
         }
         self.host.apply_rules(&nft::render(&p))?;
         let after = self.host.list_rules()?;
         if let Some(old) = &previous {
-            for (proto, port) in plan::changed_ports(old, &p) {
-                if let Err(e) = self.host.flush_conntrack(proto, port) {
-                    tracing::warn!(%proto, port, error = %e, "cannot flush conntrack entries");
-                }
-            }
+            self.flush_changed(old, &p);
         }
         if let Some(f) = &front {
             let failed = f.set_routes(&p.https_names, &p.https_ports);
@@ -390,6 +400,30 @@ impl Network {
         } else {
             Applied::Changed
         })
+    }
+
+    /// Flushes conntrack entries of forwards that went or moved (TCP and
+    /// UDP), and of new UDP forwards (a UDP flow that began before the
+    /// forward existed would otherwise never reach the guest).
+    fn flush_changed(&self, old: &NetPlan, new: &NetPlan) {
+        let changed = plan::changed_ports(old, new);
+        for proto in [gantry_proto::net::Protocol::Tcp, gantry_proto::net::Protocol::Udp] {
+            let ports: Vec<u16> = changed
+                .iter()
+                .filter(|(p, port)| {
+                    *p == proto
+                        && (proto == gantry_proto::net::Protocol::Udp
+                            || old.tcp.contains_key(port)
+                            || old.https_ports.contains_key(port))
+                })
+                .map(|(_, port)| *port)
+                .collect();
+            match self.host.flush_conntrack(proto, &ports) {
+                Ok(n) if n > 0 => tracing::info!(%proto, ports = n, "flushed flows of changed forwards"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%proto, error = %e, "cannot flush conntrack entries"),
+            }
+        }
     }
 
     fn note_problem(&self, what: &str, why: &str) {

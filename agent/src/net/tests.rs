@@ -34,8 +34,8 @@ impl HostNet for SharedHost {
     fn list_rules(&self) -> Result<String, NetError> {
         self.0.list_rules()
     }
-    fn flush_conntrack(&self, p: Protocol, port: u16) -> Result<(), NetError> {
-        self.0.flush_conntrack(p, port)
+    fn flush_conntrack(&self, p: Protocol, ports: &[u16]) -> Result<usize, NetError> {
+        self.0.flush_conntrack(p, ports)
     }
 }
 

@@ -281,7 +281,7 @@ impl Manager {
                 None => counts.push((r.state.name(), 1)),
             }
         }
-        self.metrics.render(&counts)
+        self.metrics.render(&counts, &self.net.stats())
     }
 
     pub fn operation(&self, id: OperationId) -> Result<OperationInfo, ManagerError> {

@@ -11,6 +11,13 @@
 //!   operations carried out, by outcome.
 //! - `gantry_agent_store_compacted_bytes_total`: bytes the snapshot store's
 //!   background compaction saved.
+//! - `gantry_agent_access_forwards{kind}`: forwards in force (`tcp`, `udp`
+//!   in the kernel; `https` in the proxy).
+//! - `gantry_agent_access_rule_applies_total`, `..._drift_repairs_total`:
+//!   replacements of the access rules, and those that repaired drift.
+//! - `gantry_agent_https_connections_total`, `_requests_total`,
+//!   `_upstream_errors_total`, `_websocket_upgrades_total`, and the gauge
+//!   `gantry_agent_https_open_connections`: the HTTPS front.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -51,6 +58,89 @@ pub struct Metrics {
     heartbeat_failures: Counter,
     controller_ops: Family<OpLabels, Counter>,
     compacted: Counter,
+    net: NetMetrics,
+}
+
+/// The data plane's metrics, mirrored from [`crate::net::NetStats`] at
+/// each scrape (counters move by the difference since the last one).
+#[derive(Default)]
+struct NetMetrics {
+    forwards: Family<KindLabel, Gauge>,
+    applies: Counter,
+    repairs: Counter,
+    https: [Counter; 4],
+    https_open: Gauge,
+    last: std::sync::Mutex<[u64; 6]>,
+}
+
+impl NetMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "access_forwards",
+            "Forwards in force",
+            self.forwards.clone(),
+        );
+        r.register(
+            "access_rule_applies",
+            "Replacements of the access rules",
+            self.applies.clone(),
+        );
+        r.register(
+            "access_drift_repairs",
+            "Rule replacements that repaired drift",
+            self.repairs.clone(),
+        );
+        let names = [
+            ("https_connections", "HTTPS connections accepted"),
+            ("https_requests", "HTTPS requests"),
+            (
+                "https_upstream_errors",
+                "HTTPS requests the guest did not answer",
+            ),
+            (
+                "https_websocket_upgrades",
+                "WebSockets opened through the proxy",
+            ),
+        ];
+        for ((name, help), c) in names.into_iter().zip(&self.https) {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "https_open_connections",
+            "HTTPS connections open",
+            self.https_open.clone(),
+        );
+    }
+
+    fn update(&self, s: &crate::net::NetStats) {
+        for (kind, n) in [("tcp", s.tcp), ("udp", s.udp), ("https", s.https)] {
+            self.forwards
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .set(n as i64);
+        }
+        let now = [
+            s.applies,
+            s.repairs,
+            s.proxy.connections_total,
+            s.proxy.requests_total,
+            s.proxy.upstream_errors_total,
+            s.proxy.websocket_upgrades_total,
+        ];
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let counters = [
+            &self.applies,
+            &self.repairs,
+            &self.https[0],
+            &self.https[1],
+            &self.https[2],
+            &self.https[3],
+        ];
+        for ((c, n), l) in counters.into_iter().zip(now).zip(last.iter_mut()) {
+            c.inc_by(n.saturating_sub(*l));
+            *l = (*l).max(n);
+        }
+        self.https_open.set(s.proxy.active_connections as i64);
+    }
 }
 
 impl Default for Metrics {
@@ -92,7 +182,10 @@ impl Default for Metrics {
             "Bytes the snapshot store compaction saved",
             compacted.clone(),
         );
+        let net = NetMetrics::default();
+        net.register(&mut registry);
         Self {
+            net,
             compacted,
             registry,
             ops,
@@ -141,8 +234,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Renders the text exposition, with instance counts given by the caller.
-    pub fn render(&self, instances_by_state: &[(&'static str, i64)]) -> String {
+    /// Renders the text exposition, with instance counts and the data
+    /// plane's numbers given by the caller.
+    pub fn render(
+        &self,
+        instances_by_state: &[(&'static str, i64)],
+        net: &crate::net::NetStats,
+    ) -> String {
+        self.net.update(net);
         self.instances.clear();
         for (state, n) in instances_by_state {
             self.instances
@@ -167,7 +266,25 @@ mod tests {
         let m = Metrics::default();
         m.operation_done("stop", true, Duration::from_millis(1500));
         m.operation_done("stop", false, Duration::from_millis(20));
-        let text = m.render(&[("Running", 2), ("Stopped", 1)]);
+        let net = crate::net::NetStats {
+            tcp: 3,
+            applies: 2,
+            ..Default::default()
+        };
+        let text = m.render(&[("Running", 2), ("Stopped", 1)], &net);
+        assert!(
+            text.contains("gantry_agent_access_forwards{kind=\"tcp\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gantry_agent_access_rule_applies_total 2"),
+            "{text}"
+        );
+        let again = m.render(&[("Running", 2)], &net);
+        assert!(
+            again.contains("gantry_agent_access_rule_applies_total 2"),
+            "counted once: {again}"
+        );
         assert!(
             text.contains("gantry_agent_operations_total{kind=\"stop\",outcome=\"succeeded\"} 1"),
             "{text}"
@@ -188,7 +305,7 @@ mod tests {
         m.controller_link(true);
         m.heartbeat_failed();
         m.controller_op_done("start", true);
-        let text = m.render(&[]);
+        let text = m.render(&[], &Default::default());
         assert!(text.contains("gantry_agent_controller_up 1"), "{text}");
         assert!(
             text.contains("gantry_agent_heartbeat_failures_total 1"),

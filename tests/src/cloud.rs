@@ -4,10 +4,18 @@
 //! test guest as an image — everything set up through the public APIs, as
 //! an operator and a tenant would. [`RunClock`] keeps the bounds of the time
 //! an instance really ran, to check what was billed.
+//!
+//! The agent's data plane (access bridge, forwards, HTTPS front) lives in a
+//! network namespace the cloud creates ([`Cloud::host_ns`], the host's
+//! public side, address [`UPLINK`]), joined by a veth pair to a second one
+//! standing for the outside world ([`Cloud::client_ns`], address
+//! [`CLIENT`]); tests reach guests only from there (or the host
+//! namespace's loopback).
 
 use crate::controller::{Api, Database, TestController};
 use crate::fixture::{TestAgent, OP_TIMEOUT};
 use crate::guest;
+use crate::netns::{veth, Netns};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -17,15 +25,32 @@ pub const HEARTBEAT_SECS: u64 = 2;
 /// Price of the test flavor: 3.6 credits an hour = 1000 micro-units a second.
 pub const PRICE_MICROS_PER_HOUR: i64 = 3_600_000_000;
 
+/// The host's address on its uplink (in [`Cloud::host_ns`]).
+pub const UPLINK: &str = "10.79.0.1";
+/// A client's address on the host's uplink (in [`Cloud::client_ns`]).
+pub const CLIENT: &str = "10.79.0.2";
+/// An address in the client namespace standing for the controller's (the
+/// agent's `network.deny`): guests must not reach it.
+pub const DENIED: &str = "10.79.0.3";
+/// The HTTPS domain suffix of the test controller: the host's domain is
+/// `e2e-host.<suffix>`.
+pub const DOMAIN_SUFFIX: &str = "gantry.test";
+
 pub struct Cloud {
     pub ctl: TestController,
     pub agent: TestAgent,
     pub admin: Api,
     pub tenant: Api,
+    /// The tenant's token (for `gantryctl`).
+    pub tenant_token: String,
     pub account: String,
     pub flavor: String,
     pub image: String,
     pub host: String,
+    /// Dropped after the agent (fields drop in order), so no VM's tap
+    /// outlives its namespace.
+    pub host_ns: Netns,
+    pub client_ns: Netns,
 }
 
 fn id_of(v: &Value) -> anyhow::Result<String> {
@@ -39,16 +64,34 @@ impl Cloud {
     /// Controller, join token, agent (joined), flavor, image, account,
     /// credit and tenant token.
     pub fn start(db: &Database) -> anyhow::Result<Self> {
+        let host_ns = Netns::new("host")?;
+        let client_ns = Netns::new("cli")?;
+        veth(
+            &host_ns,
+            "up0",
+            &format!("{UPLINK}/24"),
+            &client_ns,
+            "cl0",
+            &format!("{CLIENT}/24"),
+        )?;
+        client_ns.run(&["ip", "addr", "add", &format!("{DENIED}/24"), "dev", "cl0"])?;
+        host_ns.run(&["ip", "route", "add", "default", "via", CLIENT])?;
         let ctl = TestController::start(
             db,
-            &format!("heartbeat_secs = {HEARTBEAT_SECS}\nheartbeat_timeout_secs = 30\nreconcile_secs = 1\n"),
+            &format!(
+                "heartbeat_secs = {HEARTBEAT_SECS}\nheartbeat_timeout_secs = 30\nreconcile_secs = 1\n\
+                 host_domain_suffix = {DOMAIN_SUFFIX:?}\n"
+            ),
         )?;
         let admin = ctl.admin();
         let jt = admin.post("/v1/admin/join-tokens", &json!({}))?;
         let token = jt["token"].as_str().context("join token")?;
         let agent = TestAgent::start_with(&format!(
-            "\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\naddress = \"127.0.0.1\"\npoll_wait_secs = 5\n",
-            ctl.url
+            "\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\n\
+             address = {UPLINK:?}\npoll_wait_secs = 5\n\n\
+             [network]\nnetns = {:?}\nhttps_listen = \"0.0.0.0:443\"\ndeny = [\"{DENIED}/32\"]\n\
+             drift_check_secs = 2\n",
+            ctl.url, host_ns.name
         ))?;
         let hosts = admin.wait_for(
             "/v1/admin/hosts",
@@ -98,16 +141,20 @@ impl Cloud {
             "/v1/admin/tokens",
             &json!({"name": "acme-e2e", "account": account}),
         )?;
-        let tenant = ctl.with_token(t["token"].as_str().context("tenant token")?);
+        let tenant_token = t["token"].as_str().context("tenant token")?.to_string();
+        let tenant = ctl.with_token(&tenant_token);
         Ok(Cloud {
             ctl,
             agent,
             admin,
             tenant,
+            tenant_token,
             account,
             flavor,
             image,
             host,
+            host_ns,
+            client_ns,
         })
     }
 

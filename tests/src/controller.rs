@@ -193,6 +193,21 @@ impl Api {
             .1)
     }
 
+    /// `GET path` as text (for non-JSON answers such as `/v1/ca.pem`).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()?;
+        let status = resp.status();
+        let text = resp.text()?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {text}");
+        }
+        Ok(text)
+    }
+
     /// The status of a GET (for authorisation checks).
     pub fn status_of_get(&self, path: &str) -> u16 {
         match self.call(self.http.get(format!("{}{path}", self.url))) {

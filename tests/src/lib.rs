@@ -8,5 +8,6 @@ pub mod cloud;
 pub mod controller;
 pub mod fixture;
 pub mod guest;
+pub mod https;
 pub mod netns;
 pub mod ssh;

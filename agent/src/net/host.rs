@@ -247,7 +247,9 @@ impl HostNet for CommandHost {
         // One listing, then a delete only for ports that have flows.
         let listing = self.run(
             "conntrack",
-            self.ns.command("conntrack").args(["-L", "-p", proto.as_str()]),
+            self.ns
+                .command("conntrack")
+                .args(["-L", "-p", proto.as_str()]),
             None,
         )?;
         let live = flows_by_orig_dport(&listing);
@@ -256,7 +258,13 @@ impl HostNet for CommandHost {
             let out = self
                 .ns
                 .command("conntrack")
-                .args(["-D", "-p", proto.as_str(), "--orig-port-dst", &port.to_string()])
+                .args([
+                    "-D",
+                    "-p",
+                    proto.as_str(),
+                    "--orig-port-dst",
+                    &port.to_string(),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .output()
@@ -292,7 +300,8 @@ pub fn flows_by_orig_dport(listing: &str) -> std::collections::HashSet<u16> {
 mod tests {
     #[test]
     fn conntrack_listings_give_original_ports() {
-        let l = "udp      17 29 src=10.77.0.2 dst=10.77.0.1 sport=40000 dport=20001 src=10.200.0.2 \
+        let l =
+            "udp      17 29 src=10.77.0.2 dst=10.77.0.1 sport=40000 dport=20001 src=10.200.0.2 \
                  dst=10.77.0.2 sport=7001 dport=40000 mark=0 use=1\n\
                  tcp      6 431999 ESTABLISHED src=10.77.0.2 dst=10.77.0.1 sport=5 dport=20000 \
                  src=10.200.0.2 dst=10.77.0.2 sport=22 dport=5 [ASSURED] mark=0 use=1\n";

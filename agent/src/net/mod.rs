@@ -85,6 +85,8 @@ struct State {
     problems: Vec<String>,
     /// The bridge's subnet and gateway as last ensured.
     bridge: Option<(Ipv4Net, std::net::Ipv4Addr)>,
+    applies: u64,
+    repairs: u64,
 }
 
 /// The data plane (see the module docs).
@@ -97,6 +99,19 @@ pub struct Network {
     tls_file: PathBuf,
     deny: Vec<Ipv4Net>,
     state: Mutex<State>,
+}
+
+/// The data plane's numbers, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct NetStats {
+    /// Forwards applied now: kernel TCP, kernel UDP, HTTPS (proxy).
+    pub tcp: usize,
+    pub udp: usize,
+    pub https: usize,
+    /// Rule replacements, and those that repaired drift.
+    pub applies: u64,
+    pub repairs: u64,
+    pub proxy: gantry_proxy::ProxyStats,
 }
 
 /// What an [`Network::apply`] did.
@@ -354,8 +369,12 @@ impl Network {
         if let (Some(subnet), Some(gw)) = (p.subnet, p.gateway) {
             let bridge = Some((subnet, gw));
             if full || self.lock().bridge != bridge {
-                self.host
-                    .ensure_bridge(&self.cfg.bridge, gw, subnet, self.cfg.loopback_forwards)?;
+                self.host.ensure_bridge(
+                    &self.cfg.bridge,
+                    gw,
+                    subnet,
+                    self.cfg.loopback_forwards,
+                )?;
                 self.lock().bridge = bridge;
             }
         }
@@ -395,6 +414,8 @@ impl Network {
         let mut st = self.lock();
         st.applied = Some(p);
         st.listing = Some(after);
+        st.applies += 1;
+        st.repairs += u64::from(same_plan);
         Ok(if same_plan {
             Applied::Repaired
         } else {
@@ -407,7 +428,10 @@ impl Network {
     /// forward existed would otherwise never reach the guest).
     fn flush_changed(&self, old: &NetPlan, new: &NetPlan) {
         let changed = plan::changed_ports(old, new);
-        for proto in [gantry_proto::net::Protocol::Tcp, gantry_proto::net::Protocol::Udp] {
+        for proto in [
+            gantry_proto::net::Protocol::Tcp,
+            gantry_proto::net::Protocol::Udp,
+        ] {
             let ports: Vec<u16> = changed
                 .iter()
                 .filter(|(p, port)| {
@@ -419,7 +443,9 @@ impl Network {
                 .map(|(_, port)| *port)
                 .collect();
             match self.host.flush_conntrack(proto, &ports) {
-                Ok(n) if n > 0 => tracing::info!(%proto, ports = n, "flushed flows of changed forwards"),
+                Ok(n) if n > 0 => {
+                    tracing::info!(%proto, ports = n, "flushed flows of changed forwards")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%proto, error = %e, "cannot flush conntrack entries"),
             }
@@ -432,6 +458,20 @@ impl Network {
         let mut st = self.lock();
         st.problems.retain(|p| !p.starts_with(what));
         st.problems.push(line);
+    }
+
+    /// Counts for `/metrics`.
+    pub fn stats(&self) -> NetStats {
+        let st = self.lock();
+        let p = st.applied.clone().unwrap_or_default();
+        NetStats {
+            tcp: p.tcp.len(),
+            udp: p.udp.len(),
+            https: p.https_ports.len(),
+            applies: st.applies,
+            repairs: st.repairs,
+            proxy: st.front.as_ref().map(|f| f.stats()).unwrap_or_default(),
+        }
     }
 
     /// The plan last applied (for tests and diagnostics).

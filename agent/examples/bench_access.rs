@@ -62,15 +62,41 @@ impl Rig {
         let host = Netns::new("bh")?;
         let client = Netns::new("bc")?;
         let guest = Netns::new("bg")?;
-        veth(&host, "up0", &format!("{UPLINK}/24"), &client, "cl0", &format!("{CLIENT}/24"))?;
+        veth(
+            &host,
+            "up0",
+            &format!("{UPLINK}/24"),
+            &client,
+            "cl0",
+            &format!("{CLIENT}/24"),
+        )?;
         // The client may also route straight to the guest network (the
         // "direct" path of the comparison).
         client.run(&["ip", "route", "add", "10.200.0.0/24", "via", UPLINK])?;
         let id = InstanceId::new();
         let tap = tap_name(id);
-        host.run(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &guest.name])?;
+        host.run(&[
+            "ip",
+            "link",
+            "add",
+            &tap,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &guest.name,
+        ])?;
         let ip: Ipv4Addr = GUEST.parse()?;
-        guest.run(&["ip", "link", "set", "eth0", "address", &MacAddr::for_ip(ip).to_string()])?;
+        guest.run(&[
+            "ip",
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &MacAddr::for_ip(ip).to_string(),
+        ])?;
         guest.run(&["ip", "addr", "add", &format!("{GUEST}/24"), "dev", "eth0"])?;
         guest.run(&["ip", "link", "set", "eth0", "up"])?;
         guest.run(&["ip", "route", "add", "default", "via", "10.200.0.1"])?;
@@ -81,11 +107,20 @@ impl Rig {
             ..NetworkConfig::default()
         };
         let net = Network::open_real(&cfg, state.path(), vec![])?;
-        let rig = Rig { host, client, guest, id, net, _state: state };
+        let rig = Rig {
+            host,
+            client,
+            guest,
+            id,
+            net,
+            _state: state,
+        };
         rig.set(1, &[(20000, 5001)])?;
         // The "direct" path must not be dropped by the forward filter: let
         // the client's flows to the guest in, for the comparison only.
-        rig.host.run(&["nft", "insert", "rule", "inet", "gantry", "forward", "ip", "saddr", CLIENT, "accept"])?;
+        rig.host.run(&[
+            "nft", "insert", "rule", "inet", "gantry", "forward", "ip", "saddr", CLIENT, "accept",
+        ])?;
         serve(&rig.guest)?;
         Ok(rig)
     }
@@ -157,21 +192,20 @@ fn serve(guest: &Netns) -> anyhow::Result<()> {
 }
 
 fn stream(client: &Netns, to: SocketAddr, d: Duration) -> anyhow::Result<f64> {
-    client
-        .enter(move || -> anyhow::Result<f64> {
-            let mut s = TcpStream::connect(to)?;
-            s.write_all(b"s")?;
-            let buf = vec![7u8; 256 * 1024];
-            let start = Instant::now();
-            let mut sent = 0u64;
-            while start.elapsed() < d {
-                s.write_all(&buf)?;
-                sent += buf.len() as u64;
-            }
-            s.shutdown(std::net::Shutdown::Write)?;
-            let _ = s.read(&mut [0u8; 1]);
-            Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
-        })?
+    client.enter(move || -> anyhow::Result<f64> {
+        let mut s = TcpStream::connect(to)?;
+        s.write_all(b"s")?;
+        let buf = vec![7u8; 256 * 1024];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < d {
+            s.write_all(&buf)?;
+            sent += buf.len() as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let _ = s.read(&mut [0u8; 1]);
+        Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+    })?
 }
 
 fn throughput(rig: &Rig, d: Duration) -> anyhow::Result<(f64, f64)> {
@@ -258,6 +292,9 @@ fn apply_many(rig: &Rig, n: u16) -> anyhow::Result<(f64, f64, usize)> {
     let reapply = t.elapsed().as_secs_f64() * 1e3;
     go_tx.send(())?;
     let alive = res_rx.recv().context("connections after the re-apply")??;
-    ensure!(alive == opened_n, "{alive} of {opened_n} connections survived the re-apply");
+    ensure!(
+        alive == opened_n,
+        "{alive} of {opened_n} connections survived the re-apply"
+    );
     Ok((apply, reapply, alive))
 }

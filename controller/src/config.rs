@@ -3,6 +3,7 @@
 //! Every key is optional; an unknown key is an error naming it. The file is
 //! documented, with its defaults, in `docs/controller.md`.
 
+use gantry_proto::net::{self, Ipv4Net};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,19 @@ pub struct Config {
     pub default_snapshot_quota_gib: u64,
     /// First host port used for port forwards.
     pub port_range_start: u16,
+    /// Last host port used for port forwards.
+    pub port_range_end: u16,
+    /// The network host access subnets are taken from.
+    pub access_network: Ipv4Net,
+    /// Prefix length of each host's access subnet (the lowest free one of
+    /// `access_network` is taken when the host first needs one).
+    pub access_subnet_prefix: u8,
+    /// HTTPS name suffix: a host's domain is `<host name>.<suffix>` (the
+    /// name as a DNS label); none: hosts have no domain.
+    pub host_domain_suffix: Option<String>,
+    /// The 32-byte key secrets are sealed with at rest; default
+    /// `<state-dir>/secret.key` (created 0600 at first start).
+    pub secret_key_file: Option<PathBuf>,
     /// Database pool size.
     pub max_db_connections: u32,
 }
@@ -85,6 +99,12 @@ impl Default for Config {
             min_root_disk_gib: 50,
             default_snapshot_quota_gib: 100,
             port_range_start: 20000,
+            port_range_end: 29999,
+            access_network: Ipv4Net::new(std::net::Ipv4Addr::new(10, 200, 0, 0), 16)
+                .unwrap_or_else(|_| unreachable!("a /16 is a valid prefix")),
+            access_subnet_prefix: 24,
+            host_domain_suffix: None,
+            secret_key_file: None,
             max_db_connections: 8,
         }
     }
@@ -133,12 +153,51 @@ impl Config {
         }
         positive("max_db_connections", self.max_db_connections.into())?;
         positive("port_range_start", self.port_range_start.into())?;
+        if self.port_range_end < self.port_range_start {
+            return Err((
+                "port_range_end",
+                format!(
+                    "must not be below port_range_start ({})",
+                    self.port_range_start
+                ),
+            ));
+        }
+        self.check_access()?;
         if let Some(t) = &self.admin_token {
             if t.len() < 16 {
                 return Err(("admin_token", "must be at least 16 characters".into()));
             }
         }
         Ok(())
+    }
+
+    fn check_access(&self) -> Result<(), (&'static str, String)> {
+        let (net, p) = (self.access_network, self.access_subnet_prefix);
+        if p < net.prefix() || p > 30 {
+            return Err((
+                "access_subnet_prefix",
+                format!("must be between {} (access_network's) and 30", net.prefix()),
+            ));
+        }
+        if let Some(s) = &self.host_domain_suffix {
+            net::dns_name("host_domain_suffix", s)
+                .map_err(|e| ("host_domain_suffix", e.message))?;
+        }
+        Ok(())
+    }
+
+    /// Where the secret key lives.
+    pub fn secret_key_path(&self, state_dir: &Path) -> PathBuf {
+        self.secret_key_file
+            .clone()
+            .unwrap_or_else(|| state_dir.join("secret.key"))
+    }
+
+    /// A host's HTTPS domain: `<hostname_for(name)>.<suffix>`, when a
+    /// suffix is configured.
+    pub fn host_domain(&self, host_name: &str) -> Option<String> {
+        let suffix = self.host_domain_suffix.as_ref()?;
+        Some(format!("{}.{suffix}", net::hostname_for(host_name)))
     }
 
     /// The database URL, defaulting to SQLite in `state_dir`.
@@ -174,5 +233,37 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.min_root_disk_gib, 80);
         assert_eq!(c.rate_limit_burst, 100);
+        assert_eq!(c.access_network.to_string(), "10.200.0.0/16");
+        assert_eq!((c.access_subnet_prefix, c.port_range_end), (24, 29999));
+    }
+
+    #[test]
+    fn access_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let bad = [
+            ("access_network = \"10.200.0.1/16\"\n", "host bits"),
+            ("access_subnet_prefix = 8\n", "access_subnet_prefix"),
+            ("access_subnet_prefix = 31\n", "access_subnet_prefix"),
+            ("port_range_start = 30000\n", "port_range_end"),
+            ("host_domain_suffix = \"Gpu_Cloud\"\n", "host_domain_suffix"),
+        ];
+        for (text, want) in bad {
+            std::fs::write(&p, text).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        std::fs::write(
+            &p,
+            "access_network = \"10.10.0.0/20\"\naccess_subnet_prefix = 26\n\
+             host_domain_suffix = \"gpu.example.com\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(
+            c.host_domain("GPU_1").as_deref(),
+            Some("gpu-1.gpu.example.com")
+        );
+        assert_eq!(c.secret_key_path(dir.path()), dir.path().join("secret.key"));
     }
 }

@@ -4,16 +4,20 @@
 //! [`serve`] is the whole service; `main.rs` adds flags, logging and
 //! systemd readiness; tests start it in-process on an ephemeral port.
 
+pub mod access;
 pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod credentials;
 pub mod db;
 pub mod error;
 pub mod openapi;
+pub mod pki;
 pub mod reconcile;
 pub mod scheduler;
+pub mod secrets;
 
 use gantry_proto::ids::HostId;
 use std::path::PathBuf;
@@ -32,6 +36,10 @@ pub struct Inner {
     pub limiter: auth::Limiter,
     /// Wakes a host's pending work long-poll.
     pub wake: Wakers,
+    /// Seals secrets at rest (passwords, tokens, host TLS keys).
+    pub sealer: secrets::Sealer,
+    /// The CA that signs the hosts' HTTPS certificates.
+    pub ca: pki::Ca,
 }
 
 /// One [`tokio::sync::Notify`] per host with a work long-poll, and whether
@@ -90,6 +98,10 @@ pub enum StartError {
     Db(#[from] db::DbError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+    #[error("the controller CA: {0}")]
+    Pki(#[from] pki::PkiError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -98,7 +110,8 @@ pub enum StartError {
 }
 
 /// Opens (and migrates) the database and builds the shared state. The
-/// admin token comes from `admin_token`, the config, or the state dir.
+/// admin token comes from `admin_token`, the config, or the state dir; the
+/// secret key and the CA are loaded from (or created in) the state dir.
 pub async fn open(
     cfg: Config,
     state_dir: &std::path::Path,
@@ -115,12 +128,16 @@ pub async fn open(
         tracing::info!(path = %f.display(), "admin token is in this file");
     }
     let limiter = auth::Limiter::new(cfg.rate_limit_per_second, cfg.rate_limit_burst);
+    let sealer = secrets::Sealer::load_or_create(&cfg.secret_key_path(state_dir))?;
+    let ca = pki::Ca::load_or_create(state_dir)?;
     Ok(AppState(Arc::new(Inner {
         db,
         verifier: auth::Verifier::new(&token),
         limiter,
         cfg,
         wake: Wakers::default(),
+        sealer,
+        ca,
     })))
 }
 

@@ -245,9 +245,12 @@ async fn work_long_poll_and_reports(s: Server) {
         .id();
     // Nothing to do: an empty answer once wait_secs has passed.
     let start = Instant::now();
-    let w = s.work(&h, 1).await;
+    let w = s.poll(&h, 1).await;
     assert!(start.elapsed() >= Duration::from_millis(900));
-    assert_eq!(w, json!({"instances": [], "ops": []}));
+    assert_eq!(
+        w,
+        json!({"instances": [], "ops": [], "access": null, "tls": null})
+    );
     let r = s
         .post(
             "/v1/instances",
@@ -301,7 +304,7 @@ async fn work_long_poll_and_reports(s: Server) {
         (Some("running"), Some(40))
     );
     let start = Instant::now();
-    let w = s.work(&h, 1).await;
+    let w = s.poll(&h, 1).await;
     assert!(start.elapsed() >= Duration::from_millis(900));
     assert_eq!(w["ops"][0]["phase"], "running");
     reports_and_wakes(&s, &t, &h, &op, &id).await;
@@ -325,7 +328,7 @@ async fn reports_and_wakes(s: &Server, t: &str, h: &str, op: &str, id: &str) {
     );
     // A new operation wakes a waiting poll early.
     let cred = s.cred(h);
-    let url = format!("{}/v1/agent/work?wait_secs=30", s.url);
+    let url = format!("{}/v1/agent/work?wait_secs=30&{}", s.url, s.known(h).await);
     let http = s.http.clone();
     let start = Instant::now();
     let poll = tokio::spawn(async move {

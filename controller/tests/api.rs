@@ -275,7 +275,8 @@ async fn openapi_lists_every_route_and_the_router_answers_each() {
         );
         let real = path
             .replace("{id}", "ins-00000000000000000000000000000000")
-            .replace("{view}", "config");
+            .replace("{view}", "config")
+            .replace("{fwd}", "fwd-00000000000000000000000000000000");
         let method: Method = m.to_uppercase().parse().unwrap();
         let r = s.call(method, &real, ADMIN, Some(json!({}))).await;
         assert_ne!(r.status, 405, "{m} {path}");
@@ -289,14 +290,17 @@ async fn openapi_lists_every_route_and_the_router_answers_each() {
 
 #[tokio::test]
 async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
-    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
+    // The whole log, at debug level, goes to a file (a pipe would fill up).
+    let logs = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(logs.path().join("log")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gantry-controller"))
         .args(["--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.path())
         .env_remove("GANTRY_ADMIN_TOKEN")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
+        .env("RUST_LOG", "debug")
+        .stderr(log.try_clone().unwrap())
+        .stdout(log)
         .spawn()
         .unwrap();
     let http = reqwest::Client::new();
@@ -346,8 +350,11 @@ async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
         .await
         .unwrap();
     let cred = joined["credential"].as_str().unwrap().to_string();
+    let secrets = instance_secrets(&http, &url, token).await;
+    // A poll that already has the host's access state and certificate waits.
+    let known = known_state(&http, &url, &cred).await;
     let poll = tokio::spawn(
-        http.get(format!("{url}/v1/agent/work?wait_secs=60"))
+        http.get(format!("{url}/v1/agent/work?wait_secs=60&{known}"))
             .bearer_auth(cred)
             .send(),
     );
@@ -361,21 +368,67 @@ async fn the_binary_generates_a_private_admin_token_and_stops_on_sigterm() {
         "shutdown waited for the long-poll"
     );
     assert_eq!(poll.await.unwrap().unwrap().status(), 200);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = std::fs::read_to_string(logs.path().join("log")).unwrap();
     assert!(out.contains("admin-token"), "{out}");
     assert!(!out.contains(token), "the token was logged");
+    for secret in secrets {
+        assert!(!out.contains(&secret), "an instance secret was logged");
+    }
+}
+
+/// `access_rev=R&tls=F` of what the host has now.
+async fn known_state(http: &reqwest::Client, url: &str, cred: &str) -> String {
+    let w: serde_json::Value = http
+        .get(format!("{url}/v1/agent/work?wait_secs=0"))
+        .bearer_auth(cred)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    format!(
+        "access_rev={}&tls={}",
+        w["access"]["rev"],
+        w["tls"]["fingerprint"].as_str().unwrap()
+    )
+}
+
+/// Creates an instance on the joined host and returns its root password,
+/// JupyterLab token and password hash (none of which may be logged).
+async fn instance_secrets(http: &reqwest::Client, url: &str, admin: &str) -> Vec<String> {
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{url}{path}"))
+            .bearer_auth(admin)
+            .json(&body)
+            .send()
+    };
+    let get = |path: &str| http.get(format!("{url}{path}")).bearer_auth(admin).send();
+    let json = |r: reqwest::Response| async move { r.json::<serde_json::Value>().await.unwrap() };
+    let a = json(
+        post("/v1/admin/accounts", json!({"name": "logs"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let acct = a["id"].as_str().unwrap();
+    let credit = json!({"amount_micros": 1_000_000});
+    post(&format!("/v1/admin/accounts/{acct}/credits"), credit)
+        .await
+        .unwrap();
+    let f = json!({"name": "small", "vcpus": 1, "memory_mib": 1024, "root_disk_gib": 10,
+        "price_micros_per_hour": 1});
+    let f = json(post("/v1/admin/flavors", f).await.unwrap()).await;
+    let img = json!({"name": "img", "size_gib": 1, "origin": {"from": "file", "disk": "/x"}});
+    let img = json(post("/v1/admin/images", img).await.unwrap()).await;
+    let ins = json!({"name": "w", "flavor": f["id"], "image": img["id"], "account": acct});
+    let ins = json(post("/v1/instances", ins).await.unwrap()).await;
+    let id = ins["id"].as_str().expect("instance created").to_string();
+    let pw = json(get(&format!("/v1/instances/{id}/password")).await.unwrap()).await;
+    let acc = json(get(&format!("/v1/instances/{id}/access")).await.unwrap()).await;
+    let jl = acc["jupyter_url"].as_str().unwrap();
+    let token = jl.split("token=").nth(1).unwrap().to_string();
+    vec![pw["password"].as_str().unwrap().to_string(), token]
 }
 
 fn nix_kill(pid: u32) {
@@ -443,4 +496,141 @@ async fn gantryctl_prints_tables_json_and_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs an admin token"));
     let out = ctl("", &["flavor", "list"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("set GANTRY_TOKEN"));
+    assert_eq!(out.status.code(), Some(3));
+    gantryctl_access(&s, &tok, &id).await;
+}
+
+/// Runs gantryctl against `url`: exit code, stdout, stderr.
+fn run_ctl(url: &str, token: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gantryctl"))
+        .args(args)
+        .env("GANTRY_URL", url)
+        .env("GANTRY_TOKEN", token)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Forwards, SSH keys, the CA, the Access view, passwords; exit codes.
+async fn gantryctl_access(s: &Server, tok: &str, id: &str) {
+    let ctl = |token: &str, args: &[&str]| run_ctl(&s.url, token, args);
+    let add = [
+        "--json",
+        "forward",
+        "add",
+        id,
+        "--guest-port",
+        "3000",
+        "--https",
+        "--label",
+        "Grafana",
+    ];
+    let (code, out, err) = ctl(tok, &add);
+    assert_eq!(code, Some(0), "{err}");
+    let fwd: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fwd = fwd["id"].as_str().unwrap().to_string();
+    let (_, out, _) = ctl(tok, &["forward", "list", id]);
+    assert!(
+        out.contains("Grafana") && out.contains("https://h1.example:20002/"),
+        "{out}"
+    );
+    let (code, _, err) = ctl(tok, &["forward", "edit", id, &fwd, "--label", "Dash"]);
+    assert_eq!(code, Some(0), "{err}");
+    let bad = [
+        "forward",
+        "add",
+        id,
+        "--guest-port",
+        "53",
+        "--protocol",
+        "udp",
+        "--https",
+    ];
+    let (code, _, err) = ctl(tok, &bad);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("HTTPS forwards must use the tcp protocol"),
+        "{err}"
+    );
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl u@h";
+    let (code, _, err) = ctl(tok, &["ssh-key", "add", "--name", "laptop", "--key", key]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = ctl(tok, &["ssh-key", "list"]);
+    assert!(
+        out.contains("SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU"),
+        "{out}"
+    );
+    let (_, out, _) = ctl(tok, &["ca"]);
+    assert!(out.starts_with("-----BEGIN CERTIFICATE-----"), "{out}");
+    let (_, out, _) = ctl(tok, &["instance", "get", id, "--view", "access"]);
+    assert!(out.contains("ssh -p 20000 root@h1.example"), "{out}");
+    assert!(out.contains("https://h1.example:20001/lab?token="), "{out}");
+    assert!(
+        out.contains("Password:   set") && out.contains("Dash"),
+        "{out}"
+    );
+    let (_, out, _) = ctl(tok, &["--json", "instance", "password", id]);
+    let pw: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pw["user"], "root");
+    gantryctl_exit_codes(s, tok, id).await;
+}
+
+/// Exit codes: local input 3, usage 2, unreachable 4.
+async fn gantryctl_exit_codes(s: &Server, tok: &str, id: &str) {
+    let ctl = |token: &str, args: &[&str]| run_ctl(&s.url, token, args);
+    let (code, _, err) = ctl(
+        ADMIN,
+        &[
+            "host",
+            "set-certificate",
+            "h1",
+            "--cert",
+            "/nonexistent",
+            "--key",
+            "/x",
+        ],
+    );
+    assert_eq!(code, Some(3), "{err}");
+    let (code, _, _) = ctl(tok, &["forward", "add", id]);
+    assert_eq!(code, Some(2), "a missing option is a usage error");
+    let (code, _, _) = run_ctl("http://127.0.0.1:1", tok, &["flavor", "list"]);
+    assert_eq!(code, Some(4), "the controller cannot be reached");
+    gantryctl_reset(s, tok, id).await;
+}
+
+/// `instance password --reset` waits for its operation and prints the
+/// host's note.
+async fn gantryctl_reset(s: &Server, tok: &str, id: &str) {
+    s.observe(id, "Running").await;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gantryctl"))
+        .args(["instance", "password", id, "--reset", "--wait-secs", "30"])
+        .env("GANTRY_URL", &s.url)
+        .env("GANTRY_TOKEN", tok)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut op = None;
+    for _ in 0..100 {
+        op = s.op_of(id).await;
+        if op.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let op = op.expect("the reset's operation");
+    let host = s.host_of(id).await;
+    let note = "applied through the guest agent";
+    let r = s
+        .report(
+            &host,
+            op["id"].as_str().unwrap(),
+            json!({"outcome": "succeeded", "progress": 100, "note": note}),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(note));
 }

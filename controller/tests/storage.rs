@@ -58,13 +58,13 @@ async fn lifecycle(s: Server) {
     );
     let acc = s.get(&format!("/v1/instances/{id}/access"), &t).await.body;
     assert_eq!(acc["host_address"], "h1.example");
-    let guest: Vec<u64> = acc["port_forwards"]
+    let guest: Vec<u64> = acc["forwards"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p["guest_port"].as_u64().unwrap())
         .collect();
-    assert_eq!(guest, vec![22, 8080]);
+    assert_eq!(guest, vec![22, 8080, 8888]);
     let hw = s
         .get(&format!("/v1/instances/{id}/hardware"), &t)
         .await

@@ -29,7 +29,15 @@ pub fn get(ns: &Netns, url: &str, ca_pem: &str, addr: SocketAddr) -> anyhow::Res
             .resolve(&host, addr)
             .timeout(TIMEOUT)
             .build()?;
-        let resp = client.get(&url).send()?;
+        let resp = client.get(&url).send().map_err(|e| {
+            let mut chain = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                chain.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            anyhow::anyhow!(chain)
+        })?;
         let status = resp.status().as_u16();
         Ok((status, resp.text()?))
     })?

@@ -20,7 +20,7 @@ use gantry_tests::https;
 use gantry_tests::netns::Netns;
 use gantry_tests::ssh::{self, SshAuth, SshTarget};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,18 @@ fn udp_ask(ns: &Netns, to: SocketAddr, payload: &str) -> std::io::Result<String>
     .map_err(std::io::Error::other)?
 }
 
+/// What the guest's echo services report, without the client's port:
+/// `peer 10.79.0.2:41000 hi` -> `peer 10.79.0.2 hi`.
+fn peer(line: &str) -> String {
+    let mut w: Vec<String> = line.split(' ').map(str::to_string).collect();
+    if let Some(a) = w.get_mut(1) {
+        if let Some((ip, _)) = a.rsplit_once(':') {
+            *a = ip.to_string();
+        }
+    }
+    w.join(" ")
+}
+
 fn addr(port: u16) -> SocketAddr {
     format!("{UPLINK}:{port}").parse().expect("address")
 }
@@ -145,11 +157,20 @@ fn access_end_to_end_through_controller_agent_and_guest() -> anyhow::Result<()> 
         return Ok(());
     }
     let mut cloud = Cloud::start(&Database::Sqlite)?;
+    let r = whole_access(&mut cloud);
+    if r.is_err() {
+        eprintln!("--- agent log ---\n{}", cloud.agent.log_tail());
+        eprintln!("--- controller log ---\n{}", cloud.ctl.log_tail());
+    }
+    r
+}
+
+fn whole_access(cloud: &mut Cloud) -> anyhow::Result<()> {
     let keys = tempfile::tempdir()?;
     let (key, public) = ssh::keygen(keys.path(), "laptop")?;
     std::fs::write(keys.path().join("laptop.pub"), format!("{public}\n"))?;
     gantryctl(
-        &cloud,
+        cloud,
         &[
             "ssh-key",
             "add",
@@ -162,15 +183,15 @@ fn access_end_to_end_through_controller_agent_and_guest() -> anyhow::Result<()> 
     let ca = cloud.tenant.get_text("/v1/ca.pem")?;
     ensure!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
 
-    let id = boot(&cloud, "web", ("image", &cloud.image))?;
-    let web = reach(&cloud, &id)?;
-    ssh_logins(&cloud, &web, &key)?;
-    jupyter_over_https(&cloud, &id, &ca)?;
-    custom_forwards(&cloud, &id)?;
-    isolation(&cloud, &web)?;
-    survives_agent_restart_and_stop_start(&mut cloud, &web, &ca)?;
-    let new_password = password_reset_at_next_boot(&cloud, &web)?;
-    clone_has_its_own_password(&cloud, &id, &new_password)?;
+    let id = boot(cloud, "web", ("image", &cloud.image))?;
+    let web = reach(cloud, &id)?;
+    ssh_logins(cloud, &web, &key)?;
+    jupyter_over_https(cloud, &id, &ca)?;
+    custom_forwards(cloud, &id, &ca)?;
+    isolation(cloud, &web)?;
+    survives_agent_restart_and_stop_start(cloud, &web, &ca)?;
+    let new_password = password_reset_at_next_boot(cloud, &web)?;
+    clone_has_its_own_password(cloud, &id, &new_password)?;
     // Release frees the ports.
     cloud.act(&id, "release")?;
     cloud.wait_state(&id, "Released")?;
@@ -262,7 +283,7 @@ fn jupyter_over_https(cloud: &Cloud, id: &str, ca: &str) -> anyhow::Result<()> {
 
 /// Adds TCP and UDP forwards with gantryctl, edits one, deletes both; an
 /// open UDP flow stops with the delete.
-fn custom_forwards(cloud: &Cloud, id: &str) -> anyhow::Result<()> {
+fn custom_forwards(cloud: &Cloud, id: &str, ca: &str) -> anyhow::Result<()> {
     let tcp: Value = serde_json::from_str(&gantryctl(
         cloud,
         &[
@@ -308,11 +329,15 @@ fn custom_forwards(cloud: &Cloud, id: &str) -> anyhow::Result<()> {
             Err(e) => bail!("TCP forward {tport} never answered: {e}"),
         }
     };
-    assert_eq!(greeting, format!("peer {CLIENT}"));
-    assert_eq!(
-        udp_ask(&cloud.client_ns, addr(uport), "hi")?,
-        format!("peer {CLIENT} hi")
-    );
+    assert_eq!(peer(&greeting), format!("peer {CLIENT}"));
+    let mut hi = String::new();
+    wait_until("the UDP forward", || {
+        udp_ask(&cloud.client_ns, addr(uport), "hi").is_ok_and(|r| {
+            hi = r;
+            true
+        })
+    })?;
+    assert_eq!(peer(&hi), format!("peer {CLIENT} hi"));
     // An open UDP flow: one socket, one 5-tuple, kept across the delete.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (back, answers) = std::sync::mpsc::channel::<std::io::Result<String>>();
@@ -332,22 +357,27 @@ fn custom_forwards(cloud: &Cloud, id: &str) -> anyhow::Result<()> {
     })?;
     tx.send(())?;
     assert_eq!(
-        answers.recv()?.context("open UDP flow")?,
+        peer(&answers.recv()?.context("open UDP flow")?),
         format!("peer {CLIENT} flow")
     );
-    // Edit: the TCP forward now leads to the web server.
+    // Edit: served over HTTPS now, by the proxy (the echo service speaks
+    // no HTTP, so the proxy answers 502), then back to the kernel.
     let fid = tcp["id"].as_str().context("forward id")?;
-    gantryctl(cloud, &["forward", "edit", id, fid, "--guest-port", "8888"])?;
-    wait_until("the edited forward to reach 8888", || {
-        let head = cloud.client_ns.enter(move || -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr(tport), T)?;
-            s.set_read_timeout(Some(T))?;
-            s.write_all(b"GET /lab HTTP/1.0\r\n\r\n")?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line)?;
-            Ok(line)
-        });
-        matches!(head, Ok(Ok(l)) if l.starts_with("HTTP/1.1 403"))
+    gantryctl(
+        cloud,
+        &[
+            "forward", "edit", id, fid, "--https", "true", "--label", "echo-tls",
+        ],
+    )?;
+    let url = format!("https://{UPLINK}:{tport}/");
+    wait_until("the edited forward to be served over HTTPS", || {
+        https::get(&cloud.client_ns, &url, ca, addr(tport)).is_ok_and(|(s, _)| s == 502)
+    })?;
+    let listed = gantryctl(cloud, &["forward", "list", id])?;
+    assert!(listed.contains("echo-tls"), "{listed}");
+    gantryctl(cloud, &["forward", "edit", id, fid, "--https", "false"])?;
+    wait_until("the edited forward back in the kernel", || {
+        tcp_line(&cloud.client_ns, addr(tport)).is_ok_and(|l| peer(&l) == format!("peer {CLIENT}"))
     })?;
     gantryctl(cloud, &["forward", "delete", id, fid])?;
     gantryctl(
@@ -412,7 +442,7 @@ fn isolation(cloud: &Cloud, web: &Reach) -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        tcp_line(&cloud.client_ns, addr(7000))?,
+        peer(&tcp_line(&cloud.client_ns, addr(7000))?),
         format!("peer {CLIENT}"),
         "the host service answers the outside"
     );
@@ -439,7 +469,7 @@ fn isolation(cloud: &Cloud, web: &Reach) -> anyhow::Result<()> {
     );
     // A second account's guest: not directly, only through its public ports.
     let other = second_account_guest(cloud)?;
-    let other_acc = access(cloud, &other)?;
+    let other_acc = cloud.admin.get(&format!("/v1/instances/{other}/access"))?;
     let other_ip = other_acc["private_ip"].as_str().context("private_ip")?;
     assert!(
         !guest_reaches(&vm, other_ip, 22)?,

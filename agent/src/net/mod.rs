@@ -141,10 +141,8 @@ impl Network {
         let listen = cfg.https_addr();
         let path = ns.path();
         let start: FrontStarter = Box::new(move || {
-            let _ = (listen, path.clone());
-            Err(NetError::Https(
-                "the HTTPS front is not built into this agent yet".into(),
-            ))
+            https::ProxyFront::start(listen, path.clone())
+                .map(|f| Arc::new(f) as Arc<dyn HttpsFront>)
         });
         let host = Box::new(host::CommandHost::new(ns.clone()));
         Self::open(cfg, ns, host, start, state_dir, deny)

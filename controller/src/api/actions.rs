@@ -383,18 +383,19 @@ pub async fn batch(
 /// Applies a state the instance's host observed (heartbeat or operation
 /// report) through [`InstanceState::observe`]; an impossible report (e.g.
 /// Released -> Running) is logged and ignored. Reaching Released or Failed
-/// gives the host resources, ports and volume back.
+/// gives the host resources, address, ports and volume back. Returns
+/// whether the host's forwards changed (its long poll is to be woken).
 pub(crate) async fn apply_observed(
     tx: &mut Tx,
     rec: &InstanceRec,
     to: InstanceState,
-) -> Result<(), crate::db::DbError> {
+) -> Result<bool, crate::db::DbError> {
     if to == rec.observed {
-        return Ok(());
+        return Ok(false);
     }
     if let Err(e) = rec.observed.observe(to) {
         tracing::warn!(instance = %rec.id, error = %e, "ignoring an observed state");
-        return Ok(());
+        return Ok(false);
     }
     sqlx::query(
         "UPDATE instances SET observed_state = $1, state_since_ms = $2 WHERE id = $3 \
@@ -407,27 +408,25 @@ pub(crate) async fn apply_observed(
     .execute(&mut **tx)
     .await?;
     if to.is_final() && !rec.observed.is_final() {
-        release_resources(tx, rec).await?;
+        return release_resources(tx, rec).await;
     }
-    Ok(())
+    Ok(false)
 }
 
-/// Gives back what a final instance held: capacity, GPUs, ports, volume.
+/// Gives back what a final instance held: capacity, GPUs, address, ports,
+/// volume. Returns whether the host's forwards changed.
 pub(crate) async fn release_resources(
     tx: &mut Tx,
     rec: &InstanceRec,
-) -> Result<(), crate::db::DbError> {
+) -> Result<bool, crate::db::DbError> {
     let id = rec.id.to_string();
     if let Some(h) = &rec.host {
         scheduler::free(tx, h, rec.id, rec.vcpus, rec.memory_mib, rec.root_disk_gib).await?;
     }
-    sqlx::query("DELETE FROM port_forwards WHERE instance_id = $1")
-        .bind(&id)
-        .execute(&mut **tx)
-        .await?;
+    let changed = crate::access::release(tx, rec.host.as_ref(), rec.id).await?;
     sqlx::query("UPDATE volumes SET instance_id = NULL WHERE instance_id = $1")
         .bind(&id)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(changed)
 }

@@ -218,8 +218,11 @@ async fn heartbeat(
     // a heartbeat and an op report) cannot deadlock.
     hb.instances.sort_by_key(|o| o.id);
     hb.usage.sort_by_key(|u| u.instance);
+    if hb.https_port == Some(0) {
+        return Err(ApiError::invalid("https_port", "must be 1 to 65535"));
+    }
     let mut attempt = 0;
-    let billed = loop {
+    let (billed, changed) = loop {
         attempt += 1;
         match heartbeat_once(&st, &host, &hb).await {
             Err(e) if e.is_retryable() && attempt < crate::db::WRITE_ATTEMPTS => {
@@ -228,6 +231,9 @@ async fn heartbeat(
             r => break r?,
         }
     };
+    if changed {
+        st.wake.wake(&host);
+    }
     Ok(Json(HeartbeatAck {
         heartbeat_secs: st.cfg.heartbeat_secs,
         billed,
@@ -255,12 +261,13 @@ fn check_problems(problems: &[String]) -> ApiResult<()> {
     Ok(())
 }
 
-/// One attempt at applying a heartbeat, in one transaction.
+/// One attempt at applying a heartbeat, in one transaction: the billed
+/// counters, and whether the host's forwards changed.
 async fn heartbeat_once(
     st: &AppState,
     host: &HostId,
     hb: &AgentHeartbeat,
-) -> ApiResult<Vec<UsageAck>> {
+) -> ApiResult<(Vec<UsageAck>, bool)> {
     let mut tx = st.db.begin_write().await?;
     // Any heartbeat shows the host is alive; only a newer one says more.
     sqlx::query("UPDATE hosts SET last_heartbeat_ms = $1 WHERE id = $2")
@@ -268,12 +275,13 @@ async fn heartbeat_once(
         .bind(host.to_string())
         .execute(&mut *tx)
         .await?;
-    // Health, capacity and problems, in one statement, only from a newer
-    // heartbeat than the last one applied.
+    // Health, capacity, problems and the HTTPS port, in one statement, only
+    // from a newer heartbeat than the last one applied.
+    let mut changed = false;
     let c = &hb.capacity;
     let fresh = sqlx::query(
         "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2, vcpus = $3, \
-         memory_mib = $4, disk_gib = $5, problems = $6 WHERE id = $7 \
+         memory_mib = $4, disk_gib = $5, problems = $6, https_port = $7 WHERE id = $8 \
          AND last_heartbeat_sent_ms < $1",
     )
     .bind(hb.sent_at_ms)
@@ -282,6 +290,7 @@ async fn heartbeat_once(
     .bind(c.memory_mib as i64)
     .bind(c.disk_gib as i64)
     .bind(hb.problems.join("\n"))
+    .bind(hb.https_port.map(i64::from))
     .bind(host.to_string())
     .execute(&mut *tx)
     .await?
@@ -293,7 +302,7 @@ async fn heartbeat_once(
         }
         super::hosts::sync_gpus(&mut tx, host, &c.gpus).await?;
         for o in &hb.instances {
-            commands::observe(&mut tx, host, o.id, o.state).await?;
+            changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
         }
         if let Some(store) = &hb.store {
             store_usage(&mut tx, host, store).await?;
@@ -314,7 +323,7 @@ async fn heartbeat_once(
         snapshot_sizes(&mut tx, host, sizes, shared).await?;
     }
     tx.commit().await?;
-    Ok(billed)
+    Ok((billed, changed))
 }
 
 /// Applies the sizes a host measured after compacting its store to its
@@ -374,14 +383,16 @@ async fn store_usage(tx: &mut Tx, host: &HostId, store: &[StoreUsage]) -> ApiRes
     Ok(())
 }
 
-/// `GET /v1/agent/work?wait_secs=N`.
+/// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F`: answers at once
+/// while an operation is pending or the access state or certificate is
+/// news to the agent.
 async fn work(
     State(st): State<AppState>,
     who: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Work>> {
     let host = host_of(&who)?;
-    query(&q, &["wait_secs"])?;
+    query(&q, &["wait_secs", "access_rev", "tls"])?;
     let wait = match q.get("wait_secs") {
         None => DEFAULT_WAIT_SECS,
         Some(w) => w
@@ -389,17 +400,27 @@ async fn work(
             .map_err(|_| ApiError::bad("wait_secs", "must be a whole number of seconds"))?,
     };
     validate::in_range("wait_secs", wait, 0, MAX_WAIT_SECS)?;
+    let rev = match q.get("access_rev") {
+        None => None,
+        Some(r) => Some(
+            r.parse::<u64>()
+                .map_err(|_| ApiError::bad("access_rev", "must be a whole number"))?,
+        ),
+    };
+    let tls = q.get("tls").map(String::as_str);
     // Listen before looking, so a wake between the two is not lost.
     let notify = st.wake.get(&host);
     let woken = notify.notified();
     tokio::pin!(woken);
     woken.as_mut().enable();
-    let w = commands::build_work(&st, &host).await?;
-    if wait == 0 || st.wake.closed() || w.ops.iter().any(|o| o.phase == OpPhase::Pending) {
+    let w = commands::build_work(&st, &host, rev, tls).await?;
+    let news = w.access.is_some() || w.tls.is_some();
+    let pending = w.ops.iter().any(|o| o.phase == OpPhase::Pending);
+    if wait == 0 || st.wake.closed() || pending || news {
         return Ok(Json(w));
     }
     let _ = tokio::time::timeout(Duration::from_secs(wait), woken).await;
-    Ok(Json(commands::build_work(&st, &host).await?))
+    Ok(Json(commands::build_work(&st, &host, rev, tls).await?))
 }
 
 /// `POST /v1/agent/ops/{id}`.
@@ -415,6 +436,12 @@ async fn report(
     if let Some(e) = &r.error {
         validate::free_text("error", e, 2000)?;
     }
+    if let Some(n) = &r.note {
+        validate::free_text("note", n, 500)?;
+        if n.contains('\n') {
+            return Err(ApiError::invalid("note", "must be one line"));
+        }
+    }
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -422,20 +449,31 @@ async fn report(
             Err(e) if e.is_retryable() && attempt < crate::db::WRITE_ATTEMPTS => {
                 tracing::debug!(%host, op = %id, attempt, error = %e, "report conflicted; retrying");
             }
-            res => break res.map(|()| StatusCode::NO_CONTENT),
+            res => {
+                if res? {
+                    st.wake.wake(&host);
+                }
+                break Ok(StatusCode::NO_CONTENT);
+            }
         }
     }
 }
 
 /// One attempt at applying an op report, in one transaction; the host row
-/// is locked first, as in heartbeats (see [`heartbeat`]).
-async fn report_once(st: &AppState, host: &HostId, id: OperationId, r: &OpReport) -> ApiResult<()> {
+/// is locked first, as in heartbeats (see [`heartbeat`]). Returns whether
+/// the host's forwards changed.
+async fn report_once(
+    st: &AppState,
+    host: &HostId,
+    id: OperationId,
+    r: &OpReport,
+) -> ApiResult<bool> {
     let mut tx = st.db.begin_write().await?;
     sqlx::query("UPDATE hosts SET last_heartbeat_ms = last_heartbeat_ms WHERE id = $1")
         .bind(host.to_string())
         .execute(&mut *tx)
         .await?;
-    commands::apply_report(&mut tx, host, id, r).await?;
+    let changed = commands::apply_report(&mut tx, host, id, r).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(changed)
 }

@@ -7,6 +7,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use gantry_proto::api::agent::*;
 use gantry_proto::ids::*;
+use gantry_proto::net::{GuestConfig, Ipv4Net, MacAddr, NicSpec, Secret};
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
 use gantry_proto::validate::PciAddress;
 use gantry_proto::InstanceState;
@@ -30,10 +31,16 @@ fn op_row(r: &sqlx::any::AnyRow) -> Result<OpRow, DbError> {
     })
 }
 
-/// The host's non-final instances and its unfinished operations. An
-/// operation whose command cannot be built (its image is gone, say) is
-/// failed here with the reason.
-pub async fn build_work(st: &AppState, host: &HostId) -> ApiResult<Work> {
+/// The host's non-final instances, its unfinished operations, and its
+/// access state and certificate unless the agent already has them
+/// (`known_rev`, `known_tls`). An operation whose command cannot be built
+/// (its image is gone, say) is failed here with the reason.
+pub async fn build_work(
+    st: &AppState,
+    host: &HostId,
+    known_rev: Option<u64>,
+    known_tls: Option<&str>,
+) -> ApiResult<Work> {
     let found = sqlx::query(
         "SELECT id, desired_state, observed_state FROM instances WHERE host_id = $1 AND \
          observed_state NOT IN ('Released', 'Failed') ORDER BY id",
@@ -87,11 +94,12 @@ pub async fn build_work(st: &AppState, host: &HostId) -> ApiResult<Work> {
             }
         }
     }
+    let (access, tls) = super::certs::access_and_tls(st, host).await?;
     Ok(Work {
         instances,
         ops,
-        access: None,
-        tls: None,
+        access: access.filter(|a| Some(a.rev) != known_rev),
+        tls: tls.filter(|t| Some(t.fingerprint.as_str()) != known_tls),
     })
 }
 
@@ -161,6 +169,20 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
         "delete-snapshot" => AgentCommand::DeleteSnapshot {
             snapshot: snapshot_of(&op.detail)?,
         },
+        "set-password" => {
+            let id = op.instance.ok_or_else(|| gone("no instance".into()))?;
+            let row = sqlx::query("SELECT root_password_hash FROM instances WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&st.db.pool)
+                .await?
+                .ok_or_else(|| gone(format!("instance {id} is gone")))?;
+            let hash: Option<String> = col(&row, "root_password_hash")?;
+            AgentCommand::SetPassword {
+                password_hash: Secret::new(
+                    hash.ok_or_else(|| gone(format!("instance {id} has no password")))?,
+                ),
+            }
+        }
         other => return Err(gone(format!("unknown operation kind {other:?}"))),
     })
 }
@@ -204,10 +226,68 @@ async fn create_command(st: &AppState, rec: &InstanceRec) -> ApiResult<AgentComm
         image: image.image,
         data_volume,
         gpus,
-        nic: None,
-        guest: None,
+        nic: nic_spec(st, rec).await?,
+        guest: guest_config(st, rec).await?,
     };
     Ok(AgentCommand::Create { spec, image })
+}
+
+/// The instance's access NIC: its lease on the host's subnet (none for
+/// instances created before instances had addresses).
+async fn nic_spec(st: &AppState, rec: &InstanceRec) -> ApiResult<Option<NicSpec>> {
+    let row = sqlx::query(
+        "SELECT l.ip, h.access_subnet FROM ip_leases l JOIN hosts h ON h.id = l.host_id \
+         WHERE l.instance_id = $1",
+    )
+    .bind(rec.id.to_string())
+    .fetch_optional(&st.db.pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let ip: std::net::Ipv4Addr = parsed(&row, "ip", "ip_leases")?;
+    let subnet: Ipv4Net = parsed(&row, "access_subnet", "hosts")?;
+    Ok(Some(NicSpec {
+        mac: MacAddr::for_ip(ip),
+        ip,
+        subnet,
+        gateway: crate::access::gateway(subnet),
+    }))
+}
+
+/// What the guest is told at boot: its hostname, root's password hash,
+/// the account's SSH keys as they are now and the JupyterLab token.
+async fn guest_config(st: &AppState, rec: &InstanceRec) -> ApiResult<Option<GuestConfig>> {
+    let row =
+        sqlx::query("SELECT root_password_hash, jupyter_token_sealed FROM instances WHERE id = $1")
+            .bind(rec.id.to_string())
+            .fetch_one(&st.db.pool)
+            .await?;
+    let hash: Option<String> = col(&row, "root_password_hash")?;
+    let token: Option<String> = col(&row, "jupyter_token_sealed")?;
+    let (Some(hash), Some(token)) = (hash, token) else {
+        return Ok(None);
+    };
+    let token = st
+        .sealer
+        .open(&crate::credentials::token_context(rec.id), &token)
+        .map_err(|e| gone(e.to_string()))?;
+    let found = sqlx::query(
+        "SELECT public_key FROM ssh_keys WHERE account_id = $1 ORDER BY created_ms, id",
+    )
+    .bind(rec.account.to_string())
+    .fetch_all(&st.db.pool)
+    .await?;
+    let keys = found
+        .iter()
+        .map(|r| col::<String>(r, "public_key"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(GuestConfig {
+        hostname: gantry_proto::net::hostname_for(&rec.name),
+        root_password_hash: Secret::new(hash),
+        ssh_authorized_keys: keys,
+        jupyter_token: token,
+    }))
 }
 
 /// Where the instance's base image comes from: the image's own origin,
@@ -273,30 +353,31 @@ async fn load_on(
 }
 
 /// Applies a state `host` observed for `id`; instances of other hosts (or
-/// unknown ones) are ignored with a warning.
+/// unknown ones) are ignored with a warning. Returns whether the host's
+/// forwards changed.
 pub async fn observe(
     tx: &mut Tx,
     host: &HostId,
     id: InstanceId,
     state: InstanceState,
-) -> Result<(), DbError> {
+) -> Result<bool, DbError> {
     match load_on(tx, host, id).await? {
         Some(rec) => super::actions::apply_observed(tx, &rec, state).await,
         None => {
             tracing::warn!(instance = %id, %host, "ignoring a state for an instance not on this host");
-            Ok(())
+            Ok(false)
         }
     }
 }
 
 /// Applies an operation report of `host` (idempotent: an ended operation
-/// is left as it is).
+/// is left as it is). Returns whether the host's forwards changed.
 pub async fn apply_report(
     tx: &mut Tx,
     host: &HostId,
     id: OperationId,
     r: &OpReport,
-) -> ApiResult<()> {
+) -> ApiResult<bool> {
     let row = sqlx::query(
         "SELECT id, host_id, instance_id, kind, detail, state FROM operations WHERE id = $1",
     )
@@ -312,10 +393,11 @@ pub async fn apply_report(
     }
     let op = op_row(&row)?;
     if op.state == "succeeded" || op.state == "failed" {
-        return Ok(());
+        return Ok(false);
     }
+    let mut changed = false;
     if let (Some(s), Some(i)) = (r.instance_state, op.instance) {
-        observe(tx, host, i, s).await?;
+        changed |= observe(tx, host, i, s).await?;
     }
     let now = now_ms();
     if r.outcome == OpOutcome::Running {
@@ -328,7 +410,7 @@ pub async fn apply_report(
         .bind(id.to_string())
         .execute(&mut **tx)
         .await?;
-        return Ok(());
+        return Ok(changed);
     }
     let failed = r.outcome == OpOutcome::Failed;
     let error = failed.then(|| {
@@ -340,21 +422,23 @@ pub async fn apply_report(
         settle_snapshot(tx, host, &op, r, error.as_deref()).await?;
     }
     match (failed, op.kind.as_str(), op.instance) {
-        (true, "create", Some(i)) => observe(tx, host, i, InstanceState::Failed).await?,
+        (true, "create", Some(i)) => changed |= observe(tx, host, i, InstanceState::Failed).await?,
         (true, "change-type" | "grow-disk", Some(i)) => {
             if let Some(rec) = load_on(tx, host, i).await? {
                 super::actions::undo_resize(tx, &rec, &op.kind, &op.detail).await?;
             }
         }
+        (true, "set-password", Some(i)) => super::password::undo_reset(tx, i, &op.detail).await?,
         _ => {}
     }
     sqlx::query(
-        "UPDATE operations SET state = $1, progress = $2, error = $3, updated_ms = $4 \
-         WHERE id = $5",
+        "UPDATE operations SET state = $1, progress = $2, error = $3, note = $4, \
+         updated_ms = $5 WHERE id = $6",
     )
     .bind(if failed { "failed" } else { "succeeded" })
     .bind(if failed { r.progress as i64 } else { 100 })
     .bind(error)
+    .bind(r.note.clone().filter(|_| !failed))
     .bind(now)
     .bind(id.to_string())
     .execute(&mut **tx)
@@ -363,7 +447,7 @@ pub async fn apply_report(
         .bind(id.to_string())
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(changed)
 }
 
 /// A snapshot operation ended: the snapshot is Success (sizes, host,

@@ -182,7 +182,8 @@ pub(crate) async fn sync_gpus(tx: &mut Tx, id: &HostId, gpus: &[GpuDevice]) -> A
 
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.address, h.vcpus, h.memory_mib, h.disk_gib, \
      h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.health, h.problems, h.cordoned, h.draining, \
-     h.last_heartbeat_ms, (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND \
+     h.last_heartbeat_ms, h.access_subnet, h.access_domain, h.https_port, \
+     (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND \
      i.observed_state NOT IN ('Released', 'Failed')) AS instances FROM hosts h";
 
 fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
@@ -198,9 +199,9 @@ fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
         used_disk_gib: col::<i64>(r, "used_disk_gib")? as u64,
         gpus,
         health: rows::health(&col::<String>(r, "health")?),
-        access_subnet: None,
-        domain: None,
-        https_port: None,
+        access_subnet: col(r, "access_subnet")?,
+        domain: col(r, "access_domain")?,
+        https_port: col::<Option<i64>>(r, "https_port")?.and_then(|p| u16::try_from(p).ok()),
         problems: col::<String>(r, "problems")?
             .lines()
             .map(str::to_string)

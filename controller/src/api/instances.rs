@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gantry_proto::api::v1::*;
 use gantry_proto::ids::*;
+use gantry_proto::net::{Protocol, JUPYTER_PORT, SSH_PORT};
 use gantry_proto::{validate, InstanceState};
 use std::collections::HashMap;
 
@@ -147,10 +148,18 @@ fn check_ports(req: &CreateInstance) -> ApiResult<()> {
         ));
     }
     for (i, p) in req.ports.iter().enumerate() {
-        if *p == 0 || *p == 22 || req.ports[..i].contains(p) {
+        if *p == SSH_PORT || *p == JUPYTER_PORT {
             return Err(ApiError::invalid(
                 format!("ports[{i}]"),
-                "must be 1 to 65535, not 22 (always forwarded), and listed once",
+                format!(
+                    "{p} is always forwarded (SSH on {SSH_PORT}, JupyterLab on {JUPYTER_PORT})"
+                ),
+            ));
+        }
+        if *p == 0 || req.ports[..i].contains(p) {
+            return Err(ApiError::invalid(
+                format!("ports[{i}]"),
+                "must be 1 to 65535 and listed once",
             ));
         }
     }
@@ -284,6 +293,17 @@ enum Insert {
     Api(ApiError),
 }
 
+impl From<crate::access::AccessError> for Insert {
+    fn from(e: crate::access::AccessError) -> Self {
+        use crate::access::AccessError as A;
+        match e {
+            A::Exhausted(m) => Insert::Api(ApiError::Conflict(m)),
+            A::Taken => Insert::Duplicate,
+            A::Db(e) => Insert::Api(e.into()),
+        }
+    }
+}
+
 impl From<sqlx::Error> for Insert {
     fn from(e: sqlx::Error) -> Self {
         if crate::db::is_unique_violation(&e) {
@@ -326,36 +346,29 @@ async fn insert(
             )));
         }
     }
-    let row = sqlx::query(
-        "SELECT COALESCE(MAX(host_port), $2) AS m FROM port_forwards WHERE host_id = $1",
-    )
-    .bind(host.to_string())
-    .bind(st.cfg.port_range_start as i64 - 1)
-    .fetch_one(&mut **tx)
-    .await?;
-    let mut next: i64 = crate::db::col(&row, "m").map_err(|e| Insert::Api(e.into()))?;
-    for guest in std::iter::once(22u16).chain(req.ports.iter().copied()) {
-        next += 1;
-        if next > u16::MAX as i64 {
-            return Err(Insert::Api(ApiError::Conflict(format!(
-                "host {host} has no free ports left"
-            ))));
-        }
-        sqlx::query("INSERT INTO port_forwards (host_id, host_port, instance_id, guest_port) VALUES ($1, $2, $3, $4)")
-            .bind(host.to_string())
-            .bind(next)
-            .bind(id.to_string())
-            .bind(guest as i64)
-            .execute(&mut **tx)
-            .await?;
+    let subnet = crate::access::ensure_subnet(tx, &st.cfg, &host).await?;
+    crate::access::lease_address(tx, &host, subnet, id).await?;
+    let extra = req.ports.iter().map(|p| crate::access::NewForward {
+        protocol: Protocol::Tcp,
+        guest_port: *p,
+        https: false,
+        label: String::new(),
+    });
+    for f in super::forwards::defaults().into_iter().chain(extra) {
+        crate::access::insert_forward(tx, &st.cfg, &host, id, &account, &f).await?;
     }
+    crate::access::bump(tx, &host)
+        .await
+        .map_err(|e| Insert::Api(e.into()))?;
     let now = now_ms();
     let op = OperationId::new();
+    let c = credentials(st, id).map_err(Insert::Api)?;
     sqlx::query(
         "INSERT INTO instances (id, account_id, name, flavor_id, image_id, snapshot_id, host_id, \
          desired_state, observed_state, state_since_ms, root_disk_gib, data_volume_id, pending_op, \
-         created_ms, base_image_id) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', 'Creating', $8, \
-         $9, $10, $11, $8, $12)",
+         created_ms, base_image_id, root_password_sealed, root_password_hash, \
+         jupyter_token_sealed) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', 'Creating', $8, \
+         $9, $10, $11, $8, $12, $13, $14, $15)",
     )
     .bind(id.to_string())
     .bind(account.to_string())
@@ -369,10 +382,34 @@ async fn insert(
     .bind(req.data_volume.map(|v| v.to_string()))
     .bind(op.to_string())
     .bind(r.base_image.map(|i| i.to_string()))
+    .bind(c.password_sealed)
+    .bind(c.password_hash)
+    .bind(c.token_sealed)
     .execute(&mut **tx)
     .await?;
     super::actions::insert_op(tx, op, &account, Some(host), Some(id), "create", "").await?;
     Ok((op, host))
+}
+
+/// A new instance's sealed root password, its crypt hash and its sealed
+/// JupyterLab token.
+struct NewCredentials {
+    password_sealed: String,
+    password_hash: String,
+    token_sealed: String,
+}
+
+fn credentials(st: &AppState, id: InstanceId) -> ApiResult<NewCredentials> {
+    use crate::credentials as c;
+    let pw = c::new_password();
+    let hash = c::hash_password(&pw).map_err(|e| ApiError::Conflict(e.to_string()))?;
+    Ok(NewCredentials {
+        password_sealed: st.sealer.seal(&c::password_context(id), pw.expose()),
+        password_hash: hash,
+        token_sealed: st
+            .sealer
+            .seal(&c::token_context(id), c::new_jupyter_token().expose()),
+    })
 }
 
 async fn list(
@@ -476,7 +513,7 @@ async fn view(
         "access" | "monitor" | "billing" => {
             gate(&rec)?;
             match view.as_str() {
-                "access" => Json(access(&st, &rec).await?).into_response(),
+                "access" => Json(super::forwards::access_view(&st, &rec).await?).into_response(),
                 "monitor" => Json(monitor(&st, &rec).await?).into_response(),
                 _ => Json(billing(&st, &rec).await?).into_response(),
             }
@@ -507,26 +544,6 @@ async fn hardware(st: &AppState, rec: &InstanceRec) -> ApiResult<HardwareView> {
         root_disk_gib: rec.root_disk_gib,
         gpu_model: rec.gpu_model.clone(),
         gpus,
-    })
-}
-
-async fn access(st: &AppState, rec: &InstanceRec) -> ApiResult<AccessView> {
-    let found = sqlx::query(
-        "SELECT guest_port, host_port FROM port_forwards WHERE instance_id = $1 ORDER BY host_port",
-    )
-    .bind(rec.id.to_string())
-    .fetch_all(&st.db.pool)
-    .await?;
-    let _ = found;
-    Ok(AccessView {
-        host_address: rec.host_address.clone(),
-        private_ip: None,
-        ssh_user: "root".into(),
-        ssh_command: None,
-        password_set: false,
-        jupyter_url: None,
-        forwards: Vec::new(),
-        ca_certificate_path: "/v1/ca.pem".into(),
     })
 }
 

@@ -4,9 +4,13 @@
 pub mod actions;
 pub mod admin;
 pub mod agent;
+pub mod certs;
 pub mod commands;
+pub mod forwards;
 pub mod hosts;
 pub mod instances;
+pub mod keys;
+pub mod password;
 pub mod snapshots;
 pub mod usage;
 
@@ -31,6 +35,10 @@ pub fn router(state: AppState) -> Router {
         .merge(snapshots::routes())
         .merge(agent::routes())
         .merge(usage::routes())
+        .merge(forwards::routes())
+        .merge(password::routes())
+        .merge(keys::routes())
+        .merge(certs::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .route(
@@ -44,7 +52,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Every `/v1` call: bearer token, rate limit, then (for state-changing
-/// methods) an audit record of who, what, when and the outcome.
+/// methods, and password reveals) an audit record of who, what, when and
+/// the outcome.
 async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req
@@ -73,8 +82,12 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
         }
         Err(e) => (e.into_response(), None),
     };
-    // Heartbeats (and work polls, GETs) are too many to audit.
-    if method != Method::GET && method != Method::HEAD && path != "/v1/agent/heartbeat" {
+    // Heartbeats (and work polls, GETs) are too many to audit; revealing a
+    // password is a read worth recording.
+    let write = method != Method::GET && method != Method::HEAD;
+    if (write && path != "/v1/agent/heartbeat")
+        || (method == Method::GET && password::is_reveal(&path))
+    {
         crate::audit::record(&st.db, who.as_ref(), method.as_str(), &path, resp.status()).await;
     }
     resp

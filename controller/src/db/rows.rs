@@ -101,7 +101,7 @@ pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
     })
 }
 
-pub const OPERATION_COLS: &str = "id, kind, instance_id, state, progress, error, created_ms";
+pub const OPERATION_COLS: &str = "id, kind, instance_id, state, progress, error, note, created_ms";
 
 pub fn operation(r: &AnyRow) -> Result<OperationInfo, DbError> {
     let state: String = col(r, "state")?;
@@ -124,7 +124,7 @@ pub fn operation(r: &AnyRow) -> Result<OperationInfo, DbError> {
         state,
         progress_percent: col::<i64>(r, "progress")?.clamp(0, 100) as u8,
         error: col(r, "error")?,
-        note: None,
+        note: col(r, "note")?,
         created_at: to_time(col(r, "created_ms")?),
     })
 }

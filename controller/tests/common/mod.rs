@@ -85,6 +85,8 @@ pub async fn fresh_pg_db(url: &str) -> String {
 
 pub struct Server {
     pub url: String,
+    /// The controller's database (to look at rows directly).
+    pub db_url: String,
     pub http: reqwest::Client,
     /// Simulated hosts: host id -> (credential, capacity).
     hosts: Mutex<HashMap<String, (String, Value)>>,
@@ -140,6 +142,7 @@ impl Server {
             cfg.database_url = Some(fresh_pg_db(&url).await);
         }
         tweak(&mut cfg);
+        let db_url = cfg.database_url(dir.path());
         let state = gantry_controller::open(cfg, dir.path(), Some(ADMIN.into()))
             .await
             .expect("controller starts");
@@ -153,6 +156,7 @@ impl Server {
         }));
         Some(Self {
             url: format!("http://{addr}"),
+            db_url,
             http: reqwest::Client::new(),
             hosts: Mutex::default(),
             clock: AtomicI64::new(chrono::Utc::now().timestamp_millis()),
@@ -194,6 +198,44 @@ impl Server {
             path,
             Some(token),
             body.map(|b| serde_json::to_vec(&b).unwrap()),
+        )
+        .await
+    }
+
+    /// A GET answered with text: status, content type, body.
+    pub async fn text(&self, path: &str, token: &str) -> (u16, String, String) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request sent");
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (resp.status().as_u16(), ct, resp.text().await.unwrap())
+    }
+
+    /// The controller's database, for looking at rows.
+    pub async fn db(&self) -> gantry_controller::db::Db {
+        gantry_controller::db::Db::connect(&self.db_url, 2)
+            .await
+            .expect("database")
+    }
+
+    /// `GET /v1/agent/work?wait_secs=0&<query>` as `host`.
+    pub async fn work_q(&self, host: &str, query: &str) -> Value {
+        let cred = self.cred(host);
+        self.ok(
+            Method::GET,
+            &format!("/v1/agent/work?wait_secs=0&{query}"),
+            &cred,
+            None,
+            200,
         )
         .await
     }
@@ -318,6 +360,32 @@ impl Server {
         self.ok(
             Method::GET,
             &format!("/v1/agent/work?wait_secs={wait_secs}"),
+            &cred,
+            None,
+            200,
+        )
+        .await
+    }
+
+    /// `?access_rev=R&tls=F` of what `host` has now: a poll with them
+    /// waits (like an agent's) instead of answering with the news.
+    pub async fn known(&self, host: &str) -> String {
+        let w = self.work(host, 0).await;
+        format!(
+            "access_rev={}&tls={}",
+            w["access"]["rev"].as_u64().unwrap_or(0),
+            w["tls"]["fingerprint"].as_str().unwrap_or("")
+        )
+    }
+
+    /// A work long poll of `host` that already has the host's access state
+    /// and certificate, as an agent polls.
+    pub async fn poll(&self, host: &str, wait_secs: u64) -> Value {
+        let known = self.known(host).await;
+        let cred = self.cred(host);
+        self.ok(
+            Method::GET,
+            &format!("/v1/agent/work?wait_secs={wait_secs}&{known}"),
             &cred,
             None,
             200,

@@ -293,11 +293,20 @@ impl Host {
         }
     }
 
-    /// Long-polls for work and starts each new operation once.
+    /// Long-polls for work and starts each new operation once; like a real
+    /// agent it names the access revision and certificate it already has,
+    /// so the controller holds the poll instead of answering at once.
     pub async fn work_loop(self: Arc<Self>, sh: Arc<Shared>) {
-        let path = format!("/v1/agent/work?wait_secs={}", sh.wait_secs);
         let timeout = Duration::from_secs(sh.wait_secs + 15);
+        let (mut rev, mut tls): (Option<u64>, Option<String>) = (None, None);
         loop {
+            let mut path = format!("/v1/agent/work?wait_secs={}", sh.wait_secs);
+            if let Some(r) = rev {
+                path.push_str(&format!("&access_rev={r}"));
+            }
+            if let Some(f) = &tls {
+                path.push_str(&format!("&tls={f}"));
+            }
             let work: Result<Work, _> = sh
                 .api
                 .call(
@@ -313,6 +322,12 @@ impl Host {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
+            if let Some(a) = &work.access {
+                rev = Some(a.rev);
+            }
+            if let Some(t) = &work.tls {
+                tls = Some(t.fingerprint.clone());
+            }
             for op in work.ops {
                 if self.lock().started.insert(op.id) {
                     tokio::spawn(self.clone().run_op(sh.clone(), op));

@@ -1,0 +1,290 @@
+//! Instance commands (list, get and views, create, actions, batch,
+//! password), snapshots and volumes.
+
+use crate::text::qs;
+use crate::{body, call, Call, CliResult, Client, Fail};
+use clap::Subcommand;
+use gantry_proto::api::v1::*;
+use gantry_proto::ids::*;
+use reqwest::Method as M;
+
+#[derive(Subcommand)]
+pub enum InstanceCmd {
+    List {
+        /// Running, Stopped, Snapshotting, Released, ...
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Summary, or one view.
+    Get {
+        id: String,
+        #[arg(long, value_parser = ["access", "monitor", "billing", "config", "hardware"])]
+        view: Option<String>,
+    },
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        flavor: FlavorId,
+        #[arg(long, conflicts_with = "snapshot")]
+        image: Option<ImageId>,
+        #[arg(long)]
+        snapshot: Option<SnapshotId>,
+        #[arg(long)]
+        data_volume: Option<VolumeId>,
+        /// Extra guest TCP port to forward (repeatable; SSH and JupyterLab
+        /// always are).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// pack (default) or spread.
+        #[arg(long, value_parser = parse_placement)]
+        placement: Option<Placement>,
+        /// For admins: the owning account.
+        #[arg(long)]
+        account: Option<AccountId>,
+    },
+    /// start, stop, reboot, force-reboot, change-type, grow-disk, release.
+    Action {
+        id: String,
+        action: String,
+        #[arg(long)]
+        flavor: Option<FlavorId>,
+        #[arg(long)]
+        root_disk_gib: Option<u64>,
+    },
+    /// The same action on many instances.
+    Batch {
+        action: String,
+        #[arg(required = true)]
+        ids: Vec<InstanceId>,
+        #[arg(long)]
+        flavor: Option<FlavorId>,
+        #[arg(long)]
+        root_disk_gib: Option<u64>,
+    },
+    /// Reveal root's password (audited); `--reset` sets a new one and waits
+    /// until the host has applied it.
+    Password {
+        id: String,
+        #[arg(long)]
+        reset: bool,
+        /// How long `--reset` waits for the host.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    List {
+        #[arg(long)]
+        status: Option<String>,
+    },
+    Create {
+        instance: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        auto_release: bool,
+        #[arg(long)]
+        as_image: bool,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    List,
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        size_gib: u64,
+        #[arg(long)]
+        account: Option<AccountId>,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+fn parse_placement(s: &str) -> Result<Placement, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?} is not a placement (pack or spread)"))
+}
+
+const INSTANCE_COLS: &[&str] = &[
+    "id",
+    "name",
+    "status",
+    "host",
+    "cost_micros",
+    "allowed_actions",
+];
+
+fn action(name: &str, flavor: Option<FlavorId>, gib: Option<u64>) -> CliResult<InstanceAction> {
+    let missing = |what: &str| Fail::Local(format!("{name} needs --{what}"));
+    Ok(match name {
+        "start" => InstanceAction::Start {},
+        "stop" => InstanceAction::Stop {},
+        "reboot" => InstanceAction::Reboot {},
+        "force-reboot" => InstanceAction::ForceReboot {},
+        "release" => InstanceAction::Release {},
+        "change-type" => InstanceAction::ChangeType {
+            flavor: flavor.ok_or_else(|| missing("flavor"))?,
+        },
+        "grow-disk" => InstanceAction::GrowDisk {
+            root_disk_gib: gib.ok_or_else(|| missing("root-disk-gib"))?,
+        },
+        other => {
+            return Err(Fail::Local(format!(
+                "unknown action {other:?} (start, stop, reboot, force-reboot, change-type, \
+                 grow-disk, release)"
+            )))
+        }
+    })
+}
+
+/// The call to make, or `None` when the command was carried out here.
+pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliResult<Option<Call>> {
+    Ok(Some(match c {
+        InstanceCmd::List { status } => call(
+            M::GET,
+            format!("/v1/instances{}", qs(&[("status", status)])),
+            None,
+            INSTANCE_COLS,
+        ),
+        InstanceCmd::Get { id, view } => match view.as_deref() {
+            Some("access") if !json => {
+                crate::access::print_access(client, &id).await?;
+                return Ok(None);
+            }
+            Some(v) => call(M::GET, format!("/v1/instances/{id}/{v}"), None, &[]),
+            None => call(M::GET, format!("/v1/instances/{id}"), None, &[]),
+        },
+        InstanceCmd::Create {
+            name,
+            flavor,
+            image,
+            snapshot,
+            data_volume,
+            ports,
+            placement,
+            account,
+        } => {
+            let b = body(&CreateInstance {
+                name,
+                flavor,
+                image,
+                snapshot,
+                data_volume,
+                ports,
+                placement,
+                account,
+            });
+            call(M::POST, "/v1/instances", b, &[])
+        }
+        InstanceCmd::Action {
+            id,
+            action: a,
+            flavor,
+            root_disk_gib,
+        } => call(
+            M::POST,
+            format!("/v1/instances/{id}/actions"),
+            body(&action(&a, flavor, root_disk_gib)?),
+            &[],
+        ),
+        InstanceCmd::Batch {
+            action: a,
+            ids,
+            flavor,
+            root_disk_gib,
+        } => {
+            let b = body(&BatchAction {
+                instances: ids,
+                request: action(&a, flavor, root_disk_gib)?,
+            });
+            let cols = &["instance", "status", "operation", "error"];
+            call(M::POST, "/v1/instances/batch", b, cols)
+        }
+        InstanceCmd::Password {
+            id, reset: false, ..
+        } => call(M::GET, format!("/v1/instances/{id}/password"), None, &[]),
+        InstanceCmd::Password {
+            id,
+            reset: true,
+            wait_secs,
+        } => {
+            crate::access::reset_password(client, &id, wait_secs, json).await?;
+            return Ok(None);
+        }
+    }))
+}
+
+pub fn plan_snapshot(c: SnapshotCmd) -> Call {
+    match c {
+        SnapshotCmd::List { status } => call(
+            M::GET,
+            format!("/v1/snapshots{}", qs(&[("status", status)])),
+            None,
+            &[
+                "id",
+                "name",
+                "instance",
+                "status",
+                "compressed_bytes",
+                "created_at",
+            ],
+        ),
+        SnapshotCmd::Create {
+            instance,
+            name,
+            description,
+            auto_release,
+            as_image,
+        } => {
+            let b = body(&CreateSnapshot {
+                name,
+                description,
+                auto_release,
+                as_image,
+            });
+            call(
+                M::POST,
+                format!("/v1/instances/{instance}/snapshots"),
+                b,
+                &[],
+            )
+        }
+        SnapshotCmd::Delete { id } => call(M::DELETE, format!("/v1/snapshots/{id}"), None, &[]),
+    }
+}
+
+pub fn plan_volume(c: VolumeCmd) -> Call {
+    match c {
+        VolumeCmd::List => call(
+            M::GET,
+            "/v1/volumes",
+            None,
+            &["id", "name", "size_gib", "instance"],
+        ),
+        VolumeCmd::Create {
+            name,
+            size_gib,
+            account,
+        } => {
+            let b = body(&CreateVolume {
+                name,
+                size_gib,
+                account,
+            });
+            call(M::POST, "/v1/volumes", b, &[])
+        }
+        VolumeCmd::Delete { id } => call(M::DELETE, format!("/v1/volumes/{id}"), None, &[]),
+    }
+}

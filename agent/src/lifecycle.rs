@@ -313,6 +313,9 @@ impl Manager {
         match req {
             ActionRequest::Start => {
                 let spec = self.record(id)?.spec;
+                // The guest is off: a fresh seed, atomically (repairs one
+                // an interrupted in-place rewrite left).
+                self.write_seed(&spec, false)?;
                 self.before_start(&spec)?;
                 self.virt.start(&name)?;
                 self.after_start(&spec)?;

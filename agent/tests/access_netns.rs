@@ -390,7 +390,9 @@ fn drift_is_repaired_and_a_restarted_agent_reapplies_what_it_had() {
     assert!(tcp_hello(&r.client, &format!("{UPLINK}:20000")).is_ok());
     // A new agent process on the same state: the rules come back from the
     // persisted access state, before any controller answers.
+    // As after a host reboot: no rules, no bridge.
     r.host.run(&["nft", "flush", "ruleset"]).unwrap();
+    r.host.run(&["ip", "link", "del", "gantry0"]).unwrap();
     let cfg = NetworkConfig {
         netns: Some(r.host.name.clone()),
         https_listen: String::new(),
@@ -398,6 +400,9 @@ fn drift_is_repaired_and_a_restarted_agent_reapplies_what_it_had() {
     };
     let again = Network::open_real(&cfg, r._state.path(), vec![]).unwrap();
     assert_eq!(again.access_rev(), Some(1));
-    assert_eq!(again.apply(&r.nics()).unwrap(), Applied::Changed);
+    assert_eq!(again.reconcile(&r.nics()).unwrap(), Applied::Changed);
+    let ids: Vec<InstanceId> = r.guests.iter().map(|g| g.id).collect();
+    // The guest's veth end lost its bridge with it: adopted again.
+    assert_eq!(again.adopt_taps(&ids).unwrap(), 1);
     assert!(tcp_hello(&r.client, &format!("{UPLINK}:20000")).is_ok());
 }

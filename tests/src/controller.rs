@@ -193,6 +193,22 @@ impl Api {
             .1)
     }
 
+    pub fn put(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ApiFailure> {
+        Ok(self
+            .call(self.http.put(format!("{}{path}", self.url)).json(body))?
+            .1)
+    }
+
+    pub fn delete(&self, path: &str) -> Result<serde_json::Value, ApiFailure> {
+        Ok(self
+            .call(self.http.delete(format!("{}{path}", self.url)))?
+            .1)
+    }
+
     /// `GET path` as text (for non-JSON answers such as `/v1/ca.pem`).
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let resp = self

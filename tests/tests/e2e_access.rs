@@ -187,6 +187,7 @@ fn whole_access(cloud: &mut Cloud) -> anyhow::Result<()> {
     let web = reach(cloud, &id)?;
     ssh_logins(cloud, &web, &key)?;
     jupyter_over_https(cloud, &id, &ca)?;
+    operator_certificate_without_restart(cloud, &id, &ca)?;
     custom_forwards(cloud, &id, &ca)?;
     isolation(cloud, &web)?;
     survives_agent_restart_and_stop_start(cloud, &web, &ca)?;
@@ -278,6 +279,47 @@ fn jupyter_over_https(cloud: &Cloud, id: &str, ca: &str) -> anyhow::Result<()> {
         Duration::from_secs(3),
     )?;
     assert_eq!(echoed, ["hello kernel", "still here"]);
+    Ok(())
+}
+
+/// An operator's certificate replaces the CA's on the running proxy (no
+/// restart), and going back works the same way.
+fn operator_certificate_without_restart(cloud: &Cloud, id: &str, ca: &str) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display();
+    let script = format!(
+        "set -e; cd {d}; o='-pkeyopt ec_paramgen_curve:prime256v1 -nodes'; \
+         openssl req -x509 -newkey ec $o -keyout ca.key -out ca.pem -days 2 -subj /CN=operator-ca 2>/dev/null; \
+         openssl req -newkey ec $o -keyout leaf.key -out leaf.csr -subj /CN=e2e-host 2>/dev/null; \
+         printf 'subjectAltName=IP:{UPLINK},DNS:*.e2e-host.{DOMAIN_SUFFIX}\\n' > ext; \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+           -extfile ext -out leaf.pem 2>/dev/null"
+    );
+    let st = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .status()?;
+    ensure!(st.success(), "openssl failed");
+    let op_ca = std::fs::read_to_string(dir.path().join("ca.pem"))?;
+    let port = host_port(&access(cloud, id)?, 8888, "tcp")?;
+    let url = format!("https://{UPLINK}:{port}/lab");
+    let path = format!("/v1/admin/hosts/{}/certificate", cloud.host);
+    cloud.admin.put(
+        &path,
+        &json!({
+            "cert_chain_pem": std::fs::read_to_string(dir.path().join("leaf.pem"))?,
+            "key_pem": std::fs::read_to_string(dir.path().join("leaf.key"))?,
+        }),
+    )?;
+    // The proxy presents it within a work poll; the controller's CA no
+    // longer verifies it.
+    wait_until("the operator's certificate", || {
+        https::get(&cloud.client_ns, &url, &op_ca, addr(port)).is_ok_and(|(s, _)| s == 403)
+    })?;
+    assert!(https::get(&cloud.client_ns, &url, ca, addr(port)).is_err());
+    cloud.admin.delete(&path)?;
+    wait_until("the CA's certificate again", || {
+        https::get(&cloud.client_ns, &url, ca, addr(port)).is_ok_and(|(s, _)| s == 403)
+    })?;
     Ok(())
 }
 
@@ -379,16 +421,10 @@ fn custom_forwards(cloud: &Cloud, id: &str, ca: &str) -> anyhow::Result<()> {
     wait_until("the edited forward back in the kernel", || {
         tcp_line(&cloud.client_ns, addr(tport)).is_ok_and(|l| peer(&l) == format!("peer {CLIENT}"))
     })?;
+    // UDP first: once the later TCP delete shows, the UDP one is applied.
+    let uid = udp["id"].as_str().context("udp id")?;
+    gantryctl(cloud, &["forward", "delete", id, uid])?;
     gantryctl(cloud, &["forward", "delete", id, fid])?;
-    gantryctl(
-        cloud,
-        &[
-            "forward",
-            "delete",
-            id,
-            udp["id"].as_str().context("udp id")?,
-        ],
-    )?;
     wait_until("the deleted TCP forward to refuse", || {
         tcp_line(&cloud.client_ns, addr(tport)).is_err()
     })?;

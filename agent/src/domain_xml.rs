@@ -330,21 +330,7 @@ mod tests {
         }
     }
 
-    fn golden(name: &str, got: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/testdata")
-            .join(name);
-        if std::env::var_os("GANTRY_BLESS").is_some() {
-            std::fs::write(&path, got).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with GANTRY_BLESS=1 to create)",
-                path.display()
-            )
-        });
-        assert_eq!(got, want, "XML differs from {}", path.display());
-    }
+    use crate::testutil::golden;
 
     #[test]
     fn golden_direct_boot_two_disks() {

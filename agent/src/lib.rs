@@ -39,5 +39,7 @@ pub mod net;
 pub mod recover;
 pub mod serve;
 pub mod snapshots;
+#[cfg(test)]
+mod testutil;
 pub mod usage;
 pub mod virt_raw;

@@ -220,6 +220,9 @@ fn ssh_logins(cloud: &Cloud, web: &Reach, key: &std::path::Path) -> anyhow::Resu
         ssh::run(&t, &SshAuth::Key(key.into()), "echo key works")?.trim(),
         "key works"
     );
+    // On the host itself, over loopback.
+    let local = SshTarget::root(Some(&cloud.host_ns), "127.0.0.1", web.ssh_port);
+    assert_eq!(ssh::run(&local, &pw, "echo loopback")?.trim(), "loopback");
     let wrong = ssh::output(&t, &SshAuth::Password("not-the-password".into()), "true")?;
     assert!(
         wrong.auth_refused(),

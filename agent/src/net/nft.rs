@@ -198,22 +198,11 @@ fn port_chain(tap: &str) -> String {
 mod tests {
     use super::super::plan::{plan, PlanInputs};
     use super::*;
-    use gantry_proto::net::{ForwardSpec, HostAccess, MacAddr, NicSpec, Protocol};
+    use gantry_proto::net::{ForwardSpec, HostAccess, Protocol};
     use gantry_proto::{ForwardId, InstanceId};
-    use std::net::Ipv4Addr;
 
     fn id(n: u128) -> InstanceId {
         InstanceId::from_uuid(uuid::Uuid::from_u128(n))
-    }
-
-    fn nic(ip: &str) -> NicSpec {
-        let ip: Ipv4Addr = ip.parse().unwrap();
-        NicSpec {
-            mac: MacAddr::for_ip(ip),
-            ip,
-            subnet: "10.200.0.0/24".parse().unwrap(),
-            gateway: "10.200.0.1".parse().unwrap(),
-        }
     }
 
     /// A plan with two guests and every kind of forward.
@@ -243,7 +232,10 @@ mod tests {
             Some(&access),
             &PlanInputs {
                 bridge: "gantry0".into(),
-                nics: vec![(a, nic("10.200.0.2")), (b, nic("10.200.0.3"))],
+                nics: vec![
+                    (a, super::super::plan::test_nic("10.200.0.2")),
+                    (b, super::super::plan::test_nic("10.200.0.3")),
+                ],
                 https_listen_port: Some(443),
                 deny: vec![
                     "10.0.0.0/8".parse().unwrap(),
@@ -254,21 +246,7 @@ mod tests {
         )
     }
 
-    fn golden(name: &str, got: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/testdata")
-            .join(name);
-        if std::env::var_os("GANTRY_BLESS").is_some() {
-            std::fs::write(&path, got).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with GANTRY_BLESS=1 to create)",
-                path.display()
-            )
-        });
-        assert_eq!(got, want, "ruleset differs from {}", path.display());
-    }
+    use crate::testutil::golden;
 
     #[test]
     fn golden_two_guests() {

@@ -16,6 +16,18 @@ pub fn tap_name(id: InstanceId) -> String {
     format!("gt-{}", &h.as_str()[..11])
 }
 
+/// A test NIC at `ip` on `10.200.0.0/24` (gateway `.1`).
+#[cfg(test)]
+pub(crate) fn test_nic(ip: &str) -> NicSpec {
+    let ip: Ipv4Addr = ip.parse().expect("an IPv4 address");
+    NicSpec {
+        mac: MacAddr::for_ip(ip),
+        ip,
+        subnet: "10.200.0.0/24".parse().expect("a network"),
+        gateway: Ipv4Addr::new(10, 200, 0, 1),
+    }
+}
+
 /// One guest port on the bridge, for the anti-spoofing guard.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GuestPort {
@@ -160,16 +172,6 @@ mod tests {
     use super::*;
     use gantry_proto::ForwardId;
 
-    pub(crate) fn nic(ip: &str) -> NicSpec {
-        let ip: Ipv4Addr = ip.parse().unwrap();
-        NicSpec {
-            mac: MacAddr::for_ip(ip),
-            ip,
-            subnet: "10.200.0.0/24".parse().unwrap(),
-            gateway: "10.200.0.1".parse().unwrap(),
-        }
-    }
-
     fn fwd(
         instance: InstanceId,
         protocol: Protocol,
@@ -205,7 +207,7 @@ mod tests {
         };
         let inputs = PlanInputs {
             bridge: "gantry0".into(),
-            nics: vec![(a, nic("10.200.0.2"))],
+            nics: vec![(a, super::test_nic("10.200.0.2"))],
             https_listen_port: Some(443),
             deny: vec![],
             loopback: true,

@@ -218,13 +218,7 @@ mod tests {
         for (name, content) in files(id, &nic, &guest, &dns) {
             all.push_str(&format!("==> {name} <==\n{content}"));
         }
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/seed-files.txt");
-        if std::env::var_os("GANTRY_BLESS").is_some() {
-            std::fs::write(&path, &all).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).expect("run with GANTRY_BLESS=1 to create");
-        assert_eq!(all, want);
+        crate::testutil::golden("seed-files.txt", &all);
     }
 
     #[test]

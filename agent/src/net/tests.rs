@@ -64,16 +64,6 @@ fn rig() -> Rig {
     rig_in(tempfile::tempdir().unwrap())
 }
 
-fn nic(ip: &str) -> NicSpec {
-    let ip: Ipv4Addr = ip.parse().unwrap();
-    NicSpec {
-        mac: MacAddr::for_ip(ip),
-        ip,
-        subnet: "10.200.0.0/24".parse().unwrap(),
-        gateway: "10.200.0.1".parse().unwrap(),
-    }
-}
-
 fn access(rev: u64, forwards: Vec<ForwardSpec>) -> HostAccess {
     HostAccess {
         rev,
@@ -116,7 +106,7 @@ fn an_agent_without_access_touches_nothing() {
 fn rules_change_only_with_the_plan_or_drift() {
     let r = rig();
     let a = InstanceId::new();
-    let nics = vec![(a, nic("10.200.0.2"))];
+    let nics = vec![(a, plan::test_nic("10.200.0.2"))];
     let got = r
         .net
         .set_access(
@@ -143,7 +133,7 @@ fn rules_change_only_with_the_plan_or_drift() {
 fn changed_forwards_flush_their_conntrack_entries_only() {
     let r = rig();
     let a = InstanceId::new();
-    let nics = vec![(a, nic("10.200.0.2"))];
+    let nics = vec![(a, plan::test_nic("10.200.0.2"))];
     let ssh = fwd(a, Protocol::Tcp, 20000, 22, false);
     let udp = fwd(a, Protocol::Udp, 20001, 7001, false);
     r.net.set_access(access(1, vec![ssh, udp]), &nics).unwrap();
@@ -166,7 +156,7 @@ fn changed_forwards_flush_their_conntrack_entries_only() {
 fn https_forwards_go_to_the_proxy_not_the_kernel() {
     let r = rig();
     let a = InstanceId::new();
-    let nics = vec![(a, nic("10.200.0.2"))];
+    let nics = vec![(a, plan::test_nic("10.200.0.2"))];
     r.net
         .set_access(
             access(1, vec![fwd(a, Protocol::Tcp, 20005, 8888, true)]),
@@ -225,7 +215,7 @@ fn access_and_certificate_survive_a_restart() {
 fn a_failed_apply_is_a_problem_until_it_succeeds() {
     let r = rig();
     let a = InstanceId::new();
-    let nics = vec![(a, nic("10.200.0.2"))];
+    let nics = vec![(a, plan::test_nic("10.200.0.2"))];
     *r.host.fail.lock().unwrap() = Some("apply_rules");
     assert!(r.net.set_access(access(1, vec![]), &nics).is_err());
     assert_eq!(r.net.problems().len(), 1, "{:?}", r.net.problems());

@@ -56,10 +56,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps");
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
+    let mut dir = exe.parent().expect("the executable's directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     dir.join(name)
 }
 

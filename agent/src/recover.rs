@@ -257,8 +257,8 @@ fn controller_deny(cfg: &AgentConfig) -> Vec<gantry_proto::net::Ipv4Net> {
 fn observed_path(state: InstanceState, power: PowerState) -> Vec<InstanceState> {
     use InstanceState::*;
     match (state, power) {
-        (Suspending | Paused | Saving, PowerState::Running | PowerState::Paused) => vec![Running],
-        (Suspending | Paused | Saving, _) => vec![Running, Stopped],
+        (Snapshotting, PowerState::Running | PowerState::Paused) => vec![Running],
+        (Snapshotting, _) => vec![Stopped],
         (Running | Suspended, PowerState::Off | PowerState::Missing) => vec![Stopped],
         (Suspended | Stopped, PowerState::Running) => vec![Running],
         (Running, PowerState::Paused) => vec![Suspended],

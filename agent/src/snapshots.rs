@@ -242,18 +242,19 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         let name = domain_name(id);
         self.record(id)?.state.check_action(Action::Snapshot)?;
-        self.set_state(id, InstanceState::Suspending)?;
+        self.set_state(id, InstanceState::Snapshotting)?;
         let saved = self.pause_and_save(id, &req, snapshot_id, op);
         match saved {
             Ok(result) => {
                 if let Some(o) = self.lock().ops.get_mut(&op) {
                     o.snapshot = Some(result);
                 }
+                self.set_state(id, InstanceState::Running)?;
                 if req.auto_release {
                     self.release(id, false)
                 } else {
                     self.virt.resume(&name)?;
-                    self.set_state(id, InstanceState::Running)
+                    Ok(())
                 }
             }
             Err(e) => {
@@ -276,12 +277,10 @@ impl Manager {
     ) -> Result<SnapshotResult, ManagerError> {
         let name = domain_name(id);
         self.virt.suspend(&name)?;
-        self.set_state(id, InstanceState::Paused)?;
         self.progress(op, 5);
         let overlay = self.layout.instance_dir(id).join("root.snapshot.qcow2");
         let _ = std::fs::remove_file(&overlay);
         self.virt.external_overlay(&name, "vda", &overlay)?;
-        self.set_state(id, InstanceState::Saving)?;
         let saved = self.save_root(id, req, snapshot_id, op);
         // Whatever the store said, fold the overlay back into root.qcow2 and
         // keep the persistent definition pointing at it.

@@ -8,15 +8,20 @@
 //!
 //! ```text
 //! Creating -> Running | Stopped | Failed
-//! Running  -> Stopped | Suspended | Suspending | Releasing
+//! Running  -> Stopped | Suspended | Snapshotting | Releasing
 //! Stopped  -> Running | Releasing
 //! Suspended -> Running | Stopped | Releasing
-//! Suspending -> Paused | Running          (snapshot; Running = rolled back)
-//! Paused   -> Saving | Running
-//! Saving   -> Running | Releasing         (Releasing = auto-release)
+//! Snapshotting -> Running | Stopped       (the guest is paused only while its
+//!                                          root disk switches to a fresh
+//!                                          overlay; Stopped: it died meanwhile)
 //! Releasing -> Released
 //! Released, Failed: final
 //! ```
+//!
+//! A snapshot is an operation with phases of its own (switch, save, merge):
+//! the instance shows `Snapshotting` only for the instant its guest is
+//! paused, and is `Running` (and billed) while the snapshot saves. Records
+//! written before (`Suspending`, `Paused`, `Saving`) read as `Snapshotting`.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -32,12 +37,10 @@ pub enum InstanceState {
     Stopped,
     /// Paused by its owner (`suspend`), memory kept.
     Suspended,
-    /// Snapshotting, phase 1: the guest is being paused.
-    Suspending,
-    /// Snapshotting, phase 2: the guest is paused, disk consistent.
-    Paused,
-    /// Snapshotting, phase 3: the root disk is written to the store.
-    Saving,
+    /// The guest is paused while its root disk switches to a fresh
+    /// overlay for a snapshot (milliseconds); not billed.
+    #[serde(alias = "Suspending", alias = "Paused", alias = "Saving")]
+    Snapshotting,
     /// Domain and root disk are being removed.
     Releasing,
     /// Gone for good; only the data volume may remain.
@@ -48,26 +51,20 @@ pub enum InstanceState {
 
 impl InstanceState {
     /// Every state, in declaration order (for tables and exhaustive tests).
-    pub const ALL: [InstanceState; 10] = [
+    pub const ALL: [InstanceState; 8] = [
         Self::Creating,
         Self::Running,
         Self::Stopped,
         Self::Suspended,
-        Self::Suspending,
-        Self::Paused,
-        Self::Saving,
+        Self::Snapshotting,
         Self::Releasing,
         Self::Released,
         Self::Failed,
     ];
 
-    /// The status users filter on: the three snapshot phases read as
-    /// `Snapshotting`, every other state as itself.
+    /// The status users filter on (the state's name).
     pub fn status(self) -> &'static str {
-        match self {
-            Self::Suspending | Self::Paused | Self::Saving => "Snapshotting",
-            other => other.name(),
-        }
+        self.name()
     }
 
     pub fn name(self) -> &'static str {
@@ -76,9 +73,7 @@ impl InstanceState {
             Self::Running => "Running",
             Self::Stopped => "Stopped",
             Self::Suspended => "Suspended",
-            Self::Suspending => "Suspending",
-            Self::Paused => "Paused",
-            Self::Saving => "Saving",
+            Self::Snapshotting => "Snapshotting",
             Self::Releasing => "Releasing",
             Self::Released => "Released",
             Self::Failed => "Failed",
@@ -86,7 +81,7 @@ impl InstanceState {
     }
 
     pub fn is_snapshotting(self) -> bool {
-        matches!(self, Self::Suspending | Self::Paused | Self::Saving)
+        self == Self::Snapshotting
     }
 
     /// Final states: nothing ever leaves them.
@@ -105,12 +100,10 @@ impl InstanceState {
         matches!(
             (self, to),
             (Creating, Running | Stopped | Failed)
-                | (Running, Stopped | Suspended | Suspending | Releasing)
+                | (Running, Stopped | Suspended | Snapshotting | Releasing)
                 | (Stopped, Running | Releasing)
                 | (Suspended, Running | Stopped | Releasing)
-                | (Suspending, Paused | Running)
-                | (Paused, Saving | Running)
-                | (Saving, Running | Releasing)
+                | (Snapshotting, Running | Stopped)
                 | (Releasing, Released)
         )
     }
@@ -145,8 +138,8 @@ impl InstanceState {
     }
 
     /// Applies a state a host *observed*, which may skip steps the reporter
-    /// went through between two reports (Running -> Suspending -> Paused ->
-    /// Saving -> Running reads as Running -> Running). Accepted when `to` is
+    /// went through between two reports (Running -> Snapshotting -> Running
+    /// reads as Running -> Running). Accepted when `to` is
     /// reachable from `self`; a report that would leave a final state or go
     /// backwards along no path is refused, so a stale report cannot
     /// resurrect a released instance.
@@ -165,7 +158,9 @@ impl InstanceState {
         let ok = match action {
             Start => self == Stopped,
             Stop => matches!(self, Running | Suspended),
-            Reboot | ForceReboot | Suspend | Snapshot => self == Running,
+            Reboot | ForceReboot | Suspend => self == Running,
+            // A stopped instance is saved from its disk as it is.
+            Snapshot => matches!(self, Running | Stopped),
             Resume => self == Suspended,
             ChangeType => self == Stopped,
             GrowDisk => matches!(self, Running | Stopped),
@@ -199,6 +194,13 @@ impl fmt::Display for InstanceState {
 impl std::str::FromStr for InstanceState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The snapshot phases of earlier versions.
+        if ["Suspending", "Paused", "Saving"]
+            .iter()
+            .any(|old| old.eq_ignore_ascii_case(s))
+        {
+            return Ok(Self::Snapshotting);
+        }
         Self::ALL
             .into_iter()
             .find(|st| st.name().eq_ignore_ascii_case(s))
@@ -300,19 +302,15 @@ mod tests {
         (Creating, Failed),
         (Running, Stopped),
         (Running, Suspended),
-        (Running, Suspending),
+        (Running, Snapshotting),
         (Running, Releasing),
         (Stopped, Running),
         (Stopped, Releasing),
         (Suspended, Running),
         (Suspended, Stopped),
         (Suspended, Releasing),
-        (Suspending, Paused),
-        (Suspending, Running),
-        (Paused, Saving),
-        (Paused, Running),
-        (Saving, Running),
-        (Saving, Releasing),
+        (Snapshotting, Running),
+        (Snapshotting, Stopped),
         (Releasing, Released),
     ];
 
@@ -346,10 +344,16 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_phases_read_as_snapshotting() {
-        assert_eq!(Paused.status(), "Snapshotting");
+    fn earlier_snapshot_phases_read_as_snapshotting() {
+        assert_eq!(Snapshotting.status(), "Snapshotting");
         assert_eq!(Running.status(), "Running");
         assert_eq!("released".parse::<InstanceState>().unwrap(), Released);
+        for old in ["Suspending", "Paused", "Saving"] {
+            assert_eq!(old.parse::<InstanceState>().unwrap(), Snapshotting);
+            let json = format!("\"{old}\"");
+            assert_eq!(serde_json::from_str::<InstanceState>(&json).unwrap(), Snapshotting);
+        }
+        assert_eq!(serde_json::to_string(&Snapshotting).unwrap(), "\"Snapshotting\"");
     }
 
     #[test]
@@ -368,9 +372,8 @@ mod tests {
                 Action::Release
             ]
         );
-        for s in [
-            Suspending, Paused, Saving, Releasing, Released, Failed, Creating,
-        ] {
+        assert!(Stopped.allowed_actions().contains(&Action::Snapshot));
+        for s in [Snapshotting, Releasing, Released, Failed, Creating] {
             assert!(s.allowed_actions().is_empty(), "{s}");
         }
     }
@@ -408,7 +411,10 @@ mod tests {
                     Action::Start | Action::Resume => Some(Running),
                     Action::Stop => Some(Stopped),
                     Action::Suspend => Some(Suspended),
-                    Action::Snapshot => Some(Suspending),
+                    // A running guest pauses for the switch; a stopped
+                    // one is saved as it is.
+                    Action::Snapshot if s == Running => Some(Snapshotting),
+                    Action::Snapshot => None,
                     Action::Release => Some(Releasing),
                     Action::Reboot | Action::ForceReboot | Action::GrowDisk | Action::ChangeType => None,
                 };
@@ -433,9 +439,9 @@ mod tests {
                 }
             }
         }
-        assert!(Saving.observe(Released).is_ok());
+        assert!(Snapshotting.observe(Released).is_ok());
         assert!(Creating.observe(Released).is_ok());
-        assert!(Stopped.observe(Saving).is_ok());
+        assert!(Stopped.observe(Snapshotting).is_ok());
         assert!(Released.observe(Running).is_err());
         assert!(Releasing.observe(Running).is_err());
     }

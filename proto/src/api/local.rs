@@ -55,9 +55,10 @@ pub struct ImageFromSnapshot {
 }
 
 /// `POST /v1/instances/{id}/snapshot`: snapshot the root disk (never the
-/// data volume) into the host's store. The instance goes Suspending, Paused,
-/// Saving, then back to Running, or to Released with `auto_release`; on
-/// failure it goes back to Running.
+/// data volume) into the host's store. A running instance is Snapshotting
+/// only while its root disk switches to a fresh overlay, then Running while
+/// the snapshot saves; with `auto_release` it is stopped first, saved from
+/// its disk and released. On failure it is as it was before.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TakeSnapshot {

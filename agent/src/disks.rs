@@ -1,5 +1,7 @@
 //! Disk images through `qemu-img`: overlays on base images, blank data
-//! volumes, size queries, growth and conversion.
+//! volumes, size queries, growth and conversion; the layers of a root disk's
+//! chain (what one layer changed, committing layers down, re-pointing a
+//! layer's backing file).
 //!
 //! Every path handed to `qemu-img` is absolute (so it can never be read as
 //! a `protocol:` or `json:` filename) and passed as its own argument, never
@@ -157,6 +159,85 @@ pub fn grow(path: &Path, size: u64) -> Result<(), DiskError> {
     .map(drop)
 }
 
+/// The guest-visible byte ranges a qcow2 layer itself holds (data or
+/// zeroed clusters), not those it reads from its backing chain: what was
+/// written while it was the active layer. Adjacent ranges are merged.
+pub fn layer_extents(layer: &Path) -> Result<Vec<(u64, u64)>, DiskError> {
+    #[derive(Deserialize)]
+    struct MapEntry {
+        start: u64,
+        length: u64,
+        depth: u32,
+        #[serde(default)]
+        data: bool,
+        #[serde(default)]
+        zero: bool,
+    }
+    let out = qemu_img(
+        "map",
+        &["--output=json", "-U", "-f", "qcow2"],
+        &[layer],
+        &[],
+    )?;
+    let entries: Vec<MapEntry> =
+        serde_json::from_slice(&out).map_err(|source| DiskError::Info {
+            path: layer.into(),
+            source,
+        })?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in entries
+        .iter()
+        .filter(|e| e.depth == 0 && (e.data || e.zero))
+    {
+        match ranges.last_mut() {
+            Some((start, len)) if *start + *len == e.start => *len += e.length,
+            _ => ranges.push((e.start, e.length)),
+        }
+    }
+    Ok(ranges)
+}
+
+/// The files of a qcow2 chain, from `top` down to the base.
+pub fn backing_chain(top: &Path) -> Result<Vec<PathBuf>, DiskError> {
+    #[derive(Deserialize)]
+    struct Layer {
+        filename: String,
+    }
+    let out = qemu_img(
+        "info",
+        &["--output=json", "-U", "--backing-chain", "-f", "qcow2"],
+        &[top],
+        &[],
+    )?;
+    let layers: Vec<Layer> = serde_json::from_slice(&out).map_err(|source| DiskError::Info {
+        path: top.into(),
+        source,
+    })?;
+    Ok(layers.into_iter().map(|l| PathBuf::from(l.filename)).collect())
+}
+
+/// Commits `top` (and every layer between it and `base`) into `base`,
+/// offline.
+pub fn commit(top: &Path, base: &Path) -> Result<(), DiskError> {
+    abs(base)?;
+    let b = base.to_string_lossy();
+    qemu_img("commit", &["-q", "-f", "qcow2", "-b", &b], &[top], &[]).map(drop)
+}
+
+/// Points `image` at `backing` without copying data (`rebase -u`): for a
+/// layer whose old backing file was committed into `backing`.
+pub fn rebase_unsafe(image: &Path, backing: &Path) -> Result<(), DiskError> {
+    abs(backing)?;
+    let b = backing.to_string_lossy();
+    qemu_img(
+        "rebase",
+        &["-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", &b],
+        &[image],
+        &[],
+    )
+    .map(drop)
+}
+
 /// Converts `src` (of format `from`) to a standalone qcow2 at `dst`.
 pub fn convert_to_qcow2(src: &Path, from: Format, dst: &Path) -> Result<(), DiskError> {
     let flags = ["-q", "-f", from.as_str(), "-O", "qcow2"];
@@ -198,5 +279,41 @@ mod tests {
         ));
         let e = info(&dir.path().join("missing"), None).unwrap_err();
         assert!(e.to_string().contains("failed"), "{e}");
+    }
+
+    fn write_at(img: &Path, offset: u64, len: u64) {
+        let cmd = format!("write -P 7 {offset} {len}");
+        let st = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    }
+
+    #[test]
+    fn layers_extents_commit_and_rebase() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, mid, top) = (
+            dir.path().join("base.qcow2"),
+            dir.path().join("mid.qcow2"),
+            dir.path().join("top.qcow2"),
+        );
+        create_blank(&base, GIB).unwrap();
+        write_at(&base, 0, 1 << 20);
+        create_overlay(&base, &mid, GIB).unwrap();
+        write_at(&mid, 4 << 20, 128 << 10);
+        write_at(&mid, (4 << 20) + (128 << 10), 64 << 10);
+        create_overlay(&mid, &top, GIB).unwrap();
+        write_at(&top, 8 << 20, 64 << 10);
+        // Only what each layer itself holds, merged when adjacent.
+        assert_eq!(layer_extents(&mid).unwrap(), vec![(4 << 20, 192 << 10)]);
+        assert_eq!(layer_extents(&top).unwrap(), vec![(8 << 20, 64 << 10)]);
+        assert_eq!(backing_chain(&top).unwrap(), vec![top.clone(), mid.clone(), base.clone()]);
+        // Commit mid into base, point top at base: same guest view.
+        commit(&mid, &base).unwrap();
+        rebase_unsafe(&top, &base).unwrap();
+        assert_eq!(backing_chain(&top).unwrap(), vec![top.clone(), base.clone()]);
+        assert_eq!(layer_extents(&top).unwrap(), vec![(8 << 20, 64 << 10)]);
     }
 }

@@ -269,6 +269,55 @@ fn write_interface(w: &mut W, i: &InterfaceDef) {
     close(w, "interface");
 }
 
+/// The source file of the disk with target `dev` in a domain's XML (as
+/// libvirt prints it): the layer the guest uses now (not one of its
+/// `backingStore` layers).
+pub fn disk_source(xml: &str, dev: &str) -> Option<PathBuf> {
+    let mut r = quick_xml::Reader::from_str(xml);
+    // Depth inside the current <disk>; None outside one.
+    let mut depth: Option<usize> = None;
+    let (mut source, mut target) = (None, None);
+    loop {
+        let (e, opens) = match r.read_event().ok()? {
+            Event::Eof => return None,
+            Event::Start(e) => (e, true),
+            Event::Empty(e) => (e, false),
+            Event::End(e) => {
+                match (e.name().as_ref(), depth) {
+                    (b"disk", Some(0)) => {
+                        if target.as_deref() == Some(dev) {
+                            return source.map(PathBuf::from);
+                        }
+                        depth = None;
+                    }
+                    (_, Some(d)) => depth = Some(d.saturating_sub(1)),
+                    _ => {}
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let attr = |k: &[u8]| {
+            e.attributes()
+                .flatten()
+                .find(|a| a.key.as_ref() == k)
+                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+        };
+        match (e.name().as_ref(), depth) {
+            (b"disk", None) if opens => {
+                (depth, source, target) = (Some(0), None, None);
+                continue;
+            }
+            (b"source", Some(0)) if source.is_none() => source = attr(b"file"),
+            (b"target", Some(0)) => target = attr(b"dev"),
+            _ => {}
+        }
+        if opens {
+            depth = depth.map(|d| d + 1);
+        }
+    }
+}
+
 fn write_hostdev(w: &mut W, g: &PciAddress) {
     open(
         w,
@@ -363,6 +412,25 @@ mod tests {
         golden("domain-access-bridge.xml", &d.to_xml());
         d.interface.as_mut().unwrap().bridge = None;
         golden("domain-access-netns.xml", &d.to_xml());
+    }
+
+    #[test]
+    fn disk_sources_are_read_from_live_xml() {
+        let xml = r#"<domain><devices>
+          <disk type='file' device='disk'>
+            <source file='/i/top-2.qcow2' index='3'/>
+            <backingStore type='file' index='2'>
+              <source file='/i/root.qcow2'/>
+              <backingStore/>
+            </backingStore>
+            <target dev='vda' bus='virtio'/>
+          </disk>
+          <disk type='file' device='disk'><source file='/v/vol.qcow2'/><target dev='vdb'/></disk>
+        </devices></domain>"#;
+        assert_eq!(disk_source(xml, "vda"), Some("/i/top-2.qcow2".into()));
+        assert_eq!(disk_source(xml, "vdb"), Some("/v/vol.qcow2".into()));
+        assert_eq!(disk_source(xml, "vdc"), None);
+        assert_eq!(disk_source(&def().to_xml(), "vda"), Some(def().disks[0].path.clone()));
     }
 
     #[test]

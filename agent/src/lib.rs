@@ -28,6 +28,8 @@ pub mod disks;
 pub mod domain_xml;
 pub mod fsutil;
 pub mod gpu;
+pub mod hypervisor;
+pub mod hypervisor_fake;
 pub mod images;
 pub mod layout;
 pub mod libvirt;

@@ -1,5 +1,5 @@
-//! The agent's narrow view of libvirt: define, start, stop, reset, pause,
-//! resume, resize a disk, undefine, and read domain states.
+//! The real [`Hypervisor`]: libvirt (define, power, states, disk
+//! snapshots, block commits, guest-agent calls).
 //!
 //! Each call opens its own connection (`virConnectOpen` on a local socket
 //! costs about a millisecond), so a restarted libvirtd is picked up without
@@ -7,6 +7,8 @@
 //! crate's `Connect` is `Send` but not `Sync`). Only domains whose name starts
 //! with [`DOMAIN_PREFIX`] belong to Gantry.
 
+use crate::hypervisor::{Commit, GuestCall, Hypervisor, Power};
+use std::path::{Path, PathBuf};
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
@@ -57,10 +59,6 @@ impl Libvirt {
         Self { uri: uri.into() }
     }
 
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     fn connect(&self) -> Result<Connect, LibvirtError> {
         Connect::open(Some(&self.uri)).map_err(|e| LibvirtError::Connect {
             uri: self.uri.clone(),
@@ -93,21 +91,81 @@ impl Libvirt {
         f(&dom).map_err(call_err(op, name))
     }
 
-    /// Checks that libvirt answers (readiness, health).
-    pub fn ping(&self) -> Result<u32, LibvirtError> {
+    fn raw_err<'a>(
+        op: &'static str,
+        name: &'a str,
+    ) -> impl Fn(crate::virt_raw::RawError) -> LibvirtError + 'a {
+        move |e| LibvirtError::Call {
+            op,
+            domain: name.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Waits (up to `timeout`) until `disk` has no block job, or, with
+    /// `pivot`, until the job is ready and then pivots.
+    fn finish_job(
+        &self,
+        dom: &Domain,
+        name: &str,
+        disk: &str,
+        pivot: bool,
+        timeout: std::time::Duration,
+    ) -> Result<(), LibvirtError> {
+        use crate::virt_raw;
+        let raw = Self::raw_err("blockcommit", name);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match virt_raw::block_job(dom, disk).map_err(&raw)? {
+                None if !pivot => return Ok(()),
+                Some(job) if pivot && job.ready() => break,
+                Some(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => {
+                    let _ = virt_raw::block_job_finish(dom, disk, false);
+                    return Err(LibvirtError::Call {
+                        op: "blockcommit",
+                        domain: name.to_string(),
+                        message: format!("the commit did not finish in {timeout:?} ({other:?})"),
+                    });
+                }
+            }
+        }
+        virt_raw::block_job_finish(dom, disk, true).map_err(&raw)?;
+        while virt_raw::block_job(dom, disk).map_err(&raw)?.is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+impl Hypervisor for Libvirt {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn ping(&self) -> Result<u32, LibvirtError> {
         let conn = self.connect()?;
         conn.lib_version().map_err(call_err("version", ""))
     }
 
-    /// Defines (or redefines) a persistent domain from XML.
-    pub fn define(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+    fn define(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
         let conn = self.connect()?;
         conn.define_domain_xml(xml)
             .map(drop)
             .map_err(call_err("define", name))
     }
 
-    pub fn state(&self, name: &str) -> Result<PowerState, LibvirtError> {
+    fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
+        let conn = self.connect()?;
+        match self.lookup(&conn, name)? {
+            Some(d) => d.undefine().map_err(call_err("undefine", name)),
+            None => Ok(()),
+        }
+    }
+
+    fn state(&self, name: &str) -> Result<PowerState, LibvirtError> {
         let conn = self.connect()?;
         let Some(dom) = self.lookup(&conn, name)? else {
             return Ok(PowerState::Missing);
@@ -125,61 +183,26 @@ impl Libvirt {
         })
     }
 
-    pub fn start(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("start", name, |d| d.create())
-    }
-
-    /// Asks the guest to power off (ACPI power button).
-    pub fn shutdown(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("shutdown", name, |d| d.shutdown())
-    }
-
-    /// Pulls the plug. Idempotent: an already stopped domain is fine.
-    pub fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
-        if matches!(self.state(name)?, PowerState::Off | PowerState::Missing) {
-            return Ok(());
-        }
-        self.with_domain("destroy", name, |d| d.destroy())
-    }
-
-    /// Graceful reboot (ACPI; libvirt restarts the guest after it powers off).
-    pub fn reboot(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("reboot", name, |d| {
-            d.reboot(virt::sys::VIR_DOMAIN_REBOOT_DEFAULT)
-        })
-    }
-
-    /// Hard reset, like the reset button.
-    pub fn reset(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("reset", name, |d| d.reset())
-    }
-
-    pub fn suspend(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("suspend", name, |d| d.suspend())
-    }
-
-    pub fn resume(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain("resume", name, |d| d.resume())
-    }
-
-    /// Grows a disk of a running domain, in bytes.
-    pub fn block_resize(&self, name: &str, target: &str, bytes: u64) -> Result<(), LibvirtError> {
-        self.with_domain("blockresize", name, |d| {
-            d.block_resize(target, bytes, virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
-        })
-    }
-
-    /// Removes the definition. Idempotent: a missing domain is fine.
-    pub fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
-        let conn = self.connect()?;
-        match self.lookup(&conn, name)? {
-            Some(d) => d.undefine().map_err(call_err("undefine", name)),
-            None => Ok(()),
+    fn power(&self, name: &str, change: Power) -> Result<(), LibvirtError> {
+        match change {
+            Power::Start => self.with_domain("start", name, |d| d.create().map(drop)),
+            Power::Shutdown => self.with_domain("shutdown", name, |d| d.shutdown().map(drop)),
+            Power::Destroy => {
+                if matches!(self.state(name)?, PowerState::Off | PowerState::Missing) {
+                    return Ok(());
+                }
+                self.with_domain("destroy", name, |d| d.destroy().map(drop))
+            }
+            Power::Reboot => self.with_domain("reboot", name, |d| {
+                d.reboot(virt::sys::VIR_DOMAIN_REBOOT_DEFAULT).map(drop)
+            }),
+            Power::Reset => self.with_domain("reset", name, |d| d.reset().map(drop)),
+            Power::Suspend => self.with_domain("suspend", name, |d| d.suspend().map(drop)),
+            Power::Resume => self.with_domain("resume", name, |d| d.resume().map(drop)),
         }
     }
 
-    /// Names of every domain (running or only defined) that is Gantry's.
-    pub fn gantry_domains(&self) -> Result<Vec<String>, LibvirtError> {
+    fn domains(&self) -> Result<Vec<String>, LibvirtError> {
         let conn = self.connect()?;
         let doms = conn.list_all_domains(0).map_err(call_err("list", "*"))?;
         let mut names: Vec<String> = doms
@@ -191,14 +214,14 @@ impl Libvirt {
         Ok(names)
     }
 
-    /// Freezes `disk`'s current image: QEMU flushes it and switches the guest
-    /// to a new external qcow2 overlay at `overlay` (no snapshot metadata).
-    pub fn external_overlay(
-        &self,
-        name: &str,
-        disk: &str,
-        overlay: &std::path::Path,
-    ) -> Result<(), LibvirtError> {
+    fn block_resize(&self, name: &str, disk: &str, bytes: u64) -> Result<(), LibvirtError> {
+        self.with_domain("blockresize", name, |d| {
+            d.block_resize(disk, bytes, virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                .map(drop)
+        })
+    }
+
+    fn disk_snapshot(&self, name: &str, disk: &str, overlay: &Path) -> Result<(), LibvirtError> {
         let mut w = quick_xml::Writer::new(Vec::new());
         w.create_element("domainsnapshot")
             .write_inner_content(|w| {
@@ -225,12 +248,11 @@ impl Libvirt {
         })
     }
 
-    /// Commits `disk`'s active overlay into its backing image and pivots
-    /// back to it, waiting up to `timeout` for the copy.
-    pub fn commit_and_pivot(
+    fn block_commit(
         &self,
         name: &str,
         disk: &str,
+        commit: Commit,
         timeout: std::time::Duration,
     ) -> Result<(), LibvirtError> {
         use crate::virt_raw;
@@ -242,55 +264,47 @@ impl Libvirt {
                 domain: name.to_string(),
                 message: "no such domain".into(),
             })?;
-        let raw = |e: virt_raw::RawError| LibvirtError::Call {
-            op: "blockcommit",
-            domain: name.to_string(),
-            message: e.to_string(),
-        };
-        virt_raw::block_commit_active(&dom, disk).map_err(raw)?;
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            match virt_raw::block_job(&dom, disk).map_err(raw)? {
-                Some(job) if job.ready() => break,
-                Some(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(5))
-                }
-                other => {
-                    let _ = virt_raw::block_job_finish(&dom, disk, false);
-                    return Err(LibvirtError::Call {
-                        op: "blockcommit",
-                        domain: name.to_string(),
-                        message: format!("commit did not become ready in {timeout:?} ({other:?})"),
-                    });
-                }
+        let raw = Self::raw_err("blockcommit", name);
+        match commit {
+            Commit::Active => {
+                virt_raw::block_commit_active(&dom, disk).map_err(&raw)?;
+                self.finish_job(&dom, name, disk, true, timeout)
+            }
+            Commit::Into { top, base } => {
+                virt_raw::block_commit(&dom, disk, &base, &top).map_err(&raw)?;
+                self.finish_job(&dom, name, disk, false, timeout)
             }
         }
-        virt_raw::block_job_finish(&dom, disk, true).map_err(raw)?;
-        while virt_raw::block_job(&dom, disk).map_err(raw)?.is_some() {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        Ok(())
     }
 
-    /// Sets `user`'s password inside the guest through qemu-guest-agent,
-    /// from a crypt(3) hash (`VIR_DOMAIN_PASSWORD_ENCRYPTED`). Fails when
-    /// the guest runs no guest agent.
-    pub fn set_user_password(
-        &self,
-        name: &str,
-        user: &str,
-        hash: &str,
-    ) -> Result<(), LibvirtError> {
-        /// `VIR_DOMAIN_PASSWORD_ENCRYPTED`: the password is already a hash.
-        const ENCRYPTED: u32 = 1;
-        self.with_domain("set-user-password", name, |d| {
-            d.set_user_password(user, hash, ENCRYPTED)
-        })
-    }
-
-    /// Host memory libvirt reports free, in bytes.
-    pub fn free_memory(&self) -> Result<u64, LibvirtError> {
+    fn guest_agent(&self, name: &str, call: GuestCall) -> Result<(), LibvirtError> {
+        use crate::virt_raw;
         let conn = self.connect()?;
-        conn.free_memory().map_err(call_err("freememory", ""))
+        let dom = self
+            .lookup(&conn, name)?
+            .ok_or_else(|| LibvirtError::Call {
+                op: "guest-agent",
+                domain: name.to_string(),
+                message: "no such domain".into(),
+            })?;
+        let raw = Self::raw_err("guest-agent", name);
+        match call {
+            GuestCall::Freeze => virt_raw::fs_freeze(&dom).map(drop).map_err(raw),
+            GuestCall::Thaw => virt_raw::fs_thaw(&dom).map(drop).map_err(raw),
+            GuestCall::SetPassword { user, hash } => {
+                /// `VIR_DOMAIN_PASSWORD_ENCRYPTED`: the password is a hash.
+                const ENCRYPTED: u32 = 1;
+                dom.set_user_password(&user, &hash, ENCRYPTED)
+                    .map_err(call_err("set-user-password", name))
+            }
+        }
+    }
+
+    fn disk_source(&self, name: &str, disk: &str) -> Result<Option<PathBuf>, LibvirtError> {
+        if !matches!(self.state(name)?, PowerState::Running | PowerState::Paused) {
+            return Ok(None);
+        }
+        let xml = self.with_domain("dumpxml", name, |d| d.xml_desc(0))?;
+        Ok(crate::domain_xml::disk_source(&xml, disk))
     }
 }

@@ -2,6 +2,7 @@
 //! start, stop, reboot, reset, suspend, resume, change type, grow disk and
 //! release. Called on operation threads by [`crate::manager::Manager`].
 
+use crate::hypervisor::{GuestCall, Power};
 use crate::disks::{self, Format, GIB};
 use crate::domain_xml::{Boot, DiskDef, DomainDef};
 use crate::images;
@@ -253,7 +254,7 @@ impl Manager {
         self.virt.define(&domain_name(id), &xml)?;
         self.progress(op, 80);
         self.before_start(&spec)?;
-        self.virt.start(&domain_name(id))?;
+        self.virt.power(&domain_name(id), Power::Start)?;
         self.after_start(&spec)?;
         if spec.nic.is_some() {
             self.apply_network();
@@ -267,7 +268,7 @@ impl Manager {
         let name = domain_name(id);
         if let Err(e) = self
             .virt
-            .destroy(&name)
+            .power(&name, Power::Destroy)
             .and_then(|_| self.virt.undefine(&name))
         {
             tracing::error!(instance = %id, error = %e, "rollback: cannot remove domain");
@@ -317,7 +318,7 @@ impl Manager {
                 // an interrupted in-place rewrite left).
                 self.write_seed(&spec, false)?;
                 self.before_start(&spec)?;
-                self.virt.start(&name)?;
+                self.virt.power(&name, Power::Start)?;
                 self.after_start(&spec)?;
                 self.set_state(id, InstanceState::Running)
             }
@@ -327,14 +328,14 @@ impl Manager {
                 self.stop_domain(&name, state == InstanceState::Running, timeout, op)?;
                 self.set_state(id, InstanceState::Stopped)
             }
-            ActionRequest::Reboot => Ok(self.virt.reboot(&name)?),
-            ActionRequest::ForceReboot => Ok(self.virt.reset(&name)?),
+            ActionRequest::Reboot => Ok(self.virt.power(&name, Power::Reboot)?),
+            ActionRequest::ForceReboot => Ok(self.virt.power(&name, Power::Reset)?),
             ActionRequest::Suspend => {
-                self.virt.suspend(&name)?;
+                self.virt.power(&name, Power::Suspend)?;
                 self.set_state(id, InstanceState::Suspended)
             }
             ActionRequest::Resume => {
-                self.virt.resume(&name)?;
+                self.virt.power(&name, Power::Resume)?;
                 self.set_state(id, InstanceState::Running)
             }
             ActionRequest::ChangeType { vcpus, memory_mib } => {
@@ -359,7 +360,7 @@ impl Manager {
         op: OperationId,
     ) -> Result<(), ManagerError> {
         if graceful {
-            self.virt.shutdown(name)?;
+            self.virt.power(name, Power::Shutdown)?;
             let start = Instant::now();
             while start.elapsed() < timeout {
                 if matches!(
@@ -374,7 +375,7 @@ impl Manager {
             }
             tracing::warn!(domain = name, "guest ignored ACPI shutdown; destroying");
         }
-        Ok(self.virt.destroy(name)?)
+        Ok(self.virt.power(name, Power::Destroy)?)
     }
 
     fn grow_disk(
@@ -443,7 +444,7 @@ impl Manager {
             self.set_state(id, InstanceState::Releasing)?;
         }
         let name = domain_name(id);
-        self.virt.destroy(&name)?;
+        self.virt.power(&name, Power::Destroy)?;
         self.virt.undefine(&name)?;
         let rec = self.record(id)?;
         self.let_go_of_volume(id, &rec, delete_data_volume);
@@ -490,7 +491,13 @@ impl Manager {
         }
         match self
             .virt
-            .set_user_password(&domain_name(id), "root", hash.expose())
+            .guest_agent(
+                &domain_name(id),
+                GuestCall::SetPassword {
+                    user: "root".into(),
+                    hash: hash.expose().to_string(),
+                },
+            )
         {
             Ok(()) => Ok("applied now through the guest agent".into()),
             Err(e) => {

@@ -14,7 +14,8 @@ use crate::config::AgentConfig;
 use crate::fsutil::FsError;
 use crate::gpu::GpuInventory;
 use crate::layout::{InstanceRecord, Layout};
-use crate::libvirt::{Libvirt, LibvirtError};
+use crate::hypervisor::Hypervisor;
+use crate::libvirt::LibvirtError;
 use crate::{disks, images};
 use gantry_proto::api::local::{
     ActionRequest, InstanceInfo, OperationInfo, OperationState, VolumeInfo,
@@ -76,7 +77,7 @@ pub(crate) struct Inner {
 pub struct Manager {
     pub(crate) cfg: AgentConfig,
     pub(crate) layout: Layout,
-    pub(crate) virt: Libvirt,
+    pub(crate) virt: Arc<dyn Hypervisor>,
     pub(crate) domain_type: &'static str,
     pub(crate) gpus: Box<dyn GpuInventory>,
     pub(crate) metrics: crate::metrics::Metrics,
@@ -106,8 +107,8 @@ impl Manager {
         &self.layout
     }
 
-    pub fn libvirt(&self) -> &Libvirt {
-        &self.virt
+    pub fn libvirt(&self) -> &dyn Hypervisor {
+        self.virt.as_ref()
     }
 
     pub fn config(&self) -> &AgentConfig {

@@ -6,6 +6,7 @@
 use crate::config::AgentConfig;
 use crate::gpu::GpuInventory;
 use crate::layout::{InstanceRecord, Layout};
+use crate::hypervisor::{Hypervisor, Power};
 use crate::libvirt::{Libvirt, PowerState};
 use crate::manager::{domain_name, Inner, Manager, ManagerError};
 use gantry_proto::{InstanceId, InstanceState};
@@ -21,11 +22,20 @@ impl Manager {
         cfg: AgentConfig,
         gpus: Box<dyn GpuInventory>,
     ) -> Result<Arc<Manager>, ManagerError> {
-        let layout = Layout::new(&cfg.state_dir);
-        layout.create()?;
         // libvirt would print every error to stderr itself; the agent logs them.
         virt::error::clear_error_callback();
-        let virt = Libvirt::new(&cfg.libvirt_uri);
+        let virt = Arc::new(Libvirt::new(&cfg.libvirt_uri));
+        Self::open_with(cfg, gpus, virt)
+    }
+
+    /// [`Manager::open`] over any hypervisor (tests use the fake).
+    pub fn open_with(
+        cfg: AgentConfig,
+        gpus: Box<dyn GpuInventory>,
+        virt: Arc<dyn Hypervisor>,
+    ) -> Result<Arc<Manager>, ManagerError> {
+        let layout = Layout::new(&cfg.state_dir);
+        layout.create()?;
         virt.ping()?;
         let domain_type = cfg.resolved_domain_type();
         let usage = crate::usage::UsageBook::open(
@@ -75,7 +85,7 @@ impl Manager {
             .collect();
         m.usage.finish_recovery(&states);
         m.reconcile_network();
-        for name in m.virt.gantry_domains()? {
+        for name in m.virt.domains()? {
             if !known.contains(&name) {
                 tracing::warn!(
                     domain = name,
@@ -127,7 +137,7 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         if rec.state.is_snapshotting() && power == PowerState::Paused {
             // A snapshot was interrupted: the guest goes back to work.
-            self.virt.resume(&domain_name(id))?;
+            self.virt.power(&domain_name(id), Power::Resume)?;
         }
         let mut inner = self.lock();
         for step in observed_path(rec.state, power) {

@@ -16,6 +16,7 @@
 //! heartbeat after a compaction carries the snapshots' new sizes, and the
 //! store usage in heartbeats, which billing uses, follows too.
 
+use crate::hypervisor::{Commit, Power};
 use crate::disks;
 use crate::images;
 use crate::layout::ImageRecord;
@@ -253,13 +254,13 @@ impl Manager {
                 if req.auto_release {
                     self.release(id, false)
                 } else {
-                    self.virt.resume(&name)?;
+                    self.virt.power(&name, Power::Resume)?;
                     Ok(())
                 }
             }
             Err(e) => {
                 tracing::warn!(instance = %id, error = %e, "snapshot failed; resuming the guest");
-                if let Err(re) = self.virt.resume(&name) {
+                if let Err(re) = self.virt.power(&name, Power::Resume) {
                     tracing::error!(instance = %id, error = %re, "cannot resume after a failed snapshot");
                 }
                 self.set_state(id, InstanceState::Running)?;
@@ -276,15 +277,15 @@ impl Manager {
         op: OperationId,
     ) -> Result<SnapshotResult, ManagerError> {
         let name = domain_name(id);
-        self.virt.suspend(&name)?;
+        self.virt.power(&name, Power::Suspend)?;
         self.progress(op, 5);
         let overlay = self.layout.instance_dir(id).join("root.snapshot.qcow2");
         let _ = std::fs::remove_file(&overlay);
-        self.virt.external_overlay(&name, "vda", &overlay)?;
+        self.virt.disk_snapshot(&name, "vda", &overlay)?;
         let saved = self.save_root(id, req, snapshot_id, op);
         // Whatever the store said, fold the overlay back into root.qcow2 and
         // keep the persistent definition pointing at it.
-        let merged = self.virt.commit_and_pivot(&name, "vda", COMMIT_TIMEOUT);
+        let merged = self.virt.block_commit(&name, "vda", Commit::Active, COMMIT_TIMEOUT);
         if merged.is_ok() {
             let _ = std::fs::remove_file(&overlay);
         }

@@ -1,6 +1,6 @@
 //! Safe wrappers over the few libvirt calls the `virt` crate leaves raw:
-//! active block commit, block job progress, pivot and abort, and guest
-//! filesystem freeze and thaw. Live snapshots (an external overlay, then a
+//! active and non-active block commits, block job progress, pivot and
+//! abort, and guest filesystem freeze and thaw. Live snapshots (an external overlay, then a
 //! block commit back into the base) are built on these.
 //!
 //! This is the only module with `unsafe` in the agent. Each function checks
@@ -68,6 +68,34 @@ pub fn block_commit_active(dom: &Domain, disk: &str) -> Result<(), Error> {
             ptr::null(),
             0,
             flags,
+        )
+    };
+    check(rc).map(drop)
+}
+
+/// Starts a commit of every layer of `disk`'s chain from `top` down to just
+/// above `base` into `base` (a non-active commit: the guest writes on above
+/// `top`; the job ends by itself and the layer above `top` is then backed
+/// by `base`).
+pub fn block_commit(
+    dom: &Domain,
+    disk: &str,
+    base: &std::path::Path,
+    top: &std::path::Path,
+) -> Result<(), Error> {
+    let disk = c_string(disk)?;
+    let base = c_string(&base.to_string_lossy())?;
+    let top = c_string(&top.to_string_lossy())?;
+    // SAFETY: valid domain; three NUL-terminated strings that outlive the
+    // call; 0 bandwidth is unlimited; no flags.
+    let rc = unsafe {
+        virt::sys::virDomainBlockCommit(
+            dom.as_ptr(),
+            disk.as_ptr(),
+            base.as_ptr(),
+            top.as_ptr(),
+            0,
+            0,
         )
     };
     check(rc).map(drop)

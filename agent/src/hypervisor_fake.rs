@@ -1,0 +1,263 @@
+//! A [`Hypervisor`] for tests: domains live in memory, and what QEMU would
+//! do to disk files (an external overlay, a commit down the chain) is done
+//! with `qemu-img`, so an operation's disk bookkeeping is exercised for
+//! real. Any call can be made to fail ([`FakeHypervisor::fail`]); the guest
+//! agent answers only when [`FakeHypervisor::with_guest_agent`] says so.
+
+use crate::disks;
+use crate::hypervisor::{Commit, GuestCall, Hypervisor, Power};
+use crate::libvirt::{LibvirtError, PowerState, DOMAIN_PREFIX};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+struct Domain {
+    power: PowerState,
+    /// Disk target -> the file it uses (its active layer).
+    disks: HashMap<String, PathBuf>,
+}
+
+#[derive(Default)]
+struct State {
+    domains: BTreeMap<String, Domain>,
+    /// Calls to fail: (call name, how many more to let through first).
+    fail: Vec<(&'static str, usize)>,
+    calls: Vec<String>,
+    guest_agent: bool,
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub struct FakeHypervisor {
+    state: Mutex<State>,
+}
+
+impl FakeHypervisor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the call named `call` (`disk_snapshot`, `block_commit`,
+    /// `power:Resume`, ...) fail once, after `after` successful ones.
+    pub fn fail(&self, call: &'static str, after: usize) {
+        self.lock().fail.push((call, after));
+    }
+
+    /// Whether guests answer guest-agent calls.
+    pub fn with_guest_agent(&self, yes: bool) {
+        self.lock().guest_agent = yes;
+    }
+
+    /// Every call so far, as `name arg`.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// Sets a domain's power as if the guest did it (powered itself off).
+    pub fn set_power(&self, name: &str, power: PowerState) {
+        if let Some(d) = self.lock().domains.get_mut(name) {
+            d.power = power;
+        }
+    }
+
+    fn enter(&self, call: &'static str, name: &str) -> Result<(), LibvirtError> {
+        let mut st = self.lock();
+        st.calls.push(format!("{call} {name}"));
+        if let Some(i) = st.fail.iter().position(|(c, _)| *c == call) {
+            if st.fail[i].1 == 0 {
+                st.fail.remove(i);
+                return Err(err(call, name, "injected failure"));
+            }
+            st.fail[i].1 -= 1;
+        }
+        Ok(())
+    }
+
+    fn with<T>(&self, name: &str, f: impl FnOnce(&mut Domain) -> T) -> Result<T, LibvirtError> {
+        let mut st = self.lock();
+        let d = st
+            .domains
+            .get_mut(name)
+            .ok_or_else(|| err("lookup", name, "no such domain"))?;
+        Ok(f(d))
+    }
+}
+
+fn err(op: &'static str, name: &str, message: &str) -> LibvirtError {
+    LibvirtError::Call {
+        op,
+        domain: name.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn disk_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(disks::DiskError) -> LibvirtError + 'a {
+    move |e| err(op, name, &e.to_string())
+}
+
+/// The disks of a domain XML: target -> source file.
+fn disks_of(xml: &str) -> HashMap<String, PathBuf> {
+    ["vda", "vdb", "vdz"]
+        .into_iter()
+        .filter_map(|t| crate::domain_xml::disk_source(xml, t).map(|p| (t.to_string(), p)))
+        .collect()
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn uri(&self) -> &str {
+        "fake:///"
+    }
+
+    fn ping(&self) -> Result<u32, LibvirtError> {
+        self.enter("ping", "")?;
+        Ok(9_000_000)
+    }
+
+    fn define(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+        self.enter("define", name)?;
+        let disks = disks_of(xml);
+        let mut st = self.lock();
+        let d = st.domains.entry(name.to_string()).or_insert(Domain {
+            power: PowerState::Off,
+            disks: HashMap::new(),
+        });
+        // A running domain keeps the disks it has until it restarts.
+        if d.power == PowerState::Off {
+            d.disks = disks;
+        }
+        Ok(())
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
+        self.enter("undefine", name)?;
+        self.lock().domains.remove(name);
+        Ok(())
+    }
+
+    fn state(&self, name: &str) -> Result<PowerState, LibvirtError> {
+        self.enter("state", name)?;
+        Ok(self
+            .lock()
+            .domains
+            .get(name)
+            .map_or(PowerState::Missing, |d| d.power))
+    }
+
+    fn power(&self, name: &str, change: Power) -> Result<(), LibvirtError> {
+        let call = match change {
+            Power::Start => "power:Start",
+            Power::Shutdown => "power:Shutdown",
+            Power::Destroy => "power:Destroy",
+            Power::Reboot => "power:Reboot",
+            Power::Reset => "power:Reset",
+            Power::Suspend => "power:Suspend",
+            Power::Resume => "power:Resume",
+        };
+        self.enter(call, name)?;
+        if change == Power::Destroy && !self.lock().domains.contains_key(name) {
+            return Ok(());
+        }
+        self.with(name, |d| match change {
+            Power::Start | Power::Resume => d.power = PowerState::Running,
+            // The fake guest obeys the power button at once.
+            Power::Shutdown | Power::Destroy => d.power = PowerState::Off,
+            Power::Suspend => d.power = PowerState::Paused,
+            Power::Reboot | Power::Reset => {}
+        })
+    }
+
+    fn domains(&self) -> Result<Vec<String>, LibvirtError> {
+        self.enter("domains", "")?;
+        Ok(self
+            .lock()
+            .domains
+            .keys()
+            .filter(|n| n.starts_with(DOMAIN_PREFIX))
+            .cloned()
+            .collect())
+    }
+
+    fn block_resize(&self, name: &str, disk: &str, bytes: u64) -> Result<(), LibvirtError> {
+        self.enter("block_resize", name)?;
+        let path = self.with(name, |d| d.disks.get(disk).cloned())?;
+        let path = path.ok_or_else(|| err("blockresize", name, "no such disk"))?;
+        disks::grow(&path, bytes).map_err(disk_err("blockresize", name))
+    }
+
+    fn disk_snapshot(&self, name: &str, disk: &str, overlay: &Path) -> Result<(), LibvirtError> {
+        self.enter("disk_snapshot", name)?;
+        let current = self
+            .with(name, |d| d.disks.get(disk).cloned())?
+            .ok_or_else(|| err("snapshot-create", name, "no such disk"))?;
+        let size = disks::info(&current, Some(disks::Format::Qcow2))
+            .map_err(disk_err("snapshot-create", name))?
+            .virtual_size;
+        disks::create_overlay(&current, overlay, size).map_err(disk_err("snapshot-create", name))?;
+        self.with(name, |d| d.disks.insert(disk.to_string(), overlay.to_path_buf()))?;
+        Ok(())
+    }
+
+    fn block_commit(
+        &self,
+        name: &str,
+        disk: &str,
+        commit: Commit,
+        _timeout: Duration,
+    ) -> Result<(), LibvirtError> {
+        self.enter("block_commit", name)?;
+        let active = self
+            .with(name, |d| d.disks.get(disk).cloned())?
+            .ok_or_else(|| err("blockcommit", name, "no such disk"))?;
+        let chain = disks::backing_chain(&active).map_err(disk_err("blockcommit", name))?;
+        match commit {
+            Commit::Active => {
+                let backing = chain
+                    .get(1)
+                    .cloned()
+                    .ok_or_else(|| err("blockcommit", name, "the active layer has no backing file"))?;
+                disks::commit(&active, &backing).map_err(disk_err("blockcommit", name))?;
+                self.with(name, |d| d.disks.insert(disk.to_string(), backing))?;
+            }
+            Commit::Into { top, base } => {
+                let at = chain
+                    .iter()
+                    .position(|p| *p == top)
+                    .filter(|i| *i > 0 && chain[i + 1..].contains(&base))
+                    .ok_or_else(|| err("blockcommit", name, "top is not above base in the chain"))?;
+                disks::commit(&top, &base).map_err(disk_err("blockcommit", name))?;
+                disks::rebase_unsafe(&chain[at - 1], &base).map_err(disk_err("blockcommit", name))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn guest_agent(&self, name: &str, call: GuestCall) -> Result<(), LibvirtError> {
+        let n = match call {
+            GuestCall::Freeze => "guest_agent:Freeze",
+            GuestCall::Thaw => "guest_agent:Thaw",
+            GuestCall::SetPassword { .. } => "guest_agent:SetPassword",
+        };
+        self.enter(n, name)?;
+        if self.lock().guest_agent {
+            Ok(())
+        } else {
+            Err(err("guest-agent", name, "QEMU guest agent is not connected"))
+        }
+    }
+
+    fn disk_source(&self, name: &str, disk: &str) -> Result<Option<PathBuf>, LibvirtError> {
+        self.enter("disk_source", name)?;
+        let st = self.lock();
+        Ok(st
+            .domains
+            .get(name)
+            .filter(|d| matches!(d.power, PowerState::Running | PowerState::Paused))
+            .and_then(|d| d.disks.get(disk).cloned()))
+    }
+}

@@ -11,6 +11,7 @@
 //! gpus = "auto"                        # auto | nvml | none | simulated
 //! snapshot_store = "<state_dir>/snapshots"   # path, file:// or s3://bucket/prefix
 //! store_keyring = "<state_dir>/store-keys.json" # per-account chunk keys (0600)
+//! store_gc_secs = 3600                 # garbage collection of the store; 0 = never
 //!
 //! [controller]                         # optional: join a gantry-controller
 //! url = "http://127.0.0.1:8787"
@@ -73,6 +74,9 @@ pub struct AgentConfig {
     pub snapshot_store: Option<String>,
     /// Per-account keys of the store; default `<state_dir>/store-keys.json`.
     pub store_keyring: Option<PathBuf>,
+    /// How often the store's garbage is collected (deleted snapshots'
+    /// chunks leave the disk), seconds; 0: never.
+    pub store_gc_secs: u64,
     /// The controller to join and take work from; none = standalone.
     pub controller: Option<ControllerConfig>,
     /// Instance access networking.
@@ -238,6 +242,7 @@ impl Default for AgentConfig {
             gpus: GpuSource::Auto,
             snapshot_store: None,
             store_keyring: None,
+            store_gc_secs: 3600,
             controller: None,
             network: NetworkConfig::default(),
         }

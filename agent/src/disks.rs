@@ -213,7 +213,10 @@ pub fn backing_chain(top: &Path) -> Result<Vec<PathBuf>, DiskError> {
         path: top.into(),
         source,
     })?;
-    Ok(layers.into_iter().map(|l| PathBuf::from(l.filename)).collect())
+    Ok(layers
+        .into_iter()
+        .map(|l| PathBuf::from(l.filename))
+        .collect())
 }
 
 /// Commits `top` (and every layer between it and `base`) into `base`,
@@ -288,7 +291,11 @@ mod tests {
             .arg(img)
             .output()
             .unwrap();
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
 
     #[test]
@@ -309,11 +316,17 @@ mod tests {
         // Only what each layer itself holds, merged when adjacent.
         assert_eq!(layer_extents(&mid).unwrap(), vec![(4 << 20, 192 << 10)]);
         assert_eq!(layer_extents(&top).unwrap(), vec![(8 << 20, 64 << 10)]);
-        assert_eq!(backing_chain(&top).unwrap(), vec![top.clone(), mid.clone(), base.clone()]);
+        assert_eq!(
+            backing_chain(&top).unwrap(),
+            vec![top.clone(), mid.clone(), base.clone()]
+        );
         // Commit mid into base, point top at base: same guest view.
         commit(&mid, &base).unwrap();
         rebase_unsafe(&top, &base).unwrap();
-        assert_eq!(backing_chain(&top).unwrap(), vec![top.clone(), base.clone()]);
+        assert_eq!(
+            backing_chain(&top).unwrap(),
+            vec![top.clone(), base.clone()]
+        );
         assert_eq!(layer_extents(&top).unwrap(), vec![(8 << 20, 64 << 10)]);
     }
 }

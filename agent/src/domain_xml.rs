@@ -430,7 +430,10 @@ mod tests {
         assert_eq!(disk_source(xml, "vda"), Some("/i/top-2.qcow2".into()));
         assert_eq!(disk_source(xml, "vdb"), Some("/v/vol.qcow2".into()));
         assert_eq!(disk_source(xml, "vdc"), None);
-        assert_eq!(disk_source(&def().to_xml(), "vda"), Some(def().disks[0].path.clone()));
+        assert_eq!(
+            disk_source(&def().to_xml(), "vda"),
+            Some(def().disks[0].path.clone())
+        );
     }
 
     #[test]

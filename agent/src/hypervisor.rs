@@ -44,7 +44,10 @@ pub enum GuestCall {
     Freeze,
     Thaw,
     /// Set `user`'s password from a crypt(3) hash.
-    SetPassword { user: String, hash: String },
+    SetPassword {
+        user: String,
+        hash: String,
+    },
 }
 
 /// What the agent needs from the hypervisor. Domains are named

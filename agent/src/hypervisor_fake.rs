@@ -97,7 +97,10 @@ fn err(op: &'static str, name: &str, message: &str) -> LibvirtError {
     }
 }
 
-fn disk_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(disks::DiskError) -> LibvirtError + 'a {
+fn disk_err<'a>(
+    op: &'static str,
+    name: &'a str,
+) -> impl FnOnce(disks::DiskError) -> LibvirtError + 'a {
     move |e| err(op, name, &e.to_string())
 }
 
@@ -198,8 +201,11 @@ impl Hypervisor for FakeHypervisor {
         let size = disks::info(&current, Some(disks::Format::Qcow2))
             .map_err(disk_err("snapshot-create", name))?
             .virtual_size;
-        disks::create_overlay(&current, overlay, size).map_err(disk_err("snapshot-create", name))?;
-        self.with(name, |d| d.disks.insert(disk.to_string(), overlay.to_path_buf()))?;
+        disks::create_overlay(&current, overlay, size)
+            .map_err(disk_err("snapshot-create", name))?;
+        self.with(name, |d| {
+            d.disks.insert(disk.to_string(), overlay.to_path_buf())
+        })?;
         Ok(())
     }
 
@@ -217,10 +223,9 @@ impl Hypervisor for FakeHypervisor {
         let chain = disks::backing_chain(&active).map_err(disk_err("blockcommit", name))?;
         match commit {
             Commit::Active => {
-                let backing = chain
-                    .get(1)
-                    .cloned()
-                    .ok_or_else(|| err("blockcommit", name, "the active layer has no backing file"))?;
+                let backing = chain.get(1).cloned().ok_or_else(|| {
+                    err("blockcommit", name, "the active layer has no backing file")
+                })?;
                 disks::commit(&active, &backing).map_err(disk_err("blockcommit", name))?;
                 self.with(name, |d| d.disks.insert(disk.to_string(), backing))?;
             }
@@ -229,9 +234,12 @@ impl Hypervisor for FakeHypervisor {
                     .iter()
                     .position(|p| *p == top)
                     .filter(|i| *i > 0 && chain[i + 1..].contains(&base))
-                    .ok_or_else(|| err("blockcommit", name, "top is not above base in the chain"))?;
+                    .ok_or_else(|| {
+                        err("blockcommit", name, "top is not above base in the chain")
+                    })?;
                 disks::commit(&top, &base).map_err(disk_err("blockcommit", name))?;
-                disks::rebase_unsafe(&chain[at - 1], &base).map_err(disk_err("blockcommit", name))?;
+                disks::rebase_unsafe(&chain[at - 1], &base)
+                    .map_err(disk_err("blockcommit", name))?;
             }
         }
         Ok(())
@@ -247,7 +255,11 @@ impl Hypervisor for FakeHypervisor {
         if self.lock().guest_agent {
             Ok(())
         } else {
-            Err(err("guest-agent", name, "QEMU guest agent is not connected"))
+            Err(err(
+                "guest-agent",
+                name,
+                "QEMU guest agent is not connected",
+            ))
         }
     }
 

@@ -5,7 +5,8 @@
 //! <state_dir>/
 //!   agent-token                 local API token (0600)
 //!   images/<image-id>/          image.json, disk.qcow2, vmlinuz, initrd.img
-//!   instances/<instance-id>/    instance.json, root.qcow2, console.{sock,log}, exec.sock,
+//!   instances/<instance-id>/    instance.json, root.qcow2 and top-<n>.qcow2 (the root
+//!                               disk's layers), console.{sock,log}, exec.sock,
 //!                               seed.iso (NoCloud seed, 0600), qga.sock (guest agent)
 //!   access.json                 the controller's access state (crate::net)
 //!   tls.json                    the HTTPS front's certificate and key (0600, crate::net)
@@ -42,6 +43,9 @@ pub struct InstanceRecord {
     pub created_volume: bool,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The root disk's layers ([`crate::snapshots::chain`]).
+    #[serde(default)]
+    pub chain: crate::snapshots::chain::DiskChain,
 }
 
 /// A cached image.
@@ -130,8 +134,19 @@ impl Layout {
     pub fn instance_record(&self, id: InstanceId) -> PathBuf {
         self.instance_dir(id).join("instance.json")
     }
+    /// The first layer of the root disk (on the image).
     pub fn root_disk(&self, id: InstanceId) -> PathBuf {
-        self.instance_dir(id).join("root.qcow2")
+        self.instance_dir(id)
+            .join(crate::snapshots::chain::ROOT_LAYER)
+    }
+    /// A layer of the root disk, by file name (see
+    /// [`crate::snapshots::chain::DiskChain`]).
+    pub fn layer(&self, id: InstanceId, name: &str) -> PathBuf {
+        self.instance_dir(id).join(name)
+    }
+    /// The layer the guest writes to.
+    pub fn active_disk(&self, rec: &InstanceRecord) -> PathBuf {
+        self.layer(rec.spec.id, rec.chain.active_layer())
     }
     pub fn console_socket(&self, id: InstanceId) -> PathBuf {
         self.instance_dir(id).join("console.sock")

@@ -2,9 +2,9 @@
 //! start, stop, reboot, reset, suspend, resume, change type, grow disk and
 //! release. Called on operation threads by [`crate::manager::Manager`].
 
-use crate::hypervisor::{GuestCall, Power};
 use crate::disks::{self, Format, GIB};
 use crate::domain_xml::{Boot, DiskDef, DomainDef};
+use crate::hypervisor::{GuestCall, Power};
 use crate::images;
 use crate::layout::{InstanceRecord, VolumeRecord};
 use crate::libvirt::PowerState;
@@ -138,8 +138,14 @@ impl Manager {
             },
             None => Boot::Disk,
         };
+        // The active layer of the root disk's chain (root.qcow2 until the
+        // first snapshot).
+        let active = self
+            .record(spec.id)
+            .map(|r| self.layout.active_disk(&r))
+            .unwrap_or_else(|_| self.layout.root_disk(spec.id));
         let mut disks = vec![DiskDef {
-            path: self.layout.root_disk(spec.id),
+            path: active,
             target: "vda",
             serial: "root",
         }];
@@ -352,7 +358,7 @@ impl Manager {
     }
 
     /// ACPI shutdown, waiting up to `timeout`, then destroy.
-    fn stop_domain(
+    pub(crate) fn stop_domain(
         &self,
         name: &str,
         graceful: bool,
@@ -389,7 +395,7 @@ impl Manager {
         let live = state == InstanceState::Running;
         let bytes = size_gib * GIB;
         let (path, target) = match disk {
-            DiskKind::Root => (self.layout.root_disk(id), "vda"),
+            DiskKind::Root => (self.layout.active_disk(&rec), "vda"),
             DiskKind::Data => {
                 let v = rec
                     .spec
@@ -489,16 +495,13 @@ impl Manager {
         if power != PowerState::Running {
             return Ok("applies at the next start (the instance is not running)".into());
         }
-        match self
-            .virt
-            .guest_agent(
-                &domain_name(id),
-                GuestCall::SetPassword {
-                    user: "root".into(),
-                    hash: hash.expose().to_string(),
-                },
-            )
-        {
+        match self.virt.guest_agent(
+            &domain_name(id),
+            GuestCall::SetPassword {
+                user: "root".into(),
+                hash: hash.expose().to_string(),
+            },
+        ) {
             Ok(()) => Ok("applied now through the guest agent".into()),
             Err(e) => {
                 tracing::info!(instance = %id, error = %e, "no guest agent; the password applies at the next boot");

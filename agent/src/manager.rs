@@ -13,8 +13,8 @@
 use crate::config::AgentConfig;
 use crate::fsutil::FsError;
 use crate::gpu::GpuInventory;
-use crate::layout::{InstanceRecord, Layout};
 use crate::hypervisor::Hypervisor;
+use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::LibvirtError;
 use crate::{disks, images};
 use gantry_proto::api::local::{
@@ -371,6 +371,7 @@ impl Manager {
             state: InstanceState::Creating,
             created_volume: false,
             last_error: None,
+            chain: Default::default(),
         };
         crate::fsutil::create_dir(&self.layout.instance_dir(id), 0o711)?;
         self.layout.save_instance(&rec)?;

@@ -11,6 +11,10 @@
 //!   operations carried out, by outcome.
 //! - `gantry_agent_store_compacted_bytes_total`: bytes the snapshot store's
 //!   background compaction saved.
+//! - `gantry_agent_snapshot_pause_seconds`: how long guests were paused
+//!   while their root disk switched to a fresh overlay.
+//! - `gantry_agent_store_gc_reclaimed_bytes_total`: bytes the scheduled
+//!   garbage collection of the snapshot store freed.
 //! - `gantry_agent_access_forwards{kind}`: forwards in force (`tcp`, `udp`
 //!   in the kernel; `https` in the proxy).
 //! - `gantry_agent_access_rule_applies_total`, `..._drift_repairs_total`:
@@ -58,6 +62,8 @@ pub struct Metrics {
     heartbeat_failures: Counter,
     controller_ops: Family<OpLabels, Counter>,
     compacted: Counter,
+    snapshot_pause: Histogram,
+    gc_reclaimed: Counter,
     net: NetMetrics,
 }
 
@@ -184,8 +190,22 @@ impl Default for Metrics {
         );
         let net = NetMetrics::default();
         net.register(&mut registry);
+        let snapshot_pause = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register(
+            "snapshot_pause_seconds",
+            "How long guests were paused for a snapshot's disk switch",
+            snapshot_pause.clone(),
+        );
+        let gc_reclaimed = Counter::default();
+        registry.register(
+            "store_gc_reclaimed_bytes",
+            "Bytes the scheduled store garbage collection freed",
+            gc_reclaimed.clone(),
+        );
         Self {
             net,
+            snapshot_pause,
+            gc_reclaimed,
             compacted,
             registry,
             ops,
@@ -218,6 +238,14 @@ impl Metrics {
 
     pub fn heartbeat_failed(&self) {
         self.heartbeat_failures.inc();
+    }
+
+    pub fn snapshot_pause(&self, took: Duration) {
+        self.snapshot_pause.observe(took.as_secs_f64());
+    }
+
+    pub fn store_gc_reclaimed(&self, bytes: u64) {
+        self.gc_reclaimed.inc_by(bytes);
     }
 
     pub fn store_compacted(&self, saved: u64) {

@@ -5,8 +5,8 @@
 
 use crate::config::AgentConfig;
 use crate::gpu::GpuInventory;
-use crate::layout::{InstanceRecord, Layout};
 use crate::hypervisor::{Hypervisor, Power};
+use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::{Libvirt, PowerState};
 use crate::manager::{domain_name, Inner, Manager, ManagerError};
 use gantry_proto::{InstanceId, InstanceState};
@@ -116,6 +116,13 @@ impl Manager {
             }
             _ => {}
         }
+        if let Err(e) = self.recover_snapshot(id) {
+            tracing::error!(instance = %id, error = %e, "cannot finish an interrupted snapshot");
+        }
+        if let Err(e) = self.prune_layers(id) {
+            tracing::warn!(instance = %id, error = %e, "cannot check the root disk's layers");
+        }
+        let rec = self.record(id)?;
         let power = self.virt.state(&name)?;
         if power == PowerState::Missing {
             // The definition was lost (e.g. libvirt's state wiped): the disks

@@ -53,6 +53,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
         .expect("manager open task")?;
     manager.spawn_watcher(Duration::from_secs(2));
     manager.spawn_network_reconciler(Duration::from_secs(cfg.network.drift_check_secs));
+    if cfg.store_gc_secs > 0 {
+        manager.spawn_store_gc(Duration::from_secs(cfg.store_gc_secs));
+    }
     if cfg.controller.is_none() {
         // Queues left by a restart; with a controller, the link compacts
         // once the interrupted operations are reported.

@@ -520,9 +520,8 @@ async fn settle_one(link: &Arc<Link>, entry: Entry) {
     let op = entry.op;
     match interrupted_outcome(&link.manager, &op) {
         Some(outcome) => {
-            if let AgentCommand::Snapshot { snapshot, .. } = &op.command {
-                // It may have been published just before the restart: the
-                // controller records it as failed, so nothing may remain.
+            if let (AgentCommand::Snapshot { snapshot, .. }, false) = (&op.command, outcome.ok) {
+                // The controller records it as failed: nothing may remain.
                 if let Err(e) = delete_snapshot(&link.manager, *snapshot).await {
                     tracing::warn!(snapshot = %snapshot, error = %e, "cannot remove an interrupted snapshot");
                 }
@@ -545,9 +544,15 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
     let done = |ok: bool| ok.then_some(Finished::ok(state));
     use InstanceState::*;
     match &op.command {
-        AgentCommand::Snapshot { .. } => {
-            Some(Finished::failed("interrupted by an agent restart", state))
-        }
+        // The restarted agent finished or undid the snapshot on the disk
+        // (snapshots::recover); it succeeded if it was published.
+        AgentCommand::Snapshot { snapshot, .. } => Some(match m.published_snapshot(*snapshot) {
+            Some(sizes) => Finished {
+                snapshot: Some(sizes),
+                ..Finished::ok(state)
+            },
+            None => Finished::failed("interrupted by an agent restart", state),
+        }),
         AgentCommand::DeleteSnapshot { .. } | AgentCommand::SetPassword { .. } => None,
         AgentCommand::Create { .. } => done(matches!(state, Some(Running | Stopped))),
         AgentCommand::Release {} => {

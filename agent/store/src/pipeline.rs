@@ -38,11 +38,13 @@ pub(crate) struct CreateOut {
     pub new_bytes: u64,
     /// Chunks this run wrote (at the publish level).
     pub written: Vec<ChunkId>,
+    /// Image bytes read (chunks not reused that hold data).
+    pub read_bytes: u64,
 }
 
-/// One create worker's entries (by chunk index), the bytes it wrote and
-/// the chunks it wrote.
-type WorkerOut = (Vec<(u64, Entry)>, u64, Vec<ChunkId>);
+/// One create worker's entries (by chunk index), the bytes it wrote, the
+/// chunks it wrote and the image bytes it read.
+type WorkerOut = (Vec<(u64, Entry)>, u64, Vec<ChunkId>, u64);
 
 fn chunk_len(size: u64, cs: u32, i: u64) -> u64 {
     (size - i * u64::from(cs)).min(u64::from(cs))
@@ -162,8 +164,10 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
     let mut entries = vec![Entry::Zero; n as usize];
     let mut new_bytes = 0;
     let mut written = Vec::new();
-    for (part, nb, w) in results {
+    let mut read_bytes = 0;
+    for (part, nb, w, rb) in results {
         new_bytes += nb;
+        read_bytes += rb;
         written.extend(w);
         for (i, e) in part {
             entries[i as usize] = e;
@@ -178,6 +182,7 @@ pub(crate) fn run_create(ctx: &CreateCtx<'_>) -> Result<CreateOut, StoreError> {
         allocated,
         new_bytes,
         written,
+        read_bytes,
     })
 }
 
@@ -199,6 +204,7 @@ fn create_worker(
     let mut mine = Vec::new();
     let mut new_bytes = 0u64;
     let mut written = Vec::new();
+    let mut read_bytes = 0u64;
     while !abort.load(Ordering::Relaxed) {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= n {
@@ -212,6 +218,7 @@ fn create_worker(
             None => {
                 let data = &mut buf[..len];
                 ctx.image.read(start, data)?;
+                read_bytes += len as u64;
                 if is_zero(data) {
                     Entry::Zero
                 } else {
@@ -233,7 +240,7 @@ fn create_worker(
             });
         }
     }
-    Ok((mine, new_bytes, written))
+    Ok((mine, new_bytes, written, read_bytes))
 }
 
 /// Hashes one chunk and writes it unless the store already has it.

@@ -149,6 +149,10 @@ pub struct SnapshotInfo {
     pub stored_bytes: u64,
     /// Compressed bytes this create wrote (0 when listed later).
     pub new_bytes: u64,
+    /// Guest bytes this create read from the image: the chunks it could
+    /// not take from its parent and that hold data (0 when listed later).
+    #[serde(default)]
+    pub read_bytes: u64,
     pub chunks: u64,
     pub zero_chunks: u64,
     pub chunk_size: u32,
@@ -184,6 +188,7 @@ impl SnapshotInfo {
             allocated_size: meta.allocated_bytes,
             stored_bytes: stored,
             new_bytes,
+            read_bytes: 0,
             chunks: m.entries.len() as u64,
             zero_chunks: zero,
             chunk_size: meta.chunk_size,
@@ -481,8 +486,11 @@ impl Store {
         self.queue_compaction(&id, &ns, out.written)?;
         self.backend
             .put(&manifest_key(&id), &manifest.encode(), true)?;
-        tracing::info!(snapshot = %id, new_bytes = out.new_bytes, "snapshot published");
-        Ok(SnapshotInfo::from_manifest(&manifest, out.new_bytes))
+        tracing::info!(snapshot = %id, new_bytes = out.new_bytes, read_bytes = out.read_bytes, "snapshot published");
+        Ok(SnapshotInfo {
+            read_bytes: out.read_bytes,
+            ..SnapshotInfo::from_manifest(&manifest, out.new_bytes)
+        })
     }
 
     /// Restores a snapshot to `out` (created atomically), checking every chunk.

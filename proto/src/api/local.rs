@@ -81,6 +81,17 @@ pub struct SnapshotResult {
     pub stored_bytes: u64,
     /// Compressed bytes this snapshot added to the store.
     pub new_bytes: u64,
+    /// Bytes of the disk it read (only what changed since the snapshot
+    /// or image below it, when that is known).
+    #[serde(default)]
+    pub read_bytes: u64,
+    /// Whether the guest's filesystems were frozen through its guest agent
+    /// for the switch (else the snapshot is crash-consistent).
+    #[serde(default)]
+    pub frozen: bool,
+    /// How long the guest was paused (a running instance; ms).
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
 }
 
 /// Which disk of an instance.

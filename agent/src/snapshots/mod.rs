@@ -1,34 +1,36 @@
 //! Snapshots of instances into the host's snapshot store, and images made
 //! from snapshots.
 //!
-//! Take Snapshot: Running -> Suspending (the guest is paused) -> Paused
-//! (QEMU flushes the root disk and switches the guest to a temporary
-//! external overlay, so the root layer is consistent and read-only) ->
-//! Saving (the root disk and its backing chain are written to the store;
-//! the data volume never is) -> the overlay is committed back and the guest
-//! resumes (Running), or is released (`auto_release`). Any failure commits
-//! the overlay back, resumes the guest and ends in Running.
+//! Take Snapshot ([`take`]) pauses a running guest only while its root disk
+//! switches to a fresh overlay, then stores the frozen layer incrementally
+//! (only what the guest wrote since the previous snapshot, on top of the
+//! manifest of what lies below) while the guest runs on, and merges the
+//! frozen layer down ([`chain`] has the layering and the phases). A stopped
+//! instance is saved from its disk as it is; with `auto_release` a running
+//! one is shut down cleanly first. A restarted agent finishes or undoes a
+//! snapshot it was in the middle of ([`recover`]).
 //!
-//! The store publishes at a fast zstd level, which keeps the guest's pause
-//! short; a background thread (one at a time, at low priority and on one
-//! core) then recompresses the new chunks at the level at rest
-//! (`Store::compact`). The operation reports the sizes at publish; the next
-//! heartbeat after a compaction carries the snapshots' new sizes, and the
-//! store usage in heartbeats, which billing uses, follows too.
+//! The store publishes at a fast zstd level; a background thread (one at a
+//! time, at low priority and on one core) then recompresses the new chunks
+//! at the level at rest (`Store::compact`). The operation reports the sizes
+//! at publish; the next heartbeat after a compaction carries the snapshots'
+//! new sizes, and the store usage in heartbeats, which billing uses, follows
+//! too. Garbage collection runs on a schedule ([`Manager::spawn_store_gc`]).
 
-use crate::hypervisor::{Commit, Power};
+pub mod chain;
+mod recover;
+mod take;
+
 use crate::disks;
 use crate::images;
 use crate::layout::ImageRecord;
-use crate::manager::{domain_name, Manager, ManagerError};
+use crate::manager::{Manager, ManagerError};
 use gantry_proto::api::agent::SnapshotSize;
-use gantry_proto::api::local::{
-    ImageFromSnapshot, ImageInfo, OperationInfo, SnapshotResult, TakeSnapshot,
-};
+use gantry_proto::api::local::{ImageFromSnapshot, ImageInfo, OperationInfo, TakeSnapshot};
 use gantry_proto::validate::{self, ValidationError};
-use gantry_proto::{Action, InstanceId, InstanceState, OperationId, SnapshotId};
+use gantry_proto::{Action, InstanceId, SnapshotId};
 use gantry_store::backend::BackendError;
-use gantry_store::{CreateRequest, Keyring, Progress, RestoreFormat, Store, StoreConfig};
+use gantry_store::{Keyring, RestoreFormat, Store, StoreConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +58,7 @@ impl Compaction {
 }
 
 /// How long committing the temporary overlay back may take.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -187,6 +189,70 @@ impl Manager {
         }
     }
 
+    /// Collects the store's garbage every `period` on its own thread (at
+    /// low priority): chunks of deleted snapshots leave the disk, within
+    /// the store's grace rules.
+    pub fn spawn_store_gc(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("store-gc".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let Some(m) = weak.upgrade() else { return };
+                m.gc_store();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the store's garbage collection");
+        }
+    }
+
+    /// One garbage collection of the store; returns the bytes it freed.
+    pub fn gc_store(&self) -> u64 {
+        let store = match self.open_existing_store() {
+            Ok(Some(s)) => s,
+            Ok(None) => return 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the store to collect its garbage");
+                return 0;
+            }
+        };
+        match store.gc() {
+            Ok(r) => {
+                if r.deleted_chunks > 0 {
+                    tracing::info!(
+                        chunks = r.deleted_chunks,
+                        bytes = r.deleted_bytes,
+                        "snapshot store garbage collected"
+                    );
+                    self.changed.notify_one();
+                }
+                self.metrics.store_gc_reclaimed(r.deleted_bytes);
+                r.deleted_bytes
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot store garbage collection failed");
+                0
+            }
+        }
+    }
+
+    /// The sizes of a snapshot the store has published, if it has.
+    pub fn published_snapshot(
+        &self,
+        id: SnapshotId,
+    ) -> Option<gantry_proto::api::agent::SnapshotSizes> {
+        let store = self.open_existing_store().ok()??;
+        let info = store
+            .list()
+            .ok()?
+            .into_iter()
+            .find(|i| i.id == id.to_string())?;
+        Some(gantry_proto::api::agent::SnapshotSizes {
+            logical_bytes: info.logical_size,
+            compressed_bytes: info.stored_bytes,
+        })
+    }
+
     /// Removes a snapshot from the host's store; an unknown one is already
     /// gone (success).
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<(), SnapshotError> {
@@ -231,105 +297,6 @@ impl Manager {
                 me.compact_store_soon();
             }
             r
-        })
-    }
-
-    fn run_snapshot(
-        &self,
-        id: InstanceId,
-        req: TakeSnapshot,
-        snapshot_id: Option<SnapshotId>,
-        op: OperationId,
-    ) -> Result<(), ManagerError> {
-        let name = domain_name(id);
-        self.record(id)?.state.check_action(Action::Snapshot)?;
-        self.set_state(id, InstanceState::Snapshotting)?;
-        let saved = self.pause_and_save(id, &req, snapshot_id, op);
-        match saved {
-            Ok(result) => {
-                if let Some(o) = self.lock().ops.get_mut(&op) {
-                    o.snapshot = Some(result);
-                }
-                self.set_state(id, InstanceState::Running)?;
-                if req.auto_release {
-                    self.release(id, false)
-                } else {
-                    self.virt.power(&name, Power::Resume)?;
-                    Ok(())
-                }
-            }
-            Err(e) => {
-                tracing::warn!(instance = %id, error = %e, "snapshot failed; resuming the guest");
-                if let Err(re) = self.virt.power(&name, Power::Resume) {
-                    tracing::error!(instance = %id, error = %re, "cannot resume after a failed snapshot");
-                }
-                self.set_state(id, InstanceState::Running)?;
-                Err(e)
-            }
-        }
-    }
-
-    fn pause_and_save(
-        &self,
-        id: InstanceId,
-        req: &TakeSnapshot,
-        snapshot_id: Option<SnapshotId>,
-        op: OperationId,
-    ) -> Result<SnapshotResult, ManagerError> {
-        let name = domain_name(id);
-        self.virt.power(&name, Power::Suspend)?;
-        self.progress(op, 5);
-        let overlay = self.layout.instance_dir(id).join("root.snapshot.qcow2");
-        let _ = std::fs::remove_file(&overlay);
-        self.virt.disk_snapshot(&name, "vda", &overlay)?;
-        let saved = self.save_root(id, req, snapshot_id, op);
-        // Whatever the store said, fold the overlay back into root.qcow2 and
-        // keep the persistent definition pointing at it.
-        let merged = self.virt.block_commit(&name, "vda", Commit::Active, COMMIT_TIMEOUT);
-        if merged.is_ok() {
-            let _ = std::fs::remove_file(&overlay);
-        }
-        let spec = self.record(id)?.spec;
-        self.virt.define(&name, &self.domain_def(&spec)?.to_xml())?;
-        let result = saved?;
-        merged?;
-        Ok(result)
-    }
-
-    fn save_root(
-        &self,
-        id: InstanceId,
-        req: &TakeSnapshot,
-        snapshot_id: Option<SnapshotId>,
-        op: OperationId,
-    ) -> Result<SnapshotResult, ManagerError> {
-        let store = self.open_store()?;
-        let root = self.layout.root_disk(id);
-        let wanted = snapshot_id.map(|s| s.to_string());
-        let progress = |p: Progress| {
-            if let Some(part) = (p.done * 85).checked_div(p.total) {
-                self.progress(op, (10 + part) as u8);
-            }
-        };
-        let info = store
-            .create(&CreateRequest {
-                image: &root,
-                name: &req.name,
-                owner: req.owner.as_deref(),
-                parent: None,
-                changed_extents: None,
-                progress: Some(&progress),
-                id: wanted.as_deref(),
-            })
-            .map_err(SnapshotError::from)?;
-        let snapshot_id = info.id.parse().map_err(|_| {
-            SnapshotError::Keys(format!("store returned a bad snapshot id {}", info.id))
-        })?;
-        Ok(SnapshotResult {
-            id: snapshot_id,
-            logical_size: info.logical_size,
-            stored_bytes: info.stored_bytes,
-            new_bytes: info.new_bytes,
         })
     }
 

@@ -351,9 +351,15 @@ mod tests {
         for old in ["Suspending", "Paused", "Saving"] {
             assert_eq!(old.parse::<InstanceState>().unwrap(), Snapshotting);
             let json = format!("\"{old}\"");
-            assert_eq!(serde_json::from_str::<InstanceState>(&json).unwrap(), Snapshotting);
+            assert_eq!(
+                serde_json::from_str::<InstanceState>(&json).unwrap(),
+                Snapshotting
+            );
         }
-        assert_eq!(serde_json::to_string(&Snapshotting).unwrap(), "\"Snapshotting\"");
+        assert_eq!(
+            serde_json::to_string(&Snapshotting).unwrap(),
+            "\"Snapshotting\""
+        );
     }
 
     #[test]

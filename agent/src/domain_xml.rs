@@ -219,7 +219,17 @@ impl DomainDef {
 }
 
 fn write_disk(w: &mut W, d: &DiskDef) {
-    open(w, "disk", &[("type", "file"), ("device", "disk")]);
+    // Only the root disk is ever snapshotted: a disk-only snapshot would
+    // otherwise switch the data volume to an overlay of its own.
+    if d.target == "vda" {
+        open(w, "disk", &[("type", "file"), ("device", "disk")]);
+    } else {
+        open(
+            w,
+            "disk",
+            &[("type", "file"), ("device", "disk"), ("snapshot", "no")],
+        );
+    }
     empty(
         w,
         "driver",
@@ -267,6 +277,29 @@ fn write_interface(w: &mut W, i: &InterfaceDef) {
     empty(w, "target", &[("dev", &i.tap)]);
     empty(w, "model", &[("type", "virtio")]);
     close(w, "interface");
+}
+
+/// The targets of every disk in a domain's XML (`vda`, `vdb`, ...).
+pub fn disk_targets(xml: &str) -> Vec<String> {
+    let mut r = quick_xml::Reader::from_str(xml);
+    let (mut out, mut in_disk) = (Vec::new(), false);
+    loop {
+        match r.read_event() {
+            Ok(Event::Start(e)) if e.name().as_ref() == b"disk" => in_disk = true,
+            Ok(Event::End(e)) if e.name().as_ref() == b"disk" => in_disk = false,
+            Ok(Event::Empty(e)) | Ok(Event::Start(e))
+                if in_disk && e.name().as_ref() == b"target" =>
+            {
+                if let Some(a) = e.attributes().flatten().find(|a| a.key.as_ref() == b"dev") {
+                    if let Ok(v) = a.unescape_value() {
+                        out.push(v.into_owned());
+                    }
+                }
+            }
+            Ok(Event::Eof) | Err(_) => return out,
+            _ => {}
+        }
+    }
 }
 
 /// The source file of the disk with target `dev` in a domain's XML (as

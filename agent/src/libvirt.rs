@@ -222,6 +222,13 @@ impl Hypervisor for Libvirt {
     }
 
     fn disk_snapshot(&self, name: &str, disk: &str, overlay: &Path) -> Result<(), LibvirtError> {
+        // Every other disk is named with snapshot='no': left out, libvirt
+        // would give each an external overlay of its own.
+        let live = self.with_domain("dumpxml", name, |d| d.xml_desc(0))?;
+        let others: Vec<String> = crate::domain_xml::disk_targets(&live)
+            .into_iter()
+            .filter(|t| t != disk)
+            .collect();
         let mut w = quick_xml::Writer::new(Vec::new());
         w.create_element("domainsnapshot")
             .write_inner_content(|w| {
@@ -233,8 +240,13 @@ impl Hypervisor for Libvirt {
                                 .with_attribute(("file", overlay.to_string_lossy().as_ref()))
                                 .write_empty()
                                 .map(drop)
-                        })
-                        .map(drop)
+                        })?;
+                    for t in &others {
+                        w.create_element("disk")
+                            .with_attributes([("name", t.as_str()), ("snapshot", "no")])
+                            .write_empty()?;
+                    }
+                    Ok(())
                 })?;
                 Ok(())
             })

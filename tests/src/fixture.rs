@@ -72,6 +72,8 @@ pub struct TestAgent {
     token: String,
     child: Option<Child>,
     http: reqwest::blocking::Client,
+    /// Extra environment of the agent process (from the next spawn on).
+    pub env: Vec<(String, String)>,
     _lock: MutexGuard<'static, ()>,
 }
 
@@ -109,6 +111,7 @@ impl TestAgent {
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
+            env: Vec::new(),
             _lock: lock,
         };
         agent.spawn()?;
@@ -121,7 +124,8 @@ impl TestAgent {
         cmd.arg("--config")
             .arg(&self.config)
             .arg("serve")
-            .env("GANTRY_LOG", "info");
+            .env("GANTRY_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let (child, addr) = spawn_daemon(cmd, &self.state_dir, "gantry-agent")?;
         self.child = Some(child);
         self.url = format!("http://{addr}");

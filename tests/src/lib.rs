@@ -11,3 +11,4 @@ pub mod guest;
 pub mod https;
 pub mod netns;
 pub mod ssh;
+pub mod ticks;

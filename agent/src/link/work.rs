@@ -249,6 +249,12 @@ async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
         // Only now: the sizes the compaction measures reach the controller
         // after the snapshot they belong to is settled there.
         link.manager.compact_store_soon();
+        // The next heartbeat measures the store again: the controller frees
+        // the snapshot's quota reservation once it sees it counted.
+        *link
+            .store_measured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

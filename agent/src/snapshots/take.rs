@@ -27,6 +27,23 @@ use gantry_store::{CreateRequest, Extent, Progress, Store};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// For tests that kill the agent mid-snapshot:
+/// `GANTRY_FAILPOINT_SNAPSHOT=<Phase>:<ms>` makes a snapshot wait that
+/// long right after its journal entered `Phase` (`Saving`, `Merging`).
+fn failpoint(phase: SnapshotPhase) {
+    let Ok(v) = std::env::var("GANTRY_FAILPOINT_SNAPSHOT") else {
+        return;
+    };
+    if let Some((p, ms)) = v.split_once(':') {
+        if p == phase.to_string() {
+            if let Ok(ms) = ms.parse::<u64>() {
+                tracing::warn!(%phase, ms, "failpoint: waiting");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+    }
+}
+
 /// How long a clean shutdown before an auto-release snapshot may take.
 const STOP_FOR_SNAPSHOT: Duration = Duration::from_secs(120);
 
@@ -79,10 +96,11 @@ impl Manager {
                 }
             }
         })?;
-        match err {
-            Some(e) => Err(ManagerError::Conflict(e)),
-            None => Ok(()),
+        if let Some(e) = err {
+            return Err(ManagerError::Conflict(e));
         }
+        failpoint(to);
+        Ok(())
     }
 
     fn take_live(

@@ -96,6 +96,19 @@ pub fn start(cfg: &Config) -> io::Result<Running> {
     })
 }
 
+/// Writes `T<n>\n` to `device` every `every`, forever (the host measures
+/// how long the guest stopped by the gaps between arrivals).
+pub fn tick(device: &std::path::Path, every: std::time::Duration) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(device)?;
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        f.write_all(format!("T{n}\n").as_bytes())?;
+        std::thread::sleep(every);
+    }
+}
+
 /// `<ip>:<port>` with IPv4-mapped IPv6 addresses shown as IPv4 (what the
 /// services report as `peer`).
 pub fn peer_string(addr: SocketAddr) -> String {

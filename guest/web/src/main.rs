@@ -7,8 +7,32 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: gantry-guest-web [--token-file PATH] [--hostname NAME] [--bind IP]
                         [--http-port N] [--tcp-echo-port N] [--udp-echo-port N]
+       gantry-guest-web tick DEVICE MILLIS
 defaults: --token-file /run/gantry/jupyter-token --bind 0.0.0.0 --http-port 8888
-          --tcp-echo-port 7000 --udp-echo-port 7001, hostname from the kernel";
+          --tcp-echo-port 7000 --udp-echo-port 7001, hostname from the kernel
+tick: writes `T<n>` lines to DEVICE (a serial port) every MILLIS ms, forever: the host
+      timestamps them as they arrive, and the largest gap is how long the guest stopped";
+
+/// `tick DEVICE MILLIS` (see [`USAGE`]).
+fn tick(args: &[String]) -> ExitCode {
+    let (Some(dev), Some(ms)) = (
+        args.first(),
+        args.get(1).and_then(|m| m.parse::<u64>().ok()),
+    ) else {
+        eprintln!("gantry-guest-web: tick needs DEVICE and MILLIS\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    match gantry_guest_web::tick(
+        std::path::Path::new(dev),
+        std::time::Duration::from_millis(ms),
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gantry-guest-web: tick {dev}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut cfg = Config::default();
@@ -37,6 +61,9 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("tick") {
+        return tick(&args[1..]);
+    }
     let cfg = match parse_args(&args) {
         Ok(c) => c,
         Err(e) if e.is_empty() => {

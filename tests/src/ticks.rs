@@ -37,7 +37,7 @@ impl Ticks {
                     Ok(0) => break,
                     Ok(_) => {
                         let now = Instant::now();
-                        if line.iter().skip_while(|b| **b == b'\r').next() == Some(&b'T') {
+                        if line.iter().find(|b| **b != b'\r') == Some(&b'T') {
                             a.lock().unwrap_or_else(|p| p.into_inner()).push(now);
                         }
                         line.clear();

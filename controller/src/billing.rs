@@ -1,13 +1,14 @@
 //! The usage ledger and credits: charging instance Running time from the
-//! hosts' usage counters, metering snapshot storage, and refusing work to
-//! accounts without credit.
+//! hosts' usage counters, and refusing work to accounts without credit.
+//! Snapshot storage is metered in [`crate::meter`].
 //!
 //! Every charge is one `usage_records` row, subtracted from
 //! `accounts.credit_micros` in the same transaction that moves the
-//! instance's `usage_seq`/`billed_ms` (or the account's
-//! `snapshot_metered_ms`), so a retry never charges twice.
+//! instance's `usage_seq`/`billed_ms` (or the account's storage meter),
+//! so a retry never charges twice. Ledger times come from the billing
+//! clock (`crate::clock`).
 
-use crate::db::{col, now_ms, parsed_opt, DbError, Tx};
+use crate::db::{col, parsed_opt, DbError, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use gantry_proto::api::agent::{UsageAck, UsageCounter};
@@ -42,10 +43,9 @@ pub struct Charge {
     pub amount_micros: i64,
 }
 
-/// Writes the ledger row and takes the amount from the account's credit,
-/// noting when the credit ran out.
-pub async fn charge(tx: &mut Tx, c: &Charge) -> Result<(), DbError> {
-    let now = now_ms();
+/// Writes the ledger row (at `now`) and takes the amount from the
+/// account's credit, noting when the credit ran out.
+pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO usage_records (id, account_id, instance_id, kind, quantity, price_micros, \
          amount_micros, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -86,10 +86,25 @@ pub fn instance_amount(a_s: i64, b_s: i64, price: i64) -> i64 {
 
 /// Applies charges in account id order, so that concurrent transactions
 /// lock account rows in the same order and cannot deadlock.
-pub async fn charge_all(tx: &mut Tx, mut charges: Vec<Charge>) -> Result<(), DbError> {
+pub async fn charge_all(tx: &mut Tx, mut charges: Vec<Charge>, now: i64) -> Result<(), DbError> {
     charges.sort_by_key(|c| c.account);
     for c in &charges {
-        charge(tx, c).await?;
+        charge(tx, c, now).await?;
+    }
+    Ok(())
+}
+
+/// Locks account rows in id order (a write that changes nothing), for a
+/// transaction that then updates them in any order.
+pub async fn lock_accounts(tx: &mut Tx, accounts: &[AccountId]) -> Result<(), DbError> {
+    let mut ids = accounts.to_vec();
+    ids.sort();
+    ids.dedup();
+    for a in &ids {
+        sqlx::query("UPDATE accounts SET credit_micros = credit_micros WHERE id = $1")
+            .bind(a.to_string())
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }
@@ -170,63 +185,6 @@ pub async fn bill_counter(
         seq: c.seq,
         done: state.is_final(),
     }))
-}
-
-/// Charges snapshot storage of every account whose meter is due: the
-/// bytes the hosts last reported (summed over hosts; counted once with a
-/// shared store) times the price times the hours since the last charge.
-/// Returns how many accounts were charged.
-pub async fn meter(st: &AppState) -> Result<usize, DbError> {
-    let now = now_ms();
-    let agg = if st.cfg.snapshot_store_shared {
-        "MAX"
-    } else {
-        "SUM"
-    };
-    let sql = format!(
-        "SELECT a.id, a.snapshot_metered_ms, CAST(COALESCE({agg}(u.billed_bytes), 0) AS BIGINT) \
-         AS bytes FROM accounts a LEFT JOIN host_store_usage u ON u.account_id = a.id \
-         WHERE a.snapshot_metered_ms IS NULL OR a.snapshot_metered_ms <= $1 \
-         GROUP BY a.id, a.snapshot_metered_ms"
-    );
-    let due = now - st.cfg.snapshot_meter_secs as i64 * 1000;
-    let rows = sqlx::query(&sql).bind(due).fetch_all(&st.db.pool).await?;
-    let mut charged = 0;
-    for r in &rows {
-        let account: AccountId = crate::db::parsed(r, "id", "accounts")?;
-        let from: Option<i64> = col(r, "snapshot_metered_ms")?;
-        let bytes: i64 = col(r, "bytes")?;
-        let mut tx = st.db.begin_write().await?;
-        let moved = sqlx::query(
-            "UPDATE accounts SET snapshot_metered_ms = $1 WHERE id = $2 AND \
-             (snapshot_metered_ms = $3 OR (snapshot_metered_ms IS NULL AND $3 = -1))",
-        )
-        .bind(now)
-        .bind(account.to_string())
-        .bind(from.unwrap_or(-1))
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            continue; // another replica metered it meanwhile
-        }
-        if let (Some(from), true) = (from, bytes > 0) {
-            let price = st.cfg.snapshot_price_micros_per_tb_hour;
-            let byte_ms = bytes as i128 * (now - from).max(0) as i128;
-            let amount = byte_ms * price as i128 / (1_000_000_000_000i128 * 3_600_000);
-            let ch = Charge {
-                account,
-                instance: None,
-                kind: UsageKind::Snapshot,
-                quantity: byte_ms.min(i64::MAX as i128) as i64,
-                price_micros: price,
-                amount_micros: amount.min(i64::MAX as i128) as i64,
-            };
-            charge(&mut tx, &ch).await?;
-            charged += 1;
-        }
-        tx.commit().await?;
-    }
-    Ok(charged)
 }
 
 #[cfg(test)]

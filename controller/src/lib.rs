@@ -9,15 +9,18 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod billing;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod db;
 pub mod error;
+pub mod meter;
 pub mod openapi;
 pub mod pki;
 pub mod reconcile;
 pub mod scheduler;
 pub mod secrets;
+pub mod snapshots;
 
 use gantry_proto::ids::HostId;
 use std::path::PathBuf;
@@ -40,6 +43,8 @@ pub struct Inner {
     pub sealer: secrets::Sealer,
     /// The CA that signs the hosts' HTTPS certificates.
     pub ca: pki::Ca,
+    /// The billing clock (see [`clock`]).
+    pub clock: Arc<dyn clock::Clock>,
 }
 
 /// One [`tokio::sync::Notify`] per host with a work long-poll, and whether
@@ -117,6 +122,16 @@ pub async fn open(
     state_dir: &std::path::Path,
     admin_token: Option<String>,
 ) -> Result<AppState, StartError> {
+    open_with_clock(cfg, state_dir, admin_token, Arc::new(clock::SystemClock)).await
+}
+
+/// [`open`] with another billing clock (tests drive a [`clock::FakeClock`]).
+pub async fn open_with_clock(
+    cfg: Config,
+    state_dir: &std::path::Path,
+    admin_token: Option<String>,
+    clock: Arc<dyn clock::Clock>,
+) -> Result<AppState, StartError> {
     std::fs::create_dir_all(state_dir).map_err(|source| StartError::StateDir {
         path: state_dir.to_owned(),
         source,
@@ -138,6 +153,7 @@ pub async fn open(
         wake: Wakers::default(),
         sealer,
         ca,
+        clock,
     })))
 }
 

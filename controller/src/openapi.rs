@@ -148,13 +148,13 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "post",
         "/v1/instances/{id}/snapshots",
         "snapshots",
-        "Snapshot a Running instance",
+        "Snapshot a Running or Stopped instance",
     ),
     (
         "get",
         "/v1/snapshots",
         "snapshots",
-        "List snapshots (?status=)",
+        "List snapshots with their progress (?status=&instance=)",
     ),
     ("get", "/v1/snapshots/{id}", "snapshots", "Get a snapshot"),
     (

@@ -1,7 +1,8 @@
 //! The reconcile loop, started by [`crate::serve`]: every `reconcile_secs`
 //! it marks silent hosts unhealthy, stops the Running instances of
 //! accounts out of credit for longer than `credit_grace_secs`, and runs
-//! the snapshot storage meter. Each step is idempotent (conditional
+//! the snapshot storage meter (`crate::meter`); the last two on the
+//! billing clock (`crate::clock`). Each step is idempotent (conditional
 //! updates), so replicas sharing a database and restarts are harmless. A
 //! database error is logged and the loop backs off exponentially (up to
 //! 60 s).
@@ -34,7 +35,7 @@ pub async fn run(st: AppState) {
 pub async fn once(st: &AppState) -> Result<(), DbError> {
     mark_unhealthy(st).await?;
     grace_stops(st).await?;
-    crate::billing::meter(st).await?;
+    crate::meter::tick(st).await?;
     Ok(())
 }
 
@@ -59,7 +60,7 @@ async fn mark_unhealthy(st: &AppState) -> Result<(), DbError> {
 /// Notes when credit ran out (or came back), then stops the Running
 /// instances of accounts out of credit for longer than the grace time.
 async fn grace_stops(st: &AppState) -> Result<(), DbError> {
-    let now = now_ms();
+    let now = st.clock.now_ms();
     sqlx::query(
         "UPDATE accounts SET credit_exhausted_ms = $1 WHERE credit_micros <= 0 \
          AND credit_exhausted_ms IS NULL",

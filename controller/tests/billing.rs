@@ -1,7 +1,8 @@
 //! Billing over real HTTP with simulated hosts, on SQLite and on
 //! PostgreSQL: usage counters charged once and without drift, the usage
-//! ledger, credit exhaustion (402s and grace stops) and the snapshot
-//! storage meter.
+//! ledger, credit exhaustion (402s and grace stops) and snapshot storage
+//! billed as the integral of the deduplicated bytes over a simulated
+//! clock.
 
 #[macro_use]
 mod common;
@@ -16,11 +17,25 @@ on_both!(credit_exhaustion, |c: &mut Config| {
     c.credit_grace_secs = 0;
     c.reconcile_secs = 1;
 });
-on_both!(snapshot_meter, |c: &mut Config| {
+on_both!(storage_is_billed_as_an_integral, |c: &mut Config| {
+    c.snapshot_meter_secs = 1;
+    c.reconcile_secs = 3600; // the test ticks the meter itself
+    c.snapshot_price_micros_per_tb_hour = PRICE;
+});
+on_both!(shared_store_counts_once, |c: &mut Config| {
+    c.snapshot_meter_secs = 1;
+    c.reconcile_secs = 3600;
+    c.snapshot_price_micros_per_tb_hour = PRICE;
+    c.snapshot_store_shared = true;
+});
+on_both!(snapshot_meter_runs_in_the_loop, |c: &mut Config| {
     c.snapshot_meter_secs = 1;
     c.reconcile_secs = 1;
     c.snapshot_price_micros_per_tb_hour = 3_600_000;
 });
+
+/// Micros per TB-hour: not a divisor of anything in sight.
+const PRICE: i64 = 123_457;
 
 /// A heartbeat's `usage` with one counter.
 fn usage(id: &str, seq: u64, ms: u64) -> Value {
@@ -256,7 +271,98 @@ async fn credit_exhaustion(s: Server) {
     assert_eq!(w["ops"].as_array().unwrap().len(), 1, "{w}");
 }
 
-async fn snapshot_meter(s: Server) {
+/// One step of a simulated storage history: after `after_ms` on the
+/// billing clock, a host reports the account's bytes (`None`: it lists
+/// the account no more), or the meter ticks.
+enum Step {
+    Report(usize, Option<u64>),
+    Tick,
+}
+
+const TB: u64 = 1_000_000_000_000;
+
+fn history() -> Vec<(i64, Step)> {
+    use Step::*;
+    vec![
+        (0, Report(0, Some(5 * TB))),
+        (1_234_567, Tick),
+        (600_001, Report(1, Some(2 * TB + 7))),
+        (3_600_000, Tick),
+        (17, Report(0, Some(1))),
+        (5_000, Tick),
+        (1_000, Report(0, None)),
+        (999, Report(1, Some(2 * TB + 7))),
+        (1_001, Report(1, Some(3 * TB))),
+        (86_400_000, Tick),
+        (1_500, Tick),
+    ]
+}
+
+/// Plays [`history`] on a simulated clock; after every tick the charged
+/// total is exactly `floor(integral x price / (10^12 x 3.6e6))` of the
+/// account's figure, which `figure` computes from the hosts' last reports.
+async fn play(s: &Server, figure: fn(&[Option<u64>; 2], usize) -> u64) {
+    let (acct, t) = s.account("store").await;
+    let hosts = [s.host("h0", "none", 0).await, s.host("h1", "none", 0).await];
+    let mut now = 1_900_000_000_000i64;
+    s.clock.set(now);
+    let (mut last, mut bytes, mut integral) = ([None, None], 0u64, 0i128);
+    for (after, step) in history() {
+        now += after;
+        s.clock.set(now);
+        integral += i128::from(bytes) * i128::from(after);
+        match step {
+            Step::Report(h, b) => {
+                let store: Vec<Value> = b
+                    .map(|b| json!({"account": acct, "billed_bytes": b}))
+                    .into_iter()
+                    .collect();
+                let r = s.heartbeat(&hosts[h], json!({ "store": store })).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                last[h] = b;
+                bytes = figure(&last, h);
+                let shown = s.get("/v1/account", &t).await.body["snapshot_used_bytes"].as_u64();
+                assert_eq!(shown, Some(bytes));
+            }
+            Step::Tick => {
+                gantry_controller::meter::tick(&s.state).await.unwrap();
+                let recs = s.get("/v1/usage?limit=10000", &t).await.body;
+                let recs = recs.as_array().unwrap();
+                let sum = |k: &str| -> i128 {
+                    recs.iter()
+                        .map(|r| i128::from(r[k].as_i64().unwrap()))
+                        .sum()
+                };
+                assert!(recs
+                    .iter()
+                    .all(|r| r["kind"] == "snapshot" && r["price_micros"] == PRICE));
+                assert_eq!(sum("quantity"), integral, "byte-ms at {now}");
+                let want = integral * i128::from(PRICE) / (1_000_000_000_000 * 3_600_000);
+                assert_eq!(sum("amount_micros"), want, "micros at {now}");
+                let credit = s.get("/v1/account", &t).await.body["credit_micros"].as_i64();
+                assert_eq!(credit.map(i128::from), Some(100_000_000 - want));
+            }
+        }
+    }
+    assert!(
+        integral > i128::from(i64::MAX),
+        "a charge was split into rows"
+    );
+}
+
+/// Host-local stores: the account's figure is the sum over hosts.
+async fn storage_is_billed_as_an_integral(s: Server) {
+    play(&s, |last, _| last.iter().map(|b| b.unwrap_or(0)).sum()).await;
+}
+
+/// A shared store: every host reports the same store, the newest report
+/// is the account's figure (counted once).
+async fn shared_store_counts_once(s: Server) {
+    play(&s, |last, h| last[h].unwrap_or(0)).await;
+}
+
+/// The reconcile loop ticks the meter on its own.
+async fn snapshot_meter_runs_in_the_loop(s: Server) {
     let (acct, t) = s.account("store").await;
     let h = s.host("h", "none", 0).await;
     let r = s
@@ -281,20 +387,8 @@ async fn snapshot_meter(s: Server) {
         (rec["kind"].as_str(), rec["instance"].is_null()),
         (Some("snapshot"), true)
     );
+    // byte-ms of 1 TB; 3.6e6 micros per TB-hour is one micro per TB-ms.
     let qty = rec["quantity"].as_i64().unwrap();
-    // byte-ms over about one meter interval; 3.6e6 micros per TB-hour is
-    // one micro per TB-ms.
     assert_eq!(qty % 1_000_000_000_000, 0);
-    let ms = qty / 1_000_000_000_000;
-    assert!((1000..10_000).contains(&ms), "{ms} ms");
-    assert_eq!(rec["amount_micros"].as_i64(), Some(ms));
-    let acc = s.get("/v1/account", &t).await.body;
-    let charged: i64 = recs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["amount_micros"].as_i64().unwrap())
-        .sum();
-    // Charges keep coming while the bytes are held (there may be more by now).
-    assert!(acc["credit_micros"].as_i64().unwrap() <= 100_000_000 - charged);
+    assert_eq!(rec["amount_micros"].as_i64(), Some(qty / 1_000_000_000_000));
 }

@@ -339,7 +339,7 @@ async fn snapshots(s: Server) {
 async fn snapshotting(s: &Server, t: &str, id: &str, sid: &str) {
     let snap = format!("/v1/instances/{id}/snapshots");
     // A second snapshot with the same name is refused once the first settles.
-    s.observe(id, "Suspending").await;
+    s.observe(id, "Snapshotting").await;
     for v in ["", "/access", "/monitor", "/billing"] {
         let r = s.get(&format!("/v1/instances/{id}{v}"), t).await;
         assert_eq!(r.status, 409, "{v}");
@@ -362,8 +362,13 @@ async fn snapshotting(s: &Server, t: &str, id: &str, sid: &str) {
     assert_eq!(r.status, 409);
     let rows = s.get("/v1/instances?status=Snapshotting", t).await.body;
     assert_eq!(rows[0]["status"], "Snapshotting");
+    // A host of the previous version reports the old phases: read as
+    // Snapshotting.
     s.observe(id, "Paused").await;
-    s.observe(id, "Saving").await;
+    let mon = s.get(&format!("/v1/instances/{id}/config"), t).await;
+    assert_eq!(mon.status, 200);
+    let rows = s.get("/v1/instances?status=Snapshotting", t).await.body;
+    assert_eq!(rows[0]["state"], "Snapshotting");
     s.observe(id, "Running").await;
     // Until the host reports the snapshot operation, the instance is busy.
     let r = s.post(&snap, t, json!({"name": "other"})).await;
@@ -398,9 +403,15 @@ async fn snapshot_success(s: &Server, t: &str, id: &str, sid: &str, f: &str) {
         .await;
     assert_eq!(r.status, 409);
     assert!(r.error().contains("already exists"), "{}", r.body);
+    // Its compressed size is reserved until its host's store reports
+    // hold it; then the account's deduplicated bytes count.
+    let acc = s.get("/v1/account", t).await.body;
     assert_eq!(
-        s.get("/v1/account", t).await.body["snapshot_used_bytes"],
-        3u64 << 30
+        (
+            acc["snapshot_used_bytes"].as_u64(),
+            acc["snapshot_reserved_bytes"].as_u64()
+        ),
+        (Some(0), Some(3u64 << 30))
     );
     let imgs = s.get("/v1/images", t).await.body;
     assert!(imgs

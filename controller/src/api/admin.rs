@@ -155,7 +155,7 @@ async fn add_credit(
          WHERE id = $3",
     )
     .bind(req.amount_micros)
-    .bind(now_ms())
+    .bind(st.clock.now_ms())
     .bind(id.to_string())
     .execute(&mut *tx)
     .await?;

@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use gantry_proto::api::agent::*;
 use gantry_proto::api::v1::{HostHealth, RegisterHost};
 use gantry_proto::ids::{HostId, JoinTokenId, OperationId};
-use gantry_proto::validate;
+use gantry_proto::{validate, SnapshotStatus};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -213,14 +213,15 @@ async fn heartbeat(
     let c = &hb.capacity;
     super::hosts::check_capacity("capacity.", c.vcpus, c.memory_mib, c.disk_gib, &c.gpus)?;
     check_problems(&hb.problems)?;
-    // Rows are locked host, then instances by id, then accounts by id, in
-    // every write transaction of the agent protocol, so two heartbeats (or
-    // a heartbeat and an op report) cannot deadlock.
+    // Rows are locked host, then instances by id, then accounts by id,
+    // then snapshots, in every write transaction of the agent protocol, so
+    // two heartbeats (or a heartbeat and an op report) cannot deadlock.
     hb.instances.sort_by_key(|o| o.id);
     hb.usage.sort_by_key(|u| u.instance);
     if hb.https_port == Some(0) {
         return Err(ApiError::invalid("https_port", "must be 1 to 65535"));
     }
+    check_store(hb.store.as_deref().unwrap_or_default())?;
     let mut attempt = 0;
     let (billed, changed) = loop {
         attempt += 1;
@@ -261,6 +262,20 @@ fn check_problems(problems: &[String]) -> ApiResult<()> {
     Ok(())
 }
 
+/// Each account at most once in a store report.
+fn check_store(store: &[StoreUsage]) -> ApiResult<()> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, u) in store.iter().enumerate() {
+        if !seen.insert(u.account) {
+            return Err(ApiError::invalid(
+                format!("store[{i}].account"),
+                format!("{} is listed twice", u.account),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One attempt at applying a heartbeat, in one transaction: the billed
 /// counters, and whether the host's forwards changed.
 async fn heartbeat_once(
@@ -268,6 +283,8 @@ async fn heartbeat_once(
     host: &HostId,
     hb: &AgentHeartbeat,
 ) -> ApiResult<(Vec<UsageAck>, bool)> {
+    let now = st.clock.now_ms();
+    let shared = st.cfg.snapshot_store_shared;
     let mut tx = st.db.begin_write().await?;
     // Any heartbeat shows the host is alive; only a newer one says more.
     sqlx::query("UPDATE hosts SET last_heartbeat_ms = $1 WHERE id = $2")
@@ -296,6 +313,7 @@ async fn heartbeat_once(
     .await?
     .rows_affected()
         == 1;
+    let mut figures = Vec::new();
     if fresh {
         if hb.health != HostHealth::Healthy {
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
@@ -305,7 +323,7 @@ async fn heartbeat_once(
             changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
         }
         if let Some(store) = &hb.store {
-            store_usage(&mut tx, host, store).await?;
+            figures = crate::meter::take_report(&mut tx, host, store, shared, now).await?;
         }
     } else {
         tracing::debug!(%host, sent_at_ms = hb.sent_at_ms, "ignoring an older heartbeat");
@@ -317,9 +335,16 @@ async fn heartbeat_once(
             billed.push(ack);
         }
     }
-    crate::billing::charge_all(&mut tx, charges).await?;
+    // Instance rows are done: now every account row this touches, in id order.
+    let mut accounts: Vec<_> = charges.iter().map(|c| c.account).collect();
+    accounts.extend_from_slice(&figures);
+    crate::billing::lock_accounts(&mut tx, &accounts).await?;
+    crate::meter::apply_figures(&mut tx, host, &figures, shared, now).await?;
+    crate::billing::charge_all(&mut tx, charges, now).await?;
+    if fresh && hb.store.is_some() {
+        crate::meter::count_report(&mut tx, host).await?;
+    }
     if let Some(sizes) = &hb.snapshot_sizes {
-        let shared = st.cfg.snapshot_store_shared;
         snapshot_sizes(&mut tx, host, sizes, shared).await?;
     }
     tx.commit().await?;
@@ -337,48 +362,21 @@ async fn snapshot_sizes(
     shared: bool,
 ) -> ApiResult<()> {
     let sql = if shared {
-        "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = 'Success' \
+        "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = $3 \
          AND logical_bytes >= $1"
     } else {
-        "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = 'Success' \
-         AND logical_bytes >= $1 AND host_id = $3"
+        "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = $3 \
+         AND logical_bytes >= $1 AND host_id = $4"
     };
     for s in sizes {
         let mut q = sqlx::query(sql)
             .bind(s.compressed_bytes.min(i64::MAX as u64) as i64)
-            .bind(s.snapshot.to_string());
+            .bind(s.snapshot.to_string())
+            .bind(SnapshotStatus::Success.name());
         if !shared {
             q = q.bind(host.to_string());
         }
         q.execute(&mut **tx).await?;
-    }
-    Ok(())
-}
-
-/// Replaces the host's per-account store usage rows.
-async fn store_usage(tx: &mut Tx, host: &HostId, store: &[StoreUsage]) -> ApiResult<()> {
-    sqlx::query("DELETE FROM host_store_usage WHERE host_id = $1")
-        .bind(host.to_string())
-        .execute(&mut **tx)
-        .await?;
-    let mut seen = std::collections::HashSet::new();
-    for (i, u) in store.iter().enumerate() {
-        if !seen.insert(u.account) {
-            return Err(ApiError::invalid(
-                format!("store[{i}].account"),
-                format!("{} is listed twice", u.account),
-            ));
-        }
-        sqlx::query(
-            "INSERT INTO host_store_usage (host_id, account_id, billed_bytes, at_ms) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(host.to_string())
-        .bind(u.account.to_string())
-        .bind(u.billed_bytes.min(i64::MAX as u64) as i64)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
     }
     Ok(())
 }

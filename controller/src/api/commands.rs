@@ -10,7 +10,7 @@ use gantry_proto::ids::*;
 use gantry_proto::net::{GuestConfig, Ipv4Net, MacAddr, NicSpec, Secret};
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
 use gantry_proto::validate::PciAddress;
-use gantry_proto::InstanceState;
+use gantry_proto::{InstanceState, SnapshotStatus};
 
 /// One `operations` row the agent still has to finish.
 struct OpRow {
@@ -450,8 +450,11 @@ pub async fn apply_report(
     Ok(changed)
 }
 
-/// A snapshot operation ended: the snapshot is Success (sizes, host,
-/// and its private image with `as_image`) or Failed (with the reason).
+/// A snapshot operation ended: the snapshot is Success (sizes, host, its
+/// quota reservation until its host's store reports hold it, and its
+/// private image with `as_image`) or Failed (with the reason), through
+/// the one status setter; a report its status machine refuses changes
+/// nothing.
 async fn settle_snapshot(
     tx: &mut Tx,
     host: &HostId,
@@ -459,15 +462,18 @@ async fn settle_snapshot(
     r: &OpReport,
     error: Option<&str>,
 ) -> ApiResult<()> {
-    let sid = &op.detail;
+    let sid: SnapshotId = op.detail.parse().map_err(|e| DbError::Corrupt {
+        table: "operations",
+        message: format!("snapshot detail: {e}"),
+    })?;
     if let Some(e) = error {
-        sqlx::query(
-            "UPDATE snapshots SET status = 'Failed', error = $1 WHERE id = $2 AND status = 'Creating'",
-        )
-        .bind(e)
-        .bind(sid)
-        .execute(&mut **tx)
-        .await?;
+        if crate::snapshots::set_status(tx, sid, SnapshotStatus::Failed).await? {
+            sqlx::query("UPDATE snapshots SET error = $1 WHERE id = $2")
+                .bind(e)
+                .bind(sid.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
         return Ok(());
     }
     let sizes = r.snapshot.ok_or_else(|| {
@@ -479,35 +485,37 @@ async fn settle_snapshot(
             "must not exceed snapshot.logical_bytes",
         ));
     }
-    let done = sqlx::query(
-        "UPDATE snapshots SET status = 'Success', logical_bytes = $1, compressed_bytes = $2, \
-         host_id = $3 WHERE id = $4 AND status = 'Creating'",
+    if !crate::snapshots::set_status(tx, sid, SnapshotStatus::Success).await? {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE snapshots SET logical_bytes = $1, compressed_bytes = $2, host_id = $3, \
+         store_reports_due = $4 WHERE id = $5",
     )
     .bind(sizes.logical_bytes.min(i64::MAX as u64) as i64)
     .bind(sizes.compressed_bytes.min(i64::MAX as u64) as i64)
     .bind(host.to_string())
-    .bind(sid)
+    .bind(crate::snapshots::STORE_REPORTS_DUE)
+    .bind(sid.to_string())
     .execute(&mut **tx)
     .await?;
     let row = sqlx::query("SELECT account_id, as_image FROM snapshots WHERE id = $1")
-        .bind(sid)
-        .fetch_optional(&mut **tx)
+        .bind(sid.to_string())
+        .fetch_one(&mut **tx)
         .await?;
-    if let (1, Some(row)) = (done.rows_affected(), row) {
-        if col::<i64>(&row, "as_image")? != 0 {
-            sqlx::query(
-                "INSERT INTO images (id, name, size_gib, account_id, source_snapshot_id, \
-                 created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(ImageId::new().to_string())
-            .bind(format!("snapshot-{sid}"))
-            .bind(sizes.logical_bytes.div_ceil(super::snapshots::GIB).max(1) as i64)
-            .bind(col::<String>(&row, "account_id")?)
-            .bind(sid)
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
-        }
+    if col::<i64>(&row, "as_image")? != 0 {
+        sqlx::query(
+            "INSERT INTO images (id, name, size_gib, account_id, source_snapshot_id, \
+             created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(ImageId::new().to_string())
+        .bind(format!("snapshot-{sid}"))
+        .bind(sizes.logical_bytes.div_ceil(crate::snapshots::GIB).max(1) as i64)
+        .bind(col::<String>(&row, "account_id")?)
+        .bind(sid.to_string())
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }

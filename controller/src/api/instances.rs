@@ -55,8 +55,8 @@ pub(crate) fn gate(rec: &InstanceRec) -> ApiResult<()> {
     let s = rec.observed;
     if s.is_snapshotting() {
         return Err(ApiError::Conflict(format!(
-            "instance {} is Snapshotting; until the snapshot is saved only its config and \
-             hardware views answer",
+            "instance {} is Snapshotting; while its guest is paused for the snapshot only its \
+             config and hardware views answer",
             rec.id
         )));
     }

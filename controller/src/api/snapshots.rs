@@ -1,12 +1,14 @@
 //! Snapshots (create with every refusal named, list, get, delete) and data
-//! volumes (create, list, delete). A snapshot starts as `Creating` with a
-//! `snapshot` operation for the instance's host; the agent's report of
-//! that operation settles it (`api::agent`). Deleting a stored snapshot
-//! asks its host to remove it from its store.
+//! volumes (create, list, delete). A snapshot of a Running or Stopped
+//! instance starts as `Creating` with a `snapshot` operation for the
+//! instance's host and a quota reservation (`crate::snapshots`); the
+//! agent's reports of that operation show its progress and settle it
+//! (`api::commands`). Deleting a stored snapshot asks its host to remove
+//! it from its store.
 
 use super::instances::load;
 use super::{created, path_id, query, Body, Caller};
-use crate::db::{is_unique_violation, now_ms, rows};
+use crate::db::{is_unique_violation, now_ms, rows, rows::InstanceRec, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
@@ -27,8 +29,9 @@ pub fn routes() -> Router<AppState> {
         .route("/volumes/{id}", axum::routing::delete(delete_volume))
 }
 
-pub(crate) const GIB: u64 = 1 << 30;
-
+/// `POST /v1/instances/{id}/snapshots`: a Running or Stopped instance (a
+/// stopped one is saved from its disk as it is and stays Stopped), a
+/// complete billing profile, credit, and quota for the reservation.
 async fn create(
     State(st): State<AppState>,
     who: Caller,
@@ -47,47 +50,23 @@ async fn create(
         )));
     }
     crate::billing::require_credit(&st, &rec.account, "taking snapshots").await?;
-    if acct.snapshot_used_bytes >= acct.snapshot_quota_gib * GIB {
-        return Err(ApiError::Conflict(format!(
-            "account {} has used its snapshot storage quota ({} GiB); delete snapshots first",
-            acct.name, acct.snapshot_quota_gib
-        )));
-    }
     let sid = SnapshotId::new();
     let op = OperationId::new();
+    let need = crate::snapshots::reservation(rec.root_disk_gib);
     let mut tx = st.db.begin_write().await?;
+    // A stopped instance stays stopped; auto-release ends it.
     let desired = if req.auto_release {
         InstanceState::Released
     } else {
-        InstanceState::Running
+        rec.observed
     };
     super::actions::claim(&mut tx, &rec, op, desired).await?;
-    let res = sqlx::query(
-        "INSERT INTO snapshots (id, account_id, instance_id, name, description, status, \
-         auto_release, as_image, operation_id, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, \
-         $8, $9, $10)",
-    )
-    .bind(sid.to_string())
-    .bind(rec.account.to_string())
-    .bind(rec.id.to_string())
-    .bind(&req.name)
-    .bind(&req.description)
-    .bind(SnapshotStatus::Creating.name())
-    .bind(req.auto_release as i64)
-    .bind(req.as_image as i64)
-    .bind(op.to_string())
-    .bind(now_ms())
-    .execute(&mut *tx)
-    .await;
-    match res {
-        Err(e) if is_unique_violation(&e) => {
-            return Err(ApiError::Conflict(format!(
-                "a snapshot named {:?} already exists in this account",
-                req.name
-            )))
-        }
-        r => r?,
-    };
+    // The instance row, then the account row: see `crate::snapshots`.
+    let acct = crate::snapshots::lock_account(&mut tx, &rec.account)
+        .await?
+        .ok_or_else(|| ApiError::invalid("account", format!("no account {}", rec.account)))?;
+    crate::snapshots::check_quota(&acct, need).map_err(ApiError::Conflict)?;
+    insert(&mut tx, sid, &rec, &req, op, need).await?;
     super::actions::insert_op(
         &mut tx,
         op,
@@ -104,6 +83,42 @@ async fn create(
     }
     let snap = load_snapshot(&st, &who, sid).await?;
     Ok(super::accepted(snap))
+}
+
+/// Inserts the new snapshot, Creating, holding `reserved` bytes of quota.
+async fn insert(
+    tx: &mut Tx,
+    sid: SnapshotId,
+    rec: &InstanceRec,
+    req: &CreateSnapshot,
+    op: OperationId,
+    reserved: u64,
+) -> ApiResult<()> {
+    let res = sqlx::query(
+        "INSERT INTO snapshots (id, account_id, instance_id, name, description, status, \
+         auto_release, as_image, operation_id, created_ms, reserved_bytes) VALUES ($1, $2, $3, \
+         $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(sid.to_string())
+    .bind(rec.account.to_string())
+    .bind(rec.id.to_string())
+    .bind(&req.name)
+    .bind(&req.description)
+    .bind(SnapshotStatus::Creating.name())
+    .bind(req.auto_release as i64)
+    .bind(req.as_image as i64)
+    .bind(op.to_string())
+    .bind(now_ms())
+    .bind(reserved.min(i64::MAX as u64) as i64)
+    .execute(&mut **tx)
+    .await;
+    match res {
+        Err(e) if is_unique_violation(&e) => Err(ApiError::Conflict(format!(
+            "a snapshot named {:?} already exists in this account",
+            req.name
+        ))),
+        r => r.map(|_| ()).map_err(ApiError::from),
+    }
 }
 
 async fn load_snapshot(st: &AppState, who: &Caller, id: SnapshotId) -> ApiResult<SnapshotInfo> {

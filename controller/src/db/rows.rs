@@ -7,12 +7,17 @@ use gantry_proto::api::v1::{
     SnapshotInfo, TokenInfo, UsageKind, UsageRecord, VolumeInfo,
 };
 use gantry_proto::ids::*;
-use gantry_proto::InstanceState;
+use gantry_proto::{InstanceState, SnapshotStatus};
 use sqlx::any::AnyRow;
 
+/// With the account's deduplicated snapshot bytes (the billed figure) and
+/// what its snapshots not yet in that figure reserve (see
+/// `crate::snapshots`).
 pub const ACCOUNT_COLS: &str = "id, name, credit_micros, billing_complete, snapshot_quota_gib, \
-     created_ms, (SELECT CAST(COALESCE(SUM(compressed_bytes), 0) AS BIGINT) FROM snapshots s \
-     WHERE s.account_id = accounts.id) AS snapshot_used";
+     created_ms, snapshot_bytes, (SELECT CAST(COALESCE(SUM(CASE WHEN s.status = 'Creating' \
+     THEN s.reserved_bytes ELSE s.compressed_bytes END), 0) AS BIGINT) FROM snapshots s WHERE \
+     s.account_id = accounts.id AND (s.status = 'Creating' OR (s.status = 'Success' AND \
+     s.store_reports_due > 0))) AS snapshot_reserved";
 
 pub fn account(r: &AnyRow) -> Result<AccountInfo, DbError> {
     Ok(AccountInfo {
@@ -21,7 +26,8 @@ pub fn account(r: &AnyRow) -> Result<AccountInfo, DbError> {
         credit_micros: col(r, "credit_micros")?,
         billing_profile_complete: col::<i64>(r, "billing_complete")? != 0,
         snapshot_quota_gib: col::<i64>(r, "snapshot_quota_gib")? as u64,
-        snapshot_used_bytes: col::<i64>(r, "snapshot_used")? as u64,
+        snapshot_used_bytes: col::<i64>(r, "snapshot_bytes")?.max(0) as u64,
+        snapshot_reserved_bytes: col::<i64>(r, "snapshot_reserved")?.max(0) as u64,
         created_at: to_time(col(r, "created_ms")?),
     })
 }
@@ -80,23 +86,33 @@ pub fn volume(r: &AnyRow) -> Result<VolumeInfo, DbError> {
     })
 }
 
+/// With its operation's progress (`FROM snapshots`).
 pub const SNAPSHOT_COLS: &str = "id, account_id, instance_id, name, description, status, \
-     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms";
+     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms, \
+     (SELECT o.progress FROM operations o WHERE o.id = snapshots.operation_id) AS progress";
 
 pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
+    let status: SnapshotStatus = parsed(r, "status", "snapshots")?;
+    let progress = match status {
+        SnapshotStatus::Success => 100,
+        _ => col::<Option<i64>>(r, "progress")?
+            .unwrap_or(0)
+            .clamp(0, 100) as u8,
+    };
     Ok(SnapshotInfo {
         id: parsed(r, "id", "snapshots")?,
         account: parsed(r, "account_id", "snapshots")?,
         instance: parsed(r, "instance_id", "snapshots")?,
         name: col(r, "name")?,
         description: col(r, "description")?,
-        status: parsed(r, "status", "snapshots")?,
+        status,
         auto_release: col::<i64>(r, "auto_release")? != 0,
         as_image: col::<i64>(r, "as_image")? != 0,
         logical_bytes: col::<i64>(r, "logical_bytes")? as u64,
         compressed_bytes: col::<i64>(r, "compressed_bytes")? as u64,
         operation: parsed_opt(r, "operation_id", "snapshots")?,
         error: col(r, "error")?,
+        progress_percent: progress,
         created_at: to_time(col(r, "created_ms")?),
     })
 }

@@ -3,12 +3,13 @@
 //! calls it over HTTP.
 #![allow(dead_code)]
 
+use gantry_controller::clock::FakeClock;
 use gantry_controller::Config;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
@@ -91,7 +92,12 @@ pub struct Server {
     /// Simulated hosts: host id -> (credential, capacity).
     hosts: Mutex<HashMap<String, (String, Value)>>,
     /// The simulated agents' clock for `sent_at_ms` (only grows).
-    clock: AtomicI64,
+    sent_at: AtomicI64,
+    /// The controller's billing clock: follows the system clock until a
+    /// test sets it.
+    pub clock: Arc<FakeClock>,
+    /// The controller's state (to run a reconcile step directly).
+    pub state: gantry_controller::AppState,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -143,15 +149,17 @@ impl Server {
         }
         tweak(&mut cfg);
         let db_url = cfg.database_url(dir.path());
-        let state = gantry_controller::open(cfg, dir.path(), Some(ADMIN.into()))
-            .await
-            .expect("controller starts");
+        let clock = Arc::new(FakeClock::default());
+        let state =
+            gantry_controller::open_with_clock(cfg, dir.path(), Some(ADMIN.into()), clock.clone())
+                .await
+                .expect("controller starts");
         let listener = gantry_controller::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(gantry_controller::serve(state, listener, async {
+        tokio::spawn(gantry_controller::serve(state.clone(), listener, async {
             let _ = rx.await;
         }));
         Some(Self {
@@ -159,7 +167,9 @@ impl Server {
             db_url,
             http: reqwest::Client::new(),
             hosts: Mutex::default(),
-            clock: AtomicI64::new(chrono::Utc::now().timestamp_millis()),
+            sent_at: AtomicI64::new(chrono::Utc::now().timestamp_millis()),
+            clock,
+            state,
             _dir: dir,
             stop: Some(tx),
         })
@@ -345,7 +355,7 @@ impl Server {
     pub async fn heartbeat(&self, host: &str, extra: Value) -> Reply {
         let (cred, cap) = self.hosts.lock().unwrap()[host].clone();
         let mut body = json!({
-            "sent_at_ms": self.clock.fetch_add(1, Ordering::SeqCst) + 1,
+            "sent_at_ms": self.sent_at.fetch_add(1, Ordering::SeqCst) + 1,
             "capacity": cap, "health": "healthy", "instances": [], "usage": []
         });
         for (k, v) in extra.as_object().unwrap() {

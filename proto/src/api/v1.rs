@@ -64,8 +64,15 @@ pub struct AccountInfo {
     pub credit_micros: i64,
     pub billing_profile_complete: bool,
     pub snapshot_quota_gib: u64,
-    /// Compressed bytes of the account's snapshots.
+    /// Deduplicated compressed bytes the account holds in the snapshot
+    /// stores, as the hosts last reported them: the figure storage is
+    /// billed on and the quota is checked against.
     pub snapshot_used_bytes: u64,
+    /// Quota held for snapshots not yet in `snapshot_used_bytes`: the root
+    /// disk size of each snapshot still Creating, and the compressed size
+    /// of each one just saved, until its host's store reports include it.
+    #[serde(default)]
+    pub snapshot_reserved_bytes: u64,
     pub created_at: DateTime<Utc>,
 }
 
@@ -553,6 +560,10 @@ pub struct SnapshotInfo {
     /// Why the snapshot failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// How far its operation has got while Creating (0 to 100); 100 once
+    /// Success; where it stopped once Failed.
+    #[serde(default)]
+    pub progress_percent: u8,
     pub created_at: DateTime<Utc>,
 }
 
@@ -565,8 +576,10 @@ pub enum UsageKind {
     /// Time an instance spent Running: `quantity` in ms, `price_micros`
     /// per hour.
     Instance,
-    /// Snapshot storage: `quantity` in byte-ms, `price_micros` per TB-hour
-    /// (TB = 10^12 bytes).
+    /// Snapshot storage: `quantity` in byte-ms (the account's deduplicated
+    /// bytes integrated over the time since its last charge; a charge
+    /// above `i64::MAX` byte-ms comes as several records), `price_micros`
+    /// per TB-hour (TB = 10^12 bytes).
     Snapshot,
 }
 
@@ -614,6 +627,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains('x'), "{e}");
+    }
+
+    #[test]
+    fn snapshot_progress_and_reservations_are_additive() {
+        let old = serde_json::json!({"id": SnapshotId::new(), "account": AccountId::new(),
+            "instance": InstanceId::new(), "name": "s", "description": "",
+            "status": "Creating", "auto_release": false, "as_image": false,
+            "logical_bytes": 0, "compressed_bytes": 0, "operation": null,
+            "created_at": "2026-01-01T00:00:00Z"});
+        let s: SnapshotInfo = serde_json::from_value(old).unwrap();
+        assert_eq!(s.progress_percent, 0);
+        assert_eq!(serde_json::to_value(&s).unwrap()["progress_percent"], 0);
+        let old = serde_json::json!({"id": AccountId::new(), "name": "a", "credit_micros": 0,
+            "billing_profile_complete": true, "snapshot_quota_gib": 1,
+            "snapshot_used_bytes": 2, "created_at": "2026-01-01T00:00:00Z"});
+        let a: AccountInfo = serde_json::from_value(old).unwrap();
+        assert_eq!((a.snapshot_used_bytes, a.snapshot_reserved_bytes), (2, 0));
     }
 
     #[test]

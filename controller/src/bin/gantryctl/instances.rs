@@ -76,9 +76,14 @@ pub enum InstanceCmd {
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
+    /// Snapshots with their status and progress.
     List {
         #[arg(long)]
         status: Option<String>,
+    },
+    /// One snapshot (progress, sizes, error).
+    Get {
+        id: String,
     },
     Create {
         instance: String,
@@ -237,10 +242,12 @@ pub fn plan_snapshot(c: SnapshotCmd) -> Call {
                 "name",
                 "instance",
                 "status",
+                "progress_percent",
                 "compressed_bytes",
                 "created_at",
             ],
         ),
+        SnapshotCmd::Get { id } => call(M::GET, format!("/v1/snapshots/{id}"), None, &[]),
         SnapshotCmd::Create {
             instance,
             name,

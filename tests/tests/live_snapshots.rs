@@ -146,7 +146,7 @@ fn live_snapshots_on_a_real_guest() -> anyhow::Result<()> {
     );
 
     // Incremental: the first read its 16 MiB (on top of the image), the
-    // second only what changed since (chunks of 4 MiB), far less.
+    // second only what changed since.
     assert!(s1.read_bytes >= 16 * MIB, "{s1:?}");
     assert!(
         s2.read_bytes < s1.read_bytes,

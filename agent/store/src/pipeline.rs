@@ -22,8 +22,9 @@ pub(crate) struct CreateCtx<'a> {
     pub ns: &'a Namespace,
     pub hasher: ChunkHasher,
     pub chunk_size: u32,
-    /// Per chunk: the parent's entry when the chunk is known unchanged.
-    pub reuse: Vec<Option<Entry>>,
+    /// Per chunk, with a parent: take its entry, patch it, or read it
+    /// (empty: read every chunk).
+    pub reuse: Vec<ChunkPlan>,
     /// Chunks already in the namespace (and those written by this run).
     pub known: Mutex<HashMap<ChunkId, u32>>,
     /// Chunks of the public namespace (empty for public snapshots).
@@ -50,6 +51,62 @@ fn chunk_len(size: u64, cs: u32, i: u64) -> u64 {
     (size - i * u64::from(cs)).min(u64::from(cs))
 }
 
+/// What an incremental create does with one chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ChunkPlan {
+    /// Read it whole from the image.
+    Read,
+    /// Unchanged since the parent: its entry.
+    Reuse(Entry),
+    /// Changed in parts: the parent's chunk with these byte ranges
+    /// (offset in the chunk, length) read from the image over it.
+    Patch {
+        base: Entry,
+        ranges: Vec<(u32, u32)>,
+    },
+}
+
+/// Patching a chunk costs a fetch and a decompression of the parent's;
+/// when more than this share of it changed, it is read whole.
+const PATCH_MAX_SHARE: f64 = 0.75;
+
+/// The changed ranges of each chunk (offset in the chunk, length), merged.
+fn dirty_ranges(
+    changed: &[Extent],
+    size: u64,
+    cs: u32,
+    n: u64,
+) -> Result<Vec<Vec<(u32, u32)>>, StoreError> {
+    let mut dirty: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n as usize];
+    let cs64 = u64::from(cs);
+    for e in changed {
+        let end = e
+            .offset
+            .checked_add(e.length)
+            .filter(|end| *end <= size)
+            .ok_or_else(|| StoreError::Invalid {
+                field: "changed extents",
+                reason: format!(
+                    "extent {}+{} lies beyond the {size} byte disk",
+                    e.offset, e.length
+                ),
+            })?;
+        let mut pos = e.offset;
+        while pos < end {
+            let i = pos / cs64;
+            let chunk_end = ((i + 1) * cs64).min(end);
+            let r = &mut dirty[i as usize];
+            let (off, len) = ((pos - i * cs64) as u32, (chunk_end - pos) as u32);
+            match r.last_mut() {
+                Some((o, l)) if *o + *l >= off => *l = (*l).max(off + len - *o),
+                _ => r.push((off, len)),
+            }
+            pos = chunk_end;
+        }
+    }
+    Ok(dirty)
+}
+
 /// Which chunks an incremental create may take from its parent.
 pub(crate) fn reuse_plan(
     parent: &Manifest,
@@ -57,7 +114,7 @@ pub(crate) fn reuse_plan(
     size: u64,
     cs: u32,
     changed: Option<&[Extent]>,
-) -> Result<Vec<Option<Entry>>, StoreError> {
+) -> Result<Vec<ChunkPlan>, StoreError> {
     let p_owner = parent.meta.owner.as_deref();
     let remap_public = match (p_owner, ns.owner()) {
         (a, b) if a == b => false,
@@ -74,49 +131,40 @@ pub(crate) fn reuse_plan(
         return Ok(Vec::new());
     };
     let n = chunk_count(size, cs);
-    let mut dirty = vec![false; n as usize];
-    for e in changed {
-        let end = e
-            .offset
-            .checked_add(e.length)
-            .filter(|end| *end <= size)
-            .ok_or_else(|| StoreError::Invalid {
-                field: "changed extents",
-                reason: format!(
-                    "extent {}+{} lies beyond the {size} byte disk",
-                    e.offset, e.length
-                ),
-            })?;
-        if e.length == 0 {
-            continue;
-        }
-        let first = e.offset / u64::from(cs);
-        let last = (end - 1) / u64::from(cs);
-        dirty[first as usize..=last as usize]
-            .iter_mut()
-            .for_each(|d| *d = true);
-    }
+    let dirty = dirty_ranges(changed, size, cs, n)?;
     let psize = parent.meta.virtual_size;
+    let remap = |e: Entry| match e {
+        Entry::Chunk {
+            space: Space::Own,
+            id,
+            stored_len,
+        } if remap_public => Entry::Chunk {
+            space: Space::Public,
+            id,
+            stored_len,
+        },
+        e => e,
+    };
     Ok((0..n)
         .map(|i| {
             let same_len = i < parent.entries.len() as u64
                 && chunk_len(psize, cs, i) == chunk_len(size, cs, i);
-            if dirty[i as usize] || !same_len {
-                return None;
+            if !same_len {
+                return ChunkPlan::Read;
             }
-            let e = parent.entries[i as usize];
-            Some(match e {
-                Entry::Chunk {
-                    space: Space::Own,
-                    id,
-                    stored_len,
-                } if remap_public => Entry::Chunk {
-                    space: Space::Public,
-                    id,
-                    stored_len,
-                },
-                e => e,
-            })
+            let base = remap(parent.entries[i as usize]);
+            let ranges = &dirty[i as usize];
+            let changed: u64 = ranges.iter().map(|(_, l)| u64::from(*l)).sum();
+            if ranges.is_empty() {
+                ChunkPlan::Reuse(base)
+            } else if changed as f64 > chunk_len(size, cs, i) as f64 * PATCH_MAX_SHARE {
+                ChunkPlan::Read
+            } else {
+                ChunkPlan::Patch {
+                    base,
+                    ranges: ranges.clone(),
+                }
+            }
         })
         .collect())
 }
@@ -201,6 +249,8 @@ fn create_worker(
     let mut comp =
         zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
     let public_hasher = ctx.store.hasher(&Namespace::Public, false)?;
+    let mut dec =
+        zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
     let mut mine = Vec::new();
     let mut new_bytes = 0u64;
     let mut written = Vec::new();
@@ -212,13 +262,13 @@ fn create_worker(
         }
         let start = i * u64::from(ctx.chunk_size);
         let len = chunk_len(size, ctx.chunk_size, i) as usize;
-        let entry = match ctx.reuse.get(i as usize).copied().flatten() {
-            Some(e) => e,
-            None if !ctx.image.has_data(start, len as u64) => Entry::Zero,
-            None => {
+        let plan = ctx.reuse.get(i as usize).unwrap_or(&ChunkPlan::Read);
+        let entry = match plan {
+            ChunkPlan::Reuse(e) => *e,
+            ChunkPlan::Read if !ctx.image.has_data(start, len as u64) => Entry::Zero,
+            ChunkPlan::Read | ChunkPlan::Patch { .. } => {
                 let data = &mut buf[..len];
-                ctx.image.read(start, data)?;
-                read_bytes += len as u64;
+                read_bytes += fill_chunk(ctx, plan, start, data, &mut dec, &public_hasher)?;
                 if is_zero(data) {
                     Entry::Zero
                 } else {
@@ -241,6 +291,54 @@ fn create_worker(
         }
     }
     Ok((mine, new_bytes, written, read_bytes))
+}
+
+/// Fills `data` (the chunk at `start`) as `plan` says: read whole, or the
+/// parent's chunk with the changed ranges read over it. Returns the image
+/// bytes read.
+fn fill_chunk(
+    ctx: &CreateCtx<'_>,
+    plan: &ChunkPlan,
+    start: u64,
+    data: &mut [u8],
+    dec: &mut zstd::bulk::Decompressor<'_>,
+    public_hasher: &ChunkHasher,
+) -> Result<u64, StoreError> {
+    let ChunkPlan::Patch { base, ranges } = plan else {
+        ctx.image.read(start, data)?;
+        return Ok(data.len() as u64);
+    };
+    match base {
+        Entry::Zero => data.fill(0),
+        Entry::Chunk { space, id, .. } => {
+            let (ns, h) = match space {
+                Space::Own => (ctx.ns, &ctx.hasher),
+                Space::Public => (&Namespace::Public, public_hasher),
+            };
+            let obj = ctx.store.backend.get(&chunk_key(ns, id))?;
+            let got = decode_chunk_into(&obj, data, h, id, dec).map_err(|reason| {
+                StoreError::CorruptChunk {
+                    chunk: id.to_hex(),
+                    snapshot: "the parent".into(),
+                    reason,
+                }
+            })?;
+            if got != data.len() {
+                return Err(StoreError::CorruptChunk {
+                    chunk: id.to_hex(),
+                    snapshot: "the parent".into(),
+                    reason: format!("holds {got} bytes where {} are needed", data.len()),
+                });
+            }
+        }
+    }
+    let mut read = 0u64;
+    for (off, len) in ranges {
+        let (o, l) = (*off as usize, *len as usize);
+        ctx.image.read(start + o as u64, &mut data[o..o + l])?;
+        read += l as u64;
+    }
+    Ok(read)
 }
 
 /// Hashes one chunk and writes it unless the store already has it.
@@ -419,4 +517,30 @@ pub(crate) fn restore_raw(
     };
     run_workers(threads, &abort, worker)?;
     f.finish().map_err(outp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64) -> Extent {
+        Extent { offset, length }
+    }
+
+    #[test]
+    fn changed_extents_split_into_chunk_ranges() {
+        let cs = 4096u32;
+        let d = dirty_ranges(
+            &[ext(100, 50), ext(150, 10), ext(4000, 200), ext(9000, 10)],
+            16384,
+            cs,
+            4,
+        )
+        .unwrap();
+        assert_eq!(d[0], vec![(100, 60), (4000, 96)]);
+        assert_eq!(d[1], vec![(0, 104)]);
+        assert_eq!(d[2], vec![(808, 10)]);
+        assert!(d[3].is_empty());
+        assert!(dirty_ranges(&[ext(16000, 1000)], 16384, cs, 4).is_err());
+    }
 }

@@ -109,6 +109,31 @@ pub fn tick(device: &std::path::Path, every: std::time::Duration) -> io::Result<
     }
 }
 
+/// Writes `count_mib` MiB of xorshift pseudo-random bytes (incompressible,
+/// different for every `seed`) at `offset_mib` MiB of `device`, then syncs.
+pub fn fill(
+    device: &std::path::Path,
+    offset_mib: u64,
+    count_mib: u64,
+    seed: u64,
+) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(device)?;
+    f.seek(SeekFrom::Start(offset_mib << 20))?;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..count_mib {
+        for word in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf)?;
+    }
+    f.sync_all()
+}
+
 /// `<ip>:<port>` with IPv4-mapped IPv6 addresses shown as IPv4 (what the
 /// services report as `peer`).
 pub fn peer_string(addr: SocketAddr) -> String {

@@ -8,10 +8,29 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: gantry-guest-web [--token-file PATH] [--hostname NAME] [--bind IP]
                         [--http-port N] [--tcp-echo-port N] [--udp-echo-port N]
        gantry-guest-web tick DEVICE MILLIS
+       gantry-guest-web fill DEVICE OFFSET_MIB COUNT_MIB SEED
 defaults: --token-file /run/gantry/jupyter-token --bind 0.0.0.0 --http-port 8888
           --tcp-echo-port 7000 --udp-echo-port 7001, hostname from the kernel
 tick: writes `T<n>` lines to DEVICE (a serial port) every MILLIS ms, forever: the host
-      timestamps them as they arrive, and the largest gap is how long the guest stopped";
+      timestamps them as they arrive, and the largest gap is how long the guest stopped
+fill: writes COUNT_MIB MiB of incompressible pseudo-random bytes (from SEED) to DEVICE at
+      OFFSET_MIB MiB, then syncs: disk changes of a known size for benchmarks";
+
+/// `fill DEVICE OFFSET_MIB COUNT_MIB SEED` (see [`USAGE`]).
+fn fill(args: &[String]) -> ExitCode {
+    let nums: Vec<u64> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (Some(dev), [offset, count, seed]) = (args.first(), nums.as_slice()) else {
+        eprintln!("gantry-guest-web: fill needs DEVICE OFFSET_MIB COUNT_MIB SEED\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    match gantry_guest_web::fill(std::path::Path::new(dev), *offset, *count, *seed) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gantry-guest-web: fill {dev}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// `tick DEVICE MILLIS` (see [`USAGE`]).
 fn tick(args: &[String]) -> ExitCode {
@@ -61,8 +80,10 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("tick") {
-        return tick(&args[1..]);
+    match args.first().map(String::as_str) {
+        Some("tick") => return tick(&args[1..]),
+        Some("fill") => return fill(&args[1..]),
+        _ => {}
     }
     let cfg = match parse_args(&args) {
         Ok(c) => c,

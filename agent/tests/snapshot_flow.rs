@@ -391,3 +391,29 @@ fn stopped_instances_are_saved_as_they_are_and_stay_incremental() {
     assert_eq!(r.layers(id).len(), 2, "{:?}", r.layers(id));
     assert_eq!(r.m.record(id).unwrap().state, InstanceState::Stopped);
 }
+
+#[test]
+fn garbage_collection_after_a_delete_frees_the_bytes() {
+    let (r, id) = Rig::new();
+    r.write(id, 20 * MIB, MIB, 2);
+    let keep = r.snapshot(id).unwrap();
+    let kept = r.current(id);
+    r.write(id, 30 * MIB, 3 * MIB, 3);
+    let gone = r.snapshot(id).unwrap();
+    assert!(gone.new_bytes > 0);
+    assert_eq!(r.m.gc_store(), 0, "nothing is garbage while both exist");
+    r.m.delete_snapshot(gone.id).unwrap();
+    let freed = r.m.gc_store();
+    assert!(
+        freed > 0 && freed >= gone.new_bytes / 2,
+        "freed {freed} of {}",
+        gone.new_bytes
+    );
+    assert!(r.m.render_metrics().contains(&format!(
+        "gantry_agent_store_gc_reclaimed_bytes_total {freed}"
+    )));
+    assert!(
+        r.restored(keep.id) == kept,
+        "the kept snapshot still restores"
+    );
+}

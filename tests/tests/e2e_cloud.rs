@@ -112,6 +112,10 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
         |v| v["status"] != "Creating",
     )?;
     assert_eq!(done["status"], "Success", "{done}");
+    assert_eq!(done["progress_percent"], 100, "{done}");
+    // The test guest runs no qemu-guest-agent: the snapshot says it is
+    // crash-consistent, not frozen.
+    assert_eq!(done["frozen"], false, "{done}");
     assert!(done["compressed_bytes"].as_u64().unwrap_or(0) > 0, "{done}");
     assert!(
         done["logical_bytes"].as_u64().unwrap_or(0) >= 1 << 30,

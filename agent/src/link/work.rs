@@ -422,6 +422,7 @@ async fn follow(link: &Link, op: OperationId, id: InstanceId, local: OperationId
                     snapshot: info.snapshot.map(|s| SnapshotSizes {
                         logical_bytes: s.logical_size,
                         compressed_bytes: s.stored_bytes,
+                        frozen: s.frozen,
                     }),
                     instance_state: state_of(m, Some(id)),
                     note: None,

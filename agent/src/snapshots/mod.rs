@@ -250,6 +250,8 @@ impl Manager {
         Some(gantry_proto::api::agent::SnapshotSizes {
             logical_bytes: info.logical_size,
             compressed_bytes: info.stored_bytes,
+            // The store does not record it: claim only crash consistency.
+            frozen: false,
         })
     }
 

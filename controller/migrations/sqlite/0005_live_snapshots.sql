@@ -37,3 +37,7 @@ ALTER TABLE snapshots ADD COLUMN reserved_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE snapshots ADD COLUMN store_reports_due INTEGER NOT NULL DEFAULT 0;
 UPDATE snapshots SET reserved_bytes = COALESCE((SELECT i.root_disk_gib * 1073741824
     FROM instances i WHERE i.id = snapshots.instance_id), 0) WHERE status = 'Creating';
+
+-- Whether the guest's filesystems were frozen for the snapshot (1), or it
+-- is crash-consistent (0); NULL until it is saved.
+ALTER TABLE snapshots ADD COLUMN frozen INTEGER;

@@ -490,12 +490,13 @@ async fn settle_snapshot(
     }
     sqlx::query(
         "UPDATE snapshots SET logical_bytes = $1, compressed_bytes = $2, host_id = $3, \
-         store_reports_due = $4 WHERE id = $5",
+         store_reports_due = $4, frozen = $5 WHERE id = $6",
     )
     .bind(sizes.logical_bytes.min(i64::MAX as u64) as i64)
     .bind(sizes.compressed_bytes.min(i64::MAX as u64) as i64)
     .bind(host.to_string())
     .bind(crate::snapshots::STORE_REPORTS_DUE)
+    .bind(i64::from(sizes.frozen))
     .bind(sid.to_string())
     .execute(&mut **tx)
     .await?;

@@ -88,7 +88,7 @@ pub fn volume(r: &AnyRow) -> Result<VolumeInfo, DbError> {
 
 /// With its operation's progress (`FROM snapshots`).
 pub const SNAPSHOT_COLS: &str = "id, account_id, instance_id, name, description, status, \
-     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms, \
+     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms, frozen, \
      (SELECT o.progress FROM operations o WHERE o.id = snapshots.operation_id) AS progress";
 
 pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
@@ -113,6 +113,7 @@ pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
         operation: parsed_opt(r, "operation_id", "snapshots")?,
         error: col(r, "error")?,
         progress_percent: progress,
+        frozen: col::<Option<i64>>(r, "frozen")?.map(|f| f != 0),
         created_at: to_time(col(r, "created_ms")?),
     })
 }

@@ -329,6 +329,10 @@ pub struct SnapshotSizes {
     pub logical_bytes: u64,
     /// Compressed bytes of the distinct chunks it references.
     pub compressed_bytes: u64,
+    /// The guest's filesystems were frozen through its guest agent for the
+    /// switch; else the snapshot is crash-consistent.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 /// `POST /v1/agent/ops/{id}`.

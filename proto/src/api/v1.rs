@@ -564,6 +564,10 @@ pub struct SnapshotInfo {
     /// Success; where it stopped once Failed.
     #[serde(default)]
     pub progress_percent: u8,
+    /// Once saved: whether the guest's filesystems were frozen through its
+    /// guest agent (`true`), or the snapshot is crash-consistent (`false`).
+    #[serde(default)]
+    pub frozen: Option<bool>,
     pub created_at: DateTime<Utc>,
 }
 

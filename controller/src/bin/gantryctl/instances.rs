@@ -244,6 +244,7 @@ pub fn plan_snapshot(c: SnapshotCmd) -> Call {
                 "status",
                 "progress_percent",
                 "compressed_bytes",
+                "frozen",
                 "created_at",
             ],
         ),

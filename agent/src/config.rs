@@ -12,6 +12,8 @@
 //! snapshot_store = "<state_dir>/snapshots"   # path, file:// or s3://bucket/prefix
 //! store_keyring = "<state_dir>/store-keys.json" # per-account chunk keys (0600)
 //! store_gc_secs = 3600                 # garbage collection of the store; 0 = never
+//! store_publish_level = 2              # zstd level snapshots are written at; below the
+//!                                      # store's level at rest (2) the agent compacts later
 //!
 //! [controller]                         # optional: join a gantry-controller
 //! url = "http://127.0.0.1:8787"
@@ -77,6 +79,11 @@ pub struct AgentConfig {
     /// How often the store's garbage is collected (deleted snapshots'
     /// chunks leave the disk), seconds; 0: never.
     pub store_gc_secs: u64,
+    /// zstd level new snapshot chunks are written at; below the store's
+    /// level at rest, a background compaction recompresses them later.
+    /// Default: the level at rest (live snapshots save while the guest
+    /// runs, so writing once costs the least CPU; docs/benchmarks.md).
+    pub store_publish_level: Option<i32>,
     /// The controller to join and take work from; none = standalone.
     pub controller: Option<ControllerConfig>,
     /// Instance access networking.
@@ -243,6 +250,7 @@ impl Default for AgentConfig {
             snapshot_store: None,
             store_keyring: None,
             store_gc_secs: 3600,
+            store_publish_level: None,
             controller: None,
             network: NetworkConfig::default(),
         }
@@ -303,6 +311,14 @@ impl AgentConfig {
                 "machine",
                 "must be a QEMU machine type like pc or q35",
             ));
+        }
+        if let Some(l) = self.store_publish_level {
+            if !(-131072..=22).contains(&l) {
+                return Err(invalid(
+                    "store_publish_level",
+                    "must be a zstd level, -131072 to 22",
+                ));
+            }
         }
         self.network
             .check()

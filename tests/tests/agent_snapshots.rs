@@ -48,7 +48,8 @@ fn snapshot_then_boot_a_new_instance_from_it() -> anyhow::Result<()> {
     if !rig_available("snapshot_then_boot_a_new_instance_from_it") {
         return Ok(());
     }
-    let agent = TestAgent::start()?;
+    // Published fast, so the background compaction has work to show.
+    let agent = TestAgent::start_with("store_publish_level = -10")?;
     let image = agent.import_guest_image()?;
     let volume = VolumeSpec {
         id: VolumeId::new(),

@@ -138,9 +138,9 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
     }
     cloud.act(&id2, "release")?;
     cloud.wait_state(&id2, "Released")?;
-    // The snapshot was published at the store's fast level; once the agent
-    // has compacted it, the controller shows the size the host's store
-    // really holds for it.
+    // The controller shows the size the host's store really holds for the
+    // snapshot (after any compaction the agent runs; by default it writes
+    // at the level at rest and has none to run).
     let at_rest = compacted_size(&cloud, &sid)?;
     assert!(at_rest > 0);
     cloud.tenant.wait_for(

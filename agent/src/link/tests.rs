@@ -278,20 +278,30 @@ async fn operations_interrupted_by_a_restart_are_settled_not_rerun() {
         },
         Some(InstanceId::new()),
     );
-    // The snapshot made it into the store just before the "restart".
+    // The snapshot made it into the store just before the "restart";
+    // another one did not.
     let store = publish(&manager, dir.path(), snap_id, owner);
+    let lost = op(
+        AgentCommand::Snapshot {
+            snapshot: SnapshotId::new(),
+            name: "lost".into(),
+            owner,
+            auto_release: false,
+        },
+        Some(InstanceId::new()),
+    );
     let release = op(AgentCommand::Release {}, Some(InstanceId::new()));
     let done = op(AgentCommand::Stop {}, Some(InstanceId::new()));
-    for o in [&snap, &release, &done] {
+    for o in [&snap, &lost, &release, &done] {
         j.accept(o, now_ms()).unwrap();
     }
     j.finish(done.id, journal::Finished::failed("it was refused", None))
         .unwrap();
-    shared.lock().unwrap().ops = vec![snap.clone(), release.clone(), done.clone()];
+    shared.lock().unwrap().ops = vec![snap.clone(), lost.clone(), release.clone(), done.clone()];
 
     let link = connect(manager, controller_cfg(&url)).await.unwrap();
     let task = tokio::spawn(run(link));
-    wait_for(&shared, "three outcomes", |c| c.ops.is_empty()).await;
+    wait_for(&shared, "four outcomes", |c| c.ops.is_empty()).await;
     task.abort();
     let c = shared.lock().unwrap();
     let settled = |id: OperationId| -> &OpReport {
@@ -311,18 +321,26 @@ async fn operations_interrupted_by_a_restart_are_settled_not_rerun() {
         );
         rs[0]
     };
+    // Published: it succeeded, with its sizes.
     let s = settled(snap.id);
-    assert_eq!(s.outcome, OpOutcome::Failed);
-    assert_eq!(s.error.as_deref(), Some("interrupted by an agent restart"));
+    assert_eq!(s.outcome, OpOutcome::Succeeded, "{s:?}");
+    assert!(
+        s.snapshot.as_ref().is_some_and(|z| z.compressed_bytes > 0),
+        "{s:?}"
+    );
+    let l = settled(lost.id);
+    assert_eq!(l.outcome, OpOutcome::Failed);
+    assert_eq!(l.error.as_deref(), Some("interrupted by an agent restart"));
     let r = settled(release.id);
     assert_eq!(r.outcome, OpOutcome::Succeeded);
     assert_eq!(r.instance_state, Some(InstanceState::Released));
     let d = settled(done.id);
     assert_eq!(d.error.as_deref(), Some("it was refused"));
     assert!(j.all().unwrap().iter().all(|e| e.reported));
-    assert!(
-        store.snapshot_ids().unwrap().is_empty(),
-        "the interrupted snapshot is removed from the store"
+    assert_eq!(
+        store.snapshot_ids().unwrap(),
+        vec![snap_id.to_string()],
+        "the published snapshot stays in the store"
     );
 }
 
@@ -447,12 +465,16 @@ async fn create_snapshot_restore(
     assert_eq!(sizes.logical_bytes, 1 << 30);
     assert!(sizes.compressed_bytes > 0);
     assert_eq!(r.instance_state, Some(InstanceState::Running));
-    let ids = m.open_store().unwrap().snapshot_ids().unwrap();
-    assert_eq!(
-        ids,
-        vec![snap.to_string()],
-        "published under the controller's id"
-    );
+    // Published under the controller's id, on top of the image's own
+    // manifest (the first snapshot of an image's instance publishes it).
+    let mut ids = m.open_store().unwrap().snapshot_ids().unwrap();
+    ids.sort();
+    let mut want = vec![
+        snap.to_string(),
+        crate::snapshots::chain::image_manifest(image).to_string(),
+    ];
+    want.sort();
+    assert_eq!(ids, want, "published under the controller's id");
 
     let restored = ImageSource::snapshot_image_id(snap);
     let from_snap = ImageSource {

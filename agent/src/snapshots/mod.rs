@@ -10,9 +10,10 @@
 //! one is shut down cleanly first. A restarted agent finishes or undoes a
 //! snapshot it was in the middle of ([`recover`]).
 //!
-//! The store publishes at a fast zstd level; a background thread (one at a
-//! time, at low priority and on one core) then recompresses the new chunks
-//! at the level at rest (`Store::compact`). The operation reports the sizes
+//! The store writes new chunks at its level at rest. Where the agent is
+//! configured to publish at a faster level (`store_publish_level`), a
+//! background thread (one at a time, at low priority and on one core) then
+//! recompresses the new chunks at the level at rest (`Store::compact`). The operation reports the sizes
 //! at publish; the next heartbeat after a compaction carries the snapshots'
 //! new sizes, and the store usage in heartbeats, which billing uses, follows
 //! too. Garbage collection runs on a schedule ([`Manager::spawn_store_gc`]).
@@ -73,11 +74,14 @@ impl Manager {
     pub fn open_store(&self) -> Result<Store, SnapshotError> {
         let keyring = Keyring::load(&self.cfg.store_keyring_path())
             .map_err(|e| SnapshotError::Keys(e.to_string()))?;
-        let cfg = StoreConfig {
+        let mut cfg = StoreConfig {
             keyring: Arc::new(keyring),
             create_if_missing: true,
             ..StoreConfig::default()
         };
+        if let Some(l) = self.cfg.store_publish_level {
+            cfg.publish_level = l;
+        }
         Ok(Store::open(&self.cfg.snapshot_store_url(), cfg)?)
     }
 

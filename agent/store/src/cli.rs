@@ -71,6 +71,9 @@ pub enum SnapshotCommand {
         /// published; below --zstd-level, `compact` recompresses them later.
         #[arg(long)]
         publish_level: Option<i32>,
+        /// log2 of zstd's hash table size (0: the level's own).
+        #[arg(long)]
+        zstd_hash_log: Option<u32>,
         /// Compact right after publishing, so the command ends with the
         /// chunks at --zstd-level.
         #[arg(long)]
@@ -130,6 +133,7 @@ struct Tuning {
     chunk: Option<u32>,
     level: Option<i32>,
     publish: Option<i32>,
+    hash_log: Option<u32>,
 }
 
 fn open(a: &StoreArgs, create: bool, t: Tuning) -> anyhow::Result<Store> {
@@ -150,6 +154,9 @@ fn open(a: &StoreArgs, create: bool, t: Tuning) -> anyhow::Result<Store> {
     }
     if let Some(l) = t.publish {
         cfg.publish_level = l;
+    }
+    if let Some(h) = t.hash_log {
+        cfg.zstd_hash_log = h;
     }
     Ok(Store::open(&a.store, cfg)?)
 }
@@ -213,6 +220,7 @@ fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
         chunk_size,
         zstd_level,
         publish_level,
+        zstd_hash_log,
         compact,
     } = cmd
     else {
@@ -229,6 +237,7 @@ fn create_cmd(cmd: SnapshotCommand) -> anyhow::Result<()> {
         chunk: chunk_size,
         level: zstd_level,
         publish: publish_level,
+        hash_log: zstd_hash_log,
     };
     let s = open(&store, true, tuning)?;
     let pb = bar(store.json, "snapshot");

@@ -202,7 +202,7 @@ impl Store {
         let report = Mutex::new(CompactReport::default());
         let threads = self.cfg.threads.clamp(1, 64).min(chunks.len().max(1));
         let worker = || -> Result<(), StoreError> {
-            let mut w = Recompressor::new(self.cfg.zstd_level)?;
+            let mut w = Recompressor::new(self.chunk_compressor(self.cfg.zstd_level)?)?;
             while !abort.load(Ordering::Relaxed) {
                 let Some(id) = chunks.get(next.fetch_add(1, Ordering::Relaxed) as usize) else {
                     break;
@@ -262,13 +262,13 @@ struct Recompressor {
 }
 
 impl Recompressor {
-    fn new(level: i32) -> Result<Self, StoreError> {
+    fn new(comp: zstd::bulk::Compressor<'static>) -> Result<Self, StoreError> {
         let tool = |e: std::io::Error| StoreError::Tool(format!("zstd: {e}"));
         Ok(Self {
             raw: Vec::new(),
             out: Vec::new(),
             dec: zstd::bulk::Decompressor::new().map_err(tool)?,
-            comp: zstd::bulk::Compressor::new(level).map_err(tool)?,
+            comp,
         })
     }
 

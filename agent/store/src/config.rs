@@ -3,7 +3,8 @@
 
 use crate::keys::Keyring;
 use crate::store::{
-    Store, StoreConfig, StoreError, DEFAULT_CHUNK_SIZE, DEFAULT_PUBLISH_LEVEL, DEFAULT_ZSTD_LEVEL,
+    Store, StoreConfig, StoreError, DEFAULT_CHUNK_SIZE, DEFAULT_PUBLISH_LEVEL,
+    DEFAULT_ZSTD_HASH_LOG, DEFAULT_ZSTD_LEVEL,
 };
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ pub struct StoreSettings {
     /// afterwards when lower).
     #[serde(default = "default_publish_level")]
     pub publish_level: i32,
+    /// log2 of zstd's hash table size for chunks; 0 leaves the level's own.
+    #[serde(default = "default_hash_log")]
+    pub zstd_hash_log: u32,
     /// Worker threads; 0 means all cores.
     #[serde(default)]
     pub threads: usize,
@@ -44,6 +48,9 @@ fn default_level() -> i32 {
 fn default_publish_level() -> i32 {
     DEFAULT_PUBLISH_LEVEL
 }
+fn default_hash_log() -> u32 {
+    DEFAULT_ZSTD_HASH_LOG
+}
 
 impl StoreSettings {
     /// Opens (creating when missing) the configured store.
@@ -53,6 +60,7 @@ impl StoreSettings {
             chunk_size: self.chunk_size,
             zstd_level: self.zstd_level,
             publish_level: self.publish_level,
+            zstd_hash_log: self.zstd_hash_log,
             create_if_missing: true,
             ..StoreConfig::default()
         };

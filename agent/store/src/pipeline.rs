@@ -246,8 +246,7 @@ fn create_worker(
     let mut buf = vec![0u8; cs];
     let mut out = vec![0u8; CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(cs)];
     let level = ctx.store.publish_level();
-    let mut comp =
-        zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;
+    let mut comp = ctx.store.chunk_compressor(level)?;
     let public_hasher = ctx.store.hasher(&Namespace::Public, false)?;
     let mut dec =
         zstd::bulk::Decompressor::new().map_err(|e| StoreError::Tool(format!("zstd: {e}")))?;

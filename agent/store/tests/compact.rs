@@ -1,11 +1,15 @@
-//! Compaction through the CLI: snapshots publish at the fast level, then
-//! `compact` brings their chunks to the level at rest; sizes, billing and
+//! Compaction through the CLI: snapshots published at a fast level
+//! (`--publish-level -10`; by default a create writes at the level at rest
+//! and queues nothing), then `compact` brings their chunks to the level at rest; sizes, billing and
 //! restores follow, a SIGKILL at any point leaves a sound store, and gc
 //! drops queues whose snapshot never appeared.
 
 mod common;
 use common::*;
 use std::time::{Duration, Instant};
+
+/// Publish below the level at rest, so the create queues its chunks.
+const FAST: [&str; 1] = ["--publish-level=-10"];
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).expect("json")
@@ -54,13 +58,13 @@ fn billed(env: &Env, store: &str) -> u64 {
 fn compaction_shrinks_chunks_to_the_level_at_rest() {
     let env = Env::new();
     let (img, bytes) = image(&env);
-    let small = ["--owner", "acct1", "--chunk-size", "1048576"];
+    let plain = ["--owner", "acct1", "--chunk-size", "1048576"];
+    let small = [&plain[..], &FAST[..]].concat();
 
-    // The same disk written straight at the level at rest, for reference.
+    // The same disk written straight at the level at rest (the default),
+    // for reference.
     let direct_store = env.path("direct").display().to_string();
-    let mut args = small.to_vec();
-    args.extend(["--publish-level", "3"]);
-    let direct = env.create(&direct_store, &img, &args);
+    let direct = env.create(&direct_store, &img, &plain);
     assert!(queues(&direct_store).is_empty(), "nothing to compact");
 
     let store = env.store();
@@ -92,7 +96,14 @@ fn compaction_shrinks_chunks_to_the_level_at_rest() {
     // A second run finds nothing; --compact on create ends at rest.
     let again = json(&env.ok(&["compact", "--store", &store, "--json"]));
     assert_eq!(again["chunks"], 0);
-    let args = ["--owner", "acct2", "--chunk-size", "1048576", "--compact"];
+    let args = [
+        "--owner",
+        "acct2",
+        "--chunk-size",
+        "1048576",
+        FAST[0],
+        "--compact",
+    ];
     let at_rest = env.create(&store, &img, &args);
     assert_eq!(at_rest["stored_bytes"], direct["stored_bytes"]);
     assert_eq!(at_rest["new_bytes"], direct["stored_bytes"]);
@@ -104,7 +115,7 @@ fn queues_of_deleted_or_unpublished_snapshots_go() {
     let env = Env::new();
     let (img, _) = image(&env);
     let store = env.store();
-    let a = env.create(&store, &img, &["--owner", "o1"]);
+    let a = env.create(&store, &img, &["--owner", "o1", FAST[0]]);
     // A create killed between its queue and its manifest leaves a queue
     // with no snapshot: compaction waits for it, gc removes it.
     let orphan = "snap-0123456789abcdef0123456789abcdef";
@@ -119,7 +130,7 @@ fn queues_of_deleted_or_unpublished_snapshots_go() {
     env.ok(&["gc", "--store", &store]);
     assert!(queues(&store).is_empty());
 
-    let b = env.create(&store, &img, &["--owner", "o2"]);
+    let b = env.create(&store, &img, &["--owner", "o2", FAST[0]]);
     assert_eq!(queues(&store), vec![id_of(&b)]);
     env.ok(&["delete", "--store", &store, "--id", &id_of(&b)]);
     assert!(queues(&store).is_empty(), "delete takes the queue along");
@@ -130,7 +141,7 @@ fn sigkill_during_compaction_leaves_a_sound_store() {
     let env = Env::new();
     let (img, bytes) = image(&env);
     let store = env.store();
-    let opts = ["--chunk-size", "65536", "--threads", "1"];
+    let opts = ["--chunk-size", "65536", "--threads", "1", FAST[0]];
     let mut ids = Vec::new();
     for k in 0..8 {
         let owner = format!("k{k}");

@@ -120,7 +120,12 @@ pub fn fill(
     use std::io::{Seek, SeekFrom, Write};
     let mut f = std::fs::OpenOptions::new().write(true).open(device)?;
     f.seek(SeekFrom::Start(offset_mib << 20))?;
-    let mut x = seed | 1;
+    // splitmix64 of the seed: distinct seeds give distinct streams
+    // (xorshift needs a non-zero state).
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x = (x ^ (x >> 31)).max(1);
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..count_mib {
         for word in buf.chunks_exact_mut(8) {
@@ -161,5 +166,26 @@ mod tests {
         assert_eq!(peer_string(mapped), "10.200.0.1:5");
         let v6: SocketAddr = "[::1]:7".parse().unwrap();
         assert_eq!(peer_string(v6), "::1:7");
+    }
+
+    #[test]
+    fn fill_gives_every_seed_its_own_bytes() {
+        let dir = std::env::temp_dir().join(format!("gantry-fill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut seen = Vec::new();
+        // Neighbouring seeds (100 and 101 once gave the same stream).
+        for seed in [0, 1, 100, 101] {
+            let f = dir.join(seed.to_string());
+            std::fs::write(&f, b"").unwrap();
+            fill(&f, 0, 1, seed).unwrap();
+            let bytes = std::fs::read(&f).unwrap();
+            assert_eq!(bytes.len(), 1 << 20);
+            assert!(
+                !seen.contains(&bytes),
+                "seed {seed} repeats another's bytes"
+            );
+            seen.push(bytes);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -96,7 +96,8 @@ fn by_size(agent: &TestAgent, image: ImageId, disk_gib: u64) -> anyhow::Result<s
         // Beyond the 256 MiB filesystem: raw changes to the root disk.
         vm.sh(&format!(
             "gantry-guest-web fill /dev/vda 512 {mib} {}",
-            100 + k
+            // Data no other run wrote (the store would deduplicate it).
+            100 * disk_gib + k as u64
         ))?;
         let (s, took) = snapshot(agent, vm.id, &format!("after-{mib}m"))?;
         rows.push(json!({
@@ -113,7 +114,7 @@ fn by_size(agent: &TestAgent, image: ImageId, disk_gib: u64) -> anyhow::Result<s
 /// From "create from snapshot" to the boot marker.
 fn from_snapshot(agent: &TestAgent, image: ImageId) -> anyhow::Result<serde_json::Value> {
     let vm = TestVm::boot(agent, image, &VmOptions::default())?;
-    vm.sh("gantry-guest-web fill /dev/vda 512 100 7")?;
+    vm.sh("gantry-guest-web fill /dev/vda 512 100 9999")?;
     let (s, _) = snapshot(agent, vm.id, "source")?;
     drop(vm);
     let t = Instant::now();

@@ -417,3 +417,40 @@ fn garbage_collection_after_a_delete_frees_the_bytes() {
         "the kept snapshot still restores"
     );
 }
+
+#[test]
+fn filesystems_are_frozen_around_the_switch_when_the_guest_has_an_agent() {
+    let (r, id) = Rig::new();
+    // No guest agent: crash-consistent, and the result says so.
+    r.write(id, 20 * MIB, MIB, 2);
+    let plain = r.snapshot(id).unwrap();
+    assert!(!plain.frozen, "{plain:?}");
+
+    // With one: freeze, switch, thaw, in that order; the result says frozen.
+    r.hv.with_guest_agent(true);
+    r.write(id, 30 * MIB, MIB, 3);
+    let before = r.hv.calls().len();
+    let s = r.snapshot(id).unwrap();
+    assert!(s.frozen, "{s:?}");
+    let calls = r.hv.calls()[before..].to_vec();
+    let at = |what: &str| {
+        calls
+            .iter()
+            .position(|c| c.starts_with(what))
+            .unwrap_or_else(|| panic!("no {what} in {calls:?}"))
+    };
+    assert!(
+        at("guest_agent:Freeze") < at("disk_snapshot")
+            && at("disk_snapshot") < at("guest_agent:Thaw"),
+        "{calls:?}"
+    );
+    assert!(r.restored(s.id) == r.current(id));
+
+    // A freeze that fails does not fail the snapshot: crash-consistent.
+    r.hv.fail("guest_agent:Freeze", 0);
+    r.write(id, 40 * MIB, MIB, 4);
+    let c = r.snapshot(id).unwrap();
+    assert!(!c.frozen, "{c:?}");
+    assert!(r.restored(c.id) == r.current(id));
+    assert_eq!(r.m.record(id).unwrap().state, InstanceState::Running);
+}

@@ -530,34 +530,9 @@ async fn forwards_survive_the_migration(backend: common::Backend) {
     use gantry_proto::ids::*;
     use sqlx::Row;
     let dir = tempfile::tempdir().unwrap();
-    let (url, kind) = match backend {
-        common::Backend::Sqlite => {
-            let db = dir.path().join("c.db");
-            (format!("sqlite://{}?mode=rwc", db.display()), "sqlite")
-        }
-        common::Backend::Postgres => match common::pg_url() {
-            Some(u) => (common::fresh_pg_db(&u).await, "postgres"),
-            None => return,
-        },
+    let Some((pool, url)) = common::db_before_migration(backend, dir.path(), 4).await else {
+        return;
     };
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("migrations")
-        .join(kind);
-    let mut m = sqlx::migrate::Migrator::new(src).await.unwrap();
-    let old: Vec<_> = m
-        .migrations
-        .iter()
-        .filter(|x| x.version < 4)
-        .cloned()
-        .collect();
-    m.migrations = old.into();
-    m.run(&pool).await.unwrap();
     let (a, h) = seed_v3(&pool).await;
     pool.close().await;
     let db = gantry_controller::db::Db::connect(&url, 2).await.unwrap();

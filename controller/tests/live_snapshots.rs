@@ -389,34 +389,9 @@ async fn migration_5_postgres() {
 async fn migration_5(backend: common::Backend) {
     use sqlx::Row;
     let dir = tempfile::tempdir().unwrap();
-    let (url, kind) = match backend {
-        common::Backend::Sqlite => {
-            let db = dir.path().join("c.db");
-            (format!("sqlite://{}?mode=rwc", db.display()), "sqlite")
-        }
-        common::Backend::Postgres => match common::pg_url() {
-            Some(u) => (common::fresh_pg_db(&u).await, "postgres"),
-            None => return,
-        },
+    let Some((pool, url)) = common::db_before_migration(backend, dir.path(), 5).await else {
+        return;
     };
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("migrations")
-        .join(kind);
-    let mut m = sqlx::migrate::Migrator::new(src).await.unwrap();
-    let old: Vec<_> = m
-        .migrations
-        .iter()
-        .filter(|x| x.version < 5)
-        .cloned()
-        .collect();
-    m.migrations = old.into();
-    m.run(&pool).await.unwrap();
     for sql in [
         "INSERT INTO accounts (id, name, snapshot_quota_gib, created_ms, snapshot_metered_ms) \
          VALUES ('acct-a', 'a', 1, 5, 1000), ('acct-b', 'b', 1, 5, NULL)",

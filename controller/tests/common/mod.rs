@@ -84,6 +84,43 @@ pub async fn fresh_pg_db(url: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// A fresh database of `backend` (SQLite in `dir`) migrated up to, not
+/// including, migration `version`, for a test of that migration: the pool
+/// (one connection) and the database URL; `None` where PostgreSQL is not
+/// configured (see [`pg_url`]).
+pub async fn db_before_migration(
+    backend: Backend,
+    dir: &std::path::Path,
+    version: i64,
+) -> Option<(sqlx::AnyPool, String)> {
+    let (url, kind) = match backend {
+        Backend::Sqlite => {
+            let db = dir.join("c.db");
+            (format!("sqlite://{}?mode=rwc", db.display()), "sqlite")
+        }
+        Backend::Postgres => (fresh_pg_db(&pg_url()?).await, "postgres"),
+    };
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(kind);
+    let mut m = sqlx::migrate::Migrator::new(src).await.unwrap();
+    let old: Vec<_> = m
+        .migrations
+        .iter()
+        .filter(|x| x.version < version)
+        .cloned()
+        .collect();
+    m.migrations = old.into();
+    m.run(&pool).await.unwrap();
+    Some((pool, url))
+}
+
 pub struct Server {
     pub url: String,
     /// The controller's database (to look at rows directly).

@@ -252,7 +252,7 @@ async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> 
 }
 
 async fn list_gpus(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let gpus = st.manager.gpus.list().map_err(ManagerError::from)?;
+    let gpus = st.manager.gpus.list();
     Ok(Json(gpus).into_response())
 }
 

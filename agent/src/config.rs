@@ -8,12 +8,21 @@
 //! stop_timeout_secs = 60               # ACPI shutdown grace before destroy
 //! reserved_memory_mib = 1024           # host memory never given to guests
 //! machine = "pc"                       # QEMU machine type
-//! gpus = "auto"                        # auto | nvml | none | simulated
 //! snapshot_store = "<state_dir>/snapshots"   # path, file:// or s3://bucket/prefix
 //! store_keyring = "<state_dir>/store-keys.json" # per-account chunk keys (0600)
 //! store_gc_secs = 3600                 # garbage collection of the store; 0 = never
 //! store_publish_level = 2              # zstd level snapshots are written at; below the
 //!                                      # store's level at rest (2) the agent compacts later
+//!
+//! [gpu]                                # whole GPUs (docs/gpus.md)
+//! source = "auto"                      # auto | nvml | none
+//! nvml_library = "libnvidia-ml.so.1"   # or the simulated libgantry_nvml_sim.so
+//! sysfs_root = "/sys"
+//! poll_secs = 10                       # idle GPUs' health and samples
+//! numa_pinning = true                  # pin to the GPUs' NUMA node(s) on multi-node hosts
+//! gate_reset = true                    # reset every GPU between leases
+//! gate_rebind = false                  # briefly bind vfio-pci GPUs to `host_driver` for NVML
+//! gate_command = ["dcgmi", "diag", "-r", "1", "-i", "{index}"]   # optional diagnostic
 //!
 //! [controller]                         # optional: join a gantry-controller
 //! url = "http://127.0.0.1:8787"
@@ -49,17 +58,7 @@ pub enum DomainType {
     Qemu,
 }
 
-/// Where GPU inventory comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GpuSource {
-    /// NVML when it loads, else none.
-    Auto,
-    Nvml,
-    None,
-    /// Two simulated H100s, for tests and demos on machines without GPUs.
-    Simulated,
-}
+pub use crate::gpu::{GpuConfig, GpuSource};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,7 +70,8 @@ pub struct AgentConfig {
     pub stop_timeout_secs: u64,
     pub reserved_memory_mib: u64,
     pub machine: String,
-    pub gpus: GpuSource,
+    /// Whole GPUs: where they are found, how they are checked.
+    pub gpu: GpuConfig,
     /// Where snapshots go; default `<state_dir>/snapshots`.
     pub snapshot_store: Option<String>,
     /// Per-account keys of the store; default `<state_dir>/store-keys.json`.
@@ -246,7 +246,7 @@ impl Default for AgentConfig {
             stop_timeout_secs: 60,
             reserved_memory_mib: 1024,
             machine: "pc".into(),
-            gpus: GpuSource::Auto,
+            gpu: GpuConfig::default(),
             snapshot_store: None,
             store_keyring: None,
             store_gc_secs: 3600,

@@ -34,6 +34,33 @@ pub struct DiskDef {
     pub serial: &'static str,
 }
 
+/// How whole GPUs are passed through (built by the GPU pool from sysfs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passthrough {
+    /// Every PCI function of the GPUs' IOMMU groups (bridges left out):
+    /// each becomes a managed VFIO hostdev.
+    pub functions: Vec<PciAddress>,
+    /// The guest firmware's 64-bit MMIO window, MiB (OVMF's
+    /// `X-PciMmio64Mb`): the BARs' sum, size-aligned, to a power of two.
+    pub mmio_window_mb: u64,
+    /// vCPUs and memory pinned to the GPUs' NUMA node(s).
+    pub numa: Option<NumaPin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumaPin {
+    pub nodes: Vec<u32>,
+    /// The host CPUs of those nodes (a cpulist).
+    pub cpuset: String,
+}
+
+/// Memory beyond the guest's that QEMU may lock and use (VFIO pins all
+/// guest memory, so the lock limit is the hard limit): 2 GiB plus 1/32 of
+/// the guest's memory.
+pub fn gpu_memory_hard_limit_mib(memory_mib: u64) -> u64 {
+    memory_mib + 2048 + memory_mib / 32
+}
+
 /// Everything the XML is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainDef {
@@ -51,7 +78,8 @@ pub struct DomainDef {
     /// Serial 1: a second port bound to a unix socket (test guests run a
     /// command service there).
     pub exec_socket: PathBuf,
-    pub gpus: Vec<PciAddress>,
+    /// Whole GPUs passed through, and what they need.
+    pub passthrough: Option<Passthrough>,
     /// Free-form metadata under Gantry's namespace (the instance id).
     pub instance_id: String,
     /// The access NIC.
@@ -61,6 +89,9 @@ pub struct DomainDef {
     /// The qemu-guest-agent channel's socket.
     pub guest_agent_socket: Option<PathBuf>,
 }
+
+/// libvirt's namespace for QEMU pass-through elements.
+const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 type W = Writer<Cursor<Vec<u8>>>;
 
@@ -100,7 +131,14 @@ impl DomainDef {
     /// Renders the domain XML.
     pub fn to_xml(&self) -> String {
         let mut w = Writer::new_with_indent(Cursor::new(Vec::new()), b' ', 2);
-        open(&mut w, "domain", &[("type", self.domain_type)]);
+        match self.passthrough {
+            Some(_) => open(
+                &mut w,
+                "domain",
+                &[("type", self.domain_type), ("xmlns:qemu", QEMU_NS)],
+            ),
+            None => open(&mut w, "domain", &[("type", self.domain_type)]),
+        }
         text(&mut w, "name", &[], &self.name);
         text(&mut w, "uuid", &[], &self.uuid.hyphenated().to_string());
         open(&mut w, "metadata", &[]);
@@ -117,20 +155,13 @@ impl DomainDef {
             &[("unit", "MiB")],
             &self.memory_mib.to_string(),
         );
-        text(
-            &mut w,
-            "vcpu",
-            &[("placement", "static")],
-            &self.vcpus.to_string(),
-        );
+        self.write_cpus_and_memory(&mut w);
         self.write_os(&mut w);
         open(&mut w, "features", &[]);
         empty(&mut w, "acpi", &[]);
         empty(&mut w, "apic", &[]);
         close(&mut w, "features");
-        if self.domain_type == "kvm" {
-            empty(&mut w, "cpu", &[("mode", "host-passthrough")]);
-        }
+        self.write_cpu_model(&mut w);
         text(&mut w, "on_poweroff", &[], "destroy");
         text(&mut w, "on_reboot", &[], "restart");
         text(&mut w, "on_crash", &[], "destroy");
@@ -159,15 +190,97 @@ impl DomainDef {
             );
             close(&mut w, "channel");
         }
-        for g in &self.gpus {
-            write_hostdev(&mut w, g);
+        for f in self.passthrough.iter().flat_map(|p| &p.functions) {
+            write_hostdev(&mut w, f);
         }
         empty(&mut w, "memballoon", &[("model", "none")]);
         close(&mut w, "devices");
+        self.write_fw_cfg(&mut w);
         close(&mut w, "domain");
         let mut s = String::from_utf8(w.into_inner().into_inner()).expect("utf-8 XML");
         s.push('\n');
         s
+    }
+
+    /// `<vcpu>`, and with GPUs: NUMA pinning and locked memory with its
+    /// hard limit.
+    fn write_cpus_and_memory(&self, w: &mut W) {
+        let vcpus = self.vcpus.to_string();
+        let pin = self.passthrough.as_ref().and_then(|p| p.numa.as_ref());
+        match pin {
+            Some(p) => text(
+                w,
+                "vcpu",
+                &[("placement", "static"), ("cpuset", &p.cpuset)],
+                &vcpus,
+            ),
+            None => text(w, "vcpu", &[("placement", "static")], &vcpus),
+        }
+        if self.passthrough.is_none() {
+            return;
+        }
+        if let Some(pin) = pin {
+            let nodes: Vec<String> = pin.nodes.iter().map(u32::to_string).collect();
+            open(w, "numatune", &[]);
+            empty(
+                w,
+                "memory",
+                &[("mode", "strict"), ("nodeset", &nodes.join(","))],
+            );
+            close(w, "numatune");
+        }
+        open(w, "memtune", &[]);
+        text(
+            w,
+            "hard_limit",
+            &[("unit", "MiB")],
+            &gpu_memory_hard_limit_mib(self.memory_mib).to_string(),
+        );
+        close(w, "memtune");
+        open(w, "memoryBacking", &[]);
+        empty(w, "locked", &[]);
+        close(w, "memoryBacking");
+    }
+
+    /// OVMF's 64-bit MMIO window through fw_cfg. libvirt reserves the
+    /// `opt/ovmf/` names in `<sysinfo type="fwcfg">`, so it goes on QEMU's
+    /// command line (the `qemu` namespace is declared on `<domain>`).
+    fn write_fw_cfg(&self, w: &mut W) {
+        let Some(p) = &self.passthrough else { return };
+        open(w, "qemu:commandline", &[]);
+        empty(w, "qemu:arg", &[("value", "-fw_cfg")]);
+        empty(
+            w,
+            "qemu:arg",
+            &[(
+                "value",
+                &format!("name=opt/ovmf/X-PciMmio64Mb,string={}", p.mmio_window_mb),
+            )],
+        );
+        close(w, "qemu:commandline");
+    }
+
+    /// KVM guests get the host's CPU; with GPUs also the host's physical
+    /// address bits, so large BARs fit above guest RAM.
+    fn write_cpu_model(&self, w: &mut W) {
+        if self.domain_type != "kvm" {
+            return;
+        }
+        if self.passthrough.is_none() {
+            empty(w, "cpu", &[("mode", "host-passthrough")]);
+            return;
+        }
+        open(
+            w,
+            "cpu",
+            &[
+                ("mode", "host-passthrough"),
+                ("check", "none"),
+                ("migratable", "off"),
+            ],
+        );
+        empty(w, "maxphysaddr", &[("mode", "passthrough")]);
+        close(w, "cpu");
     }
 
     fn write_os(&self, w: &mut W) {
@@ -357,6 +470,7 @@ fn write_hostdev(w: &mut W, g: &PciAddress) {
         "hostdev",
         &[("mode", "subsystem"), ("type", "pci"), ("managed", "yes")],
     );
+    empty(w, "driver", &[("name", "vfio")]);
     open(w, "source", &[]);
     empty(
         w,
@@ -404,7 +518,7 @@ mod tests {
             console_socket: "/var/lib/gantry/instances/ins-1/console.sock".into(),
             console_log: "/var/lib/gantry/instances/ins-1/console.log".into(),
             exec_socket: "/var/lib/gantry/instances/ins-1/exec.sock".into(),
-            gpus: vec![],
+            passthrough: None,
             instance_id: "ins-0190b4c2e7a47c3a9d2b8f1e4a6c0d12".into(),
             interface: None,
             seed: None,
@@ -425,10 +539,18 @@ mod tests {
         d.domain_type = "kvm";
         d.boot = Boot::Disk;
         d.disks.truncate(1);
-        d.gpus = vec![
-            PciAddress::parse("0000:65:00.0").unwrap(),
-            PciAddress::parse("0000:b3:00.0").unwrap(),
-        ];
+        d.passthrough = Some(Passthrough {
+            functions: vec![
+                PciAddress::parse("0000:65:00.0").unwrap(),
+                PciAddress::parse("0000:65:00.1").unwrap(),
+                PciAddress::parse("0000:b3:00.0").unwrap(),
+            ],
+            mmio_window_mb: 524288,
+            numa: Some(NumaPin {
+                nodes: vec![1],
+                cpuset: "48-95,144-191".into(),
+            }),
+        });
         golden("domain-kvm-gpus.xml", &d.to_xml());
     }
 

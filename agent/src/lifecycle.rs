@@ -11,7 +11,7 @@ use crate::libvirt::PowerState;
 use crate::manager::{domain_name, Manager, ManagerError};
 use gantry_proto::api::local::{ActionRequest, DiskKind};
 use gantry_proto::spec::{self, InstanceSpec};
-use gantry_proto::validate::{self, ValidationError};
+use gantry_proto::validate::{self, PciAddress, ValidationError};
 use gantry_proto::{InstanceId, InstanceState, OperationId};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ impl Manager {
                 }
             }
         }
-        self.check_gpus(spec)?;
+        self.check_gpus(spec.id, &spec.gpus)?;
         let free = available_memory_mib();
         let need = spec.memory_mib + self.cfg.reserved_memory_mib;
         if need > free {
@@ -53,29 +53,31 @@ impl Manager {
         Ok(())
     }
 
-    fn check_gpus(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
-        if spec.gpus.is_empty() {
+    /// The GPUs exist and are free for `id` (healthy, or already its own).
+    fn check_gpus(&self, id: InstanceId, gpus: &[PciAddress]) -> Result<(), ManagerError> {
+        if gpus.is_empty() {
             return Ok(());
         }
-        let present = self.gpus.list()?;
-        let inner = self.lock();
-        for (i, g) in spec.gpus.iter().enumerate() {
-            if !present.iter().any(|p| p.pci == *g) {
+        let present = self.gpus.list();
+        for (i, g) in gpus.iter().enumerate() {
+            let Some(s) = present.iter().find(|p| p.pci == *g) else {
                 return Err(ValidationError::new(
                     format!("gpus[{i}]"),
                     format!("no GPU at {g} on this host"),
                 )
                 .into());
-            }
-            if let Some(other) = inner
-                .instances
-                .values()
-                .find(|r| r.spec.id != spec.id && r.spec.gpus.contains(g))
-            {
-                return Err(ManagerError::Conflict(format!(
-                    "GPU {g} is in use by instance {}",
-                    other.spec.id
-                )));
+            };
+            match s.instance {
+                Some(other) if other != id => {
+                    return Err(ManagerError::Conflict(format!(
+                        "GPU {g} is in use by instance {other}"
+                    )))
+                }
+                Some(_) => {}
+                None if !s.health.is_leasable() => {
+                    return Err(ManagerError::Conflict(format!("GPU {g} is {}", s.health)))
+                }
+                None => {}
             }
         }
         Ok(())
@@ -86,8 +88,26 @@ impl Manager {
         rec: &InstanceRecord,
         req: &ActionRequest,
     ) -> Result<(), ManagerError> {
-        match *req {
-            ActionRequest::ChangeType { vcpus, memory_mib } => {
+        match req {
+            ActionRequest::ChangeType {
+                vcpus,
+                memory_mib,
+                gpus,
+            } => {
+                let (vcpus, memory_mib) = (*vcpus, *memory_mib);
+                if let Some(gpus) = gpus {
+                    let mut seen = std::collections::HashSet::new();
+                    for (i, g) in gpus.iter().enumerate() {
+                        if !seen.insert(g) {
+                            return Err(ValidationError::new(
+                                format!("gpus[{i}]"),
+                                format!("{g} is listed twice"),
+                            )
+                            .into());
+                        }
+                    }
+                    self.check_gpus(rec.spec.id, gpus)?;
+                }
                 validate::in_range("vcpus", vcpus.into(), 1, spec::MAX_VCPUS)?;
                 validate::in_range(
                     "memory_mib",
@@ -96,7 +116,7 @@ impl Manager {
                     spec::MAX_MEMORY_MIB,
                 )?;
             }
-            ActionRequest::GrowDisk { disk, size_gib } => {
+            &ActionRequest::GrowDisk { disk, size_gib } => {
                 validate::in_range("size_gib", size_gib, 1, spec::MAX_DISK_GIB)?;
                 let current = match disk {
                     DiskKind::Root => rec.spec.root_disk_gib * GIB,
@@ -168,7 +188,7 @@ impl Manager {
             console_socket: self.layout.console_socket(spec.id),
             console_log: self.layout.console_log(spec.id),
             exec_socket: self.layout.exec_socket(spec.id),
-            gpus: spec.gpus.clone(),
+            passthrough: self.gpus.passthrough(&spec.gpus)?,
             instance_id: spec.id.to_string(),
             interface: spec.nic.map(|n| self.net.interface(spec.id, &n)),
             seed: (spec.nic.is_some() && spec.guest.is_some())
@@ -344,17 +364,52 @@ impl Manager {
                 self.virt.power(&name, Power::Resume)?;
                 self.set_state(id, InstanceState::Running)
             }
-            ActionRequest::ChangeType { vcpus, memory_mib } => {
-                let rec = self.update_record(id, |r| {
-                    r.spec.vcpus = vcpus;
-                    r.spec.memory_mib = memory_mib;
-                })?;
-                let xml = self.domain_def(&rec.spec)?.to_xml();
-                Ok(self.virt.define(&name, &xml)?)
-            }
+            ActionRequest::ChangeType {
+                vcpus,
+                memory_mib,
+                gpus,
+            } => self.change_type(id, vcpus, memory_mib, gpus),
             ActionRequest::GrowDisk { disk, size_gib } => self.grow_disk(id, state, disk, size_gib),
             ActionRequest::Release { delete_data_volume } => self.release(id, delete_data_volume),
         }
+    }
+
+    /// New vCPUs, memory and (when given) GPUs, while stopped: new GPUs
+    /// are leased first, the domain is redefined, then GPUs no longer
+    /// wanted go back through the gate.
+    fn change_type(
+        &self,
+        id: InstanceId,
+        vcpus: u32,
+        memory_mib: u64,
+        gpus: Option<Vec<PciAddress>>,
+    ) -> Result<(), ManagerError> {
+        let before = self.record(id)?.spec;
+        if let Some(g) = &gpus {
+            self.gpus.lease(id, g)?;
+        }
+        let rec = self.update_record(id, |r| {
+            r.spec.vcpus = vcpus;
+            r.spec.memory_mib = memory_mib;
+            if let Some(g) = &gpus {
+                r.spec.gpus = g.clone();
+            }
+        })?;
+        let defined = self
+            .domain_def(&rec.spec)
+            .and_then(|d| Ok(self.virt.define(&domain_name(id), &d.to_xml())?));
+        if let Err(e) = defined {
+            // Back to what it was: record, domain and leases.
+            let old = before.clone();
+            self.update_record(id, |r| r.spec = old)?;
+            if let Ok(d) = self.domain_def(&before) {
+                let _ = self.virt.define(&domain_name(id), &d.to_xml());
+            }
+            self.gpus.release(id, &before.gpus);
+            return Err(e);
+        }
+        self.gpus.release(id, &rec.spec.gpus);
+        Ok(())
     }
 
     /// ACPI shutdown, waiting up to `timeout`, then destroy.

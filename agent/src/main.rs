@@ -10,6 +10,7 @@ use gantry_proto::api::local::{
 };
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
 use gantry_proto::{ImageId, InstanceId, SnapshotId, VolumeId};
+use serde::Deserialize;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -43,6 +44,11 @@ enum Cmd {
     Snapshot(gantry_store::cli::SnapshotCommand),
     /// Print the effective configuration.
     Config,
+    /// The host's GPUs with their health and leases (from the agent).
+    Gpus(Conn),
+    /// Dump everything the GPU code reads from sysfs and NVML as JSON
+    /// (no agent needed; scripts/gpu-probe runs it on a GPU host).
+    GpuProbe,
 }
 
 #[derive(Args, Clone)]
@@ -123,7 +129,7 @@ enum InstanceCmd {
     ForceReboot(IdArg),
     Suspend(IdArg),
     Resume(IdArg),
-    /// Change vCPUs and memory (instance must be stopped).
+    /// Change vCPUs, memory and GPUs (instance must be stopped).
     ChangeType {
         #[command(flatten)]
         id: IdArg,
@@ -131,6 +137,13 @@ enum InstanceCmd {
         vcpus: u32,
         #[arg(long)]
         memory_mib: u64,
+        /// The GPUs (PCI addresses) it has afterwards; repeat the flag.
+        /// Without it, GPUs stay as they are.
+        #[arg(long = "gpu", value_parser = parse_pci)]
+        gpus: Vec<gantry_proto::validate::PciAddress>,
+        /// Detach every GPU.
+        #[arg(long, conflicts_with = "gpus")]
+        no_gpus: bool,
     },
     /// Grow the root disk or the data volume (never shrinks).
     GrowDisk {
@@ -167,6 +180,11 @@ struct IdArg {
     id: InstanceId,
     #[command(flatten)]
     conn: Conn,
+}
+
+fn parse_pci(s: &str) -> Result<gantry_proto::validate::PciAddress, String> {
+    gantry_proto::validate::PciAddress::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a PCI address (0000:65:00.0)"))
 }
 
 fn load_config(path: &Option<PathBuf>) -> anyhow::Result<AgentConfig> {
@@ -313,7 +331,19 @@ async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()>
             id,
             vcpus,
             memory_mib,
-        } => simple(id, ActionRequest::ChangeType { vcpus, memory_mib }),
+            gpus,
+            no_gpus,
+        } => {
+            let gpus = (no_gpus || !gpus.is_empty()).then_some(gpus);
+            simple(
+                id,
+                ActionRequest::ChangeType {
+                    vcpus,
+                    memory_mib,
+                    gpus,
+                },
+            )
+        }
         InstanceCmd::GrowDisk { id, disk, size_gib } => {
             let disk = if disk == "root" {
                 DiskKind::Root
@@ -438,6 +468,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Cmd::Config => println!("{}", toml::to_string_pretty(&cfg)?),
+        Cmd::GpuProbe => println!(
+            "{}",
+            serde_json::to_string_pretty(&gantry_agent::gpu::probe::probe(&cfg.gpu))?
+        ),
+        Cmd::Gpus(conn) => {
+            let list: Vec<serde_json::Value> = client(&cfg, &conn)?.get("/v1/gpus").await?;
+            print(conn.json, &list, |l| {
+                l.iter()
+                    .map(|g| {
+                        format!(
+                            "{}  {}  {}  {}",
+                            g["pci"].as_str().unwrap_or("?"),
+                            g["model"].as_str().unwrap_or("?"),
+                            gantry_proto::gpu::GpuHealth::deserialize(&g["health"])
+                                .map(|h| h.to_string())
+                                .unwrap_or_default(),
+                            g["instance"].as_str().unwrap_or("-")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
         Cmd::Snapshot(c) => {
             tokio::task::spawn_blocking(move || gantry_store::cli::run(c)).await??
         }

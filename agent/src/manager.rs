@@ -12,7 +12,7 @@
 
 use crate::config::AgentConfig;
 use crate::fsutil::FsError;
-use crate::gpu::GpuInventory;
+use crate::gpu::GpuPool;
 use crate::hypervisor::Hypervisor;
 use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::LibvirtError;
@@ -79,7 +79,7 @@ pub struct Manager {
     pub(crate) layout: Layout,
     pub(crate) virt: Arc<dyn Hypervisor>,
     pub(crate) domain_type: &'static str,
-    pub(crate) gpus: Box<dyn GpuInventory>,
+    pub(crate) gpus: Arc<GpuPool>,
     pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) inner: Mutex<Inner>,
     /// Running-time counters, moved by [`Manager::set_state_locked`].
@@ -115,8 +115,8 @@ impl Manager {
         &self.cfg
     }
 
-    pub fn gpus(&self) -> &dyn GpuInventory {
-        self.gpus.as_ref()
+    pub fn gpus(&self) -> &Arc<GpuPool> {
+        &self.gpus
     }
 
     pub fn usage(&self) -> &crate::usage::UsageBook {
@@ -223,6 +223,8 @@ impl Manager {
 
     /// Moves a final instance out of the live table into `gone`.
     pub(crate) fn bury(&self, id: InstanceId, error: Option<String>) {
+        // Its GPUs go back through the health gate.
+        self.gpus.release(id, &[]);
         let mut inner = self.lock();
         if let Some(mut rec) = inner.instances.remove(&id) {
             rec.last_error = error.clone();
@@ -282,7 +284,14 @@ impl Manager {
                 None => counts.push((r.state.name(), 1)),
             }
         }
-        self.metrics.render(&counts, &self.net.stats())
+        let mut text = self.metrics.render(&counts, &self.net.stats());
+        let mut gpu = String::new();
+        self.gpus.render_metrics(&mut gpu);
+        match text.rfind("# EOF") {
+            Some(at) => text.insert_str(at, &gpu),
+            None => text.push_str(&gpu),
+        }
+        text
     }
 
     pub fn operation(&self, id: OperationId) -> Result<OperationInfo, ManagerError> {
@@ -366,6 +375,9 @@ impl Manager {
         }
         self.precheck_create(&spec)?;
         let id = spec.id;
+        // Leased before the record exists, atomically: a concurrent create
+        // asking for the same GPU is refused here.
+        self.gpus.lease(id, &spec.gpus)?;
         let rec = InstanceRecord {
             spec,
             state: InstanceState::Creating,
@@ -373,8 +385,12 @@ impl Manager {
             last_error: None,
             chain: Default::default(),
         };
-        crate::fsutil::create_dir(&self.layout.instance_dir(id), 0o711)?;
-        self.layout.save_instance(&rec)?;
+        let saved = crate::fsutil::create_dir(&self.layout.instance_dir(id), 0o711)
+            .and_then(|_| self.layout.save_instance(&rec));
+        if let Err(e) = saved {
+            self.gpus.release(id, &[]);
+            return Err(e.into());
+        }
         self.lock().instances.insert(id, rec);
         self.submit(id, "create", move |m, op| m.run_create(id, op))
     }

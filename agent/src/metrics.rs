@@ -22,6 +22,9 @@
 //! - `gantry_agent_https_connections_total`, `_requests_total`,
 //!   `_upstream_errors_total`, `_websocket_upgrades_total`, and the gauge
 //!   `gantry_agent_https_open_connections`: the HTTPS front.
+//! - `gantry_gpu_*`: each GPU's identity, health, samples, XIDs and the
+//!   health gate, appended by [`crate::gpu::GpuPool::render_metrics`]
+//!   (docs/gpus.md).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -4,7 +4,7 @@
 //! own (a guest that powers itself off becomes Stopped).
 
 use crate::config::AgentConfig;
-use crate::gpu::GpuInventory;
+use crate::gpu::GpuPool;
 use crate::hypervisor::{Hypervisor, Power};
 use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::{Libvirt, PowerState};
@@ -18,10 +18,7 @@ impl Manager {
     /// Loads every record, reconciles it with libvirt, and returns the
     /// manager. No running VM is touched unless its record says it was being
     /// created or released when the agent stopped.
-    pub fn open(
-        cfg: AgentConfig,
-        gpus: Box<dyn GpuInventory>,
-    ) -> Result<Arc<Manager>, ManagerError> {
+    pub fn open(cfg: AgentConfig, gpus: Arc<GpuPool>) -> Result<Arc<Manager>, ManagerError> {
         // libvirt would print every error to stderr itself; the agent logs them.
         virt::error::clear_error_callback();
         let virt = Arc::new(Libvirt::new(&cfg.libvirt_uri));
@@ -31,7 +28,7 @@ impl Manager {
     /// [`Manager::open`] over any hypervisor (tests use the fake).
     pub fn open_with(
         cfg: AgentConfig,
-        gpus: Box<dyn GpuInventory>,
+        gpus: Arc<GpuPool>,
         virt: Arc<dyn Hypervisor>,
     ) -> Result<Arc<Manager>, ManagerError> {
         let layout = Layout::new(&cfg.state_dir);
@@ -84,6 +81,17 @@ impl Manager {
             .map(|r| (r.spec.id, r.state))
             .collect();
         m.usage.finish_recovery(&states);
+        // Leases follow the instances on disk (a crash between a lease and
+        // the record, or between a release and the lease's end).
+        let holders: Vec<_> = m
+            .lock()
+            .instances
+            .values()
+            .filter(|r| !r.state.is_final())
+            .map(|r| (r.spec.id, r.spec.gpus.clone()))
+            .collect();
+        m.gpus.reconcile(&holders);
+        m.gpus.start();
         m.reconcile_network();
         for name in m.virt.domains()? {
             if !known.contains(&name) {

@@ -45,7 +45,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, fsutil::FsError> {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
-    let gpus = crate::gpu::from_config(cfg.gpus)?;
+    let gpus = crate::gpu::open(&cfg.gpu, &cfg.state_dir)?;
     let listen = cfg.listen;
     let open_cfg = cfg.clone();
     let manager = tokio::task::spawn_blocking(move || Manager::open(open_cfg, gpus))

@@ -6,7 +6,7 @@
 //! the instance Running on a consistent chain, the snapshot published or
 //! not, no orphan overlay, and the next snapshot right.
 
-use gantry_agent::config::{AgentConfig, DomainType, GpuSource};
+use gantry_agent::config::{AgentConfig, DomainType};
 use gantry_agent::hypervisor_fake::FakeHypervisor;
 use gantry_agent::manager::Manager;
 use gantry_proto::api::local::{ImportImage, OperationState, SnapshotResult, TakeSnapshot};
@@ -43,7 +43,7 @@ fn config(dir: &Path, store: Option<PathBuf>) -> AgentConfig {
     AgentConfig {
         state_dir: dir.join("state"),
         domain_type: DomainType::Qemu,
-        gpus: GpuSource::None,
+        gpu: Default::default(),
         reserved_memory_mib: 0,
         snapshot_store: store.map(|s| s.display().to_string()),
         ..AgentConfig::default()
@@ -51,7 +51,7 @@ fn config(dir: &Path, store: Option<PathBuf>) -> AgentConfig {
 }
 
 fn open(dir: &Path, hv: &Arc<FakeHypervisor>, store: Option<PathBuf>) -> Arc<Manager> {
-    let gpus = gantry_agent::gpu::from_config(GpuSource::None).unwrap();
+    let gpus = gantry_agent::gpu::GpuPool::empty();
     Manager::open_with(config(dir, store), gpus, hv.clone()).unwrap()
 }
 

@@ -6,14 +6,26 @@ use crate::db::{now_ms, rows, Db, DbError};
 use axum::http::StatusCode;
 use gantry_proto::api::v1::AuditEntry;
 
-/// Records one call. A failure to write is logged, not returned: the call
-/// itself already happened.
-pub async fn record(db: &Db, who: Option<&Identity>, method: &str, path: &str, status: StatusCode) {
+/// A sentence a handler attaches to its response (as an extension) for the
+/// call's audit record, e.g. why an admin cleared a GPU.
+#[derive(Debug, Clone)]
+pub struct AuditNote(pub String);
+
+/// Records one call (with the handler's [`AuditNote`], if any). A failure
+/// to write is logged, not returned: the call itself already happened.
+pub async fn record(
+    db: &Db,
+    who: Option<&Identity>,
+    method: &str,
+    path: &str,
+    status: StatusCode,
+    note: Option<&str>,
+) {
     let actor = who.map_or("anonymous", |w| w.actor.as_str());
     let account = who.and_then(|w| w.account).map(|a| a.to_string());
     let res = sqlx::query(
-        "INSERT INTO audit_log (id, at_ms, actor, account_id, method, path, status) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO audit_log (id, at_ms, actor, account_id, method, path, status, note) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(uuid::Uuid::now_v7().simple().to_string())
     .bind(now_ms())
@@ -22,6 +34,7 @@ pub async fn record(db: &Db, who: Option<&Identity>, method: &str, path: &str, s
     .bind(method)
     .bind(path)
     .bind(status.as_u16() as i64)
+    .bind(note.map(str::to_owned))
     .execute(&db.pool)
     .await;
     if let Err(e) = res {

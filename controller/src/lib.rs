@@ -14,6 +14,7 @@ pub mod config;
 pub mod credentials;
 pub mod db;
 pub mod error;
+pub mod gpus;
 pub mod meter;
 pub mod openapi;
 pub mod pki;

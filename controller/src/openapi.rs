@@ -87,6 +87,36 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "hosts",
         "Cordon and drain a host (admin)",
     ),
+    (
+        "post",
+        "/v1/admin/hosts/{id}/gpus/{pci}/clear",
+        "hosts",
+        "Put a quarantined or lost GPU through the health gate again (admin, audited)",
+    ),
+    (
+        "get",
+        "/v1/admin/gpu-aliases",
+        "hosts",
+        "List the GPU alias table (admin)",
+    ),
+    (
+        "put",
+        "/v1/admin/gpu-aliases/{alias}",
+        "hosts",
+        "Set the NVML models a flavor GPU model matches (admin)",
+    ),
+    (
+        "delete",
+        "/v1/admin/gpu-aliases/{alias}",
+        "hosts",
+        "Delete a GPU alias (admin)",
+    ),
+    (
+        "get",
+        "/metrics",
+        "service",
+        "Prometheus metrics (admin token)",
+    ),
     ("get", "/v1/flavors", "flavors", "List flavors"),
     (
         "post",

@@ -4,6 +4,9 @@
 //! enough free GPUs of the requested model, vCPUs, memory and disk. Weighing
 //! ([`choose`], a pure function): `pack` fills partly used hosts first (and
 //! keeps GPU hosts for GPU work), `spread` prefers the emptiest host.
+//! A flavor's GPU model matches GPUs of that NVML name or listed under it
+//! in the alias table, and only healthy GPUs no instance holds are offered
+//! (`crate::gpus`).
 //! [`reserve`] claims the chosen host's capacity and GPUs inside the
 //! caller's write transaction with conditional `UPDATE`s, so a GPU is never
 //! booked twice; a lost race answers [`PlaceError::Raced`] and the caller
@@ -12,6 +15,7 @@
 use crate::db::{col, DbError, Tx};
 use gantry_proto::api::v1::Placement;
 use gantry_proto::ids::{HostId, InstanceId};
+use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlaceError {
@@ -133,11 +137,28 @@ pub fn explain(cands: &[Candidate], need: &Need, timeout_secs: u64) -> String {
     "no host has room for this flavor".into()
 }
 
-const CANDIDATES: &str = "SELECT h.id, h.vcpus - h.used_vcpus AS free_vcpus, \
-     h.memory_mib - h.used_memory_mib AS free_memory, h.disk_gib - h.used_disk_gib AS free_disk, \
-     COALESCE(p.free, 0) AS free_gpus, h.gpu_total AS total_gpus \
-     FROM hosts h LEFT JOIN host_gpu_pools p ON p.host_id = h.id AND p.model = $1 \
-     WHERE h.health = 'healthy' AND h.cordoned = 0 AND h.last_heartbeat_ms >= $2";
+/// Schedulable hosts with their free GPUs of the flavor's model (`$1`,
+/// through the alias table; see [`gpu_pools`]).
+fn candidates_sql() -> String {
+    format!(
+        "SELECT h.id, h.vcpus - h.used_vcpus AS free_vcpus, \
+         h.memory_mib - h.used_memory_mib AS free_memory, h.disk_gib - h.used_disk_gib AS \
+         free_disk, COALESCE(p.free, 0) AS free_gpus, h.gpu_total AS total_gpus \
+         FROM hosts h LEFT JOIN ({}) p ON p.host_id = h.id \
+         WHERE h.health = 'healthy' AND h.cordoned = 0 AND h.last_heartbeat_ms >= $2",
+        gpu_pools()
+    )
+}
+
+/// Free GPUs per host of every model matching the flavor model `$1` (the
+/// pools count only healthy GPUs no instance holds).
+fn gpu_pools() -> String {
+    format!(
+        "SELECT host_id, CAST(SUM(free) AS BIGINT) AS free FROM host_gpu_pools \
+         WHERE {} GROUP BY host_id",
+        crate::gpus::model_matches("model", "$1")
+    )
+}
 
 const FITTING: &str = " AND h.vcpus - h.used_vcpus >= $3 AND h.memory_mib - h.used_memory_mib \
      >= $4 AND h.disk_gib - h.used_disk_gib >= $5 AND COALESCE(p.free, 0) >= $6";
@@ -191,7 +212,8 @@ pub async fn candidates_on(
     let pin = pin.map(|h| h.to_string()).unwrap_or_default();
     let rows = if fitting {
         let sql = format!(
-            "{CANDIDATES} AND ($8 = '' OR h.id = $8){FITTING} ORDER BY {} LIMIT $7",
+            "{} AND ($8 = '' OR h.id = $8){FITTING} ORDER BY {} LIMIT $7",
+            candidates_sql(),
             order_by(need)
         );
         sqlx::query(&sql)
@@ -206,7 +228,7 @@ pub async fn candidates_on(
             .fetch_all(&mut **tx)
             .await?
     } else {
-        sqlx::query(&format!("{CANDIDATES} AND ($3 = '' OR h.id = $3)"))
+        sqlx::query(&format!("{} AND ($3 = '' OR h.id = $3)", candidates_sql()))
             .bind(model)
             .bind(cutoff_ms)
             .bind(pin)
@@ -259,13 +281,21 @@ pub async fn place(
 }
 
 /// Claims `need` on `host` (conditional updates; [`PlaceError::Raced`] when
-/// the capacity is gone).
+/// the capacity is gone): capacity, then GPUs ([`claim_gpus`]).
 pub async fn reserve(
     tx: &mut Tx,
     host: &HostId,
     instance: InstanceId,
     need: &Need,
 ) -> Result<Vec<String>, PlaceError> {
+    reserve_capacity(tx, host, need).await?;
+    let model = need.gpu_model.as_deref().unwrap_or_default();
+    claim_gpus(tx, host, instance, model, need.gpu_count).await
+}
+
+/// Claims `need`'s vCPUs, memory and disk on `host` (not its GPUs). The
+/// host row is the first row every placement locks.
+pub async fn reserve_capacity(tx: &mut Tx, host: &HostId, need: &Need) -> Result<(), PlaceError> {
     let done = sqlx::query(
         "UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
          used_disk_gib = used_disk_gib + $3 WHERE id = $4 AND vcpus - used_vcpus >= $1 \
@@ -280,37 +310,87 @@ pub async fn reserve(
     if done.rows_affected() != 1 {
         return Err(PlaceError::Raced);
     }
-    let mut gpus = Vec::new();
-    if need.gpu_count > 0 {
-        let done = sqlx::query(
-            "UPDATE host_gpu_pools SET free = free - $1 WHERE host_id = $2 AND model = $3 \
-             AND free >= $1",
-        )
-        .bind(need.gpu_count as i64)
-        .bind(host.to_string())
-        .bind(need.gpu_model.clone().unwrap_or_default())
-        .execute(&mut **tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Err(PlaceError::Raced);
+    Ok(())
+}
+
+/// Free, healthy GPUs on `host` matching the flavor model `model` (alias
+/// table included), by NVML model, each list in PCI order.
+pub async fn free_gpus(
+    tx: &mut Tx,
+    host: &HostId,
+    model: &str,
+) -> Result<BTreeMap<String, Vec<String>>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT pci, model FROM host_gpus WHERE host_id = $2 AND instance_id IS NULL \
+         AND health = 'healthy' AND {} ORDER BY model, pci",
+        crate::gpus::model_matches("model", "$1")
+    ))
+    .bind(model)
+    .bind(host.to_string())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &rows {
+        out.entry(col(r, "model")?)
+            .or_default()
+            .push(col(r, "pci")?);
+    }
+    Ok(out)
+}
+
+/// Which of `free` (PCI addresses by model) to take for `count` GPUs: all
+/// of one model when some model has enough (the one with the fewest free,
+/// to pack), else the largest models first. `None` when there are too few.
+pub fn pick_gpus(
+    free: &BTreeMap<String, Vec<String>>,
+    count: usize,
+) -> Option<Vec<(String, Vec<String>)>> {
+    if free.values().map(Vec::len).sum::<usize>() < count {
+        return None;
+    }
+    if let Some((m, p)) = free
+        .iter()
+        .filter(|(_, p)| p.len() >= count)
+        .min_by_key(|(m, p)| (p.len(), *m))
+    {
+        return Some(vec![(m.clone(), p[..count].to_vec())]);
+    }
+    let mut models: Vec<_> = free.iter().collect();
+    models.sort_by_key(|(m, p)| (std::cmp::Reverse(p.len()), *m));
+    let mut left = count;
+    let mut out = Vec::new();
+    for (m, p) in models {
+        let take = left.min(p.len());
+        if take > 0 {
+            out.push((m.clone(), p[..take].to_vec()));
+            left -= take;
         }
-        let rows = sqlx::query(
-            "SELECT pci FROM host_gpus WHERE host_id = $1 AND model = $2 AND instance_id IS NULL \
-             ORDER BY pci LIMIT $3",
-        )
-        .bind(host.to_string())
-        .bind(need.gpu_model.clone().unwrap_or_default())
-        .bind(need.gpu_count as i64)
-        .fetch_all(&mut **tx)
-        .await?;
-        if rows.len() < need.gpu_count as usize {
-            return Err(PlaceError::Raced);
-        }
-        for r in rows {
-            let pci: String = col(&r, "pci")?;
+    }
+    Some(out)
+}
+
+/// Books `count` free, healthy GPUs of `model` on `host` for `instance`
+/// (conditional updates of the pool and of each GPU, so a GPU is never
+/// booked twice). Returns their PCI addresses, sorted.
+pub async fn claim_gpus(
+    tx: &mut Tx,
+    host: &HostId,
+    instance: InstanceId,
+    model: &str,
+    count: u32,
+) -> Result<Vec<String>, PlaceError> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let free = free_gpus(tx, host, model).await?;
+    let picked = pick_gpus(&free, count as usize).ok_or(PlaceError::Raced)?;
+    let mut gpus = Vec::with_capacity(count as usize);
+    for (m, pcis) in picked {
+        take_from_pool(tx, host, &m, pcis.len() as i64).await?;
+        for pci in pcis {
             let done = sqlx::query(
                 "UPDATE host_gpus SET instance_id = $1 WHERE host_id = $2 AND pci = $3 \
-                 AND instance_id IS NULL",
+                 AND instance_id IS NULL AND health = 'healthy'",
             )
             .bind(instance.to_string())
             .bind(host.to_string())
@@ -323,14 +403,84 @@ pub async fn reserve(
             gpus.push(pci);
         }
     }
+    gpus.sort();
     Ok(gpus)
 }
 
-/// Gives back what `instance` holds on `host`: capacity, GPUs, ports.
+/// Takes `n` from the free count of the host's pool of NVML model `model`.
+async fn take_from_pool(tx: &mut Tx, host: &HostId, model: &str, n: i64) -> Result<(), PlaceError> {
+    let done = sqlx::query(
+        "UPDATE host_gpu_pools SET free = free - $1 WHERE host_id = $2 AND model = $3 \
+         AND free >= $1",
+    )
+    .bind(n)
+    .bind(host.to_string())
+    .bind(model)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(PlaceError::Raced);
+    }
+    Ok(())
+}
+
+/// Books exactly the GPUs `pcis` on `host` for `instance`, whatever their
+/// health (an instance keeps GPUs it already has on the host), when no
+/// other instance holds any of them; the healthy ones leave their pool.
+/// [`PlaceError::Raced`] when one is taken or gone.
+pub async fn book_exact(
+    tx: &mut Tx,
+    host: &HostId,
+    instance: InstanceId,
+    pcis: &[String],
+) -> Result<(), PlaceError> {
+    for pci in pcis {
+        let row = sqlx::query(
+            "SELECT model, health FROM host_gpus WHERE host_id = $1 AND pci = $2 \
+             AND instance_id IS NULL",
+        )
+        .bind(host.to_string())
+        .bind(pci)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(PlaceError::Raced)?;
+        if col::<String>(&row, "health")? == "healthy" {
+            take_from_pool(tx, host, &col::<String>(&row, "model")?, 1).await?;
+        }
+        let done = sqlx::query(
+            "UPDATE host_gpus SET instance_id = $1 WHERE host_id = $2 AND pci = $3 \
+             AND instance_id IS NULL",
+        )
+        .bind(instance.to_string())
+        .bind(host.to_string())
+        .bind(pci)
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(PlaceError::Raced);
+        }
+    }
+    Ok(())
+}
+
+/// Gives back what `instance` holds on `host`: capacity and GPUs (not its
+/// address or ports: see `crate::access::release`).
 pub async fn free(
     tx: &mut Tx,
     host: &HostId,
     instance: InstanceId,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_gib: u64,
+) -> Result<(), DbError> {
+    free_capacity(tx, host, vcpus, memory_mib, disk_gib).await?;
+    unbook_gpus(tx, host, instance).await
+}
+
+/// Gives back vCPUs, memory and disk on `host`.
+pub async fn free_capacity(
+    tx: &mut Tx,
+    host: &HostId,
     vcpus: u32,
     memory_mib: u64,
     disk_gib: u64,
@@ -345,9 +495,15 @@ pub async fn free(
     .bind(host.to_string())
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Unbooks every GPU `instance` holds; the healthy ones go back to their
+/// pools (the others come back when the host reports them healthy).
+pub async fn unbook_gpus(tx: &mut Tx, host: &HostId, instance: InstanceId) -> Result<(), DbError> {
     let held = sqlx::query(
         "SELECT model, COUNT(*) AS n FROM host_gpus WHERE host_id = $1 AND instance_id = $2 \
-         GROUP BY model",
+         AND health = 'healthy' GROUP BY model",
     )
     .bind(host.to_string())
     .bind(instance.to_string())
@@ -415,6 +571,29 @@ mod tests {
         assert_eq!(choose(&hosts, &n), Some(1));
         n.placement = Placement::Spread;
         assert_eq!(choose(&hosts, &n), Some(1));
+    }
+
+    #[test]
+    fn gpus_of_one_model_are_preferred() {
+        let free: BTreeMap<String, Vec<String>> = [
+            ("A".to_string(), vec!["a1".into(), "a2".into(), "a3".into()]),
+            ("B".to_string(), vec!["b1".into(), "b2".into()]),
+        ]
+        .into();
+        // Both fit 2: the model with fewer free is taken (packing).
+        assert_eq!(
+            pick_gpus(&free, 2),
+            Some(vec![("B".into(), vec!["b1".into(), "b2".into()])])
+        );
+        assert_eq!(pick_gpus(&free, 3).unwrap()[0].0, "A");
+        // Only a mix fits 4: the largest model first.
+        let mix = pick_gpus(&free, 4).unwrap();
+        assert_eq!(
+            mix[0],
+            ("A".into(), vec!["a1".into(), "a2".into(), "a3".into()])
+        );
+        assert_eq!(mix[1], ("B".into(), vec!["b1".into()]));
+        assert_eq!(pick_gpus(&free, 6), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! and the bodies of the HTTP APIs ([`api`]).
 
 pub mod api;
+pub mod gpu;
 pub mod ids;
 pub mod instance;
 pub mod net;

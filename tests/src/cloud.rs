@@ -64,6 +64,12 @@ impl Cloud {
     /// Controller, join token, agent (joined), flavor, image, account,
     /// credit and tenant token.
     pub fn start(db: &Database) -> anyhow::Result<Self> {
+        Self::start_with(db, "")
+    }
+
+    /// [`Cloud::start`] with extra TOML for the agent (whole tables, such
+    /// as `[gpu]`).
+    pub fn start_with(db: &Database, agent_toml: &str) -> anyhow::Result<Self> {
         let host_ns = Netns::new("host")?;
         let client_ns = Netns::new("cli")?;
         veth(
@@ -90,7 +96,7 @@ impl Cloud {
             "\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\n\
              address = {UPLINK:?}\npoll_wait_secs = 5\n\n\
              [network]\nnetns = {:?}\nhttps_listen = \"0.0.0.0:443\"\ndeny = [\"{DENIED}/32\"]\n\
-             drift_check_secs = 2\n",
+             drift_check_secs = 2\n\n{agent_toml}\n",
             ctl.url, host_ns.name
         ))?;
         let hosts = admin.wait_for(

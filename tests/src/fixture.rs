@@ -95,10 +95,16 @@ impl TestAgent {
         let config = state_dir.with_extension("toml");
         let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
         let dtype = std::env::var("GANTRY_DOMAIN_TYPE").unwrap_or_else(|_| "qemu".into());
+        // No GPUs unless the test configures them (a `[gpu]` table).
+        let no_gpus = if extra_config.contains("[gpu]") {
+            ""
+        } else {
+            "gpu.source = \"none\"\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "state_dir = {:?}\nlibvirt_uri = {uri:?}\ndomain_type = {dtype:?}\nlisten = \"127.0.0.1:0\"\nstop_timeout_secs = 30\nreserved_memory_mib = 256\ngpus = \"none\"\n{extra_config}\n",
+                "state_dir = {:?}\nlibvirt_uri = {uri:?}\ndomain_type = {dtype:?}\nlisten = \"127.0.0.1:0\"\nstop_timeout_secs = 30\nreserved_memory_mib = 256\n{no_gpus}{extra_config}\n",
                 state_dir.display().to_string()
             ),
         )?;

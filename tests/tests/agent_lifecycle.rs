@@ -137,6 +137,7 @@ fn instance_lifecycle_on_a_real_guest() -> anyhow::Result<()> {
             &ActionRequest::ChangeType {
                 vcpus: 2,
                 memory_mib: 384,
+                gpus: None,
             },
         )
         .unwrap_err();
@@ -148,6 +149,7 @@ fn instance_lifecycle_on_a_real_guest() -> anyhow::Result<()> {
     vm.act(ActionRequest::ChangeType {
         vcpus: 2,
         memory_mib: 384,
+        gpus: None,
     })?;
     vm.act(ActionRequest::Start)?;
     vm.wait_next_boot()?;

@@ -41,25 +41,28 @@ pub fn capacity(m: &Manager) -> (HostCapacity, Vec<String>) {
             0
         }
     };
-    let gpus = match m.gpus().list() {
-        Ok(list) => list
-            .into_iter()
-            .filter(|g| {
-                if !g.healthy {
-                    problems.push(format!("GPU {} ({}) is unhealthy", g.pci, g.model));
-                }
-                g.healthy
-            })
-            .map(|g| GpuDevice {
+    // Every GPU with its health: the controller tells quarantined from
+    // leased from removed (absent).
+    let gpus = m
+        .gpus()
+        .list()
+        .into_iter()
+        .map(|g| {
+            use gantry_proto::gpu::GpuHealthKind as K;
+            if matches!(g.health.kind(), K::Quarantined | K::Lost) {
+                problems.push(format!("GPU {} ({}) is {}", g.pci, g.model, g.health));
+            }
+            GpuDevice {
                 model: g.model,
                 pci: g.pci,
-            })
-            .collect(),
-        Err(e) => {
-            problems.push(format!("cannot list GPUs: {e}"));
-            Vec::new()
-        }
-    };
+                uuid: g.uuid,
+                memory_bytes: g.memory_bytes,
+                numa_node: g.numa_node,
+                health: g.health,
+                instance: g.instance,
+            }
+        })
+        .collect();
     let cap = HostCapacity {
         vcpus,
         memory_mib,

@@ -4,7 +4,7 @@
 //! operations (store deletes, refused actions) never reach a hypervisor.
 
 use super::*;
-use crate::config::{AgentConfig, GpuSource};
+use crate::config::AgentConfig;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -140,15 +140,13 @@ async fn open_manager(dir: &std::path::Path) -> Arc<Manager> {
     let cfg = AgentConfig {
         state_dir: dir.join("state"),
         libvirt_uri: "test:///default".into(),
-        gpus: GpuSource::None,
+        gpu: Default::default(),
         ..AgentConfig::default()
     };
-    tokio::task::spawn_blocking(move || {
-        Manager::open(cfg, crate::gpu::from_config(GpuSource::None).unwrap())
-    })
-    .await
-    .unwrap()
-    .unwrap()
+    tokio::task::spawn_blocking(move || Manager::open(cfg, crate::gpu::GpuPool::empty()))
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 fn controller_cfg(url: &str) -> ControllerConfig {
@@ -538,15 +536,14 @@ async fn real_vms_through_the_link() {
         libvirt_uri: uri,
         reserved_memory_mib: 256,
         stop_timeout_secs: 5,
-        gpus: GpuSource::None,
+        gpu: Default::default(),
         ..AgentConfig::default()
     };
-    let manager = tokio::task::spawn_blocking(move || {
-        Manager::open(cfg, crate::gpu::from_config(GpuSource::None).unwrap())
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let manager =
+        tokio::task::spawn_blocking(move || Manager::open(cfg, crate::gpu::GpuPool::empty()))
+            .await
+            .unwrap()
+            .unwrap();
     let shared: Shared = Arc::default();
     let url = controller(shared.clone()).await;
     let link = connect(manager.clone(), controller_cfg(&url))

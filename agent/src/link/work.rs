@@ -172,6 +172,7 @@ pub fn kind(c: &AgentCommand) -> &'static str {
         AgentCommand::Snapshot { .. } => "snapshot",
         AgentCommand::DeleteSnapshot { .. } => "delete-snapshot",
         AgentCommand::SetPassword { .. } => "set-password",
+        AgentCommand::ClearGpu { .. } => "clear-gpu",
     }
 }
 
@@ -347,10 +348,22 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
         AgentCommand::Release {} => act(ActionRequest::Release {
             delete_data_volume: false,
         }),
-        AgentCommand::ChangeType { vcpus, memory_mib } => act(ActionRequest::ChangeType {
+        AgentCommand::ChangeType {
+            vcpus,
+            memory_mib,
+            gpus,
+        } => act(ActionRequest::ChangeType {
             vcpus: *vcpus,
             memory_mib: *memory_mib,
+            gpus: gpus.clone(),
         }),
+        AgentCommand::ClearGpu { pci } => {
+            m.gpus().clear(pci)?;
+            Ok(Started::Done(Finished {
+                note: Some(format!("GPU {pci} goes through the health gate")),
+                ..Finished::ok(None)
+            }))
+        }
         AgentCommand::GrowDisk { root_disk_gib } => act(ActionRequest::GrowDisk {
             disk: DiskKind::Root,
             size_gib: *root_disk_gib,
@@ -573,9 +586,24 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
             done(state == Some(Running))
         }
         AgentCommand::Stop {} => done(state == Some(Stopped)),
-        AgentCommand::ChangeType { vcpus, memory_mib } => done(rec.is_some_and(|r| {
-            r.state == Stopped && r.spec.vcpus == *vcpus && r.spec.memory_mib == *memory_mib
+        AgentCommand::ChangeType {
+            vcpus,
+            memory_mib,
+            gpus,
+        } => done(rec.is_some_and(|r| {
+            r.state == Stopped
+                && r.spec.vcpus == *vcpus
+                && r.spec.memory_mib == *memory_mib
+                && gpus.as_ref().is_none_or(|g| *g == r.spec.gpus)
         })),
+        AgentCommand::ClearGpu { pci } => {
+            let cleared = m
+                .gpus()
+                .list()
+                .iter()
+                .any(|g| g.pci == *pci && !g.health.is_clearable());
+            done(cleared)
+        }
         AgentCommand::GrowDisk { root_disk_gib } => {
             done(rec.is_some_and(|r| r.spec.root_disk_gib >= *root_disk_gib))
         }

@@ -10,7 +10,7 @@ use super::instances::{gate, load_in};
 use super::{accepted, path_id, Body, Caller};
 use crate::db::{now_ms, rows::InstanceRec, Tx};
 use crate::error::{ApiError, ApiResult};
-use crate::scheduler::{self, Need, PlaceError};
+use crate::scheduler;
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -110,10 +110,10 @@ async fn do_action(
     let mut tx = st.db.begin_write().await?;
     claim(&mut tx, &rec, op, desired).await?;
     let detail = match req {
+        // The new flavor, then the old flavor, disk and GPUs, to undo the
+        // change if the host fails.
         InstanceAction::ChangeType { flavor } => {
-            change_type(st, &mut tx, &rec, *flavor).await?;
-            // The old flavor and disk, to undo the change if the host fails.
-            format!("{flavor} {} {}", rec.flavor, rec.root_disk_gib)
+            super::change_type::change_type(&mut tx, &rec, *flavor).await?
         }
         InstanceAction::GrowDisk { root_disk_gib } => {
             grow_disk(st, &mut tx, &rec, *root_disk_gib).await?;
@@ -168,133 +168,9 @@ pub(crate) async fn undo_resize(
                 .execute(&mut **tx)
                 .await?;
         }
-        ("change-type", [_, old, disk]) => {
-            if let Ok(disk) = disk.parse::<u64>() {
-                undo_change_type(tx, rec, &host, old, disk).await?;
-            }
-        }
+        ("change-type", _) => super::change_type::undo(tx, rec, detail).await?,
         _ => {}
     }
-    Ok(())
-}
-
-/// Books the old flavor and disk again (the new ones if the old no longer
-/// fit) and records them.
-async fn undo_change_type(
-    tx: &mut Tx,
-    rec: &InstanceRec,
-    host: &HostId,
-    old: &str,
-    disk: u64,
-) -> ApiResult<()> {
-    let row = sqlx::query(&format!(
-        "SELECT {} FROM flavors WHERE id = $1",
-        crate::db::rows::FLAVOR_COLS
-    ))
-    .bind(old)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
-        return Ok(());
-    };
-    let f = crate::db::rows::flavor(&row)?;
-    let (now, id) = (rec.clone(), rec.id);
-    scheduler::free(tx, host, id, now.vcpus, now.memory_mib, now.root_disk_gib).await?;
-    let need = |vcpus, memory_mib, disk_gib, gpu_model, gpu_count| Need {
-        vcpus,
-        memory_mib,
-        disk_gib,
-        gpu_model,
-        gpu_count,
-        placement: Placement::Pack,
-    };
-    let back = need(
-        f.vcpus,
-        f.memory_mib,
-        disk,
-        f.gpu_model.clone(),
-        f.gpu_count,
-    );
-    let (flavor, disk) = match scheduler::reserve(tx, host, id, &back).await {
-        Ok(_) => (f.id, disk),
-        Err(e) => {
-            // The old size no longer fits: keep the new one booked.
-            tracing::error!(instance = %id, error = %e, "cannot restore the old flavor");
-            let n = need(
-                now.vcpus,
-                now.memory_mib,
-                now.root_disk_gib,
-                now.gpu_model,
-                now.gpu_count,
-            );
-            scheduler::reserve(tx, host, id, &n)
-                .await
-                .map_err(|e| match e {
-                    PlaceError::Db(e) => ApiError::Db(e),
-                    other => ApiError::Conflict(other.to_string()),
-                })?;
-            (now.flavor, now.root_disk_gib)
-        }
-    };
-    sqlx::query("UPDATE instances SET flavor_id = $1, root_disk_gib = $2 WHERE id = $3")
-        .bind(flavor.to_string())
-        .bind(disk as i64)
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Moves the instance to another flavor on its host (it is Stopped).
-async fn change_type(st: &AppState, tx: &mut Tx, rec: &InstanceRec, to: FlavorId) -> ApiResult<()> {
-    let row = sqlx::query(&format!(
-        "SELECT {} FROM flavors WHERE id = $1",
-        crate::db::rows::FLAVOR_COLS
-    ))
-    .bind(to.to_string())
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or_else(|| ApiError::invalid("flavor", format!("no flavor {to}")))?;
-    let f = crate::db::rows::flavor(&row)?;
-    let host = rec
-        .host
-        .ok_or_else(|| ApiError::Conflict(format!("instance {} has no host", rec.id)))?;
-    let disk = rec.root_disk_gib.max(f.root_disk_gib);
-    scheduler::free(
-        tx,
-        &host,
-        rec.id,
-        rec.vcpus,
-        rec.memory_mib,
-        rec.root_disk_gib,
-    )
-    .await?;
-    let need = Need {
-        vcpus: f.vcpus,
-        memory_mib: f.memory_mib,
-        disk_gib: disk,
-        gpu_model: f.gpu_model.clone(),
-        gpu_count: f.gpu_count,
-        placement: Placement::Pack,
-    };
-    match scheduler::reserve(tx, &host, rec.id, &need).await {
-        Ok(_) => {}
-        Err(PlaceError::Db(e)) => return Err(e.into()),
-        Err(_) => {
-            let _ = st;
-            return Err(ApiError::Conflict(format!(
-                "host {host} has no room for flavor {}; release and recreate the instance \
-                 from a snapshot instead",
-                f.name
-            )));
-        }
-    }
-    sqlx::query("UPDATE instances SET flavor_id = $1, root_disk_gib = $2 WHERE id = $3")
-        .bind(to.to_string())
-        .bind(disk as i64)
-        .bind(rec.id.to_string())
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 

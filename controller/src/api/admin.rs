@@ -270,7 +270,7 @@ async fn create_flavor(
         ));
     }
     match (&req.gpu_model, req.gpu_count) {
-        (Some(m), n) if n > 0 => validate::object_name("gpu_model", m)?,
+        (Some(m), n) if n > 0 => crate::gpus::check_model("gpu_model", m)?,
         (None, 0) => {}
         (Some(_), _) => {
             return Err(ApiError::invalid(
@@ -419,7 +419,8 @@ async fn get_operation(
     let not_found = || ApiError::NotFound(format!("no operation {id}"));
     let row = row.ok_or_else(not_found)?;
     let owner: Option<AccountId> = crate::db::parsed_opt(&row, "account_id", "operations")?;
-    if owner.is_some_and(|o| !who.can_see(&o)) {
+    // Host operations (no account) are for admins only.
+    if owner.map_or(!who.is_admin(), |o| !who.can_see(&o)) {
         return Err(not_found());
     }
     Ok(Json(rows::operation(&row)?))

@@ -137,11 +137,17 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
                 .fetch_optional(&st.db.pool)
                 .await?
                 .ok_or_else(|| gone(format!("flavor {} is gone", op.detail)))?;
+            let id = op.instance.ok_or_else(|| gone("no instance".into()))?;
             AgentCommand::ChangeType {
                 vcpus: col::<i64>(&row, "vcpus")? as u32,
                 memory_mib: col::<i64>(&row, "memory_mib")? as u64,
+                gpus: Some(crate::gpus::booked(&st.db.pool, &id.to_string()).await?),
             }
         }
+        "clear-gpu" => AgentCommand::ClearGpu {
+            pci: PciAddress::parse(&op.detail)
+                .ok_or_else(|| gone(format!("operation detail {:?}", op.detail)))?,
+        },
         "grow-disk" => AgentCommand::GrowDisk {
             root_disk_gib: op
                 .detail
@@ -191,18 +197,7 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
 /// where the image comes from.
 async fn create_command(st: &AppState, rec: &InstanceRec) -> ApiResult<AgentCommand> {
     let image = image_source(st, rec).await?;
-    let found = sqlx::query("SELECT pci FROM host_gpus WHERE instance_id = $1 ORDER BY pci")
-        .bind(rec.id.to_string())
-        .fetch_all(&st.db.pool)
-        .await?;
-    let mut gpus = Vec::with_capacity(found.len());
-    for r in &found {
-        let pci: String = col(r, "pci")?;
-        gpus.push(PciAddress::parse(&pci).ok_or_else(|| DbError::Corrupt {
-            table: "host_gpus",
-            message: format!("pci {pci:?}"),
-        })?);
-    }
+    let gpus = crate::gpus::booked(&st.db.pool, &rec.id.to_string()).await?;
     let data_volume = match rec.data_volume {
         None => None,
         Some(v) => {

@@ -3,7 +3,7 @@
 //! protocol's join and heartbeat write ([`insert_host`], [`sync_gpus`]).
 
 use super::{created, path_id, Body, Caller};
-use crate::db::{col, is_unique_violation, now_ms, parsed_opt, rows, to_time, Tx};
+use crate::db::{col, is_unique_violation, now_ms, rows, to_time, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -52,7 +52,7 @@ pub(crate) fn check_capacity(
     }
     let mut seen = HashSet::new();
     for (i, g) in gpus.iter().enumerate() {
-        validate::object_name(&f(&format!("gpus[{i}].model")), &g.model)?;
+        crate::gpus::check_device(&f(&format!("gpus[{i}]")), g)?;
         if !seen.insert(g.pci) {
             return Err(ApiError::invalid(
                 f(&format!("gpus[{i}].pci")),
@@ -105,79 +105,9 @@ pub(crate) async fn insert_host(tx: &mut Tx, id: HostId, req: &RegisterHost) -> 
     Ok(())
 }
 
-/// Makes the host's GPU rows match `gpus`: new ones are added, missing
-/// ones removed unless an instance holds them; the per-model pools and
-/// `gpu_total` are recounted.
+/// Makes the host's GPU rows match its report (see [`crate::gpus::sync`]).
 pub(crate) async fn sync_gpus(tx: &mut Tx, id: &HostId, gpus: &[GpuDevice]) -> ApiResult<()> {
-    let host = id.to_string();
-    let rows = sqlx::query("SELECT pci, model, instance_id FROM host_gpus WHERE host_id = $1")
-        .bind(&host)
-        .fetch_all(&mut **tx)
-        .await?;
-    let mut known = HashMap::new();
-    for r in &rows {
-        let held: Option<String> = col(r, "instance_id")?;
-        known.insert(col::<String>(r, "pci")?, (col::<String>(r, "model")?, held));
-    }
-    let want: HashMap<String, &str> = gpus
-        .iter()
-        .map(|g| (g.pci.to_string(), g.model.as_str()))
-        .collect();
-    if want.len() == known.len()
-        && want
-            .iter()
-            .all(|(p, m)| known.get(p).is_some_and(|k| k.0 == *m))
-    {
-        return Ok(());
-    }
-    for (pci, (model, held)) in &known {
-        if want.get(pci) == Some(&model.as_str()) {
-            continue;
-        }
-        if held.is_some() {
-            tracing::warn!(%host, %pci, "a held GPU is gone from the host's report; keeping it");
-            continue;
-        }
-        sqlx::query("DELETE FROM host_gpus WHERE host_id = $1 AND pci = $2")
-            .bind(&host)
-            .bind(pci)
-            .execute(&mut **tx)
-            .await?;
-    }
-    for (pci, model) in &want {
-        if known.get(pci).is_some_and(|k| k.0 == *model) {
-            continue;
-        }
-        if known.get(pci).is_some_and(|k| k.1.is_some()) {
-            continue;
-        }
-        sqlx::query("INSERT INTO host_gpus (host_id, pci, model) VALUES ($1, $2, $3)")
-            .bind(&host)
-            .bind(pci)
-            .bind(*model)
-            .execute(&mut **tx)
-            .await?;
-    }
-    sqlx::query("DELETE FROM host_gpu_pools WHERE host_id = $1")
-        .bind(&host)
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO host_gpu_pools (host_id, model, total, free) SELECT host_id, model, \
-         COUNT(*), SUM(CASE WHEN instance_id IS NULL THEN 1 ELSE 0 END) FROM host_gpus \
-         WHERE host_id = $1 GROUP BY host_id, model",
-    )
-    .bind(&host)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "UPDATE hosts SET gpu_total = (SELECT COUNT(*) FROM host_gpus g WHERE g.host_id = $1) \
-         WHERE id = $1",
-    )
-    .bind(&host)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    Ok(crate::gpus::sync(tx, id, gpus).await?)
 }
 
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.address, h.vcpus, h.memory_mib, h.disk_gib, \
@@ -214,27 +144,7 @@ fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
 }
 
 async fn gpus_of(st: &AppState, host: Option<&HostId>) -> ApiResult<HashMap<String, Vec<GpuInfo>>> {
-    let found = sqlx::query(
-        "SELECT host_id, pci, model, instance_id FROM host_gpus WHERE $1 = '' OR host_id = $1 \
-         ORDER BY host_id, pci",
-    )
-    .bind(host.map(|h| h.to_string()).unwrap_or_default())
-    .fetch_all(&st.db.pool)
-    .await?;
-    let mut out: HashMap<String, Vec<GpuInfo>> = HashMap::new();
-    for r in &found {
-        let pci: String = col(r, "pci")?;
-        let pci = validate::PciAddress::parse(&pci).ok_or_else(|| crate::db::DbError::Corrupt {
-            table: "host_gpus",
-            message: format!("pci {pci:?}"),
-        })?;
-        out.entry(col(r, "host_id")?).or_default().push(GpuInfo {
-            model: col(r, "model")?,
-            pci,
-            instance: parsed_opt(r, "instance_id", "host_gpus")?,
-        });
-    }
-    Ok(out)
+    Ok(crate::gpus::of_hosts(&st.db.pool, host).await?)
 }
 
 pub(crate) async fn load(st: &AppState, id: &HostId) -> ApiResult<HostInfo> {

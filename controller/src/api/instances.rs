@@ -528,22 +528,15 @@ async fn view(
 }
 
 async fn hardware(st: &AppState, rec: &InstanceRec) -> ApiResult<HardwareView> {
-    let found = sqlx::query("SELECT pci FROM host_gpus WHERE instance_id = $1 ORDER BY pci")
-        .bind(rec.id.to_string())
-        .fetch_all(&st.db.pool)
-        .await?;
-    let gpus = found
-        .iter()
-        .filter_map(|r| crate::db::col::<String>(r, "pci").ok())
-        .filter_map(|p| validate::PciAddress::parse(&p))
-        .collect();
+    let gpu_devices = crate::gpus::of_instance(&st.db.pool, &rec.id.to_string()).await?;
     Ok(HardwareView {
         host: rec.host,
         vcpus: rec.vcpus,
         memory_mib: rec.memory_mib,
         root_disk_gib: rec.root_disk_gib,
         gpu_model: rec.gpu_model.clone(),
-        gpus,
+        gpus: gpu_devices.iter().map(|g| g.pci).collect(),
+        gpu_devices,
     })
 }
 

@@ -5,8 +5,10 @@ pub mod actions;
 pub mod admin;
 pub mod agent;
 pub mod certs;
+pub mod change_type;
 pub mod commands;
 pub mod forwards;
+pub mod gpus;
 pub mod hosts;
 pub mod instances;
 pub mod keys;
@@ -31,6 +33,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(admin::routes())
         .merge(hosts::routes())
+        .merge(gpus::routes())
         .merge(instances::routes())
         .merge(snapshots::routes())
         .merge(agent::routes())
@@ -46,6 +49,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/openapi.json", get(crate::openapi::serve))
+        .route("/metrics", get(gpus::metrics))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("no such API path".into()) })
         .with_state(state)
@@ -88,7 +92,20 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
     if (write && path != "/v1/agent/heartbeat")
         || (method == Method::GET && password::is_reveal(&path))
     {
-        crate::audit::record(&st.db, who.as_ref(), method.as_str(), &path, resp.status()).await;
+        let note = resp
+            .extensions()
+            .get::<crate::audit::AuditNote>()
+            .map(|n| n.0.clone());
+        let status = resp.status();
+        crate::audit::record(
+            &st.db,
+            who.as_ref(),
+            method.as_str(),
+            &path,
+            status,
+            note.as_deref(),
+        )
+        .await;
     }
     resp
 }
@@ -137,6 +154,28 @@ where
             .await
             .map_err(|_| ApiError::TooLarge(limit))?;
         parse_json(&bytes).map(Body)
+    }
+}
+
+/// A JSON body that may be left out: an empty body reads as `T::default()`.
+pub struct OptionalBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalBody<T>
+where
+    AppState: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let st = <AppState as axum::extract::FromRef<S>>::from_ref(state);
+        let limit = st.cfg.max_body_bytes;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::TooLarge(limit))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        parse_json(&bytes).map(OptionalBody)
     }
 }
 

@@ -166,7 +166,7 @@ pub fn usage(r: &AnyRow) -> Result<UsageRecord, DbError> {
     })
 }
 
-pub const AUDIT_COLS: &str = "at_ms, actor, account_id, method, path, status";
+pub const AUDIT_COLS: &str = "at_ms, actor, account_id, method, path, status, note";
 
 pub fn audit(r: &AnyRow) -> Result<AuditEntry, DbError> {
     Ok(AuditEntry {
@@ -176,6 +176,7 @@ pub fn audit(r: &AnyRow) -> Result<AuditEntry, DbError> {
         method: col(r, "method")?,
         path: col(r, "path")?,
         status: col::<i64>(r, "status")? as u16,
+        note: col(r, "note")?,
     })
 }
 

@@ -382,6 +382,30 @@ impl Server {
         id
     }
 
+    /// Joins a simulated host with this capacity body (see
+    /// [`Server::capacity`]); its heartbeats report it until
+    /// [`Server::set_capacity`].
+    pub async fn host_with(&self, name: &str, cap: Value) -> String {
+        let token = self.join_token().await;
+        let r = self
+            .post(
+                "/v1/agent/join",
+                &token,
+                json!({"name": name, "address": format!("{name}.example"), "capacity": cap}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "join: {}", r.body);
+        let id = r.body["host"].as_str().unwrap().to_string();
+        let cred = r.body["credential"].as_str().unwrap().to_string();
+        self.hosts.lock().unwrap().insert(id.clone(), (cred, cap));
+        id
+    }
+
+    /// What the simulated host's later heartbeats report as its capacity.
+    pub fn set_capacity(&self, host: &str, cap: Value) {
+        self.hosts.lock().unwrap().get_mut(host).unwrap().1 = cap;
+    }
+
     /// The credential of a simulated host.
     pub fn cred(&self, host: &str) -> String {
         self.hosts.lock().unwrap()[host].0.clone()

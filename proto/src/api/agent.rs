@@ -47,6 +47,7 @@ use crate::ids::{AccountId, HostId, ImageId, InstanceId, JoinTokenId, OperationI
 use crate::instance::InstanceState;
 use crate::net::{HostAccess, HostTls, Secret};
 use crate::spec::InstanceSpec;
+use crate::validate::PciAddress;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -247,9 +248,13 @@ pub enum AgentCommand {
     Reboot {},
     ForceReboot {},
     Release {},
+    /// New shape while stopped. `gpus`: the whole GPUs the instance
+    /// has afterwards (attached and detached to match); `None` leaves them.
     ChangeType {
         vcpus: u32,
         memory_mib: u64,
+        #[serde(default)]
+        gpus: Option<Vec<PciAddress>>,
     },
     GrowDisk {
         root_disk_gib: u64,
@@ -269,6 +274,11 @@ pub enum AgentCommand {
     /// runs one, else from the next boot (the report's `note` says which).
     SetPassword {
         password_hash: Secret,
+    },
+    /// An admin cleared a quarantined or lost GPU: run the health gate on
+    /// it again (a host operation, no instance).
+    ClearGpu {
+        pci: PciAddress,
     },
 }
 

@@ -119,6 +119,10 @@ pub enum ActionRequest {
     ChangeType {
         vcpus: u32,
         memory_mib: u64,
+        /// The whole GPUs the instance has afterwards (attached and
+        /// detached to match); `None` leaves them as they are.
+        #[serde(default)]
+        gpus: Option<Vec<crate::validate::PciAddress>>,
     },
     GrowDisk {
         disk: DiskKind,

@@ -6,6 +6,7 @@
 //! [`OperationInfo`]; `GET /v1/operations/{id}` reports it.
 
 use crate::api::agent::ImageOrigin;
+use crate::gpu::GpuHealth;
 use crate::ids::{
     AccountId, FlavorId, ForwardId, HostId, ImageId, InstanceId, OperationId, SnapshotId, SshKeyId,
     TokenId, VolumeId,
@@ -107,8 +108,40 @@ pub struct CreatedToken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuDevice {
+    /// The model as NVML names it (`NVIDIA H100 80GB HBM3`); flavors match
+    /// it through the GPU alias table.
     pub model: String,
     pub pci: PciAddress,
+    /// NVML's UUID (`GPU-...`), when NVML could read it.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// The host NUMA node the GPU hangs off.
+    #[serde(default)]
+    pub numa_node: Option<u32>,
+    /// Its health on the host (default: healthy, for hosts registered by
+    /// hand).
+    #[serde(default)]
+    pub health: GpuHealth,
+    /// The instance the host has it passed through to.
+    #[serde(default)]
+    pub instance: Option<InstanceId>,
+}
+
+impl GpuDevice {
+    /// A healthy, idle GPU known only by model and address.
+    pub fn new(model: impl Into<String>, pci: PciAddress) -> Self {
+        Self {
+            model: model.into(),
+            pci,
+            uuid: None,
+            memory_bytes: None,
+            numa_node: None,
+            health: GpuHealth::Healthy,
+            instance: None,
+        }
+    }
 }
 
 /// `POST /v1/admin/hosts`: pre-registers a host and its capacity (a host
@@ -137,7 +170,44 @@ pub enum HostHealth {
 pub struct GpuInfo {
     pub model: String,
     pub pci: PciAddress,
+    /// The instance the controller booked it for.
     pub instance: Option<InstanceId>,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub numa_node: Option<u32>,
+    /// Its health as the host last reported it.
+    #[serde(default)]
+    pub health: GpuHealth,
+}
+
+/// `POST /v1/admin/hosts/{id}/gpus/{pci}/clear`: puts a quarantined (or
+/// lost) GPU back through the health gate; audited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearGpu {
+    /// Why the admin clears it (kept in the audit log).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// One entry of the GPU alias table: a flavor's `gpu_model` of `alias`
+/// matches GPUs whose NVML name is one of `models` (and a flavor's model
+/// always matches a GPU of exactly that name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuAlias {
+    pub alias: String,
+    pub models: Vec<String>,
+}
+
+/// `PUT /v1/admin/gpu-aliases/{alias}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetGpuAlias {
+    /// NVML model names (`NVIDIA H100 80GB HBM3`), at least one.
+    pub models: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,6 +522,9 @@ pub struct HardwareView {
     pub root_disk_gib: u64,
     pub gpu_model: Option<String>,
     pub gpus: Vec<PciAddress>,
+    /// Each GPU's model, UUID and health as its host reports them.
+    #[serde(default)]
+    pub gpu_devices: Vec<GpuInfo>,
 }
 
 /// `POST /v1/instances/{id}/actions`.
@@ -610,6 +683,9 @@ pub struct AuditEntry {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// What the call said about itself (an admin's note on a GPU clear).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 #[cfg(test)]

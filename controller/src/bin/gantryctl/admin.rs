@@ -283,6 +283,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
                 "instances",
                 "access_subnet",
                 "last_heartbeat",
+                "gpus",
             ],
         ),
         HostCmd::Get { id } => call(M::GET, format!("/v1/admin/hosts/{id}"), None, &[]),
@@ -304,10 +305,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
                         "--gpu {g:?} should read MODEL@PCI, e.g. H100@0000:65:00.0"
                     )));
                 };
-                list.push(GpuDevice {
-                    model: model.into(),
-                    pci,
-                });
+                list.push(GpuDevice::new(model, pci));
             }
             let b = body(&RegisterHost {
                 name,

@@ -15,6 +15,7 @@ use text::{render, strip_nulls};
 
 mod access;
 mod admin;
+mod gpus;
 mod instances;
 mod text;
 
@@ -62,6 +63,9 @@ enum Cmd {
     /// Hosts (admin).
     #[command(subcommand)]
     Host(admin::HostCmd),
+    /// Admin calls on GPUs: clear a quarantined GPU, the GPU alias table.
+    #[command(subcommand)]
+    Admin(gpus::AdminCmd),
     /// Accounts and credit (admin; `show` without id: your own).
     #[command(subcommand)]
     Account(admin::AccountCmd),
@@ -233,6 +237,7 @@ async fn run(cli: Cli) -> CliResult<()> {
         Cmd::Flavor(c) => admin::plan_flavor(c),
         Cmd::Image(c) => admin::plan_image(c),
         Cmd::Host(c) => admin::plan_host(c)?,
+        Cmd::Admin(c) => gpus::plan_admin(c)?,
         Cmd::Account(c) => admin::plan_account(c),
         Cmd::Token(c) => admin::plan_token(c),
         Cmd::Audit { account, limit } => admin::plan_audit(account, limit),

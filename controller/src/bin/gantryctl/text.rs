@@ -41,9 +41,28 @@ fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
+        Value::Array(a) if a.iter().any(Value::is_object) => {
+            a.iter().map(cell).collect::<Vec<_>>().join("\n")
+        }
         Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        Value::Object(_) => gpu(v).unwrap_or_else(|| v.to_string()),
         other => other.to_string(),
     }
+}
+
+/// A GPU (`GpuInfo`) on one line: address, model, health (and why), and
+/// the instance holding it.
+fn gpu(v: &Value) -> Option<String> {
+    let pci = v.get("pci")?.as_str()?;
+    let state = v.get("health")?.get("state")?.as_str()?;
+    let mut s = format!("{pci} {} {state}", v["model"].as_str().unwrap_or("?"));
+    if let Some(r) = v["health"]["reason"].as_str() {
+        s.push_str(&format!(" ({r})"));
+    }
+    if let Some(i) = v["instance"].as_str() {
+        s.push_str(&format!(" [{i}]"));
+    }
+    Some(s)
 }
 
 pub fn render(v: &Value, columns: &[&str]) -> String {
@@ -81,6 +100,16 @@ mod tests {
             "{out}"
         );
         assert_eq!(strip_nulls(json!({"a": null, "b": 1})), json!({"b": 1}));
+        let gpus = json!([
+            {"pci": "0000:10:00.0", "model": "H100", "instance": null,
+                "health": {"state": "quarantined", "reason": "XID 79"}},
+            {"pci": "0000:11:00.0", "model": "H100", "instance": "ins-1",
+                "health": {"state": "leased"}}
+        ]);
+        assert_eq!(
+            cell(&gpus),
+            "0000:10:00.0 H100 quarantined (XID 79)\n0000:11:00.0 H100 leased [ins-1]"
+        );
         assert_eq!(
             qs(&[("status", Some("Running x".into())), ("x", None)]),
             "?status=Running%20x"

@@ -99,14 +99,14 @@ type Sent = HashMap<InstanceId, (u64, u64, bool)>;
 fn capacity(index: usize) -> HostCapacity {
     let gpus = if index.is_multiple_of(4) {
         (0..GPUS_PER_GPU_HOST)
-            .map(|g| GpuDevice {
-                model: GPU_MODEL.into(),
-                pci: PciAddress {
+            .map(|g| {
+                let pci = PciAddress {
                     domain: 0,
                     bus: 0x10 + g,
                     slot: 0,
                     function: 0,
-                },
+                };
+                GpuDevice::new(GPU_MODEL, pci)
             })
             .collect()
     } else {

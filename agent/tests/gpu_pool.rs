@@ -92,6 +92,9 @@ fn inventory(pool: &Arc<GpuPool>) {
         assert_eq!(g.health, GpuHealth::Healthy);
         assert_eq!(g.driver.as_deref(), Some("nvidia"));
         assert_eq!(g.functions, vec![g.pci], "one function per group");
+        assert_eq!(g.driver_version.as_deref(), Some("550.127.05"));
+        assert!(g.vbios.is_some() && g.mig_mode == Some(0), "{g:?}");
+        assert!(g.cpu_affinity.is_some(), "{g:?}");
     }
     assert_eq!(list[0].pci, pci("0000:1a:00.0"));
     assert_eq!(list[0].numa_node, Some(0));

@@ -4,7 +4,8 @@
 //! change-type onto a GPU flavor attaches the booked GPUs to the domain
 //! libvirt holds (starting it needs VFIO, which this kernel lacks, so the
 //! instance stays stopped); change-type back detaches them and they come
-//! back through the health gate; an admin clears the quarantined GPU.
+//! back through the health gate; the agent's leases survive its restart; an
+//! admin clears the quarantined GPU.
 
 use anyhow::Context;
 use gantry_nvml_sim::control;
@@ -78,7 +79,7 @@ fn gpus_through_the_controller_on_the_simulated_library() -> anyhow::Result<()> 
     // The agent inherits it and hands it to the simulated library.
     std::env::set_var(gantry_nvml_sim::ENV_DIR, sim.path());
     let lib = gantry_nvml_sim::built_library()?;
-    let cloud = Cloud::start_with(
+    let mut cloud = Cloud::start_with(
         &Database::Sqlite,
         &format!(
             "[gpu]\nsource = \"nvml\"\nnvml_library = {:?}\nsysfs_root = {:?}\npoll_secs = 1\n",
@@ -160,6 +161,20 @@ fn gpus_through_the_controller_on_the_simulated_library() -> anyhow::Result<()> 
     for p in &booked {
         wait_gpu(&cloud, p, "leased")?;
     }
+    // The agent dies and comes back: its leases are where they were.
+    cloud.agent.kill9();
+    cloud.agent.spawn()?;
+    let local: Vec<Value> = cloud.agent.get("/v1/gpus")?;
+    let held: Vec<&str> = local
+        .iter()
+        .filter(|g| g["instance"] == id.as_str())
+        .map(|g| g["pci"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(held, booked, "leases after an agent restart");
+    assert!(local
+        .iter()
+        .filter(|g| g["instance"] == id.as_str())
+        .all(|g| g["health"]["state"] == "leased"));
 
     // Back to the CPU flavor: detached, gated, healthy again.
     let v = cloud.tenant.post(

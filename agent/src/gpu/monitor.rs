@@ -276,11 +276,13 @@ fn render_inventory(out: &mut String, list: &[super::GpuStatus]) {
     for g in list {
         let _ = writeln!(
             out,
-            "gantry_gpu_info{{pci=\"{}\",uuid=\"{}\",model=\"{}\",driver=\"{}\"}} 1",
+            "gantry_gpu_info{{pci=\"{}\",uuid=\"{}\",model=\"{}\",driver=\"{}\",driver_version=\"{}\",vbios=\"{}\"}} 1",
             g.pci,
             esc(g.uuid.as_deref().unwrap_or("")),
             esc(&g.model),
-            esc(g.driver.as_deref().unwrap_or(""))
+            esc(g.driver.as_deref().unwrap_or("")),
+            esc(g.driver_version.as_deref().unwrap_or("")),
+            esc(g.vbios.as_deref().unwrap_or(""))
         );
     }
     let _ = writeln!(

@@ -59,6 +59,11 @@ pub struct GpuStatus {
     pub numa_node: Option<u32>,
     pub iommu_group: Option<u32>,
     pub driver: Option<String>,
+    /// The NVIDIA driver's version, VBIOS and MIG mode (NVML).
+    pub driver_version: Option<String>,
+    pub vbios: Option<String>,
+    pub mig_mode: Option<u32>,
+    pub cpu_affinity: Option<String>,
     /// Every function passed through with it (its IOMMU group, bridges
     /// left out).
     pub functions: Vec<PciAddress>,
@@ -85,6 +90,7 @@ pub(crate) struct State {
     pub gates_failed: u64,
     /// How long the last gate took.
     pub last_gate: Option<Duration>,
+    pub driver_version: Option<String>,
 }
 
 pub struct GpuPool {
@@ -198,7 +204,9 @@ impl GpuPool {
                 },
             );
         }
+        let driver_version = self.nvml.driver_version();
         let mut st = self.lock();
+        st.driver_version = driver_version;
         let mut changed = false;
         for (pci, k) in &known {
             let gone = k.func.vendor == super::sysfs::GONE_VENDOR;
@@ -246,6 +254,10 @@ impl GpuPool {
                         .or(n.and_then(|n| n.numa_node)),
                     iommu_group: k.and_then(|k| k.func.iommu_group),
                     driver: k.and_then(|k| k.func.driver.clone()),
+                    driver_version: st.driver_version.clone(),
+                    vbios: n.and_then(|n| n.vbios.clone()),
+                    mig_mode: n.and_then(|n| n.mig_mode),
+                    cpu_affinity: n.and_then(|n| n.cpu_affinity.clone()),
                     functions: k.map_or_else(|| vec![*pci], |k| k.functions.clone()),
                     health: rec.health.clone(),
                     instance: rec.instance,

@@ -180,7 +180,7 @@ async fn refused_states_and_failures(s: &Server, t: &str, h: &str, id: &str) {
     s.ok(Method::POST, &act, t, Some(json!({"action": "start"})), 202)
         .await;
     s.observe(id, "Running").await;
-    // Suspended by the host (the API has no suspend action).
+    // Suspended by the host (as a guest paused outside Gantry would be).
     s.observe(id, "Suspended").await;
     let r = s
         .post(

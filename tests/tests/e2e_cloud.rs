@@ -97,6 +97,17 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
         let after = vm.sh("cat /proc/sys/kernel/random/boot_id")?;
         assert_ne!(before, after, "{action} did not reboot the guest");
     }
+    // Suspend and resume through the controller: the guest pauses (not
+    // billed meanwhile) and carries on without a reboot.
+    let boot = vm.sh("cat /proc/sys/kernel/random/boot_id")?;
+    act_timed(&cloud, &mut clock, &id, "suspend", "Suspended")?;
+    std::thread::sleep(Duration::from_secs(2));
+    act_timed(&cloud, &mut clock, &id, "resume", "Running")?;
+    assert_eq!(
+        vm.sh("cat /proc/sys/kernel/random/boot_id")?,
+        boot,
+        "resume is not a reboot"
+    );
     vm.sh("echo kept-by-snapshot > /root/file && echo canary > /datadrive/canary && sync")?;
 
     // A snapshot, and a second instance from it.

@@ -29,7 +29,7 @@ const FI_REMAPPED_FAILURE: u32 = 145;
 const FI_RECOVERY_ACTION: u32 = 230;
 
 /// What NVML says about a GPU that does not change while it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct NvmlDevice {
     pub index: u32,
     pub pci: PciAddress,

@@ -11,7 +11,8 @@
 //! `{"magic":"gantry-gpus","version":1,"gpus":{"<pci>":{"health":{...},
 //! "instance":"<id>"|null,"aer":{...},"faults":["XID 79 (...)"]}}}`:
 //! `aer` is the AER baseline the gate compares against; `faults` are
-//! reasons seen while the GPU was leased, which fail its next gate.
+//! reasons seen while the GPU was leased, which fail its next gate;
+//! `identity` is what NVML last said of it (model, UUID, memory, ...).
 
 use super::nvml::{GpuSample, Nvml, NvmlDevice};
 use super::sysfs::{AerTotals, PciFunction, Sysfs};
@@ -42,6 +43,11 @@ pub struct GpuRecord {
     /// Why the next gate must reset it, if it must.
     #[serde(default)]
     pub needs_reset: Option<String>,
+    /// What NVML last said about it: a GPU on vfio-pci (passed through,
+    /// or bound there at boot) is invisible to NVML but keeps its model and
+    /// UUID, across agent restarts too.
+    #[serde(default)]
+    pub identity: Option<NvmlDevice>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -190,15 +196,11 @@ impl GpuPool {
                     .collect(),
                 None => vec![f.address],
             };
-            let prev = self
-                .lock()
-                .known
-                .get(&f.address)
-                .and_then(|k| k.nvml.clone());
             known.insert(
                 f.address,
                 Known {
-                    nvml: by_pci.get(&f.address).cloned().or(prev),
+                    // Else the record's identity (below).
+                    nvml: by_pci.get(&f.address).cloned(),
                     func: f,
                     functions,
                 },
@@ -208,9 +210,17 @@ impl GpuPool {
         let mut st = self.lock();
         st.driver_version = driver_version;
         let mut changed = false;
-        for (pci, k) in &known {
+        for (pci, k) in known.iter_mut() {
             let gone = k.func.vendor == super::sysfs::GONE_VENDOR;
             let rec = st.records.entry(*pci).or_default();
+            match &k.nvml {
+                Some(n) if rec.identity.as_ref() != Some(n) => {
+                    rec.identity = Some(n.clone());
+                    changed = true;
+                }
+                Some(_) => {}
+                None => k.nvml = rec.identity.clone(),
+            }
             let event = match (&rec.health, gone) {
                 (GpuHealth::Lost, false) => Some(GpuEvent::Found),
                 (GpuHealth::Lost, true) => None,
@@ -408,4 +418,72 @@ pub(crate) fn apply(pci: &PciAddress, rec: &mut GpuRecord, e: GpuEvent) -> bool 
 /// A model name from PCI ids when NVML cannot say.
 fn pci_model(f: &PciFunction) -> String {
     format!("NVIDIA {:04x}:{:04x}", f.vendor, f.device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::nvml::{GpuSample, HealthReading, XidEvent};
+    use super::*;
+
+    /// NVML that sees a fixed set of GPUs (a GPU on vfio-pci is invisible).
+    struct Sees(Vec<NvmlDevice>);
+
+    impl Nvml for Sees {
+        fn source(&self) -> &'static str {
+            "nvml"
+        }
+        fn driver_version(&self) -> Option<String> {
+            None
+        }
+        fn devices(&self) -> Vec<NvmlDevice> {
+            self.0.clone()
+        }
+        fn health(&self, _: &PciAddress) -> Option<HealthReading> {
+            None
+        }
+        fn sample(&self, _: &PciAddress) -> Option<GpuSample> {
+            None
+        }
+        fn next_event(&self, _: Duration) -> Option<XidEvent> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_gpu_nvml_no_longer_sees_keeps_its_identity_across_restarts() {
+        let sim = tempfile::tempdir().unwrap();
+        gantry_nvml_sim::control::init(sim.path(), "h100x8").unwrap();
+        let sysfs = Sysfs::new(sim.path().join("sys"));
+        let state = tempfile::tempdir().unwrap();
+        let pci = PciAddress::parse("0000:1a:00.0").unwrap();
+        let dev = NvmlDevice {
+            index: 0,
+            pci,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            uuid: "GPU-00000000-0000-0000-0000-000000000001".into(),
+            serial: None,
+            memory_bytes: 85_520_809_984,
+            vbios: None,
+            mig_mode: None,
+            numa_node: Some(0),
+            cpu_affinity: None,
+        };
+        let open = |seen: Vec<NvmlDevice>| {
+            GpuPool::open(
+                GpuConfig::default(),
+                sysfs.clone(),
+                Box::new(Sees(seen)),
+                state.path().join("gpus.json"),
+            )
+            .unwrap()
+        };
+        drop(open(vec![dev.clone()]));
+        // Restarted while the GPU sits on vfio-pci: NVML sees nothing.
+        let list = open(vec![]).list();
+        assert_eq!(list[0].model, dev.name);
+        assert_eq!(list[0].uuid.as_deref(), Some(dev.uuid.as_str()));
+        assert_eq!(list[0].memory_bytes, Some(dev.memory_bytes));
+        assert_eq!(list[1].model, "NVIDIA 10de:2330", "never seen by NVML");
+        assert_eq!(list[1].uuid, None);
+    }
 }

@@ -166,6 +166,8 @@ pub fn kind(c: &AgentCommand) -> &'static str {
         AgentCommand::Stop {} => "stop",
         AgentCommand::Reboot {} => "reboot",
         AgentCommand::ForceReboot {} => "force-reboot",
+        AgentCommand::Suspend {} => "suspend",
+        AgentCommand::Resume {} => "resume",
         AgentCommand::Release {} => "release",
         AgentCommand::ChangeType { .. } => "change-type",
         AgentCommand::GrowDisk { .. } => "grow-disk",
@@ -345,6 +347,8 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
         AgentCommand::Stop {} => act(ActionRequest::Stop { timeout_secs: None }),
         AgentCommand::Reboot {} => act(ActionRequest::Reboot),
         AgentCommand::ForceReboot {} => act(ActionRequest::ForceReboot),
+        AgentCommand::Suspend {} => act(ActionRequest::Suspend),
+        AgentCommand::Resume {} => act(ActionRequest::Resume),
         AgentCommand::Release {} => act(ActionRequest::Release {
             delete_data_volume: false,
         }),
@@ -586,6 +590,8 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
             done(state == Some(Running))
         }
         AgentCommand::Stop {} => done(state == Some(Stopped)),
+        AgentCommand::Suspend {} => done(state == Some(Suspended)),
+        AgentCommand::Resume {} => done(state == Some(Running)),
         AgentCommand::ChangeType {
             vcpus,
             memory_mib,

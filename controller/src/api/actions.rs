@@ -97,12 +97,15 @@ async fn do_action(
     let action = req.action();
     let rec = load_in(&st.db.pool, who, id).await?;
     check(&rec, action)?;
-    if action == Action::Start {
+    if matches!(action, Action::Start | Action::Resume) {
         crate::billing::require_credit(st, &rec.account, "starting instances").await?;
     }
     let desired = match action {
-        Action::Start | Action::Reboot | Action::ForceReboot => InstanceState::Running,
+        Action::Start | Action::Resume | Action::Reboot | Action::ForceReboot => {
+            InstanceState::Running
+        }
         Action::Stop => InstanceState::Stopped,
+        Action::Suspend => InstanceState::Suspended,
         Action::Release => InstanceState::Released,
         _ => rec.observed,
     };

@@ -117,19 +117,43 @@ async fn instance(st: &AppState, id: Option<InstanceId>) -> ApiResult<InstanceRe
     Ok(rows::instance(&row)?)
 }
 
+/// The command of an operation kind that needs nothing but the kind.
+pub(crate) fn plain_command(kind: &str) -> Option<AgentCommand> {
+    Some(match kind {
+        "start" => AgentCommand::Start {},
+        "stop" => AgentCommand::Stop {},
+        "reboot" => AgentCommand::Reboot {},
+        "force-reboot" => AgentCommand::ForceReboot {},
+        "suspend" => AgentCommand::Suspend {},
+        "resume" => AgentCommand::Resume {},
+        "release" => AgentCommand::Release {},
+        _ => return None,
+    })
+}
+
+/// Operation kinds [`command`] builds from the operation's detail and
+/// records (besides the [`plain_command`] ones).
+pub(crate) const DETAILED_KINDS: &[&str] = &[
+    "create",
+    "change-type",
+    "clear-gpu",
+    "grow-disk",
+    "snapshot",
+    "delete-snapshot",
+    "set-password",
+];
+
 /// The command an operation asks for.
 async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
     let snapshot_of = |d: &str| {
         d.parse::<SnapshotId>()
             .map_err(|e| gone(format!("operation detail: {e}")))
     };
+    if let Some(c) = plain_command(&op.kind) {
+        return Ok(c);
+    }
     Ok(match op.kind.as_str() {
         "create" => create_command(st, &instance(st, op.instance).await?).await?,
-        "start" => AgentCommand::Start {},
-        "stop" => AgentCommand::Stop {},
-        "reboot" => AgentCommand::Reboot {},
-        "force-reboot" => AgentCommand::ForceReboot {},
-        "release" => AgentCommand::Release {},
         "change-type" => {
             let new = op.detail.split(' ').next().unwrap_or_default();
             let row = sqlx::query("SELECT vcpus, memory_mib FROM flavors WHERE id = $1")
@@ -189,7 +213,12 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
                 ),
             }
         }
-        other => return Err(gone(format!("unknown operation kind {other:?}"))),
+        other => {
+            return Err(gone(format!(
+                "unknown operation kind {other:?} (known: the plain kinds and {})",
+                DETAILED_KINDS.join(", ")
+            )))
+        }
     })
 }
 
@@ -514,4 +543,42 @@ async fn settle_snapshot(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_proto::api::v1::InstanceAction;
+    use gantry_proto::{Action, InstanceState};
+
+    /// The API body (or route) that asks for `a`.
+    fn request(a: Action) -> Option<InstanceAction> {
+        let body = match a {
+            // Its own route: `POST /v1/instances/{id}/snapshots`.
+            Action::Snapshot => return None,
+            Action::ChangeType => serde_json::json!({
+                "action": "change-type", "flavor": gantry_proto::ids::FlavorId::new()
+            }),
+            Action::GrowDisk => serde_json::json!({"action": "grow-disk", "root_disk_gib": 60}),
+            other => serde_json::json!({ "action": other.name() }),
+        };
+        Some(serde_json::from_value(body).expect("the API takes every advertised action"))
+    }
+
+    #[test]
+    fn every_advertised_action_is_one_the_controller_executes() {
+        for s in InstanceState::ALL {
+            for a in s.allowed_actions() {
+                if let Some(req) = request(a) {
+                    assert_eq!(req.action(), a);
+                }
+                // The operation's kind is the action's name.
+                let kind = a.name();
+                assert!(
+                    plain_command(kind).is_some() || DETAILED_KINDS.contains(&kind),
+                    "{s} advertises {kind}, which no agent command carries out"
+                );
+            }
+        }
+    }
 }

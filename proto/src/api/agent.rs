@@ -247,6 +247,9 @@ pub enum AgentCommand {
     Stop {},
     Reboot {},
     ForceReboot {},
+    /// Pause the guest (memory kept); `Resume` runs it again.
+    Suspend {},
+    Resume {},
     Release {},
     /// New shape while stopped. `gpus`: the whole GPUs the instance
     /// has afterwards (attached and detached to match); `None` leaves them.

@@ -536,8 +536,15 @@ pub enum InstanceAction {
     Stop {},
     Reboot {},
     ForceReboot {},
-    ChangeType { flavor: FlavorId },
-    GrowDisk { root_disk_gib: u64 },
+    /// Pause the guest, memory kept (not billed while Suspended).
+    Suspend {},
+    Resume {},
+    ChangeType {
+        flavor: FlavorId,
+    },
+    GrowDisk {
+        root_disk_gib: u64,
+    },
     Release {},
 }
 
@@ -548,6 +555,8 @@ impl InstanceAction {
             Self::Stop {} => Action::Stop,
             Self::Reboot {} => Action::Reboot,
             Self::ForceReboot {} => Action::ForceReboot,
+            Self::Suspend {} => Action::Suspend,
+            Self::Resume {} => Action::Resume,
             Self::ChangeType { .. } => Action::ChangeType,
             Self::GrowDisk { .. } => Action::GrowDisk,
             Self::Release {} => Action::Release,

@@ -43,7 +43,8 @@ pub enum InstanceCmd {
         #[arg(long)]
         account: Option<AccountId>,
     },
-    /// start, stop, reboot, force-reboot, change-type, grow-disk, release.
+    /// start, stop, reboot, force-reboot, suspend, resume, change-type,
+    /// grow-disk, release.
     Action {
         id: String,
         action: String,
@@ -138,6 +139,8 @@ fn action(name: &str, flavor: Option<FlavorId>, gib: Option<u64>) -> CliResult<I
         "stop" => InstanceAction::Stop {},
         "reboot" => InstanceAction::Reboot {},
         "force-reboot" => InstanceAction::ForceReboot {},
+        "suspend" => InstanceAction::Suspend {},
+        "resume" => InstanceAction::Resume {},
         "release" => InstanceAction::Release {},
         "change-type" => InstanceAction::ChangeType {
             flavor: flavor.ok_or_else(|| missing("flavor"))?,
@@ -147,8 +150,8 @@ fn action(name: &str, flavor: Option<FlavorId>, gib: Option<u64>) -> CliResult<I
         },
         other => {
             return Err(Fail::Local(format!(
-                "unknown action {other:?} (start, stop, reboot, force-reboot, change-type, \
-                 grow-disk, release)"
+                "unknown action {other:?} (start, stop, reboot, force-reboot, suspend, resume, \
+                 change-type, grow-disk, release)"
             )))
         }
     })

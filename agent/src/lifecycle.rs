@@ -93,8 +93,12 @@ impl Manager {
                 vcpus,
                 memory_mib,
                 gpus,
+                root_disk_gib,
             } => {
                 let (vcpus, memory_mib) = (*vcpus, *memory_mib);
+                if let Some(d) = root_disk_gib {
+                    validate::in_range("root_disk_gib", *d, 1, spec::MAX_DISK_GIB)?;
+                }
                 if let Some(gpus) = gpus {
                     let mut seen = std::collections::HashSet::new();
                     for (i, g) in gpus.iter().enumerate() {
@@ -368,7 +372,16 @@ impl Manager {
                 vcpus,
                 memory_mib,
                 gpus,
-            } => self.change_type(id, vcpus, memory_mib, gpus),
+                root_disk_gib,
+            } => {
+                // The disk first: it only grows, so a later failure leaves
+                // a larger disk and nothing else changed.
+                let current = self.record(id)?.spec.root_disk_gib;
+                if let Some(d) = root_disk_gib.filter(|d| *d > current) {
+                    self.grow_disk(id, state, DiskKind::Root, d)?;
+                }
+                self.change_type(id, vcpus, memory_mib, gpus)
+            }
             ActionRequest::GrowDisk { disk, size_gib } => self.grow_disk(id, state, disk, size_gib),
             ActionRequest::Release { delete_data_volume } => self.release(id, delete_data_volume),
         }

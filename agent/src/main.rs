@@ -144,6 +144,9 @@ enum InstanceCmd {
         /// Detach every GPU.
         #[arg(long, conflicts_with = "gpus")]
         no_gpus: bool,
+        /// Grow the root disk to this size (GiB) as well.
+        #[arg(long)]
+        root_disk_gib: Option<u64>,
     },
     /// Grow the root disk or the data volume (never shrinks).
     GrowDisk {
@@ -333,6 +336,7 @@ async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()>
             memory_mib,
             gpus,
             no_gpus,
+            root_disk_gib,
         } => {
             let gpus = (no_gpus || !gpus.is_empty()).then_some(gpus);
             simple(
@@ -341,6 +345,7 @@ async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()>
                     vcpus,
                     memory_mib,
                     gpus,
+                    root_disk_gib,
                 },
             )
         }

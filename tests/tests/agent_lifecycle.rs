@@ -138,6 +138,7 @@ fn instance_lifecycle_on_a_real_guest() -> anyhow::Result<()> {
                 vcpus: 2,
                 memory_mib: 384,
                 gpus: None,
+                root_disk_gib: None,
             },
         )
         .unwrap_err();
@@ -150,6 +151,7 @@ fn instance_lifecycle_on_a_real_guest() -> anyhow::Result<()> {
         vcpus: 2,
         memory_mib: 384,
         gpus: None,
+        root_disk_gib: None,
     })?;
     vm.act(ActionRequest::Start)?;
     vm.wait_next_boot()?;

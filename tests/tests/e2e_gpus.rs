@@ -2,8 +2,9 @@
 //! workspace's simulated library (8× H100) over a fake sysfs tree. An
 //! injected XID 79 quarantines a GPU and the scheduler stops offering it;
 //! change-type onto a GPU flavor attaches the booked GPUs to the domain
-//! libvirt holds (starting it needs VFIO, which this kernel lacks, so the
-//! instance stays stopped); change-type back detaches them and they come
+//! libvirt holds and grows its root disk to the flavor's (starting it needs
+//! VFIO, which this kernel lacks, so the instance stays stopped);
+//! change-type back detaches them and they come
 //! back through the health gate; the agent's leases survive its restart; an
 //! admin clears the quarantined GPU.
 
@@ -71,6 +72,22 @@ fn hostdevs(id: &str) -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
+/// The root disk's capacity as libvirt sees it (`virsh domblkinfo`).
+fn root_disk_bytes(id: &str) -> anyhow::Result<u64> {
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
+    let out = Command::new("virsh")
+        .args(["-c", &uri, "domblkinfo", &format!("gantry-{id}"), "vda"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "virsh domblkinfo failed");
+    let text = String::from_utf8(out.stdout)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Capacity:"))
+        .context("no capacity")?
+        .trim()
+        .parse()
+        .context("capacity")
+}
+
 #[test]
 #[ignore = "needs the VM rig: ./scripts/test runs it"]
 fn gpus_through_the_controller_on_the_simulated_library() -> anyhow::Result<()> {
@@ -124,7 +141,7 @@ fn gpus_through_the_controller_on_the_simulated_library() -> anyhow::Result<()> 
     assert!(refused.error.contains("largest is 7"), "{}", refused.error);
     let two = cloud.admin.post(
         "/v1/admin/flavors",
-        &json!({"name": "h100-2", "vcpus": 1, "memory_mib": 256, "root_disk_gib": 1,
+        &json!({"name": "h100-2", "vcpus": 1, "memory_mib": 256, "root_disk_gib": 2,
                 "gpu_model": "H100", "gpu_count": 2, "price_micros_per_hour": 2_000_000}),
     )?;
 
@@ -158,6 +175,8 @@ fn gpus_through_the_controller_on_the_simulated_library() -> anyhow::Result<()> 
         booked,
         "the domain libvirt holds has the booked GPUs"
     );
+    // The flavor's larger root disk reached the host too.
+    assert_eq!(root_disk_bytes(&id)?, 2 << 30);
     for p in &booked {
         wait_gpu(&cloud, p, "leased")?;
     }

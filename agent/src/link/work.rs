@@ -356,10 +356,12 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
             vcpus,
             memory_mib,
             gpus,
+            root_disk_gib,
         } => act(ActionRequest::ChangeType {
             vcpus: *vcpus,
             memory_mib: *memory_mib,
             gpus: gpus.clone(),
+            root_disk_gib: *root_disk_gib,
         }),
         AgentCommand::ClearGpu { pci } => {
             m.gpus().clear(pci)?;
@@ -596,11 +598,13 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
             vcpus,
             memory_mib,
             gpus,
+            root_disk_gib,
         } => done(rec.is_some_and(|r| {
             r.state == Stopped
                 && r.spec.vcpus == *vcpus
                 && r.spec.memory_mib == *memory_mib
                 && gpus.as_ref().is_none_or(|g| *g == r.spec.gpus)
+                && root_disk_gib.is_none_or(|d| r.spec.root_disk_gib >= d)
         })),
         AgentCommand::ClearGpu { pci } => {
             let cleared = m

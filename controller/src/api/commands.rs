@@ -161,11 +161,13 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
                 .fetch_optional(&st.db.pool)
                 .await?
                 .ok_or_else(|| gone(format!("flavor {} is gone", op.detail)))?;
-            let id = op.instance.ok_or_else(|| gone("no instance".into()))?;
+            let rec = instance(st, op.instance).await?;
             AgentCommand::ChangeType {
                 vcpus: col::<i64>(&row, "vcpus")? as u32,
                 memory_mib: col::<i64>(&row, "memory_mib")? as u64,
-                gpus: Some(crate::gpus::booked(&st.db.pool, &id.to_string()).await?),
+                gpus: Some(crate::gpus::booked(&st.db.pool, &rec.id.to_string()).await?),
+                // Booked by the change (the larger of the two).
+                root_disk_gib: Some(rec.root_disk_gib),
             }
         }
         "clear-gpu" => AgentCommand::ClearGpu {

@@ -253,11 +253,14 @@ pub enum AgentCommand {
     Release {},
     /// New shape while stopped. `gpus`: the whole GPUs the instance
     /// has afterwards (attached and detached to match); `None` leaves them.
+    /// `root_disk_gib`: the root disk's size afterwards (it only grows).
     ChangeType {
         vcpus: u32,
         memory_mib: u64,
         #[serde(default)]
         gpus: Option<Vec<PciAddress>>,
+        #[serde(default)]
+        root_disk_gib: Option<u64>,
     },
     GrowDisk {
         root_disk_gib: u64,

@@ -123,6 +123,10 @@ pub enum ActionRequest {
         /// detached to match); `None` leaves them as they are.
         #[serde(default)]
         gpus: Option<Vec<crate::validate::PciAddress>>,
+        /// The root disk's size afterwards; it only grows (a smaller size
+        /// leaves it as it is).
+        #[serde(default)]
+        root_disk_gib: Option<u64>,
     },
     GrowDisk {
         disk: DiskKind,

@@ -6,6 +6,7 @@
 //! domain_type = "auto"                 # auto | kvm | qemu (TCG)
 //! listen = "127.0.0.1:8788"            # local operator API
 //! stop_timeout_secs = 60               # ACPI shutdown grace before destroy
+//! domain_prefix = "gantry-"            # libvirt domain names; gantry-<x>- when agents share libvirtd
 //! reserved_memory_mib = 1024           # host memory never given to guests
 //! machine = "pc"                       # QEMU machine type
 //! snapshot_store = "<state_dir>/snapshots"   # path, file:// or s3://bucket/prefix
@@ -25,7 +26,7 @@
 //! gate_command = ["dcgmi", "diag", "-r", "1", "-i", "{index}"]   # optional diagnostic
 //!
 //! [controller]                         # optional: join a gantry-controller
-//! url = "http://127.0.0.1:8787"
+//! url = "http://127.0.0.1:8787"        # or, replicas: urls = ["http://a:8787", "http://b:8787"]
 //! join_token_file = "/etc/gantry/join-token"   # or join_token = "gjt_..."
 //! host_name = "gpu1"                   # default: the system hostname
 //! address = "10.0.0.5"                 # default: host_name
@@ -68,6 +69,10 @@ pub struct AgentConfig {
     pub domain_type: DomainType,
     pub listen: SocketAddr,
     pub stop_timeout_secs: u64,
+    /// Prefix of this agent's libvirt domain names (`<prefix><instance
+    /// id>`): `gantry-`, or `gantry-<x>-` when several agents share one
+    /// libvirtd (a test rig with two hosts on one machine).
+    pub domain_prefix: String,
     pub reserved_memory_mib: u64,
     pub machine: String,
     /// Whole GPUs: where they are found, how they are checked.
@@ -172,8 +177,13 @@ impl NetworkConfig {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// Base URL of the controller (`http://` or `https://`).
-    pub url: String,
+    /// Base URL of the controller (`http://` or `https://`); or `urls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Base URLs of controller replicas (one database): calls go to one
+    /// and fail over to the next on connection errors and 5xx answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
     /// A file holding the join token (wins over `join_token`).
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
@@ -198,6 +208,7 @@ impl std::fmt::Debug for ControllerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControllerConfig")
             .field("url", &self.url)
+            .field("urls", &self.urls)
             .field("join_token_file", &self.join_token_file)
             .field(
                 "join_token",
@@ -211,6 +222,48 @@ impl std::fmt::Debug for ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// Every controller URL, in the order they are tried: `url`, or `urls`.
+    pub fn urls(&self) -> Vec<String> {
+        match &self.url {
+            Some(u) => vec![u.clone()],
+            None => self.urls.clone(),
+        }
+    }
+
+    /// The controller URLs for messages: `a, b`.
+    pub fn urls_text(&self) -> String {
+        self.urls().join(", ")
+    }
+
+    /// `url` or `urls`: one at least, not both, each http(s), no repeats.
+    fn check_urls(&self) -> Result<(), (&'static str, String)> {
+        let field = if self.url.is_some() {
+            "controller.url"
+        } else {
+            "controller.urls"
+        };
+        if self.url.is_some() && !self.urls.is_empty() {
+            return Err(("controller.urls", "give url or urls, not both".into()));
+        }
+        let urls = self.urls();
+        if urls.is_empty() {
+            return Err((
+                "controller.url",
+                "a controller URL is required (url, or urls for replicas)".into(),
+            ));
+        }
+        for (i, u) in urls.iter().enumerate() {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err((field, format!("{u:?} must start with http:// or https://")));
+            }
+            let same = |v: &String| v.trim_end_matches('/') == u.trim_end_matches('/');
+            if urls[..i].iter().any(same) {
+                return Err((field, format!("{u:?} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+
     /// The join token: the file's content (trimmed) or the inline value.
     pub fn read_join_token(&self) -> Result<Option<String>, std::io::Error> {
         if let Some(p) = &self.join_token_file {
@@ -244,6 +297,7 @@ impl Default for AgentConfig {
             domain_type: DomainType::Auto,
             listen: "127.0.0.1:8788".parse().expect("valid default address"),
             stop_timeout_secs: 60,
+            domain_prefix: crate::libvirt::DOMAIN_PREFIX.into(),
             reserved_memory_mib: 1024,
             machine: "pc".into(),
             gpu: GpuConfig::default(),
@@ -301,6 +355,21 @@ impl AgentConfig {
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
         }
+        let rest = self
+            .domain_prefix
+            .strip_prefix(crate::libvirt::DOMAIN_PREFIX);
+        let ok = rest.is_some_and(|r| {
+            r.len() <= 16
+                && (r.is_empty() || r.ends_with('-'))
+                && r.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+        if !ok {
+            return Err(invalid(
+                "domain_prefix",
+                "must be gantry- or gantry-<a-z, 0-9, -; up to 16>- (ending in -)",
+            ));
+        }
         if self.machine.is_empty()
             || !self
                 .machine
@@ -324,12 +393,7 @@ impl AgentConfig {
             .check()
             .map_err(|(field, m)| invalid(field, &m))?;
         if let Some(c) = &self.controller {
-            if !(c.url.starts_with("http://") || c.url.starts_with("https://")) {
-                return Err(invalid(
-                    "controller.url",
-                    "must start with http:// or https://",
-                ));
-            }
+            c.check_urls().map_err(|(field, m)| invalid(field, &m))?;
             if c.poll_wait_secs > gantry_proto::api::agent::MAX_WAIT_SECS {
                 return Err(invalid("controller.poll_wait_secs", "must be 0 to 60"));
             }
@@ -431,5 +495,51 @@ mod tests {
         std::fs::write(&p, "[controller]\nurl = \"http://x\"\ntoken = \"x\"\n").unwrap();
         let e = AgentConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("token"), "{e}");
+    }
+
+    #[test]
+    fn controller_replicas_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(
+            &p,
+            "[controller]\nurls = [\"http://a:8787\", \"https://b:8787/\"]\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::load(&p).unwrap();
+        let c = cfg.controller.clone().unwrap();
+        assert_eq!(c.urls(), ["http://a:8787", "https://b:8787/"]);
+        assert_eq!(c.urls_text(), "http://a:8787, https://b:8787/");
+        // Printed back and read again: the same.
+        std::fs::write(&p, toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(AgentConfig::load(&p).unwrap(), cfg);
+        let one = "[controller]\nurl = \"http://a:8787\"\n";
+        std::fs::write(&p, one).unwrap();
+        let c = AgentConfig::load(&p).unwrap().controller.unwrap();
+        assert_eq!(c.urls(), ["http://a:8787"]);
+        let bad = [
+            (
+                "urls = []\n",
+                "controller.url: a controller URL is required",
+            ),
+            ("", "controller.url: a controller URL is required"),
+            (
+                "url = \"http://a\"\nurls = [\"http://b\"]\n",
+                "controller.urls: give url or urls, not both",
+            ),
+            (
+                "urls = [\"http://a\", \"ftp://b\"]\n",
+                "controller.urls: \"ftp://b\" must start with http:// or https://",
+            ),
+            (
+                "urls = [\"http://a\", \"http://a/\"]\n",
+                "controller.urls: \"http://a/\" is listed twice",
+            ),
+        ];
+        for (text, want) in bad {
+            std::fs::write(&p, format!("[controller]\n{text}")).unwrap();
+            let e = AgentConfig::load(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 }

@@ -20,6 +20,7 @@
 //! - [`usage`]: per-instance Running-time counters (billing).
 //! - [`link`]: the link to a gantry-controller: join, heartbeat, work.
 //! - [`virt_raw`]: safe wrappers over raw libvirt calls (block jobs, fsfreeze).
+//! - [`volumes`]: grow and delete data volumes for the controller.
 
 pub mod api;
 pub mod client;
@@ -37,6 +38,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod manager;
 pub mod metrics;
+pub mod moves;
 pub mod net;
 pub mod recover;
 pub mod serve;
@@ -45,3 +47,4 @@ pub mod snapshots;
 mod testutil;
 pub mod usage;
 pub mod virt_raw;
+pub mod volumes;

@@ -8,7 +8,7 @@ use crate::hypervisor::{GuestCall, Power};
 use crate::images;
 use crate::layout::{InstanceRecord, VolumeRecord};
 use crate::libvirt::PowerState;
-use crate::manager::{domain_name, Manager, ManagerError};
+use crate::manager::{Manager, ManagerError};
 use gantry_proto::api::local::{ActionRequest, DiskKind};
 use gantry_proto::spec::{self, InstanceSpec};
 use gantry_proto::validate::{self, PciAddress, ValidationError};
@@ -181,8 +181,8 @@ impl Manager {
             });
         }
         Ok(DomainDef {
-            name: domain_name(spec.id),
-            uuid: spec.id.uuid(),
+            name: self.domain_name(spec.id),
+            uuid: self.domain_uuid(spec.id),
             domain_type: self.domain_type,
             machine: self.cfg.machine.clone(),
             vcpus: spec.vcpus,
@@ -237,9 +237,15 @@ impl Manager {
         Ok(())
     }
 
-    pub(crate) fn run_create(&self, id: InstanceId, op: OperationId) -> Result<(), ManagerError> {
-        match self.build_instance(id, op) {
-            Ok(()) => self.set_state(id, InstanceState::Running),
+    pub(crate) fn run_create(
+        &self,
+        id: InstanceId,
+        op: OperationId,
+        start: bool,
+    ) -> Result<(), ManagerError> {
+        match self.build_instance(id, op, start) {
+            Ok(()) if start => self.set_state(id, InstanceState::Running),
+            Ok(()) => self.set_state(id, InstanceState::Stopped),
             Err(e) => {
                 tracing::warn!(instance = %id, error = %e, "create failed; rolling back");
                 self.rollback_create(id);
@@ -250,7 +256,12 @@ impl Manager {
         }
     }
 
-    fn build_instance(&self, id: InstanceId, op: OperationId) -> Result<(), ManagerError> {
+    fn build_instance(
+        &self,
+        id: InstanceId,
+        op: OperationId,
+        start: bool,
+    ) -> Result<(), ManagerError> {
         let spec = self.record(id)?.spec;
         let verified = self.lock().verified_images.contains(&spec.image);
         let image = images::open(&self.layout, spec.image, !verified)?;
@@ -281,10 +292,13 @@ impl Manager {
         self.write_seed(&spec, false)?;
         self.progress(op, 60);
         let xml = self.domain_def(&spec)?.to_xml();
-        self.virt.define(&domain_name(id), &xml)?;
+        self.virt.define(&self.domain_name(id), &xml)?;
         self.progress(op, 80);
+        if !start {
+            return Ok(());
+        }
         self.before_start(&spec)?;
-        self.virt.power(&domain_name(id), Power::Start)?;
+        self.virt.power(&self.domain_name(id), Power::Start)?;
         self.after_start(&spec)?;
         if spec.nic.is_some() {
             self.apply_network();
@@ -295,7 +309,7 @@ impl Manager {
     /// Removes everything a create made: domain, instance directory, and the
     /// data volume if this create made it (else it is detached, kept).
     pub(crate) fn rollback_create(&self, id: InstanceId) {
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         if let Err(e) = self
             .virt
             .power(&name, Power::Destroy)
@@ -337,7 +351,7 @@ impl Manager {
         req: ActionRequest,
         op: OperationId,
     ) -> Result<(), ManagerError> {
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         // The state may have changed since the request was accepted.
         let state = self.record(id)?.state;
         state.check_action(req.action())?;
@@ -410,13 +424,13 @@ impl Manager {
         })?;
         let defined = self
             .domain_def(&rec.spec)
-            .and_then(|d| Ok(self.virt.define(&domain_name(id), &d.to_xml())?));
+            .and_then(|d| Ok(self.virt.define(&self.domain_name(id), &d.to_xml())?));
         if let Err(e) = defined {
             // Back to what it was: record, domain and leases.
             let old = before.clone();
             self.update_record(id, |r| r.spec = old)?;
             if let Ok(d) = self.domain_def(&before) {
-                let _ = self.virt.define(&domain_name(id), &d.to_xml());
+                let _ = self.virt.define(&self.domain_name(id), &d.to_xml());
             }
             self.gpus.release(id, &before.gpus);
             return Err(e);
@@ -482,7 +496,8 @@ impl Manager {
             .into());
         }
         if live {
-            self.virt.block_resize(&domain_name(id), target, bytes)?;
+            self.virt
+                .block_resize(&self.domain_name(id), target, bytes)?;
         } else {
             disks::grow(&path, bytes)?;
         }
@@ -517,7 +532,7 @@ impl Manager {
         if self.record(id)?.state != InstanceState::Releasing {
             self.set_state(id, InstanceState::Releasing)?;
         }
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         self.virt.power(&name, Power::Destroy)?;
         self.virt.undefine(&name)?;
         let rec = self.record(id)?;
@@ -557,14 +572,14 @@ impl Manager {
                 g.root_password_hash = hash.clone();
             }
         })?;
-        let power = self.virt.state(&domain_name(id))?;
+        let power = self.virt.state(&self.domain_name(id))?;
         let open = matches!(power, PowerState::Running | PowerState::Paused);
         self.write_seed(&rec.spec, open)?;
         if power != PowerState::Running {
             return Ok("applies at the next start (the instance is not running)".into());
         }
         match self.virt.guest_agent(
-            &domain_name(id),
+            &self.domain_name(id),
             GuestCall::SetPassword {
                 user: "root".into(),
                 hash: hash.expose().to_string(),

@@ -93,12 +93,31 @@ pub struct Manager {
     pub(crate) net: Arc<crate::net::Network>,
 }
 
-/// The libvirt domain name of an instance.
+/// The libvirt domain name of an instance with the default prefix.
 pub fn domain_name(id: InstanceId) -> String {
     format!("{}{id}", crate::libvirt::DOMAIN_PREFIX)
 }
 
 impl Manager {
+    /// This agent's libvirt domain name of an instance (`domain_prefix`).
+    pub fn domain_name(&self, id: InstanceId) -> String {
+        format!("{}{id}", self.cfg.domain_prefix)
+    }
+
+    /// The domain's UUID: the instance's own, or (with a non-default
+    /// `domain_prefix`) one derived from the domain name, since libvirt
+    /// refuses two domains with one UUID and agents sharing a libvirtd may
+    /// both hold an instance for a moment (a move).
+    pub fn domain_uuid(&self, id: InstanceId) -> uuid::Uuid {
+        if self.cfg.domain_prefix == crate::libvirt::DOMAIN_PREFIX {
+            return id.uuid();
+        }
+        let h = blake3::hash(self.domain_name(id).as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&h.as_bytes()[..16]);
+        uuid::Builder::from_random_bytes(b).into_uuid()
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -366,6 +385,22 @@ impl Manager {
 
     /// Starts creating an instance; checks what can be checked at once.
     pub fn create(self: &Arc<Self>, spec: InstanceSpec) -> Result<OperationInfo, ManagerError> {
+        self.create_with(spec, true)
+    }
+
+    /// Creates an instance that stays Stopped (a moved one: see `moves`).
+    pub fn create_stopped(
+        self: &Arc<Self>,
+        spec: InstanceSpec,
+    ) -> Result<OperationInfo, ManagerError> {
+        self.create_with(spec, false)
+    }
+
+    fn create_with(
+        self: &Arc<Self>,
+        spec: InstanceSpec,
+        start: bool,
+    ) -> Result<OperationInfo, ManagerError> {
         spec.validate()?;
         {
             let inner = self.lock();
@@ -392,7 +427,7 @@ impl Manager {
             return Err(e.into());
         }
         self.lock().instances.insert(id, rec);
-        self.submit(id, "create", move |m, op| m.run_create(id, op))
+        self.submit(id, "create", move |m, op| m.run_create(id, op, start))
     }
 
     /// Starts an action on an instance, after checking it is allowed now.

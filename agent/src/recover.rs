@@ -8,7 +8,7 @@ use crate::gpu::GpuPool;
 use crate::hypervisor::{Hypervisor, Power};
 use crate::layout::{InstanceRecord, Layout};
 use crate::libvirt::{Libvirt, PowerState};
-use crate::manager::{domain_name, Inner, Manager, ManagerError};
+use crate::manager::{Inner, Manager, ManagerError};
 use gantry_proto::{InstanceId, InstanceState};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -62,7 +62,7 @@ impl Manager {
         for loaded in m.layout.load_instances()? {
             match loaded {
                 Ok(rec) => {
-                    known.insert(domain_name(rec.spec.id));
+                    known.insert(m.domain_name(rec.spec.id));
                     let id = rec.spec.id;
                     m.lock().instances.insert(id, rec);
                     if let Err(e) = m.reattach(id) {
@@ -106,7 +106,7 @@ impl Manager {
 
     fn reattach(&self, id: InstanceId) -> Result<(), ManagerError> {
         let rec = self.record(id)?;
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         match rec.state {
             InstanceState::Creating => {
                 tracing::warn!(instance = %id, "agent stopped during create; rolling back");
@@ -152,7 +152,7 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         if rec.state.is_snapshotting() && power == PowerState::Paused {
             // A snapshot was interrupted: the guest goes back to work.
-            self.virt.power(&domain_name(id), Power::Resume)?;
+            self.virt.power(&self.domain_name(id), Power::Resume)?;
         }
         let mut inner = self.lock();
         for step in observed_path(rec.state, power) {
@@ -183,7 +183,7 @@ impl Manager {
         };
         for rec in recs {
             let id = rec.spec.id;
-            let power = match self.virt.state(&domain_name(id)) {
+            let power = match self.virt.state(&self.domain_name(id)) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(instance = %id, error = %e, "cannot read domain state");
@@ -267,14 +267,16 @@ fn controller_deny(cfg: &AgentConfig) -> Vec<gantry_proto::net::Ipv4Net> {
     let Some(c) = &cfg.controller else {
         return Vec::new();
     };
-    let rest = c.url.split_once("://").map_or(c.url.as_str(), |(_, r)| r);
-    let host = rest.split(['/', ':']).next().unwrap_or("");
-    match host.parse::<std::net::Ipv4Addr>().ok() {
-        Some(ip) if !ip.is_loopback() => gantry_proto::net::Ipv4Net::new(ip, 32)
-            .into_iter()
-            .collect(),
-        _ => Vec::new(),
+    let mut out = Vec::new();
+    for url in c.urls() {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let host = rest.split(['/', ':']).next().unwrap_or("");
+        match host.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) if !ip.is_loopback() => out.extend(gantry_proto::net::Ipv4Net::new(ip, 32)),
+            _ => {}
+        }
     }
+    out
 }
 
 /// The transitions that take a record in `state` to what libvirt's `power`
@@ -295,6 +297,33 @@ fn observed_path(state: InstanceState, power: PowerState) -> Vec<InstanceState> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every controller replica's IP address is denied to guests.
+    #[test]
+    fn every_controller_ip_is_denied() {
+        let cfg = AgentConfig {
+            controller: Some(crate::config::ControllerConfig {
+                url: None,
+                urls: vec![
+                    "http://10.0.0.1:8787".into(),
+                    "https://10.0.0.2/".into(),
+                    "http://127.0.0.1:8787".into(),
+                    "http://ctl.example:8787".into(),
+                ],
+                join_token_file: None,
+                join_token: None,
+                host_name: None,
+                address: None,
+                poll_wait_secs: 25,
+            }),
+            ..AgentConfig::default()
+        };
+        let deny: Vec<String> = controller_deny(&cfg)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(deny, ["10.0.0.1/32", "10.0.0.2/32"]);
+    }
 
     /// Every path is made of legal edges and ends where libvirt is.
     #[test]

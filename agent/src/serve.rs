@@ -84,7 +84,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
     notify_ready();
     if let Some(c) = cfg.controller.clone() {
         tracing::info!(
-            controller = c.url,
+            controller = c.urls_text(),
             "joining the controller in the background"
         );
         crate::link::spawn(manager.clone(), c);

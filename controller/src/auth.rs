@@ -11,7 +11,7 @@
 
 use crate::db::{col, parsed_opt, Db, DbError};
 use crate::error::ApiError;
-use gantry_proto::api::agent::{HOST_CREDENTIAL_PREFIX, JOIN_TOKEN_PREFIX};
+use gantry_proto::api::agent::{CREDENTIAL_REVOKED, HOST_CREDENTIAL_PREFIX, JOIN_TOKEN_PREFIX};
 use gantry_proto::ids::{AccountId, HostId, JoinTokenId, TokenId};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
@@ -179,9 +179,13 @@ impl Verifier {
             return Ok(who);
         }
         if let Some(id) = embedded::<HostId>(token, HOST_CREDENTIAL_PREFIX, HostId::PREFIX) {
-            let sql = "SELECT credential_hash AS hash FROM hosts WHERE id = $1 \
+            let sql = "SELECT credential_hash AS hash, revoked_ms FROM hosts WHERE id = $1 \
                        AND credential_hash IS NOT NULL";
-            lookup(db, sql, &id.to_string(), presented).await?;
+            let row = lookup(db, sql, &id.to_string(), presented).await?;
+            // Said only to the holder of the right credential.
+            if col::<Option<i64>>(&row, "revoked_ms")?.is_some() {
+                return Err(revoked(&id));
+            }
             let mut who = Identity::admin(id.to_string());
             who.host = Some(id);
             return Ok(who);
@@ -190,6 +194,30 @@ impl Verifier {
             return Ok(Identity::admin("bootstrap-admin"));
         }
         Err(ApiError::Unauthorized)
+    }
+}
+
+/// The 401 a host gets once an admin revoked its credential (the words
+/// [`CREDENTIAL_REVOKED`] are what the agent looks for).
+pub fn revoked(host: &HostId) -> ApiError {
+    ApiError::BadToken(format!(
+        "host {host}: its {CREDENTIAL_REVOKED} by an admin; ask an admin for a new join token \
+         and join the host again"
+    ))
+}
+
+/// Refuses a host whose credential was revoked (a check for calls that
+/// outlive the credential check, like a work long-poll).
+pub async fn check_not_revoked(db: &Db, host: &HostId) -> Result<(), ApiError> {
+    let revoked_ms: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT revoked_ms FROM hosts WHERE id = $1")
+            .bind(host.to_string())
+            .fetch_optional(&db.pool)
+            .await?;
+    match revoked_ms {
+        Some(None) => Ok(()),
+        Some(Some(_)) => Err(revoked(host)),
+        None => Err(ApiError::Unauthorized),
     }
 }
 

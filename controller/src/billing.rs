@@ -56,6 +56,7 @@ pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), DbError> {
     .bind(match c.kind {
         UsageKind::Instance => "instance",
         UsageKind::Snapshot => "snapshot",
+        UsageKind::Volume => "volume",
     })
     .bind(c.quantity)
     .bind(c.price_micros)
@@ -122,7 +123,7 @@ pub async fn bill_counter(
 ) -> Result<Option<UsageAck>, DbError> {
     let row = sqlx::query(
         "SELECT i.account_id, i.host_id, i.observed_state, i.usage_seq, i.billed_ms, \
-         f.price_micros_per_hour FROM instances i JOIN flavors f ON f.id = i.flavor_id \
+         i.billing_closed_ms, f.price_micros_per_hour FROM instances i JOIN flavors f ON f.id = i.flavor_id \
          WHERE i.id = $1",
     )
     .bind(c.instance.to_string())
@@ -137,6 +138,24 @@ pub async fn bill_counter(
     };
     let owner: Option<HostId> = parsed_opt(&row, "host_id", "instances")?;
     if owner.as_ref() != Some(host) {
+        // Moved away (`crate::moves`): nothing more is charged from this
+        // host's counter, which it may now forget.
+        let moved = sqlx::query(
+            "SELECT 1 AS one FROM operations WHERE instance_id = $1 AND host_id = $2 \
+             AND kind = 'move-out' AND state = 'succeeded'",
+        )
+        .bind(c.instance.to_string())
+        .bind(host.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .is_some();
+        if moved {
+            return Ok(Some(UsageAck {
+                instance: c.instance,
+                seq: c.seq,
+                done: true,
+            }));
+        }
         tracing::warn!(instance = %c.instance, %host, "usage counter for another host's instance");
         return Ok(None);
     }
@@ -146,8 +165,13 @@ pub async fn bill_counter(
     let counter_seq = c.seq.min(i64::MAX as u64) as i64;
     let running = c.running_ms.min(i64::MAX as u64) as i64;
     if counter_seq > seq {
+        let closed: Option<i64> = col(&row, "billing_closed_ms")?;
         let (new_billed, amount) = if running < billed {
             tracing::warn!(instance = %c.instance, running, billed, "usage counter went backwards");
+            (billed, 0)
+        } else if closed.is_some() {
+            // Released while its host was down: what the host reports now
+            // ran after the last heartbeat that proved it; not charged.
             (billed, 0)
         } else {
             let price: i64 = col(&row, "price_micros_per_hour")?;
@@ -156,7 +180,7 @@ pub async fn bill_counter(
                 instance_amount(billed / 1000, running / 1000, price),
             )
         };
-        sqlx::query(
+        let moved = sqlx::query(
             "UPDATE instances SET usage_seq = $1, billed_ms = $2, charged_micros = \
              charged_micros + $3 WHERE id = $4 AND usage_seq = $5",
         )
@@ -166,8 +190,11 @@ pub async fn bill_counter(
         .bind(c.instance.to_string())
         .bind(seq)
         .execute(&mut **tx)
-        .await?;
-        if new_billed > billed {
+        .await?
+        .rows_affected();
+        // Charged only by the transaction that moved the counter (another
+        // replica may have billed it since it was read).
+        if moved == 1 && new_billed > billed {
             let price: i64 = col(&row, "price_micros_per_hour")?;
             let account = crate::db::parsed(&row, "account_id", "instances")?;
             charges.push(Charge {

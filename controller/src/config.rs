@@ -59,6 +59,11 @@ pub struct Config {
     pub snapshot_store_shared: bool,
     /// Smallest root disk `grow-disk` accepts, GiB.
     pub min_root_disk_gib: u64,
+    /// Smallest size a data volume may be grown to, GiB.
+    pub min_volume_gib: u64,
+    /// Data volume storage price, micro-units per GiB per hour (0: volumes
+    /// are not billed).
+    pub volume_price_micros_per_gib_hour: i64,
     /// Snapshot storage quota of new accounts, GiB.
     pub default_snapshot_quota_gib: u64,
     /// First host port used for port forwards.
@@ -78,6 +83,17 @@ pub struct Config {
     pub secret_key_file: Option<PathBuf>,
     /// Database pool size.
     pub max_db_connections: u32,
+    /// The region of hosts whose join token names none, and of instances
+    /// created without one (`crate::regions`).
+    pub default_region: String,
+    /// Replicas on PostgreSQL: how long the leader's lease lasts (it
+    /// renews every third of it); a follower takes over within this long
+    /// after the leader's last renewal (`crate::leader`).
+    pub leader_lease_secs: u64,
+    /// Per operation kind, how long (s) a host may leave an operation
+    /// without progress before it times out (`operations`); kinds not
+    /// listed use `OperationKind::default_timeout_secs`.
+    pub operation_timeout_secs: std::collections::BTreeMap<gantry_proto::OperationKind, u64>,
 }
 
 impl Default for Config {
@@ -97,6 +113,8 @@ impl Default for Config {
             credit_grace_secs: 3600,
             snapshot_store_shared: false,
             min_root_disk_gib: 50,
+            min_volume_gib: 50,
+            volume_price_micros_per_gib_hour: 0,
             default_snapshot_quota_gib: 100,
             port_range_start: 20000,
             port_range_end: 29999,
@@ -106,6 +124,9 @@ impl Default for Config {
             host_domain_suffix: None,
             secret_key_file: None,
             max_db_connections: 8,
+            default_region: "default".into(),
+            leader_lease_secs: 10,
+            operation_timeout_secs: Default::default(),
         }
     }
 }
@@ -143,6 +164,12 @@ impl Config {
         positive("rate_limit_burst", self.rate_limit_burst.into())?;
         positive("heartbeat_secs", self.heartbeat_secs)?;
         positive("heartbeat_timeout_secs", self.heartbeat_timeout_secs)?;
+        if self.operation_timeout_secs.values().any(|v| *v == 0) {
+            return Err((
+                "operation_timeout_secs",
+                "every timeout must be greater than 0".to_string(),
+            ));
+        }
         positive("reconcile_secs", self.reconcile_secs)?;
         positive("snapshot_meter_secs", self.snapshot_meter_secs)?;
         if self.snapshot_price_micros_per_tb_hour < 0 {
@@ -151,7 +178,19 @@ impl Config {
                 "must not be negative".into(),
             ));
         }
+        if self.volume_price_micros_per_gib_hour < 0 {
+            return Err((
+                "volume_price_micros_per_gib_hour",
+                "must not be negative".into(),
+            ));
+        }
         positive("max_db_connections", self.max_db_connections.into())?;
+        if let Some(p) = crate::regions::problem(&self.default_region) {
+            return Err(("default_region", p));
+        }
+        if !(1..=3600).contains(&self.leader_lease_secs) {
+            return Err(("leader_lease_secs", "must be 1 to 3600".into()));
+        }
         positive("port_range_start", self.port_range_start.into())?;
         if self.port_range_end < self.port_range_start {
             return Err((
@@ -235,6 +274,10 @@ mod tests {
         assert_eq!(c.rate_limit_burst, 100);
         assert_eq!(c.access_network.to_string(), "10.200.0.0/16");
         assert_eq!((c.access_subnet_prefix, c.port_range_end), (24, 29999));
+        assert_eq!(c.leader_lease_secs, 10);
+        std::fs::write(&p, "leader_lease_secs = 0\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("leader_lease_secs: must be 1 to 3600"), "{e}");
     }
 
     #[test]

@@ -14,14 +14,21 @@ pub mod config;
 pub mod credentials;
 pub mod db;
 pub mod error;
+pub mod fanout;
 pub mod gpus;
+pub mod leader;
 pub mod meter;
+pub mod moves;
 pub mod openapi;
+pub mod operations;
 pub mod pki;
 pub mod reconcile;
+pub mod regions;
 pub mod scheduler;
 pub mod secrets;
 pub mod snapshots;
+pub mod store_keys;
+pub mod volume_meter;
 
 use gantry_proto::ids::HostId;
 use std::path::PathBuf;
@@ -46,14 +53,19 @@ pub struct Inner {
     pub ca: pki::Ca,
     /// The billing clock (see [`clock`]).
     pub clock: Arc<dyn clock::Clock>,
+    /// Whether this replica runs the background work (see [`leader`]).
+    pub leader: leader::Leadership,
 }
 
 /// One [`tokio::sync::Notify`] per host with a work long-poll, and whether
-/// the service is shutting down (then polls answer at once).
+/// the service is shutting down (then polls answer at once). With
+/// replicas, wakes are also published to the others ([`fanout`]).
 #[derive(Default)]
 pub struct Wakers {
     hosts: std::sync::Mutex<std::collections::HashMap<HostId, Arc<tokio::sync::Notify>>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Where wakes go to be published to other replicas, once enabled.
+    publish: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HostId>>,
 }
 
 impl Wakers {
@@ -77,12 +89,35 @@ impl Wakers {
         }
     }
 
-    /// Wakes every poll of `host` that is waiting now.
+    /// Wakes every poll of `host` that is waiting now, on this replica
+    /// and (when publishing) on the others.
     pub fn wake(&self, host: &HostId) {
+        self.wake_local(host);
+        if let Some(tx) = self.publish.get() {
+            let _ = tx.send(*host);
+        }
+    }
+
+    /// Wakes the polls of `host` waiting on this replica.
+    pub fn wake_local(&self, host: &HostId) {
         let m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get(host) {
             n.notify_waiters();
         }
+    }
+
+    /// Wakes every poll waiting on this replica (they look again).
+    pub fn wake_all_local(&self) {
+        let m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for n in m.values() {
+            n.notify_waiters();
+        }
+    }
+
+    /// Starts publishing wakes: the receiving end, the first time only.
+    pub fn publish_to(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<HostId>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.publish.set(tx).ok().map(|()| rx)
     }
 }
 
@@ -155,6 +190,7 @@ pub async fn open_with_clock(
         sealer,
         ca,
         clock,
+        leader: leader::Leadership::default(),
     })))
 }
 
@@ -166,12 +202,27 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener,
 }
 
 /// Serves until `shutdown` completes, then finishes in-flight requests.
+/// The background work ([`background`]) runs meanwhile whenever this
+/// replica leads ([`leader`]); at shutdown it stops and the lease is
+/// handed back.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let looper = tokio::spawn(reconcile::run(state.clone()));
+    let holder = leader::holder_name(listener.local_addr().ok());
+    // Replicas share work long-polls' wakes through PostgreSQL.
+    let fan = match (&state.db.backend, &state.cfg.database_url) {
+        (db::Backend::Postgres, Some(url)) => state
+            .wake
+            .publish_to()
+            .map(|rx| tokio::spawn(fanout::run(state.clone(), url.clone(), rx))),
+        _ => None,
+    };
+    let (resign, resigned) = tokio::sync::oneshot::channel::<()>();
+    let mut leading = tokio::spawn(leader::run(state.clone(), holder, background, async {
+        let _ = resigned.await;
+    }));
     let st = state.clone();
     // Work long-polls answer at once, so shutdown does not wait for them.
     let shutdown = async move {
@@ -182,6 +233,27 @@ pub async fn serve(
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
-    looper.abort();
+    if let Some(f) = fan {
+        f.abort();
+    }
+    let _ = resign.send(());
+    if tokio::time::timeout(RESIGN_TIMEOUT, &mut leading)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the background work did not stop in time; abandoning it");
+        leading.abort();
+    }
     res
+}
+
+/// How long shutdown waits for the background work to stop and the
+/// leader lease to be handed back.
+const RESIGN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Everything periodic, run by the leading replica only: the reconcile
+/// loop (silent hosts, operation timeouts, credit grace stops, the
+/// snapshot storage meter). Aborted the moment leadership is lost.
+pub async fn background(st: AppState) {
+    reconcile::run(st).await
 }

@@ -89,6 +89,18 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "post",
+        "/v1/admin/hosts/{id}/revoke",
+        "hosts",
+        "Revoke a host's credential; it joins again with a new join token (admin)",
+    ),
+    (
+        "post",
+        "/v1/admin/hosts/{id}/region",
+        "hosts",
+        "Move a host with no instances to another region (admin)",
+    ),
+    (
+        "post",
         "/v1/admin/hosts/{id}/gpus/{pci}/clear",
         "hosts",
         "Put a quarantined or lost GPU through the health gate again (admin, audited)",
@@ -230,6 +242,18 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "Report an operation's progress or outcome (host)",
     ),
     (
+        "get",
+        "/v1/agent/store-keys/{account}",
+        "agent",
+        "An account's snapshot-store chunk keys, for a host serving it (host)",
+    ),
+    (
+        "post",
+        "/v1/agent/store-keys/{account}",
+        "agent",
+        "Offer the host's own chunk key of an account: adopted if it has none (host)",
+    ),
+    (
         "post",
         "/v1/instances/{id}/forwards",
         "access",
@@ -291,13 +315,31 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
         "hosts",
         "Go back to a CA-issued certificate for a host (admin)",
     ),
-    ("post", "/v1/volumes", "volumes", "Create a data volume"),
+    (
+        "post",
+        "/v1/volumes",
+        "volumes",
+        "Create a data volume (optionally on a host or beside an instance)",
+    ),
     ("get", "/v1/volumes", "volumes", "List data volumes"),
+    ("get", "/v1/volumes/{id}", "volumes", "Get a data volume"),
     (
         "delete",
         "/v1/volumes/{id}",
         "volumes",
-        "Delete an unattached volume",
+        "Delete an unattached volume (a delete-volume operation for its host)",
+    ),
+    (
+        "post",
+        "/v1/volumes/{id}/grow",
+        "volumes",
+        "Grow a data volume (a grow-volume operation for its host)",
+    ),
+    (
+        "post",
+        "/v1/volumes/grow",
+        "volumes",
+        "Grow several data volumes to one size, one result each",
     ),
 ];
 

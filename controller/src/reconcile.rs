@@ -1,8 +1,9 @@
 //! The reconcile loop, started by [`crate::serve`]: every `reconcile_secs`
-//! it marks silent hosts unhealthy, stops the Running instances of
-//! accounts out of credit for longer than `credit_grace_secs`, and runs
-//! the snapshot storage meter (`crate::meter`); the last two on the
-//! billing clock (`crate::clock`). Each step is idempotent (conditional
+//! it marks silent hosts down, times out operations (`crate::operations`),
+//! stops the Running instances of accounts out of credit for longer than
+//! `credit_grace_secs`, and runs the snapshot storage meter
+//! (`crate::meter`) and the volume meter (`crate::volume_meter`); the last
+//! three on the billing clock (`crate::clock`). Each step is idempotent (conditional
 //! updates), so replicas sharing a database and restarts are harmless. A
 //! database error is logged and the loop backs off exponentially (up to
 //! 60 s).
@@ -33,17 +34,23 @@ pub async fn run(st: AppState) {
 
 /// One pass of every step.
 pub async fn once(st: &AppState) -> Result<(), DbError> {
-    mark_unhealthy(st).await?;
+    mark_down(st).await?;
+    crate::operations::time_out(st).await?;
     grace_stops(st).await?;
     crate::meter::tick(st).await?;
+    crate::volume_meter::tick(st).await?;
     Ok(())
 }
 
-/// Hosts not heard from within `heartbeat_timeout_secs` become unhealthy.
-async fn mark_unhealthy(st: &AppState) -> Result<(), DbError> {
+/// Hosts not heard from within `heartbeat_timeout_secs` are down (and
+/// unhealthy) since their last heartbeat: their instances show as
+/// `HostDown`, and nothing is placed on them. A heartbeat brings a host
+/// back (`api::agent`).
+async fn mark_down(st: &AppState) -> Result<(), DbError> {
     let cutoff = now_ms() - st.cfg.heartbeat_timeout_secs as i64 * 1000;
     let done = sqlx::query(
-        "UPDATE hosts SET health = 'unhealthy' WHERE health = 'healthy' AND last_heartbeat_ms < $1",
+        "UPDATE hosts SET health = 'unhealthy', down_since_ms = last_heartbeat_ms \
+         WHERE down_since_ms IS NULL AND last_heartbeat_ms < $1",
     )
     .bind(cutoff)
     .execute(&st.db.pool)
@@ -51,7 +58,7 @@ async fn mark_unhealthy(st: &AppState) -> Result<(), DbError> {
     if done.rows_affected() > 0 {
         tracing::warn!(
             hosts = done.rows_affected(),
-            "hosts missed their heartbeats; marked unhealthy"
+            "hosts missed their heartbeats; marked down"
         );
     }
     Ok(())
@@ -101,16 +108,13 @@ async fn grace_stops(st: &AppState) -> Result<(), DbError> {
         if claimed.rows_affected() != 1 {
             continue;
         }
-        crate::api::actions::insert_op(
-            &mut tx,
+        let new = crate::operations::NewOp::on(
+            &rec,
             op,
-            &rec.account,
-            rec.host,
-            Some(rec.id),
-            "stop",
-            "",
-        )
-        .await?;
+            gantry_proto::OperationKind::Stop,
+            crate::operations::OpDetail::None,
+        );
+        crate::operations::create(&mut tx, &new).await?;
         tx.commit().await?;
         tracing::warn!(instance = %rec.id, account = %rec.account, "out of credit; stopping");
         if let Some(h) = &rec.host {

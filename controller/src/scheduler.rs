@@ -1,16 +1,25 @@
 //! GPU-aware placement: which host runs an instance.
 //!
-//! Filters: healthy, heard from within the heartbeat timeout, not cordoned;
-//! enough free GPUs of the requested model, vCPUs, memory and disk. Weighing
+//! Filters: the instance's region (and host, when pinned), healthy, not
+//! revoked, heard from within the heartbeat timeout, not cordoned; enough
+//! free GPUs of the requested model, vCPUs, memory and disk. Weighing
 //! ([`choose`], a pure function): `pack` fills partly used hosts first (and
 //! keeps GPU hosts for GPU work), `spread` prefers the emptiest host.
 //! A flavor's GPU model matches GPUs of that NVML name or listed under it
 //! in the alias table, and only healthy GPUs no instance holds are offered
 //! (`crate::gpus`).
-//! [`reserve`] claims the chosen host's capacity and GPUs inside the
+//!
+//! Scale: the candidates come from index walks in the weighing's own order
+//! (migration 0008: `hosts.gpu_model`/`gpu_free`, kept by triggers on
+//! `host_gpu_pools`, and expression indexes on free vCPUs and memory), a
+//! shortlist of [`SHORTLIST`] hosts per walk, so a decision reads a few
+//! dozen rows whether there are 100 hosts or 10,000.
+//!
+//! [`place`] claims the best candidate's capacity and GPUs inside the
 //! caller's write transaction with conditional `UPDATE`s, so a GPU is never
-//! booked twice; a lost race answers [`PlaceError::Raced`] and the caller
-//! retries with a fresh transaction.
+//! booked twice; when another placement took a candidate's capacity first
+//! it tries the next one, and a race lost on the GPUs answers
+//! [`PlaceError::Raced`]: the caller retries with a fresh transaction.
 
 use crate::db::{col, DbError, Tx};
 use gantry_proto::api::v1::Placement;
@@ -44,6 +53,11 @@ pub struct Need {
     pub gpu_model: Option<String>,
     pub gpu_count: u32,
     pub placement: Placement,
+    /// Only hosts of this region (see `crate::regions`).
+    pub region: String,
+    /// Only this host (a snapshot's host with a host-local store, a data
+    /// volume's host).
+    pub host: Option<HostId>,
 }
 
 /// One host's free capacity, as the scheduler sees it.
@@ -68,32 +82,43 @@ impl Candidate {
     }
 }
 
+/// The weighing: a smaller key is a better host. `pack` fills partly used
+/// hosts first (fewest GPUs left, then fewest vCPUs and memory left);
+/// `spread` takes the emptiest; CPU-only work prefers hosts with no GPUs
+/// to waste either way; the id breaks ties.
+fn key<'c>(c: &'c Candidate, need: &Need) -> (i64, i64, i64, i64, &'c str) {
+    let gpu = need.gpu_count as i64;
+    let waste = if gpu == 0 { c.total_gpus } else { 0 };
+    match need.placement {
+        Placement::Pack => (
+            c.free_gpus - gpu,
+            waste,
+            c.free_vcpus,
+            c.free_memory_mib,
+            &c.id,
+        ),
+        Placement::Spread => (
+            waste,
+            -c.free_gpus,
+            -c.free_vcpus,
+            -c.free_memory_mib,
+            &c.id,
+        ),
+    }
+}
+
 /// The best fitting candidate's index, or `None`.
 pub fn choose(cands: &[Candidate], need: &Need) -> Option<usize> {
-    let gpu = need.gpu_count as i64;
-    let fitting = cands.iter().enumerate().filter(|(_, c)| c.fits(need));
-    match need.placement {
-        Placement::Pack => fitting
-            .min_by_key(|(_, c)| {
-                let gpus_left = c.free_gpus - gpu;
-                // CPU-only work prefers hosts with no GPUs to waste.
-                let waste = if gpu == 0 { c.total_gpus } else { 0 };
-                (gpus_left, waste, c.free_vcpus, c.free_memory_mib, &c.id)
-            })
-            .map(|(i, _)| i),
-        Placement::Spread => fitting
-            .min_by_key(|(_, c)| {
-                let waste = if gpu == 0 { c.total_gpus } else { 0 };
-                (
-                    waste,
-                    -c.free_gpus,
-                    -c.free_vcpus,
-                    -c.free_memory_mib,
-                    &c.id,
-                )
-            })
-            .map(|(i, _)| i),
-    }
+    (0..cands.len())
+        .filter(|&i| cands[i].fits(need))
+        .min_by(|&a, &b| key(&cands[a], need).cmp(&key(&cands[b], need)))
+}
+
+/// The fitting candidates' indexes, best first.
+pub fn ranked(cands: &[Candidate], need: &Need) -> Vec<usize> {
+    let mut fitting: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].fits(need)).collect();
+    fitting.sort_by(|&a, &b| key(&cands[a], need).cmp(&key(&cands[b], need)));
+    fitting
 }
 
 /// Says what was missing when nothing fits, e.g. "no host has 8 free H100
@@ -137,104 +162,142 @@ pub fn explain(cands: &[Candidate], need: &Need, timeout_secs: u64) -> String {
     "no host has room for this flavor".into()
 }
 
-/// Schedulable hosts with their free GPUs of the flavor's model (`$1`,
-/// through the alias table; see [`gpu_pools`]).
-fn candidates_sql() -> String {
-    format!(
-        "SELECT h.id, h.vcpus - h.used_vcpus AS free_vcpus, \
-         h.memory_mib - h.used_memory_mib AS free_memory, h.disk_gib - h.used_disk_gib AS \
-         free_disk, COALESCE(p.free, 0) AS free_gpus, h.gpu_total AS total_gpus \
-         FROM hosts h LEFT JOIN ({}) p ON p.host_id = h.id \
-         WHERE h.health = 'healthy' AND h.cordoned = 0 AND h.last_heartbeat_ms >= $2",
-        gpu_pools()
-    )
-}
+/// A host's free vCPUs and memory, spelled exactly as in the placement
+/// indexes of migration 0008 (so the databases walk them in order).
+const FREE_VCPUS: &str = "(h.vcpus - h.used_vcpus)";
+const FREE_MEMORY: &str = "(h.memory_mib - h.used_memory_mib)";
 
-/// Free GPUs per host of every model matching the flavor model `$1` (the
-/// pools count only healthy GPUs no instance holds).
-fn gpu_pools() -> String {
-    format!(
-        "SELECT host_id, CAST(SUM(free) AS BIGINT) AS free FROM host_gpu_pools \
-         WHERE {} GROUP BY host_id",
-        crate::gpus::model_matches("model", "$1")
-    )
-}
+/// Schedulable: healthy, not revoked, not cordoned, heard from since `$2`,
+/// in region `$3`.
+const SCHEDULABLE: &str = "h.health = 'healthy' AND h.revoked_ms IS NULL AND h.cordoned = 0 \
+     AND h.last_heartbeat_ms >= $2 AND h.region = $3";
 
-const FITTING: &str = " AND h.vcpus - h.used_vcpus >= $3 AND h.memory_mib - h.used_memory_mib \
-     >= $4 AND h.disk_gib - h.used_disk_gib >= $5 AND COALESCE(p.free, 0) >= $6";
+/// Room for vCPUs `$4`, memory `$5`, disk `$6`.
+const ROOM: &str = " AND h.vcpus - h.used_vcpus >= $4 AND h.memory_mib - h.used_memory_mib \
+     >= $5 AND h.disk_gib - h.used_disk_gib >= $6";
 
-/// How many of the best fitting hosts (by the SQL form of [`choose`]'s
-/// order) are loaded for [`choose`] to pick from.
+/// How many of the best fitting hosts (by [`key`]'s order, in SQL) each
+/// walk loads for [`ranked`] to weigh.
 const SHORTLIST: i64 = 32;
 
-/// `choose`'s order, in SQL (only bare columns: PostgreSQL does not allow
-/// output aliases inside ORDER BY expressions).
-fn order_by(need: &Need) -> &'static str {
-    match (need.placement, need.gpu_count == 0) {
-        (Placement::Pack, true) => {
-            "h.gpu_total ASC, h.vcpus - h.used_vcpus ASC, h.memory_mib - h.used_memory_mib ASC, h.id ASC"
-        }
-        (Placement::Pack, false) => {
-            "COALESCE(p.free, 0) ASC, h.vcpus - h.used_vcpus ASC, \
-             h.memory_mib - h.used_memory_mib ASC, h.id ASC"
-        }
-        (Placement::Spread, true) => {
-            "h.gpu_total ASC, h.vcpus - h.used_vcpus DESC, h.memory_mib - h.used_memory_mib DESC, h.id ASC"
-        }
-        (Placement::Spread, false) => {
-            "COALESCE(p.free, 0) DESC, h.vcpus - h.used_vcpus DESC, \
-             h.memory_mib - h.used_memory_mib DESC, h.id ASC"
-        }
+/// The columns a [`Candidate`] is read from; `free_gpus` is the SQL for
+/// the host's free GPUs of the requested model.
+fn columns(free_gpus: &str) -> String {
+    format!(
+        "h.id, {FREE_VCPUS} AS free_vcpus, {FREE_MEMORY} AS free_memory, \
+         h.disk_gib - h.used_disk_gib AS free_disk, {free_gpus} AS free_gpus, \
+         h.gpu_total AS total_gpus"
+    )
+}
+
+/// The host's free GPUs of every model matching the flavor model `$1`
+/// (through the alias table; the pools count only healthy GPUs no instance
+/// holds). Costs one pool lookup per host: only for hosts with GPUs of
+/// more than one model, a pinned host and [`explain`].
+fn matching_free() -> String {
+    format!(
+        "COALESCE((SELECT CAST(SUM(p.free) AS BIGINT) FROM host_gpu_pools p \
+         WHERE p.host_id = h.id AND {}), 0)",
+        crate::gpus::model_matches("p.model", "$1")
+    )
+}
+
+fn dir(need: &Need) -> &'static str {
+    match need.placement {
+        Placement::Pack => "ASC",
+        Placement::Spread => "DESC",
     }
 }
 
-/// Loads schedulable hosts. With `fitting`, only a shortlist of the best
-/// hosts with room for `need`; without, every schedulable host (for
-/// [`explain`]).
-pub async fn candidates(
-    tx: &mut Tx,
-    need: &Need,
-    cutoff_ms: i64,
-    fitting: bool,
-) -> Result<Vec<Candidate>, DbError> {
-    candidates_on(tx, need, cutoff_ms, fitting, None).await
+/// One index walk (see migration 0008): the best [`SHORTLIST`] hosts of
+/// one kind, in [`key`]'s order (`first`: its leading term, direction
+/// included).
+fn walk(need: &Need, filter: &str, free_gpus: &str, first: &str) -> String {
+    let d = dir(need);
+    format!(
+        "SELECT * FROM (SELECT {} FROM hosts h WHERE {SCHEDULABLE}{ROOM} AND {filter} \
+         ORDER BY {first}, {FREE_VCPUS} {d}, {FREE_MEMORY} {d}, h.id ASC LIMIT {SHORTLIST})",
+        columns(free_gpus)
+    )
 }
 
-/// [`candidates`], limited to `pin` when given (a snapshot's host).
-pub async fn candidates_on(
-    tx: &mut Tx,
-    need: &Need,
-    cutoff_ms: i64,
-    fitting: bool,
-    pin: Option<&HostId>,
-) -> Result<Vec<Candidate>, DbError> {
-    let model = need.gpu_model.clone().unwrap_or_default();
-    let pin = pin.map(|h| h.to_string()).unwrap_or_default();
-    let rows = if fitting {
-        let sql = format!(
-            "{} AND ($8 = '' OR h.id = $8){FITTING} ORDER BY {} LIMIT $7",
-            candidates_sql(),
-            order_by(need)
+/// The shortlist query for `need` (not pinned) over `walks` (see
+/// [`walks`]; `$7` is the GPU count, the walked models are bound from `$8`
+/// on): for CPU work one walk over the region's hosts; for GPU work one
+/// walk per model over the hosts with GPUs of that model only, and, when
+/// `*` is listed, the hosts with several models (whose matching GPUs are
+/// counted per host).
+fn shortlist_sql(need: &Need, walks: &[String]) -> String {
+    if need.gpu_count == 0 {
+        return format!(
+            "{} c0",
+            // Least GPUs wasted first, for pack and spread alike.
+            walk(need, "1 = 1", "CAST(0 AS BIGINT)", "h.gpu_total ASC")
         );
-        sqlx::query(&sql)
-            .bind(model)
-            .bind(cutoff_ms)
-            .bind(need.vcpus as i64)
-            .bind(need.memory_mib as i64)
-            .bind(need.disk_gib as i64)
-            .bind(need.gpu_count as i64)
-            .bind(SHORTLIST)
-            .bind(pin)
-            .fetch_all(&mut **tx)
-            .await?
-    } else {
-        sqlx::query(&format!("{} AND ($3 = '' OR h.id = $3)", candidates_sql()))
-            .bind(model)
-            .bind(cutoff_ms)
-            .bind(pin)
-            .fetch_all(&mut **tx)
-            .await?
-    };
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let models = walks.iter().filter(|m| *m != MIXED).count();
+    for i in 0..models {
+        let filter = format!("h.gpu_model = ${} AND h.gpu_free >= $7", 8 + i);
+        let first = format!("h.gpu_free {}", dir(need));
+        parts.push(format!(
+            "{} c{i}",
+            walk(need, &filter, "h.gpu_free", &first)
+        ));
+    }
+    if walks.iter().any(|m| m == MIXED) {
+        // Few, in practice: all of the region's with room; `ranked` drops
+        // those with too few matching GPUs and orders the rest.
+        parts.push(format!(
+            "SELECT {} FROM hosts h WHERE {SCHEDULABLE}{ROOM} AND h.gpu_model = '{MIXED}'",
+            columns(&matching_free())
+        ));
+    }
+    parts.join(" UNION ALL ")
+}
+
+/// `hosts.gpu_model` of a host with GPUs of several models.
+const MIXED: &str = "*";
+
+/// What to walk for `count` GPUs of the flavor model `model` in `region`:
+/// the NVML models it matches (itself and its aliases) of which some host
+/// of the region has `count` free, and [`MIXED`] when a host there with
+/// several models has `count` free GPUs of any model. Empty: no host of the
+/// region can have them.
+async fn walks(tx: &mut Tx, model: &str, region: &str, count: u32) -> Result<Vec<String>, DbError> {
+    // Per model, the most free GPUs a host of the region has: a scalar
+    // subquery walking the placement index (its ORDER BY keeps both
+    // databases on the index even where their statistics say every host
+    // has the model), never a join over every host.
+    let sql = format!(
+        "SELECT x.model FROM (SELECT m.model, (SELECT h.gpu_free FROM hosts h \
+         WHERE h.region = $2 AND h.gpu_model = m.model ORDER BY h.gpu_free DESC LIMIT 1) \
+         AS most FROM (SELECT $1 AS model UNION SELECT a.model FROM gpu_aliases a \
+         WHERE a.alias = $1 UNION SELECT '{MIXED}') m) x WHERE x.most >= $3"
+    );
+    let mut found: Vec<String> = sqlx::query_scalar(&sql)
+        .bind(model)
+        .bind(region)
+        .bind(count as i64)
+        .fetch_all(&mut **tx)
+        .await?;
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// `sql` with `$1` (the flavor's GPU model), `$2` (the heartbeat cutoff)
+/// and `$3` (the region) bound.
+fn bind_first<'q>(sql: &'q str, model: &str, cutoff_ms: i64, region: &str) -> Query<'q> {
+    sqlx::query(sql)
+        .bind(model.to_string())
+        .bind(cutoff_ms)
+        .bind(region.to_string())
+}
+
+fn read(rows: &[sqlx::any::AnyRow]) -> Result<Vec<Candidate>, DbError> {
     rows.iter()
         .map(|r| {
             Ok(Candidate {
@@ -249,35 +312,104 @@ pub async fn candidates_on(
         .collect()
 }
 
-/// Picks a host (only `pin` when given) and claims capacity and GPUs on
-/// it for `instance`. Returns the host and the claimed GPUs' PCI addresses.
+/// Loads schedulable hosts of `need.region` (only `need.host` when set).
+/// With `fitting`, a shortlist of the best hosts with room for `need` (each
+/// walk reads a few dozen index entries, however many hosts there are);
+/// without, every schedulable host (for [`explain`]).
+pub async fn candidates(
+    tx: &mut Tx,
+    need: &Need,
+    cutoff_ms: i64,
+    fitting: bool,
+) -> Result<Vec<Candidate>, DbError> {
+    let model = need.gpu_model.clone().unwrap_or_default();
+    let bind_common = |sql| bind_first(sql, &model, cutoff_ms, &need.region);
+    let rows = match (&need.host, fitting) {
+        (Some(h), _) => {
+            let sql = format!(
+                "SELECT {} FROM hosts h WHERE {SCHEDULABLE} AND h.id = $4",
+                columns(&matching_free())
+            );
+            bind_common(&sql)
+                .bind(h.to_string())
+                .fetch_all(&mut **tx)
+                .await?
+        }
+        (None, false) => {
+            let sql = format!(
+                "SELECT {} FROM hosts h WHERE {SCHEDULABLE}",
+                columns(&matching_free())
+            );
+            bind_common(&sql).fetch_all(&mut **tx).await?
+        }
+        (None, true) => {
+            let walked = if need.gpu_count > 0 {
+                let w = walks(tx, &model, &need.region, need.gpu_count).await?;
+                if w.is_empty() {
+                    return Ok(Vec::new());
+                }
+                w
+            } else {
+                Vec::new()
+            };
+            let sql = shortlist_sql(need, &walked);
+            let mut q = bind_common(&sql)
+                .bind(need.vcpus as i64)
+                .bind(need.memory_mib as i64)
+                .bind(need.disk_gib as i64);
+            if need.gpu_count > 0 {
+                q = q.bind(need.gpu_count as i64);
+                for m in walked.into_iter().filter(|m| m != MIXED) {
+                    q = q.bind(m);
+                }
+            }
+            q.fetch_all(&mut **tx).await?
+        }
+    };
+    read(&rows)
+}
+
+/// Picks a host of `need.region` (only `need.host` when set) and claims
+/// capacity and GPUs on it for `instance`: the best candidate first, the
+/// next one when another placement took a candidate's capacity meanwhile.
+/// Returns the host and the claimed GPUs' PCI addresses. [`PlaceError::NoFit`]
+/// names a pinned host (the caller says why it pinned, and names the
+/// region where that helps).
 pub async fn place(
     tx: &mut Tx,
     instance: InstanceId,
     need: &Need,
     cutoff_ms: i64,
     timeout_secs: u64,
-    pin: Option<&HostId>,
 ) -> Result<(HostId, Vec<String>), PlaceError> {
-    let cands = candidates_on(tx, need, cutoff_ms, true, pin).await?;
-    let Some(i) = choose(&cands, need) else {
-        let all = candidates_on(tx, need, cutoff_ms, false, pin).await?;
+    let cands = candidates(tx, need, cutoff_ms, true).await?;
+    let order = ranked(&cands, need);
+    if order.is_empty() {
+        let all = candidates(tx, need, cutoff_ms, false).await?;
         let why = explain(&all, need, timeout_secs);
-        return Err(PlaceError::NoFit(match pin {
-            Some(h) => format!(
-                "the snapshot is stored on host {h}, which cannot take this instance: {why}"
-            ),
+        return Err(PlaceError::NoFit(match &need.host {
+            Some(h) => format!("host {h} cannot take this instance: {why}"),
             None => why,
         }));
-    };
-    let host: HostId = cands[i].id.parse().map_err(|e| {
-        PlaceError::Db(DbError::Corrupt {
-            table: "hosts",
-            message: format!("id: {e}"),
-        })
-    })?;
-    let gpus = reserve(tx, &host, instance, need).await?;
-    Ok((host, gpus))
+    }
+    for i in order {
+        let host: HostId = cands[i].id.parse().map_err(|e| {
+            PlaceError::Db(DbError::Corrupt {
+                table: "hosts",
+                message: format!("id: {e}"),
+            })
+        })?;
+        match reserve_capacity(tx, &host, need).await {
+            // Nothing was written: the next candidate may still fit.
+            Err(PlaceError::Raced) => continue,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        let model = need.gpu_model.as_deref().unwrap_or_default();
+        let gpus = claim_gpus(tx, &host, instance, model, need.gpu_count).await?;
+        return Ok((host, gpus));
+    }
+    Err(PlaceError::Raced)
 }
 
 /// Claims `need` on `host` (conditional updates; [`PlaceError::Raced`] when
@@ -547,6 +679,8 @@ mod tests {
             gpu_model: Some("H100".into()),
             gpu_count: gpus,
             placement,
+            region: "default".into(),
+            host: None,
         }
     }
 

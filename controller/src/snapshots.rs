@@ -65,6 +65,19 @@ pub async fn set_status(tx: &mut Tx, id: SnapshotId, to: SnapshotStatus) -> Resu
     Ok(done.rows_affected() == 1)
 }
 
+/// Snapshot `id` failed (its operation failed or timed out): Failed with
+/// the reason, through [`set_status`].
+pub async fn fail(tx: &mut Tx, id: SnapshotId, why: &str) -> Result<(), DbError> {
+    if set_status(tx, id, SnapshotStatus::Failed).await? {
+        sqlx::query("UPDATE snapshots SET error = $1 WHERE id = $2")
+            .bind(why)
+            .bind(id.to_string())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 /// What a snapshot of an instance with this root disk reserves while it
 /// is Creating.
 pub fn reservation(root_disk_gib: u64) -> u64 {

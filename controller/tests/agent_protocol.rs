@@ -502,10 +502,16 @@ async fn restore_on_home(
         );
         let op = s.op_of(&r.id()).await.unwrap();
         let image = &op["command"]["image"];
+        let origin = &image["origin"];
         assert_eq!(
-            image["origin"],
-            json!({"from": "snapshot", "snapshot": sid, "boot_like": img})
+            (&origin["from"], &origin["snapshot"], &origin["boot_like"]),
+            (&json!("snapshot"), &json!(sid), &json!(img)),
+            "{origin}"
         );
+        // A host that never had the image it boots like can fetch it.
+        let base = &origin["boot_like_source"];
+        assert_eq!(base["image"], json!(img), "{origin}");
+        assert_eq!(base["origin"]["from"], "file", "{origin}");
         assert_eq!(
             image["image"],
             format!("img-{}", sid.split_once('-').unwrap().1)

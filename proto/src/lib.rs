@@ -2,7 +2,7 @@
 //!
 //! This crate is a leaf: it depends only on serde and id/time types. It owns
 //! the identifiers ([`ids`]), the instance and snapshot state machines
-//! ([`instance`], [`snapshot`]), the instance spec an agent turns into a VM
+//! ([`instance`], [`snapshot`], [`gpu`]), the operations model ([`operation`]), the instance spec an agent turns into a VM
 //! ([`spec`]), instance access networking ([`net`]), input validation shared by every entry point ([`validate`]),
 //! and the bodies of the HTTP APIs ([`api`]).
 
@@ -11,11 +11,13 @@ pub mod gpu;
 pub mod ids;
 pub mod instance;
 pub mod net;
+pub mod operation;
 pub mod snapshot;
 pub mod spec;
 pub mod validate;
 
 pub use ids::*;
 pub use instance::{Action, InstanceState, TransitionError};
+pub use operation::{OperationKind, OperationState};
 pub use snapshot::SnapshotStatus;
 pub use validate::ValidationError;

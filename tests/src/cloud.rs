@@ -36,6 +36,29 @@ pub const DENIED: &str = "10.79.0.3";
 /// `e2e-host.<suffix>`.
 pub const DOMAIN_SUFFIX: &str = "gantry.test";
 
+/// Knobs of a cloud with several hosts ([`Cloud::start_fleet`]).
+#[derive(Clone, Debug)]
+pub struct FleetOpts {
+    /// The controller's `heartbeat_timeout_secs` (a host silent this long
+    /// is down).
+    pub heartbeat_timeout_secs: u64,
+    /// More top-level controller config lines.
+    pub controller_toml: String,
+    /// Top-level agent config lines (e.g. `snapshot_store = "s3://..."`),
+    /// for every host of the cloud.
+    pub agent_top: String,
+}
+
+impl Default for FleetOpts {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout_secs: 30,
+            controller_toml: String::new(),
+            agent_top: String::new(),
+        }
+    }
+}
+
 pub struct Cloud {
     pub ctl: TestController,
     pub agent: TestAgent,
@@ -51,6 +74,8 @@ pub struct Cloud {
     /// outlives its namespace.
     pub host_ns: Netns,
     pub client_ns: Netns,
+    /// Top-level agent config lines every host gets ([`FleetOpts`]).
+    pub agent_top: String,
 }
 
 fn id_of(v: &Value) -> anyhow::Result<String> {
@@ -70,6 +95,11 @@ impl Cloud {
     /// [`Cloud::start`] with extra TOML for the agent (whole tables, such
     /// as `[gpu]`).
     pub fn start_with(db: &Database, agent_toml: &str) -> anyhow::Result<Self> {
+        Self::start_fleet(db, &FleetOpts::default(), agent_toml)
+    }
+
+    /// [`Cloud::start_with`] with the fleet knobs of [`FleetOpts`].
+    pub fn start_fleet(db: &Database, o: &FleetOpts, agent_toml: &str) -> anyhow::Result<Self> {
         let host_ns = Netns::new("host")?;
         let client_ns = Netns::new("cli")?;
         veth(
@@ -85,19 +115,20 @@ impl Cloud {
         let ctl = TestController::start(
             db,
             &format!(
-                "heartbeat_secs = {HEARTBEAT_SECS}\nheartbeat_timeout_secs = 30\nreconcile_secs = 1\n\
-                 host_domain_suffix = {DOMAIN_SUFFIX:?}\n"
+                "heartbeat_secs = {HEARTBEAT_SECS}\nheartbeat_timeout_secs = {}\nreconcile_secs = 1\n\
+                 host_domain_suffix = {DOMAIN_SUFFIX:?}\n{}",
+                o.heartbeat_timeout_secs, o.controller_toml
             ),
         )?;
         let admin = ctl.admin();
         let jt = admin.post("/v1/admin/join-tokens", &json!({}))?;
         let token = jt["token"].as_str().context("join token")?;
         let agent = TestAgent::start_with(&format!(
-            "\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\n\
+            "{}\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\n\
              address = {UPLINK:?}\npoll_wait_secs = 5\n\n\
              [network]\nnetns = {:?}\nhttps_listen = \"0.0.0.0:443\"\ndeny = [\"{DENIED}/32\"]\n\
              drift_check_secs = 2\n\n{agent_toml}\n",
-            ctl.url, host_ns.name
+            o.agent_top, ctl.url, host_ns.name
         ))?;
         let hosts = admin.wait_for(
             "/v1/admin/hosts",
@@ -161,6 +192,7 @@ impl Cloud {
             host,
             host_ns,
             client_ns,
+            agent_top: o.agent_top.clone(),
         })
     }
 
@@ -234,6 +266,84 @@ impl Cloud {
                 bail!("billing of {id} did not settle");
             }
         }
+    }
+}
+
+/// Another host of a [`Cloud`]: a second agent (own state directory,
+/// API port and data-plane namespace) joined to the same controller.
+pub struct ExtraHost {
+    pub agent: TestAgent,
+    /// The host's id in the controller.
+    pub id: String,
+    pub name: String,
+    /// Its uplink address (in `ns`), reachable from the cloud's client
+    /// namespace.
+    pub uplink: String,
+    /// Dropped after the agent.
+    pub ns: Netns,
+}
+
+impl Cloud {
+    /// Joins another host `name` (its uplink `10.79.<n>.1/24`, n >= 1,
+    /// linked to the client namespace) with a fresh join token; `agent_toml`
+    /// as in [`Cloud::start_with`] (whole tables). Its libvirt domains are
+    /// named `gantry-h<n>-<instance>` (both agents share one libvirtd).
+    pub fn add_host(&self, name: &str, n: u8, agent_toml: &str) -> anyhow::Result<ExtraHost> {
+        anyhow::ensure!(n >= 1, "subnet 0 is the first host's");
+        let ns = Netns::new(&format!("h{n}"))?;
+        let uplink = format!("10.79.{n}.1");
+        veth(
+            &ns,
+            "up0",
+            &format!("{uplink}/24"),
+            &self.client_ns,
+            &format!("cl{n}"),
+            &format!("10.79.{n}.2/24"),
+        )?;
+        ns.run(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.79.{n}.2"),
+        ])?;
+        let jt = self.admin.post("/v1/admin/join-tokens", &json!({}))?;
+        let token = jt["token"].as_str().context("join token")?;
+        let agent = TestAgent::start_another(
+            &self.agent,
+            &format!(
+                "{}domain_prefix = \"gantry-h{n}-\"\n\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = {name:?}\n\
+                 address = {uplink:?}\npoll_wait_secs = 5\n\n\
+                 [network]\nnetns = {:?}\nhttps_listen = \"0.0.0.0:443\"\ndeny = [\"{DENIED}/32\"]\n\
+                 drift_check_secs = 2\n\n{agent_toml}\n",
+                self.agent_top, self.ctl.url, ns.name
+            ),
+        )?;
+        let want = name.to_string();
+        let hosts = self.admin.wait_for(
+            "/v1/admin/hosts",
+            Duration::from_secs(60),
+            &format!("host {name} to join"),
+            |v| {
+                v.as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|h| h["name"] == want.as_str() && h["health"] == "healthy")
+                })
+            },
+        )?;
+        let id = hosts
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == name))
+            .map(id_of)
+            .context("joined host")??;
+        Ok(ExtraHost {
+            agent,
+            id,
+            name: name.to_string(),
+            uplink,
+            ns,
+        })
     }
 }
 

@@ -126,6 +126,44 @@ impl TestController {
         Ok(())
     }
 
+    /// Another replica on the same database (PostgreSQL): its own state
+    /// directory with this one's secret key, CA and admin token, the same
+    /// config; a fresh address.
+    pub fn replica(&self) -> anyhow::Result<Self> {
+        let state_dir = PathBuf::from(format!(
+            "/var/tmp/gantry-ctl-{}-{}",
+            std::process::id(),
+            suffix()
+        ));
+        std::fs::create_dir_all(&state_dir)?;
+        for f in ["secret.key", "ca.pem", "ca-key.pem", "admin-token"] {
+            std::fs::copy(self.state_dir.join(f), state_dir.join(f))
+                .with_context(|| format!("copy {f} to the replica"))?;
+        }
+        let config = state_dir.with_extension("toml");
+        std::fs::copy(&self.config, &config)?;
+        let mut ctl = TestController {
+            state_dir,
+            config,
+            url: String::new(),
+            admin_token: String::new(),
+            listen: "127.0.0.1:0".into(),
+            child: None,
+        };
+        ctl.spawn()?;
+        Ok(ctl)
+    }
+
+    /// Whether `/metrics` says this controller leads (runs the
+    /// background work); `None` when it does not answer.
+    pub fn leads(&self) -> Option<bool> {
+        let text = self.admin().get_text("/metrics").ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("gantry_controller_leader "))?;
+        Some(line.ends_with(" 1"))
+    }
+
     /// SIGKILLs the controller.
     pub fn kill9(&mut self) {
         kill9(&mut self.child);

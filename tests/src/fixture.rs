@@ -74,7 +74,8 @@ pub struct TestAgent {
     http: reqwest::blocking::Client,
     /// Extra environment of the agent process (from the next spawn on).
     pub env: Vec<(String, String)>,
-    _lock: MutexGuard<'static, ()>,
+    /// None for a second agent of the same test ([`TestAgent::start_another`]).
+    _lock: Option<MutexGuard<'static, ()>>,
 }
 
 impl TestAgent {
@@ -85,6 +86,21 @@ impl TestAgent {
     /// Starts an agent with extra TOML lines in its config.
     pub fn start_with(extra_config: &str) -> anyhow::Result<Self> {
         let lock = VM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        Self::launch(extra_config, Some(lock))
+    }
+
+    /// A second agent (another host) for a test that already holds the VM
+    /// lock through its first [`TestAgent`]: its own state directory, API
+    /// port and config.
+    pub fn start_another(first: &TestAgent, extra_config: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            first._lock.is_some(),
+            "start the first agent with start_with"
+        );
+        Self::launch(extra_config, None)
+    }
+
+    fn launch(extra_config: &str, lock: Option<MutexGuard<'static, ()>>) -> anyhow::Result<Self> {
         // Not a 0700 tempdir: QEMU runs as its own user and must traverse it.
         let state_dir = PathBuf::from(format!(
             "/var/tmp/gantry-test-{}-{}",

@@ -3,14 +3,23 @@
 //! 500 ms, doubling up to 15 s, each wait stretched by a random 0-100 %
 //! (jitter), so never more than 30 s; a transient failure (connection
 //! refused, timeout, 5xx, 408, 429) is retried forever.
+//!
+//! With several controller URLs (replicas on one database), a call that
+//! cannot connect, times out or gets a 5xx goes at once to the next URL,
+//! in order, each tried once per call; the one that answers is where
+//! later calls start (sticky). Only when every URL failed does the
+//! failure reach the retry schedule.
 
 use backon::{ExponentialBuilder, Retryable};
 use gantry_proto::api::agent::{
     AgentHeartbeat, HeartbeatAck, JoinRequest, JoinResponse, OpReport, Work,
 };
+use gantry_proto::api::agent::{OfferStoreKey, StoreKeys};
 use gantry_proto::OperationId;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest wait between two tries (jitter included).
@@ -28,6 +37,8 @@ pub enum ClientError {
     Http(#[from] reqwest::Error),
     #[error("controller answered {status}: {message}")]
     Status { status: u16, message: String },
+    #[error("no controller URL configured")]
+    NoUrl,
 }
 
 impl ClientError {
@@ -38,6 +49,17 @@ impl ClientError {
             Self::Status { status, .. } => {
                 (400..500).contains(status) && *status != 408 && *status != 429
             }
+            Self::NoUrl => true,
+        }
+    }
+
+    /// A failure of that controller, not of the request: another replica
+    /// may answer (connection errors, timeouts, 5xx).
+    pub fn fails_over(&self) -> bool {
+        match self {
+            Self::Http(_) => true,
+            Self::Status { status, .. } => *status >= 500,
+            Self::NoUrl => false,
         }
     }
 }
@@ -52,28 +74,87 @@ pub fn backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
-/// The controller's agent API. Secrets are passed per call and never
-/// logged.
+/// The controller's agent API, over one or several controller URLs (see
+/// the module docs). Secrets are passed per call and never logged.
+/// Clones share which URL is current.
 #[derive(Clone)]
 pub struct ControllerClient {
     http: reqwest::Client,
-    base: String,
+    bases: Arc<[String]>,
+    /// Index into `bases` of the URL calls start at.
+    current: Arc<AtomicUsize>,
 }
 
 impl ControllerClient {
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Self::with_urls(&[base.to_string()])
+    }
+
+    /// A client of controller replicas, tried in this order.
+    pub fn with_urls(urls: &[String]) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::NoUrl);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("gantry-agent/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let bases: Vec<String> = urls
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_string(),
+            bases: bases.into(),
+            current: Arc::new(AtomicUsize::new(0)),
         })
     }
 
+    /// The URL calls go to first now.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// Every controller URL, in order.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// Whether `url` is one of this client's controllers.
+    pub fn knows(&self, url: &str) -> bool {
+        let url = url.trim_end_matches('/');
+        self.bases.iter().any(|b| b == url)
+    }
+
+    /// Sends the request `build` makes for a base URL: to the current
+    /// controller, then on a failure that [`ClientError::fails_over`] to
+    /// each next one; the one that answers becomes current.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<Option<T>, ClientError> {
+        let n = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut k = 0;
+        loop {
+            let i = (start + k) % n;
+            let res = Self::send(build(&self.bases[i])).await;
+            match res {
+                Err(e) if e.fails_over() && k + 1 < n => {
+                    tracing::warn!(controller = %self.bases[i], error = %e,
+                        next = %self.bases[(i + 1) % n], "controller call failed; trying the next controller");
+                    k += 1;
+                }
+                res => {
+                    let answered = !matches!(&res, Err(e) if e.fails_over());
+                    if answered && i != start {
+                        self.current.store(i, Ordering::Relaxed);
+                        tracing::info!(controller = %self.bases[i], "now using this controller");
+                    }
+                    return res;
+                }
+            }
+        }
     }
 
     async fn send<T: DeserializeOwned>(
@@ -106,12 +187,15 @@ impl ControllerClient {
 
     pub async fn join(&self, token: &str, req: &JoinRequest) -> Result<JoinResponse, ClientError> {
         let r = self
-            .http
-            .post(format!("{}/v1/agent/join", self.base))
-            .bearer_auth(token)
-            .timeout(CALL_TIMEOUT)
-            .json(req);
-        Self::expect(Self::send(r).await?)
+            .call(|base| {
+                self.http
+                    .post(format!("{base}/v1/agent/join"))
+                    .bearer_auth(token)
+                    .timeout(CALL_TIMEOUT)
+                    .json(req)
+            })
+            .await?;
+        Self::expect(r)
     }
 
     pub async fn heartbeat(
@@ -120,12 +204,15 @@ impl ControllerClient {
         hb: &AgentHeartbeat,
     ) -> Result<HeartbeatAck, ClientError> {
         let r = self
-            .http
-            .post(format!("{}/v1/agent/heartbeat", self.base))
-            .bearer_auth(credential)
-            .timeout(CALL_TIMEOUT)
-            .json(hb);
-        Self::expect(Self::send(r).await?)
+            .call(|base| {
+                self.http
+                    .post(format!("{base}/v1/agent/heartbeat"))
+                    .bearer_auth(credential)
+                    .timeout(CALL_TIMEOUT)
+                    .json(hb)
+            })
+            .await?;
+        Self::expect(r)
     }
 
     /// The work long-poll; `access_rev` and `tls` name the access state
@@ -146,12 +233,15 @@ impl ControllerClient {
             q.push(("tls", f));
         }
         let r = self
-            .http
-            .get(format!("{}/v1/agent/work", self.base))
-            .query(&q)
-            .bearer_auth(credential)
-            .timeout(Duration::from_secs(wait_secs) + CALL_TIMEOUT);
-        Self::expect(Self::send(r).await?)
+            .call(|base| {
+                self.http
+                    .get(format!("{base}/v1/agent/work"))
+                    .query(&q)
+                    .bearer_auth(credential)
+                    .timeout(Duration::from_secs(wait_secs) + CALL_TIMEOUT)
+            })
+            .await?;
+        Self::expect(r)
     }
 
     pub async fn report(
@@ -160,13 +250,52 @@ impl ControllerClient {
         op: OperationId,
         report: &OpReport,
     ) -> Result<(), ClientError> {
+        self.call::<serde_json::Value>(|base| {
+            self.http
+                .post(format!("{base}/v1/agent/ops/{op}"))
+                .bearer_auth(credential)
+                .timeout(CALL_TIMEOUT)
+                .json(report)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// An account's snapshot-store chunk keys (see `link::keys`).
+    pub async fn store_keys(
+        &self,
+        credential: &str,
+        account: &str,
+    ) -> Result<StoreKeys, ClientError> {
         let r = self
-            .http
-            .post(format!("{}/v1/agent/ops/{op}", self.base))
-            .bearer_auth(credential)
-            .timeout(CALL_TIMEOUT)
-            .json(report);
-        Self::send::<serde_json::Value>(r).await.map(|_| ())
+            .call(|base| {
+                self.http
+                    .get(format!("{base}/v1/agent/store-keys/{account}"))
+                    .bearer_auth(credential)
+                    .timeout(CALL_TIMEOUT)
+            })
+            .await?;
+        Self::expect(r)
+    }
+
+    /// Offers the host's own chunk key of an account; answers the keys
+    /// the controller keeps for it.
+    pub async fn offer_store_key(
+        &self,
+        credential: &str,
+        account: &str,
+        offer: &OfferStoreKey,
+    ) -> Result<StoreKeys, ClientError> {
+        let r = self
+            .call(|base| {
+                self.http
+                    .post(format!("{base}/v1/agent/store-keys/{account}"))
+                    .bearer_auth(credential)
+                    .timeout(CALL_TIMEOUT)
+                    .json(offer)
+            })
+            .await?;
+        Self::expect(r)
     }
 }
 
@@ -222,5 +351,92 @@ mod tests {
         assert!(e(404).is_permanent());
         assert!(!e(429).is_permanent());
         assert!(!e(503).is_permanent());
+        assert!(e(503).fails_over() && e(500).fails_over());
+        assert!(!e(401).fails_over() && !e(429).fails_over());
+    }
+
+    /// A stand-in controller answering op reports with `status` (settable)
+    /// and counting them; the task serves until aborted.
+    async fn controller(
+        status: u16,
+    ) -> (
+        String,
+        Arc<std::sync::atomic::AtomicU16>,
+        Arc<AtomicUsize>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use axum::http::StatusCode;
+        let code = Arc::new(std::sync::atomic::AtomicU16::new(status));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (c, h) = (code.clone(), hits.clone());
+        let app = axum::Router::new().route(
+            "/v1/agent/ops/{op}",
+            axum::routing::post(move || {
+                let (c, h) = (c.clone(), h.clone());
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let code = StatusCode::from_u16(c.load(Ordering::SeqCst)).unwrap();
+                    (
+                        code,
+                        axum::Json(serde_json::json!({"error": "refused here"})),
+                    )
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        (url, code, hits, task)
+    }
+
+    #[tokio::test]
+    async fn fails_over_across_controllers_and_sticks_to_the_one_that_answers() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let (a, a_code, a_hits, _a) = controller(503).await;
+        let (b, _b_code, b_hits, b_task) = controller(204).await;
+        let c = ControllerClient::with_urls(&[dead.clone(), a.clone(), format!("{b}/")]).unwrap();
+        let report = OpReport {
+            outcome: gantry_proto::api::agent::OpOutcome::Succeeded,
+            progress: 100,
+            error: None,
+            snapshot: None,
+            instance_state: None,
+            note: None,
+        };
+        let op = OperationId::new();
+        let hits = || (a_hits.load(Ordering::SeqCst), b_hits.load(Ordering::SeqCst));
+        // Refused, then 503, then answered: B is current from now on.
+        assert_eq!(c.base(), dead);
+        c.report("cred", op, &report).await.unwrap();
+        assert_eq!((c.base(), hits()), (b.as_str(), (1, 1)));
+        c.report("cred", op, &report).await.unwrap();
+        assert_eq!(hits(), (1, 2), "sticks to B");
+        assert!(c.knows(&format!("{b}/")) && c.knows(&dead) && !c.knows("http://x"));
+        // B goes away: the next call goes round to A, which answers now.
+        b_task.abort();
+        let _ = b_task.await;
+        a_code.store(204, Ordering::SeqCst);
+        let clone = c.clone();
+        clone.report("cred", op, &report).await.unwrap();
+        assert_eq!((c.base(), hits()), (a.as_str(), (2, 2)), "clones share it");
+        // A refusal is the answer, not a failure of A: no fail-over.
+        a_code.store(401, Ordering::SeqCst);
+        let e = c.report("cred", op, &report).await.unwrap_err();
+        assert!(e.is_permanent() && !e.fails_over(), "{e}");
+        assert_eq!((c.base(), hits()), (a.as_str(), (3, 2)));
+        // Every one failing: the last failure, for the retry schedule.
+        a_code.store(503, Ordering::SeqCst);
+        let e = c.report("cred", op, &report).await.unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
+        assert_eq!((c.base(), hits()), (a.as_str(), (4, 2)));
+        assert!(matches!(
+            ControllerClient::with_urls(&[]),
+            Err(ClientError::NoUrl)
+        ));
     }
 }

@@ -155,6 +155,7 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         store,
         snapshot_sizes: m.take_snapshot_sizes(),
         https_port: m.net().https_port(),
+        store_identity: m.store_identity(),
     })
 }
 
@@ -197,7 +198,9 @@ pub async fn run(link: Arc<Link>) {
                 link.link_up(false);
                 link.manager.metrics().heartbeat_failed();
                 let wait = delays.next().unwrap_or(super::client::MAX_BACKOFF);
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "heartbeat failed");
+                if !super::revoked(&link, &e) {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "heartbeat failed");
+                }
                 tokio::time::sleep(wait).await;
             }
         }

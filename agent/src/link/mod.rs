@@ -7,6 +7,7 @@
 //! - [`journal`]: operations accepted, and their outcomes, on disk.
 //! - [`heartbeat`]: capacity, health, instances, usage; the heartbeat loop.
 //! - [`work`]: the work loop and the operations themselves.
+//! - [`keys`]: the snapshot store's chunk keys, from the controller.
 //!
 //! The credential lives in `<state_dir>/controller.json` (envelope magic
 //! [`CREDENTIAL_MAGIC`], version [`CREDENTIAL_VERSION`], mode 0600) and is
@@ -16,6 +17,7 @@
 pub mod client;
 pub mod heartbeat;
 pub mod journal;
+pub mod keys;
 pub mod work;
 
 use crate::config::ControllerConfig;
@@ -26,7 +28,7 @@ use gantry_proto::api::agent::JoinRequest;
 use gantry_proto::{HostId, OperationId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,6 +96,11 @@ impl Link {
     pub fn host(&self) -> HostId {
         self.host
     }
+
+    /// The agent's manager.
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
 }
 
 /// Starts the link in the background: joins (if need be), then runs the
@@ -113,12 +120,16 @@ pub fn spawn(manager: Arc<Manager>, cfg: ControllerConfig) -> tokio::task::JoinH
 
 /// Runs the loops of a joined link.
 pub async fn run(link: Arc<Link>) {
-    tokio::join!(heartbeat::run(link.clone()), work::run(link.clone()));
+    tokio::join!(
+        heartbeat::run(link.clone()),
+        work::run(link.clone()),
+        keys::offer_local_keys(link.clone())
+    );
 }
 
 /// Loads the credential, or joins until it has one.
 pub async fn connect(manager: Arc<Manager>, cfg: ControllerConfig) -> Result<Arc<Link>, LinkError> {
-    let client = ControllerClient::new(&cfg.url)?;
+    let client = ControllerClient::with_urls(&cfg.urls())?;
     let path = manager.layout().controller_file();
     let saved: Option<Credential> = if path.exists() {
         Some(fsutil::read_state(
@@ -130,11 +141,11 @@ pub async fn connect(manager: Arc<Manager>, cfg: ControllerConfig) -> Result<Arc
         None
     };
     let cred = match saved {
-        Some(c) if c.url.trim_end_matches('/') == client.base() => c,
+        Some(c) if client.knows(&c.url) => c,
         Some(c) if matches!(cfg.read_join_token(), Ok(Some(_))) => {
             tracing::warn!(
                 saved = c.url,
-                configured = cfg.url,
+                configured = cfg.urls_text(),
                 "controller URL changed; joining again"
             );
             join_until_done(&manager, &cfg, &client).await?
@@ -142,7 +153,7 @@ pub async fn connect(manager: Arc<Manager>, cfg: ControllerConfig) -> Result<Arc
         Some(c) => {
             tracing::warn!(
                 saved = c.url,
-                configured = cfg.url,
+                configured = cfg.urls_text(),
                 "controller URL changed and no join token; using the saved credential there"
             );
             c
@@ -192,7 +203,7 @@ async fn join_once(
     let token = cfg
         .read_join_token()
         .map_err(LinkError::TokenFile)?
-        .ok_or_else(|| LinkError::NoJoinToken(cfg.url.clone()))?;
+        .ok_or_else(|| LinkError::NoJoinToken(cfg.urls_text()))?;
     let m = manager.clone();
     let (capacity, _) = tokio::task::spawn_blocking(move || heartbeat::capacity(&m))
         .await
@@ -219,6 +230,28 @@ async fn join_once(
     manager.metrics().controller_link(true);
     tracing::info!(host = %cred.host, name = req.name, "joined the controller");
     Ok(cred)
+}
+
+/// Whether the error of a failed call says an admin revoked this host's
+/// credential. The first time, logs one clear error telling the operator
+/// how to join again (the loops then stay quiet about it and keep trying,
+/// so a controller-side undo is picked up).
+pub(crate) fn revoked(link: &Link, error: &str) -> bool {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !error.contains(gantry_proto::api::agent::CREDENTIAL_REVOKED) {
+        return false;
+    }
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::error!(
+            host = %link.host,
+            credential_file = %link.manager.layout().controller_file().display(),
+            "the controller revoked this host's credential: ask an admin for a new join token \
+             (gantryctl join-token create), put it in controller.join_token_file (or \
+             controller.join_token), remove the credential file and restart gantry-agent to \
+             join again"
+        );
+    }
+    true
 }
 
 /// Unix milliseconds now.

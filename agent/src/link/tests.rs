@@ -52,6 +52,22 @@ async fn join(State(s): State<Shared>, h: HeaderMap) -> (StatusCode, Json<serde_
     (StatusCode::CREATED, Json(serde_json::to_value(r).unwrap()))
 }
 
+/// The controller's chunk key of an account: fixed per account here.
+async fn store_keys(
+    h: HeaderMap,
+    UrlPath(account): UrlPath<String>,
+) -> Result<Json<gantry_proto::api::agent::StoreKeys>, StatusCode> {
+    if bearer(&h) != "ghc_test" {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let key = blake3::derive_key("test store key", account.as_bytes());
+    Ok(Json(gantry_proto::api::agent::StoreKeys {
+        account: account.parse().map_err(|_| StatusCode::NOT_FOUND)?,
+        current: gantry_proto::net::Secret::new(blake3::Hash::from_bytes(key).to_hex().to_string()),
+        previous: Vec::new(),
+    }))
+}
+
 async fn heartbeat(
     State(s): State<Shared>,
     h: HeaderMap,
@@ -102,6 +118,7 @@ async fn controller(shared: Shared) -> String {
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/work", get(work))
         .route("/v1/agent/ops/{id}", post(report))
+        .route("/v1/agent/store-keys/{account}", get(store_keys))
         .with_state(shared);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -151,7 +168,8 @@ async fn open_manager(dir: &std::path::Path) -> Arc<Manager> {
 
 fn controller_cfg(url: &str) -> ControllerConfig {
     ControllerConfig {
-        url: url.into(),
+        url: Some(url.into()),
+        urls: Vec::new(),
         join_token_file: None,
         join_token: Some("gjt_test".into()),
         host_name: Some("gpu-test".into()),
@@ -481,6 +499,7 @@ async fn create_snapshot_restore(
         origin: ImageOrigin::Snapshot {
             snapshot: snap,
             boot_like: Some(image),
+            boot_like_source: None,
         },
     };
     let create_b = AgentCommand::Create {

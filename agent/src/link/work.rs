@@ -10,6 +10,8 @@ use super::journal::{Entry, Finished};
 use super::{now_ms, Link};
 use crate::images;
 use crate::manager::{Manager, ManagerError};
+use crate::snapshots::SnapshotError;
+use crate::volumes::VolumeGrowth;
 use backon::BackoffBuilder;
 use gantry_proto::api::agent::{
     AgentCommand, AgentOp, DesiredInstance, ImageOrigin, ImageSource, OpOutcome, OpReport,
@@ -58,7 +60,9 @@ pub async fn run(link: Arc<Link>) {
             Err(e) => {
                 link.link_up(false);
                 let d = delays.next().unwrap_or(client::MAX_BACKOFF);
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "work poll failed");
+                if !super::revoked(&link, &e.to_string()) {
+                    tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "work poll failed");
+                }
                 tokio::time::sleep(d).await;
             }
         }
@@ -160,22 +164,7 @@ fn op_instance(op: &AgentOp) -> Option<InstanceId> {
 
 /// The name of a command, for logs and metrics.
 pub fn kind(c: &AgentCommand) -> &'static str {
-    match c {
-        AgentCommand::Create { .. } => "create",
-        AgentCommand::Start {} => "start",
-        AgentCommand::Stop {} => "stop",
-        AgentCommand::Reboot {} => "reboot",
-        AgentCommand::ForceReboot {} => "force-reboot",
-        AgentCommand::Suspend {} => "suspend",
-        AgentCommand::Resume {} => "resume",
-        AgentCommand::Release {} => "release",
-        AgentCommand::ChangeType { .. } => "change-type",
-        AgentCommand::GrowDisk { .. } => "grow-disk",
-        AgentCommand::Snapshot { .. } => "snapshot",
-        AgentCommand::DeleteSnapshot { .. } => "delete-snapshot",
-        AgentCommand::SetPassword { .. } => "set-password",
-        AgentCommand::ClearGpu { .. } => "clear-gpu",
-    }
+    c.kind().name()
 }
 
 /// Runs (or re-reports) one operation, journalled by id.
@@ -334,6 +323,7 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
                     spec.image, image.image
                 )));
             }
+            image_keys(link, image).await?;
             ensure_image(link, image).await?;
             let mm = m.clone();
             let spec = spec.clone();
@@ -381,6 +371,9 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
             auto_release,
         } => {
             let id = needs_instance(op)?;
+            super::keys::ensure(link, &owner.to_string())
+                .await
+                .map_err(|e| SnapshotError::Keys(e.to_string()))?;
             let req = TakeSnapshot {
                 name: name.clone(),
                 owner: Some(owner.to_string()),
@@ -405,6 +398,70 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
         AgentCommand::DeleteSnapshot { snapshot } => {
             delete_snapshot(m, *snapshot).await?;
             Ok(Started::Done(Finished::ok(None)))
+        }
+        AgentCommand::GrowVolume { volume, size_gib } => {
+            let (mm, v, size) = (m.clone(), *volume, *size_gib);
+            let how = tokio::task::spawn_blocking(move || mm.grow_volume(v, size))
+                .await
+                .expect("volume task")?;
+            match how {
+                VolumeGrowth::Through(id) => {
+                    let req = ActionRequest::GrowDisk {
+                        disk: DiskKind::Data,
+                        size_gib: size,
+                    };
+                    Ok(Started::Local(id, m.action(id, req)?.id))
+                }
+                VolumeGrowth::Done(note) => Ok(Started::Done(Finished {
+                    note: Some(note),
+                    ..Finished::ok(None)
+                })),
+            }
+        }
+        AgentCommand::MoveOut {
+            snapshot,
+            volume_snapshot,
+            owner,
+        } => {
+            let id = needs_instance(op)?;
+            super::keys::ensure(link, &owner.to_string())
+                .await
+                .map_err(|e| SnapshotError::Keys(e.to_string()))?;
+            let (mm, s, v, o) = (m.clone(), *snapshot, *volume_snapshot, owner.to_string());
+            tokio::task::spawn_blocking(move || mm.move_out(id, s, v, &o))
+                .await
+                .expect("move task")?;
+            Ok(Started::Done(Finished::ok(state_of(m, Some(id)))))
+        }
+        AgentCommand::MoveIn {
+            spec,
+            image,
+            volume_snapshot,
+            owner,
+        } => {
+            super::keys::ensure(link, &owner.to_string())
+                .await
+                .map_err(|e| SnapshotError::Keys(e.to_string()))?;
+            ensure_image(link, image).await?;
+            let (mm, spec, v) = (m.clone(), spec.clone(), *volume_snapshot);
+            let id = spec.id;
+            let local = tokio::task::spawn_blocking(move || mm.move_in(spec, v))
+                .await
+                .expect("move task")?;
+            Ok(Started::Local(id, local.id))
+        }
+        AgentCommand::MoveCleanup {} => act(ActionRequest::Release {
+            delete_data_volume: true,
+        }),
+        AgentCommand::DeleteVolume { volume } => {
+            let (mm, v) = (m.clone(), *volume);
+            let removed = tokio::task::spawn_blocking(move || mm.delete_volume(v))
+                .await
+                .expect("volume task")?;
+            Ok(Started::Done(Finished {
+                note: (!removed).then(|| format!("volume {v} was not on this host")),
+                ..Finished::ok(None)
+            }))
         }
     }
 }
@@ -455,51 +512,82 @@ async fn follow(link: &Link, op: OperationId, id: InstanceId, local: OperationId
     }
 }
 
+/// Fetches the chunk keys an image made from a snapshot needs, unless the
+/// image is in the host's cache already.
+async fn image_keys(link: &Link, src: &ImageSource) -> Result<(), ManagerError> {
+    let ImageOrigin::Snapshot { snapshot, .. } = &src.origin else {
+        return Ok(());
+    };
+    if images::open(link.manager.layout(), src.image, false).is_ok() {
+        return Ok(());
+    }
+    super::keys::ensure_for_snapshot(link, *snapshot)
+        .await
+        .map_err(|e| SnapshotError::Keys(e.to_string()).into())
+}
+
 /// Makes sure the image is in the host's cache, filling it from its origin.
 async fn ensure_image(link: &Link, src: &ImageSource) -> Result<(), ManagerError> {
     let _one_at_a_time = link.image_fill.lock().await;
     let m = link.manager.clone();
     let src = src.clone();
-    tokio::task::spawn_blocking(move || {
-        if images::open(m.layout(), src.image, false).is_ok() {
-            return Ok(());
-        }
-        tracing::info!(image = %src.image, "filling the image cache");
-        let filled = match &src.origin {
-            ImageOrigin::File {
-                disk,
-                kernel,
-                initrd,
-                cmdline,
-            } => images::import(
-                m.layout(),
-                &ImportImage {
-                    id: Some(src.image),
-                    name: src.name.clone(),
-                    disk: disk.clone(),
-                    kernel: kernel.clone(),
-                    initrd: initrd.clone(),
-                    cmdline: cmdline.clone(),
-                },
-            )
-            .map_err(ManagerError::from),
-            ImageOrigin::Snapshot {
-                snapshot,
-                boot_like,
-            } => m.image_from_snapshot(&ImageFromSnapshot {
+    tokio::task::spawn_blocking(move || fill_image(&m, &src))
+        .await
+        .expect("image task")
+}
+
+/// Fills the image cache with `src` unless it is there; an image restored
+/// from a snapshot first gets the image it boots like (a snapshot taken on
+/// another host: this host may never have had it).
+fn fill_image(m: &Manager, src: &ImageSource) -> Result<(), ManagerError> {
+    if images::open(m.layout(), src.image, false).is_ok() {
+        return Ok(());
+    }
+    tracing::info!(image = %src.image, "filling the image cache");
+    let filled = match &src.origin {
+        ImageOrigin::File {
+            disk,
+            kernel,
+            initrd,
+            cmdline,
+        } => images::import(
+            m.layout(),
+            &ImportImage {
+                id: Some(src.image),
+                name: src.name.clone(),
+                disk: disk.clone(),
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+            },
+        )
+        .map_err(ManagerError::from),
+        ImageOrigin::Snapshot {
+            snapshot,
+            boot_like,
+            boot_like_source,
+        } => {
+            if let Some(base) = boot_like_source {
+                if !matches!(base.origin, ImageOrigin::File { .. }) {
+                    return Err(ManagerError::Conflict(format!(
+                        "image {}: the image it boots like must come from a file",
+                        src.image
+                    )));
+                }
+                fill_image(m, base)?;
+            }
+            m.image_from_snapshot(&ImageFromSnapshot {
                 id: Some(ImageSource::snapshot_image_id(*snapshot)),
                 name: src.name.clone(),
                 snapshot: *snapshot,
                 boot_like: *boot_like,
-            }),
-        };
-        match filled {
-            Ok(_) | Err(ManagerError::Image(images::ImageError::Exists(_))) => Ok(()),
-            Err(e) => Err(e),
+            })
         }
-    })
-    .await
-    .expect("image task")
+    };
+    match filled {
+        Ok(_) | Err(ManagerError::Image(images::ImageError::Exists(_))) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Settles operations journalled by an earlier process and never finished:
@@ -579,9 +667,15 @@ pub fn interrupted_outcome(m: &Manager, op: &AgentOp) -> Option<Finished> {
             },
             None => Finished::failed("interrupted by an agent restart", state),
         }),
-        AgentCommand::DeleteSnapshot { .. } | AgentCommand::SetPassword { .. } => None,
+        // Idempotent: run again.
+        AgentCommand::DeleteSnapshot { .. }
+        | AgentCommand::SetPassword { .. }
+        | AgentCommand::GrowVolume { .. }
+        | AgentCommand::DeleteVolume { .. }
+        | AgentCommand::MoveOut { .. } => None,
+        AgentCommand::MoveIn { .. } => done(state == Some(Stopped)),
         AgentCommand::Create { .. } => done(matches!(state, Some(Running | Stopped))),
-        AgentCommand::Release {} => {
+        AgentCommand::Release {} | AgentCommand::MoveCleanup {} => {
             if rec.is_none() || state == Some(Released) {
                 Some(Finished::ok(Some(Released)))
             } else {

@@ -70,12 +70,31 @@ pub enum SnapshotError {
 }
 
 impl Manager {
-    /// Opens the host's store (created on first use).
-    pub fn open_store(&self) -> Result<Store, SnapshotError> {
+    /// The host's keyring: managed by the controller when linked to one
+    /// (see `link::keys`).
+    fn keyring(&self) -> Result<Arc<Keyring>, SnapshotError> {
         let keyring = Keyring::load(&self.cfg.store_keyring_path())
             .map_err(|e| SnapshotError::Keys(e.to_string()))?;
+        keyring.set_managed(self.cfg.controller.is_some());
+        Ok(Arc::new(keyring))
+    }
+
+    /// Which store the host uses (for the controller); `None` while a
+    /// local store does not exist yet, or when it cannot be read.
+    pub fn store_identity(&self) -> Option<gantry_proto::api::agent::StoreIdentity> {
+        match gantry_store::identity::identify(&self.cfg.snapshot_store_url()) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot identify the snapshot store");
+                None
+            }
+        }
+    }
+
+    /// Opens the host's store (created on first use).
+    pub fn open_store(&self) -> Result<Store, SnapshotError> {
         let mut cfg = StoreConfig {
-            keyring: Arc::new(keyring),
+            keyring: self.keyring()?,
             create_if_missing: true,
             ..StoreConfig::default()
         };
@@ -87,10 +106,8 @@ impl Manager {
 
     /// Opens the host's store only if it exists already (`None` if not).
     pub fn open_existing_store(&self) -> Result<Option<Store>, SnapshotError> {
-        let keyring = Keyring::load(&self.cfg.store_keyring_path())
-            .map_err(|e| SnapshotError::Keys(e.to_string()))?;
         let cfg = StoreConfig {
-            keyring: Arc::new(keyring),
+            keyring: self.keyring()?,
             ..StoreConfig::default()
         };
         match Store::open(&self.cfg.snapshot_store_url(), cfg) {

@@ -6,7 +6,7 @@
 
 use super::chain::{SnapshotPhase, ROOT_LAYER};
 use crate::disks;
-use crate::manager::{domain_name, Manager, ManagerError};
+use crate::manager::{Manager, ManagerError};
 use gantry_proto::InstanceId;
 
 impl Manager {
@@ -15,7 +15,7 @@ impl Manager {
         let Some(p) = self.record(id)?.chain.pending else {
             return Ok(());
         };
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         tracing::warn!(instance = %id, snapshot = %p.snapshot, phase = %p.phase, "finishing a snapshot interrupted by a restart");
         if p.frozen == p.active {
             // A stopped instance's snapshot: nothing was switched. If it

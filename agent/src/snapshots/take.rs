@@ -20,7 +20,7 @@ use super::{SnapshotError, COMMIT_TIMEOUT};
 use crate::disks;
 use crate::hypervisor::{Commit, GuestCall};
 use crate::libvirt::PowerState;
-use crate::manager::{domain_name, Manager, ManagerError};
+use crate::manager::{Manager, ManagerError};
 use gantry_proto::api::local::{SnapshotResult, TakeSnapshot};
 use gantry_proto::{Action, InstanceId, InstanceState, OperationId, SnapshotId};
 use gantry_store::{CreateRequest, Extent, Progress, Store};
@@ -110,7 +110,7 @@ impl Manager {
         snap: SnapshotId,
         op: OperationId,
     ) -> Result<SnapshotResult, ManagerError> {
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         let mut chain = self.record(id)?.chain;
         let frozen = chain.active_layer().to_string();
         let fresh = chain.new_layer();
@@ -163,7 +163,7 @@ impl Manager {
         id: InstanceId,
         fresh: &Path,
     ) -> Result<(Result<(), crate::libvirt::LibvirtError>, bool, Duration), ManagerError> {
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         self.set_state(id, InstanceState::Snapshotting)?;
         let t0 = Instant::now();
         let frozen_fs = self.virt.guest_agent(&name, GuestCall::Freeze).is_ok();
@@ -189,7 +189,7 @@ impl Manager {
         frozen: &str,
         fresh: &str,
     ) -> Result<(), ManagerError> {
-        let name = domain_name(id);
+        let name = self.domain_name(id);
         let undone = match self.virt.state(&name)? {
             PowerState::Running | PowerState::Paused => self
                 .virt
@@ -308,7 +308,7 @@ impl Manager {
             let size = disks::info(&top, Some(disks::Format::Qcow2))?.virtual_size;
             disks::create_overlay(&top, &self.layout.layer(id, &fresh), size)?;
             self.set_phase(id, |c| c.active = Some(fresh.clone()))?;
-            self.merge_down(id, &domain_name(id), &frozen, &fresh)?;
+            self.merge_down(id, &self.domain_name(id), &frozen, &fresh)?;
         }
         self.set_phase(id, |c| c.pending = None)?;
         Ok(info)
@@ -318,7 +318,7 @@ impl Manager {
     pub(super) fn redefine(&self, id: InstanceId) -> Result<(), ManagerError> {
         let spec = self.record(id)?.spec;
         self.virt
-            .define(&domain_name(id), &self.domain_def(&spec)?.to_xml())?;
+            .define(&self.domain_name(id), &self.domain_def(&spec)?.to_xml())?;
         Ok(())
     }
 
@@ -429,7 +429,7 @@ impl Manager {
 
     /// Stops the guest for a snapshot with auto-release.
     fn stop_for_snapshot(&self, id: InstanceId, op: OperationId) -> Result<(), ManagerError> {
-        self.stop_domain(&domain_name(id), true, STOP_FOR_SNAPSHOT, op)?;
+        self.stop_domain(&self.domain_name(id), true, STOP_FOR_SNAPSHOT, op)?;
         self.set_state(id, InstanceState::Stopped)
     }
 }

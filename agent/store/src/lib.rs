@@ -12,6 +12,7 @@ pub mod cli;
 pub mod compact;
 pub mod config;
 pub mod format;
+pub mod identity;
 pub mod image;
 pub mod keys;
 pub mod maintain;

@@ -437,7 +437,7 @@ pub(crate) fn decode_chunk_into(
             return Err(format!("decompressed {n} bytes, expected {raw_len}"));
         }
     }
-    if hasher.id(dst) != *id {
+    if !hasher.matches(dst, id) {
         return Err("content does not match its hash".into());
     }
     Ok(raw_len)

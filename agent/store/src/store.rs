@@ -3,7 +3,8 @@
 //! Verification, garbage collection and statistics live in `maintain`.
 //!
 //! Store layout (keys under the store root):
-//! - `gantry-store.json` marker: `{"format":"gantry-snapshot-store","version":1}`
+//! - `gantry-store.json` marker: `{"format":"gantry-snapshot-store","version":1,
+//!   "id":"local-<32 hex>"}` (the id: see `identity`)
 //! - `chunks/<namespace>/<2 hex>/<64 hex>`: chunk objects (see `format`)
 //! - `snapshots/<snap-id>`: manifests, written last and atomically
 //! - `compact/<snap-id>`: chunks written at the fast publish level, waiting
@@ -214,9 +215,12 @@ pub enum RestoreFormat {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Marker {
-    format: String,
-    version: u32,
+pub(crate) struct Marker {
+    pub(crate) format: String,
+    pub(crate) version: u32,
+    /// The store's random identity (`local-<32 hex>`), see `identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) id: Option<String>,
 }
 
 /// A snapshot store on some backend.
@@ -294,6 +298,7 @@ impl Store {
                 let m = Marker {
                     format: STORE_FORMAT.into(),
                     version: STORE_VERSION,
+                    id: Some(crate::identity::new_local_id()),
                 };
                 backend.put(MARKER_KEY, &serde_json::to_vec(&m).expect("marker"), true)?;
             }

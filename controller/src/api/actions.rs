@@ -10,6 +10,7 @@ use super::instances::{gate, load_in};
 use super::{accepted, path_id, Body, Caller};
 use crate::db::{now_ms, rows::InstanceRec, Tx};
 use crate::error::{ApiError, ApiResult};
+use crate::operations::{NewOp, OpDetail};
 use crate::scheduler;
 use crate::AppState;
 use axum::extract::{Path, State};
@@ -17,34 +18,18 @@ use axum::response::Response;
 use axum::Json;
 use gantry_proto::api::v1::*;
 use gantry_proto::ids::*;
-use gantry_proto::{validate, Action, InstanceState};
+use gantry_proto::{validate, Action, InstanceState, OperationKind};
 
-/// Records an operation row.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn insert_op(
-    tx: &mut Tx,
-    op: OperationId,
-    account: &AccountId,
-    host: Option<HostId>,
-    instance: Option<InstanceId>,
-    kind: &str,
-    detail: &str,
-) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO operations (id, account_id, host_id, instance_id, kind, detail, state, \
-         created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
-    )
-    .bind(op.to_string())
-    .bind(account.to_string())
-    .bind(host.map(|h| h.to_string()))
-    .bind(instance.map(|i| i.to_string()))
-    .bind(kind)
-    .bind(detail)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// Refuses a call on an instance that is busy with an operation.
+pub(crate) fn check_idle(rec: &InstanceRec) -> ApiResult<()> {
+    gate(rec)?;
+    match rec.pending_op {
+        Some(op) => Err(ApiError::Conflict(format!(
+            "instance {} has a pending operation {op}; wait for it to finish",
+            rec.id
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses any call on an instance that is busy or in the wrong state.
@@ -53,6 +38,14 @@ pub(crate) fn check(rec: &InstanceRec, action: Action) -> ApiResult<()> {
     rec.observed
         .check_action(action)
         .map_err(|e| ApiError::Conflict(e.to_string()))?;
+    if super::instances::host_down(rec) && action != Action::Release {
+        return Err(ApiError::Conflict(format!(
+            "the host of instance {} is down (no heartbeat since {}); it can only be released \
+             until the host returns",
+            rec.id,
+            crate::db::to_time(rec.host_down_since_ms.unwrap_or_default())
+        )));
+    }
     match rec.pending_op {
         Some(op) => Err(ApiError::Conflict(format!(
             "instance {} has a pending operation {op}; wait for it to finish",
@@ -112,28 +105,26 @@ async fn do_action(
     let op = OperationId::new();
     let mut tx = st.db.begin_write().await?;
     claim(&mut tx, &rec, op, desired).await?;
+    if let (Action::Release, Some(last)) = (action, rec.host_down_since_ms) {
+        // Billing stops at the last heartbeat that proved it running.
+        close_billing(&mut tx, &rec, last).await?;
+    }
     let detail = match req {
-        // The new flavor, then the old flavor, disk and GPUs, to undo the
-        // change if the host fails.
+        // What undoing the change needs if the host fails it.
         InstanceAction::ChangeType { flavor } => {
             super::change_type::change_type(&mut tx, &rec, *flavor).await?
         }
         InstanceAction::GrowDisk { root_disk_gib } => {
             grow_disk(st, &mut tx, &rec, *root_disk_gib).await?;
-            format!("{root_disk_gib} {}", rec.root_disk_gib)
+            OpDetail::GrowDisk {
+                root_disk_gib: *root_disk_gib,
+                old_root_disk_gib: rec.root_disk_gib,
+            }
         }
-        _ => String::new(),
+        _ => OpDetail::None,
     };
-    insert_op(
-        &mut tx,
-        op,
-        &rec.account,
-        rec.host,
-        Some(rec.id),
-        action.name(),
-        &detail,
-    )
-    .await?;
+    let new = NewOp::on(&rec, op, OperationKind::for_action(action), detail);
+    crate::operations::create(&mut tx, &new).await?;
     tx.commit().await?;
     if let Some(h) = &rec.host {
         st.wake.wake(h);
@@ -141,22 +132,37 @@ async fn do_action(
     Ok(op)
 }
 
+/// No usage of `rec` after `at_ms` is charged (its host is down and it is
+/// being released: the host may only report it when it returns).
+pub(crate) async fn close_billing(tx: &mut Tx, rec: &InstanceRec, at_ms: i64) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE instances SET billing_closed_ms = $1 WHERE id = $2 AND billing_closed_ms IS NULL",
+    )
+    .bind(at_ms)
+    .bind(rec.id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    tracing::info!(instance = %rec.id, "released on a down host; billing closed at its last heartbeat");
+    Ok(())
+}
+
 /// Undoes the records of a `change-type` or `grow-disk` the host could not
-/// carry out (operation detail: the new value, then the old ones): the
-/// old flavor and disk size, and the host capacity they hold.
+/// carry out: the old flavor and disk size, and the host capacity they
+/// hold.
 pub(crate) async fn undo_resize(
     tx: &mut Tx,
     rec: &InstanceRec,
-    kind: &str,
-    detail: &str,
+    detail: &OpDetail,
 ) -> ApiResult<()> {
-    let parts: Vec<&str> = detail.split(' ').collect();
     let Some(host) = rec.host else {
         return Ok(());
     };
-    match (kind, parts.as_slice()) {
-        ("grow-disk", [new, old]) => {
-            let (new, old): (i64, i64) = (new.parse().unwrap_or(0), old.parse().unwrap_or(0));
+    match detail {
+        OpDetail::GrowDisk {
+            root_disk_gib,
+            old_root_disk_gib,
+        } => {
+            let (new, old) = (*root_disk_gib as i64, *old_root_disk_gib as i64);
             if new <= old || rec.root_disk_gib as i64 != new {
                 return Ok(());
             }
@@ -171,7 +177,12 @@ pub(crate) async fn undo_resize(
                 .execute(&mut **tx)
                 .await?;
         }
-        ("change-type", _) => super::change_type::undo(tx, rec, detail).await?,
+        OpDetail::ChangeType {
+            old_flavor,
+            old_root_disk_gib,
+            old_gpus,
+            ..
+        } => super::change_type::undo(tx, rec, old_flavor, *old_root_disk_gib, old_gpus).await?,
         _ => {}
     }
     Ok(())

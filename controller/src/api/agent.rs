@@ -52,17 +52,22 @@ async fn create_join_token(
     who.require_admin()?;
     let ttl = req.ttl_secs.unwrap_or(JOIN_TTL_SECS);
     validate::in_range("ttl_secs", ttl, 1, JOIN_TTL_MAX_SECS)?;
+    if let Some(r) = &req.region {
+        crate::regions::check("region", r)?;
+    }
     let id = JoinTokenId::new();
     let (token, hash) = auth::mint_with(JOIN_TOKEN_PREFIX, id.uuid());
     let now = now_ms();
     let expires = now + ttl as i64 * 1000;
     sqlx::query(
-        "INSERT INTO join_tokens (id, hash, expires_ms, created_ms) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO join_tokens (id, hash, expires_ms, created_ms, region) VALUES ($1, $2, $3, \
+         $4, $5)",
     )
     .bind(id.to_string())
     .bind(hash)
     .bind(expires)
     .bind(now)
+    .bind(req.region.clone())
     .execute(&st.db.pool)
     .await?;
     Ok(created(CreatedJoinToken {
@@ -87,21 +92,22 @@ async fn join(
     validate::object_name("address", &req.address)?;
     super::hosts::check_capacity("capacity.", c.vcpus, c.memory_mib, c.disk_gib, &c.gpus)?;
     let mut tx = st.db.begin_write().await?;
-    let host = claim_join(&mut tx, jt, &req).await?;
+    let (host, region) = claim_join(&mut tx, jt, &req, &st.cfg.default_region).await?;
     let (credential, hash) = auth::mint_with(HOST_CREDENTIAL_PREFIX, host.uuid());
     sqlx::query(
-        "UPDATE hosts SET credential_hash = $1, health = 'healthy', last_heartbeat_ms = $2 \
-         WHERE id = $3",
+        "UPDATE hosts SET credential_hash = $1, health = 'healthy', last_heartbeat_ms = $2, \
+         down_since_ms = NULL, revoked_ms = NULL, region = $4 WHERE id = $3",
     )
     .bind(hash)
     .bind(now_ms())
     .bind(host.to_string())
+    .bind(&region)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     // An older credential of this host must stop working at once.
     st.verifier.forget_all();
-    tracing::info!(%host, name = %req.name, "host joined");
+    tracing::info!(%host, name = %req.name, %region, "host joined");
     Ok(created(JoinResponse {
         host,
         credential,
@@ -110,19 +116,29 @@ async fn join(
 }
 
 /// Checks the join token and binds it to the host named in `req`: a new
-/// host, a pre-registered one that never joined, or (a retry) the host the
-/// token already joined.
-async fn claim_join(tx: &mut Tx, jt: JoinTokenId, req: &JoinRequest) -> ApiResult<HostId> {
-    let row = sqlx::query("SELECT expires_ms, host_name, host_id FROM join_tokens WHERE id = $1")
-        .bind(jt.to_string())
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+/// host, a pre-registered one that never joined, a revoked one joining
+/// again (with a token minted after the revocation), or (a retry) the host
+/// the token already joined. Returns the host and its region.
+async fn claim_join(
+    tx: &mut Tx,
+    jt: JoinTokenId,
+    req: &JoinRequest,
+    default_region: &str,
+) -> ApiResult<(HostId, String)> {
+    let row = sqlx::query(
+        "SELECT expires_ms, host_name, host_id, region, created_ms FROM join_tokens WHERE id = $1",
+    )
+    .bind(jt.to_string())
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(ApiError::Unauthorized)?;
     if col::<i64>(&row, "expires_ms")? <= now_ms() {
         return Err(ApiError::BadToken(format!(
             "join token {jt} has expired; ask an admin for a new one"
         )));
     }
+    let token_region: Option<String> = col(&row, "region")?;
+    let minted_ms: i64 = col(&row, "created_ms")?;
     let used_by: Option<String> = col(&row, "host_name")?;
     if let Some(name) = used_by {
         if name != req.name {
@@ -130,29 +146,51 @@ async fn claim_join(tx: &mut Tx, jt: JoinTokenId, req: &JoinRequest) -> ApiResul
                 "join token {jt} was already used by another host"
             )));
         }
-        let host: Option<HostId> = parsed_opt(&row, "host_id", "join_tokens")?;
-        return host.ok_or_else(|| ApiError::BadToken(format!("join token {jt} is unusable")));
+        let host: HostId = parsed_opt(&row, "host_id", "join_tokens")?
+            .ok_or_else(|| ApiError::BadToken(format!("join token {jt} is unusable")))?;
+        let h = super::hosts::join_target(tx, &host).await?;
+        if h.revoked_ms.is_some() {
+            return Err(ApiError::BadToken(format!(
+                "host {host} was revoked after join token {jt} was used; ask an admin for a new \
+                 join token"
+            )));
+        }
+        return Ok((host, h.region));
     }
     let existing = sqlx::query("SELECT id, credential_hash FROM hosts WHERE name = $1")
         .bind(&req.name)
         .fetch_optional(&mut **tx)
         .await?;
     let c = &req.capacity;
-    let host = match existing {
-        Some(r) if col::<Option<String>>(&r, "credential_hash")?.is_some() => {
-            return Err(ApiError::Conflict(format!(
-                "a host named {:?} already exists",
-                req.name
-            )))
-        }
+    let (host, region) = match existing {
         Some(r) => {
-            // Pre-registered by an admin: this join adopts it.
             let id: HostId = crate::db::parsed(&r, "id", "hosts")?;
+            let h = super::hosts::join_target(tx, &id).await?;
+            let joined = col::<Option<String>>(&r, "credential_hash")?.is_some();
+            match h.revoked_ms {
+                // Joined and not revoked: the name is taken.
+                None if joined => {
+                    return Err(ApiError::Conflict(format!(
+                        "a host named {:?} already exists",
+                        req.name
+                    )))
+                }
+                Some(at) if minted_ms < at => {
+                    return Err(ApiError::BadToken(format!(
+                        "join token {jt} was minted before host {id} was revoked; ask an admin \
+                         for a new one"
+                    )))
+                }
+                // Pre-registered by an admin, or revoked: this join adopts it.
+                _ => {}
+            }
+            let region = h.region_for(&id, token_region)?;
             update_capacity(tx, &id, c, Some(&req.address)).await?;
-            id
+            (id, region)
         }
         None => {
             let id = HostId::new();
+            let region = token_region.unwrap_or_else(|| default_region.to_string());
             let reg = RegisterHost {
                 name: req.name.clone(),
                 address: req.address.clone(),
@@ -160,9 +198,10 @@ async fn claim_join(tx: &mut Tx, jt: JoinTokenId, req: &JoinRequest) -> ApiResul
                 memory_mib: c.memory_mib,
                 disk_gib: c.disk_gib,
                 gpus: c.gpus.clone(),
+                region: Some(region.clone()),
             };
-            super::hosts::insert_host(tx, id, &reg).await?;
-            id
+            super::hosts::insert_host(tx, id, &reg, &region).await?;
+            (id, region)
         }
     };
     let done = sqlx::query(
@@ -178,7 +217,7 @@ async fn claim_join(tx: &mut Tx, jt: JoinTokenId, req: &JoinRequest) -> ApiResul
             "join token {jt} was already used by another host"
         )));
     }
-    Ok(host)
+    Ok((host, region))
 }
 
 async fn update_capacity(
@@ -222,6 +261,7 @@ async fn heartbeat(
         return Err(ApiError::invalid("https_port", "must be 1 to 65535"));
     }
     check_store(hb.store.as_deref().unwrap_or_default())?;
+    crate::store_keys::check_store_identity(hb.store_identity.as_ref())?;
     let mut attempt = 0;
     let (billed, changed) = loop {
         attempt += 1;
@@ -287,11 +327,29 @@ async fn heartbeat_once(
     let shared = st.cfg.snapshot_store_shared;
     let mut tx = st.db.begin_write().await?;
     // Any heartbeat shows the host is alive; only a newer one says more.
-    sqlx::query("UPDATE hosts SET last_heartbeat_ms = $1 WHERE id = $2")
-        .bind(now_ms())
-        .bind(host.to_string())
-        .execute(&mut *tx)
-        .await?;
+    // A heartbeat brings a down host back (see `reconcile::mark_down`).
+    let back =
+        sqlx::query("SELECT down_since_ms FROM hosts WHERE id = $1 AND down_since_ms IS NOT NULL")
+            .bind(host.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+    // A revoked host is refused even when its call got past the credential
+    // check just before the revocation.
+    let alive = sqlx::query(
+        "UPDATE hosts SET last_heartbeat_ms = $1, down_since_ms = NULL WHERE id = $2 \
+         AND revoked_ms IS NULL",
+    )
+    .bind(now_ms())
+    .bind(host.to_string())
+    .execute(&mut *tx)
+    .await?;
+    if alive.rows_affected() != 1 {
+        return Err(auth::revoked(host));
+    }
+    if back {
+        tracing::warn!(%host, "host is back after missing its heartbeats");
+    }
     // Health, capacity, problems and the HTTPS port, in one statement, only
     // from a newer heartbeat than the last one applied.
     let mut changed = false;
@@ -319,6 +377,7 @@ async fn heartbeat_once(
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
         super::hosts::sync_gpus(&mut tx, host, &c.gpus).await?;
+        crate::store_keys::record_host_store(&mut tx, host, hb.store_identity.as_ref()).await?;
         for o in &hb.instances {
             changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
         }
@@ -418,6 +477,8 @@ async fn work(
         return Ok(Json(w));
     }
     let _ = tokio::time::timeout(Duration::from_secs(wait), woken).await;
+    // A revocation wakes the poll and ends it with the refusal.
+    auth::check_not_revoked(&st.db, &host).await?;
     Ok(Json(commands::build_work(&st, &host, rev, tls).await?))
 }
 
@@ -467,11 +528,26 @@ async fn report_once(
     r: &OpReport,
 ) -> ApiResult<bool> {
     let mut tx = st.db.begin_write().await?;
-    sqlx::query("UPDATE hosts SET last_heartbeat_ms = last_heartbeat_ms WHERE id = $1")
-        .bind(host.to_string())
-        .execute(&mut *tx)
-        .await?;
-    let changed = commands::apply_report(&mut tx, host, id, r).await?;
+    let alive = sqlx::query(
+        "UPDATE hosts SET last_heartbeat_ms = last_heartbeat_ms WHERE id = $1 \
+         AND revoked_ms IS NULL",
+    )
+    .bind(host.to_string())
+    .execute(&mut *tx)
+    .await?;
+    if alive.rows_affected() != 1 {
+        return Err(auth::revoked(host));
+    }
+    let changed = commands::apply_report(st, &mut tx, host, id, r).await?;
+    // A volume operation that ended changes what its account is billed.
+    if let Some(op) = crate::operations::load(&mut tx, id).await? {
+        use gantry_proto::OperationKind as K;
+        if let (K::GrowVolume | K::DeleteVolume, Some(a), true) =
+            (op.kind, op.account, op.state.is_final())
+        {
+            crate::volume_meter::sync(&mut tx, &a, st.clock.now_ms()).await?;
+        }
+    }
     tx.commit().await?;
     Ok(changed)
 }

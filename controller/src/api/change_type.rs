@@ -4,13 +4,14 @@
 //! The instance keeps those of its GPUs that match the new flavor's model
 //! (up to its count) and books more free, healthy ones through the
 //! scheduler; leaving a GPU flavor unbooks them all. The operation's detail
-//! is `NEW OLD DISK PCIS`: the new flavor, then the old flavor, root disk
-//! and GPU booking (`-` for none), so a failed operation restores exactly
-//! the old booking. The agent's `ChangeType` command carries every GPU
+//! ([`OpDetail::ChangeType`]) holds the new flavor, then the old flavor,
+//! root disk and GPU booking, so a failed operation restores exactly the
+//! old booking. The agent's `ChangeType` command carries every GPU
 //! booked after the change (`api::commands`).
 
 use crate::db::{col, rows, rows::InstanceRec, Tx};
 use crate::error::{ApiError, ApiResult};
+use crate::operations::OpDetail;
 use crate::scheduler::{self, Need, PlaceError};
 use gantry_proto::api::v1::{FlavorInfo, Placement};
 use gantry_proto::ids::{FlavorId, HostId, InstanceId};
@@ -34,6 +35,9 @@ fn need(f: &FlavorInfo, disk_gib: u64) -> Need {
         gpu_model: f.gpu_model.clone(),
         gpu_count: f.gpu_count,
         placement: Placement::Pack,
+        // Only the capacity counts: change-type stays on its host.
+        region: String::new(),
+        host: None,
     }
 }
 
@@ -52,7 +56,11 @@ async fn booked(tx: &mut Tx, instance: InstanceId) -> ApiResult<Vec<String>> {
 /// Moves the instance to flavor `to` on its host (it is Stopped): frees its
 /// capacity, books the new flavor's and re-books GPUs. Returns the
 /// operation detail (see the module doc).
-pub(crate) async fn change_type(tx: &mut Tx, rec: &InstanceRec, to: FlavorId) -> ApiResult<String> {
+pub(crate) async fn change_type(
+    tx: &mut Tx,
+    rec: &InstanceRec,
+    to: FlavorId,
+) -> ApiResult<OpDetail> {
     let f = flavor(tx, &to.to_string())
         .await?
         .ok_or_else(|| ApiError::invalid("flavor", format!("no flavor {to}")))?;
@@ -80,12 +88,12 @@ pub(crate) async fn change_type(tx: &mut Tx, rec: &InstanceRec, to: FlavorId) ->
         .bind(rec.id.to_string())
         .execute(&mut **tx)
         .await?;
-    let pcis = if old.is_empty() {
-        "-".to_string()
-    } else {
-        old.join(",")
-    };
-    Ok(format!("{to} {} {} {pcis}", rec.flavor, rec.root_disk_gib))
+    Ok(OpDetail::ChangeType {
+        flavor: to,
+        old_flavor: rec.flavor,
+        old_root_disk_gib: rec.root_disk_gib,
+        old_gpus: old,
+    })
 }
 
 /// Books flavor `f`'s GPUs for `id` on `host`: the instance's own GPUs
@@ -141,21 +149,23 @@ async fn rebook_gpus(tx: &mut Tx, host: &HostId, id: InstanceId, f: &FlavorInfo)
     }
 }
 
-/// Undoes a `change-type` the host could not carry out (`detail`: see the
-/// module doc): books the old flavor, disk and GPUs again (the new ones if
-/// the old no longer fit) and records them.
-pub(crate) async fn undo(tx: &mut Tx, rec: &InstanceRec, detail: &str) -> ApiResult<()> {
-    let parts: Vec<&str> = detail.split(' ').collect();
-    let (Some(host), [_, old, disk, rest @ ..]) = (rec.host, parts.as_slice()) else {
+/// Undoes a `change-type` the host could not carry out: books the old
+/// flavor, disk and GPUs again (the new ones if the old no longer fit) and
+/// records them.
+pub(crate) async fn undo(
+    tx: &mut Tx,
+    rec: &InstanceRec,
+    old: &FlavorId,
+    disk: u64,
+    old_gpus: &[String],
+) -> ApiResult<()> {
+    let Some(host) = rec.host else {
         return Ok(());
     };
-    let (Ok(disk), Some(f)) = (disk.parse::<u64>(), flavor(tx, old).await?) else {
+    let Some(f) = flavor(tx, &old.to_string()).await? else {
         return Ok(());
     };
-    let old_gpus: Option<Vec<String>> = rest.first().map(|p| match *p {
-        "-" => Vec::new(),
-        p => p.split(',').map(str::to_string).collect(),
-    });
+    let old_gpus = Some(old_gpus.to_vec());
     let now_gpus = booked(tx, rec.id).await?;
     let id = rec.id;
     scheduler::free_capacity(tx, &host, rec.vcpus, rec.memory_mib, rec.root_disk_gib).await?;
@@ -175,6 +185,8 @@ pub(crate) async fn undo(tx: &mut Tx, rec: &InstanceRec, detail: &str) -> ApiRes
                 gpu_model: None,
                 gpu_count: 0,
                 placement: Placement::Pack,
+                region: String::new(),
+                host: None,
             };
             scheduler::reserve_capacity(tx, &host, &n)
                 .await

@@ -4,32 +4,14 @@
 
 use crate::db::{col, now_ms, parsed, parsed_opt, rows, rows::InstanceRec, DbError, Tx};
 use crate::error::{ApiError, ApiResult};
+use crate::operations::{op_row, OpDetail, OpRow, OP_COLS};
 use crate::AppState;
 use gantry_proto::api::agent::*;
 use gantry_proto::ids::*;
 use gantry_proto::net::{GuestConfig, Ipv4Net, MacAddr, NicSpec, Secret};
+use gantry_proto::operation::{OperationEvent, OperationKind, OperationState};
 use gantry_proto::spec::{InstanceSpec, VolumeSpec};
-use gantry_proto::validate::PciAddress;
-use gantry_proto::{InstanceState, SnapshotStatus};
-
-/// One `operations` row the agent still has to finish.
-struct OpRow {
-    id: OperationId,
-    instance: Option<InstanceId>,
-    kind: String,
-    detail: String,
-    state: String,
-}
-
-fn op_row(r: &sqlx::any::AnyRow) -> Result<OpRow, DbError> {
-    Ok(OpRow {
-        id: parsed(r, "id", "operations")?,
-        instance: parsed_opt(r, "instance_id", "operations")?,
-        kind: col(r, "kind")?,
-        detail: col(r, "detail")?,
-        state: col(r, "state")?,
-    })
-}
+use gantry_proto::{Action, InstanceState, SnapshotStatus};
 
 /// The host's non-final instances, its unfinished operations, and its
 /// access state and certificate unless the agent already has them
@@ -56,10 +38,10 @@ pub async fn build_work(
             observed: parsed(r, "observed_state", "instances")?,
         });
     }
-    let found = sqlx::query(
-        "SELECT id, instance_id, kind, detail, state FROM operations WHERE host_id = $1 AND \
-         state IN ('pending', 'running') ORDER BY created_ms, id",
-    )
+    let found = sqlx::query(&format!(
+        "SELECT {OP_COLS} FROM operations WHERE host_id = $1 AND \
+         state IN ('pending', 'running') ORDER BY created_ms, id"
+    ))
     .bind(host.to_string())
     .fetch_all(&st.db.pool)
     .await?;
@@ -70,7 +52,7 @@ pub async fn build_work(
             Ok(command) => ops.push(AgentOp {
                 id: op.id,
                 instance: op.instance,
-                phase: if op.state == "pending" {
+                phase: if op.state == OperationState::Pending {
                     OpPhase::Pending
                 } else {
                     OpPhase::Running
@@ -89,7 +71,7 @@ pub async fn build_work(
                     note: None,
                 };
                 let mut tx = st.db.begin_write().await?;
-                apply_report(&mut tx, host, op.id, &report).await?;
+                apply_report(st, &mut tx, host, op.id, &report).await?;
                 tx.commit().await?;
             }
         }
@@ -118,49 +100,61 @@ async fn instance(st: &AppState, id: Option<InstanceId>) -> ApiResult<InstanceRe
 }
 
 /// The command of an operation kind that needs nothing but the kind.
-pub(crate) fn plain_command(kind: &str) -> Option<AgentCommand> {
+pub(crate) fn plain(kind: OperationKind) -> Option<AgentCommand> {
+    use OperationKind as K;
     Some(match kind {
-        "start" => AgentCommand::Start {},
-        "stop" => AgentCommand::Stop {},
-        "reboot" => AgentCommand::Reboot {},
-        "force-reboot" => AgentCommand::ForceReboot {},
-        "suspend" => AgentCommand::Suspend {},
-        "resume" => AgentCommand::Resume {},
-        "release" => AgentCommand::Release {},
-        _ => return None,
+        K::Start => AgentCommand::Start {},
+        K::Stop => AgentCommand::Stop {},
+        K::Reboot => AgentCommand::Reboot {},
+        K::ForceReboot => AgentCommand::ForceReboot {},
+        K::Suspend => AgentCommand::Suspend {},
+        K::Resume => AgentCommand::Resume {},
+        K::Release => AgentCommand::Release {},
+        K::MoveCleanup => AgentCommand::MoveCleanup {},
+        K::Create
+        | K::ChangeType
+        | K::GrowDisk
+        | K::Snapshot
+        | K::DeleteSnapshot
+        | K::SetPassword
+        | K::ClearGpu
+        | K::GrowVolume
+        | K::DeleteVolume
+        | K::MoveOut
+        | K::MoveIn => return None,
     })
 }
 
-/// Operation kinds [`command`] builds from the operation's detail and
-/// records (besides the [`plain_command`] ones).
-pub(crate) const DETAILED_KINDS: &[&str] = &[
-    "create",
-    "change-type",
-    "clear-gpu",
-    "grow-disk",
-    "snapshot",
-    "delete-snapshot",
-    "set-password",
-];
+/// Whether the controller carries out instance action `a` end to end: its
+/// operation's command is built from the kind alone, or from the detail
+/// the action's handler records (`actions`, `change_type`, the snapshot
+/// route). The allowed actions an instance advertises are filtered by it.
+pub(crate) fn executable(a: Action) -> bool {
+    use OperationKind as K;
+    let kind = OperationKind::for_action(a);
+    plain(kind).is_some() || matches!(kind, K::ChangeType | K::GrowDisk | K::Snapshot)
+}
 
-/// The command an operation asks for.
+/// The command an operation asks for, from its kind and typed detail.
 async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
-    let snapshot_of = |d: &str| {
-        d.parse::<SnapshotId>()
-            .map_err(|e| gone(format!("operation detail: {e}")))
+    use OperationKind as K;
+    let bad = || {
+        gone(format!(
+            "operation {} has a {} detail it cannot use",
+            op.id, op.kind
+        ))
     };
-    if let Some(c) = plain_command(&op.kind) {
+    if let Some(c) = plain(op.kind) {
         return Ok(c);
     }
-    Ok(match op.kind.as_str() {
-        "create" => create_command(st, &instance(st, op.instance).await?).await?,
-        "change-type" => {
-            let new = op.detail.split(' ').next().unwrap_or_default();
+    Ok(match (op.kind, &op.detail) {
+        (K::Create, _) => create_command(st, &instance(st, op.instance).await?).await?,
+        (K::ChangeType, OpDetail::ChangeType { flavor, .. }) => {
             let row = sqlx::query("SELECT vcpus, memory_mib FROM flavors WHERE id = $1")
-                .bind(new)
+                .bind(flavor.to_string())
                 .fetch_optional(&st.db.pool)
                 .await?
-                .ok_or_else(|| gone(format!("flavor {} is gone", op.detail)))?;
+                .ok_or_else(|| gone(format!("flavor {flavor} is gone")))?;
             let rec = instance(st, op.instance).await?;
             AgentCommand::ChangeType {
                 vcpus: col::<i64>(&row, "vcpus")? as u32,
@@ -170,38 +164,30 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
                 root_disk_gib: Some(rec.root_disk_gib),
             }
         }
-        "clear-gpu" => AgentCommand::ClearGpu {
-            pci: PciAddress::parse(&op.detail)
-                .ok_or_else(|| gone(format!("operation detail {:?}", op.detail)))?,
+        (K::ClearGpu, OpDetail::ClearGpu { pci }) => AgentCommand::ClearGpu { pci: *pci },
+        (K::GrowDisk, OpDetail::GrowDisk { root_disk_gib, .. }) => AgentCommand::GrowDisk {
+            root_disk_gib: *root_disk_gib,
         },
-        "grow-disk" => AgentCommand::GrowDisk {
-            root_disk_gib: op
-                .detail
-                .split(' ')
-                .next()
-                .unwrap_or_default()
-                .parse()
-                .map_err(|_| gone(format!("operation detail {:?}", op.detail)))?,
-        },
-        "snapshot" => {
-            let sid = snapshot_of(&op.detail)?;
+        (K::Snapshot, OpDetail::Snapshot { snapshot }) => {
             let row =
                 sqlx::query("SELECT name, account_id, auto_release FROM snapshots WHERE id = $1")
-                    .bind(sid.to_string())
+                    .bind(snapshot.to_string())
                     .fetch_optional(&st.db.pool)
                     .await?
-                    .ok_or_else(|| gone(format!("snapshot {sid} is gone")))?;
+                    .ok_or_else(|| gone(format!("snapshot {snapshot} is gone")))?;
             AgentCommand::Snapshot {
-                snapshot: sid,
+                snapshot: *snapshot,
                 name: col(&row, "name")?,
                 owner: parsed(&row, "account_id", "snapshots")?,
                 auto_release: col::<i64>(&row, "auto_release")? != 0,
             }
         }
-        "delete-snapshot" => AgentCommand::DeleteSnapshot {
-            snapshot: snapshot_of(&op.detail)?,
-        },
-        "set-password" => {
+        (K::DeleteSnapshot, OpDetail::DeleteSnapshot { snapshot }) => {
+            AgentCommand::DeleteSnapshot {
+                snapshot: *snapshot,
+            }
+        }
+        (K::SetPassword, OpDetail::SetPassword { .. }) => {
             let id = op.instance.ok_or_else(|| gone("no instance".into()))?;
             let row = sqlx::query("SELECT root_password_hash FROM instances WHERE id = $1")
                 .bind(id.to_string())
@@ -215,12 +201,103 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
                 ),
             }
         }
-        other => {
-            return Err(gone(format!(
-                "unknown operation kind {other:?} (known: the plain kinds and {})",
-                DETAILED_KINDS.join(", ")
-            )))
+        (
+            K::GrowVolume,
+            OpDetail::GrowVolume {
+                volume, size_gib, ..
+            },
+        ) => AgentCommand::GrowVolume {
+            volume: *volume,
+            size_gib: *size_gib,
+        },
+        (
+            K::MoveOut,
+            OpDetail::MoveOut {
+                snapshot,
+                volume_snapshot,
+                ..
+            },
+        ) => AgentCommand::MoveOut {
+            snapshot: *snapshot,
+            volume_snapshot: *volume_snapshot,
+            owner: op
+                .account
+                .ok_or_else(|| gone("a move names no account".into()))?,
+        },
+        (
+            K::MoveIn,
+            OpDetail::MoveIn {
+                snapshot,
+                volume_snapshot,
+                ..
+            },
+        ) => move_in_command(st, op, *snapshot, *volume_snapshot).await?,
+        (K::DeleteVolume, OpDetail::DeleteVolume { volume }) => {
+            AgentCommand::DeleteVolume { volume: *volume }
         }
+        (
+            K::Start
+            | K::Stop
+            | K::Reboot
+            | K::ForceReboot
+            | K::Suspend
+            | K::Resume
+            | K::Release
+            | K::MoveCleanup,
+            _,
+        ) => unreachable!("plain kinds are answered above"),
+        (
+            K::ChangeType
+            | K::ClearGpu
+            | K::GrowDisk
+            | K::Snapshot
+            | K::DeleteSnapshot
+            | K::SetPassword
+            | K::GrowVolume
+            | K::DeleteVolume
+            | K::MoveOut
+            | K::MoveIn,
+            _,
+        ) => return Err(bad()),
+    })
+}
+
+/// `MoveIn`: the create's spec, with the GPUs booked on the new host and
+/// the root disk restored from the move's store entry.
+async fn move_in_command(
+    st: &AppState,
+    op: &OpRow,
+    snapshot: SnapshotId,
+    volume_snapshot: Option<SnapshotId>,
+) -> ApiResult<AgentCommand> {
+    let rec = instance(st, op.instance).await?;
+    let host = op
+        .host
+        .ok_or_else(|| gone("a move-in names no host".into()))?;
+    let AgentCommand::Create { mut spec, .. } = create_command(st, &rec).await? else {
+        unreachable!("create_command builds a Create")
+    };
+    let boot_like = rec.base_image.or(rec.image);
+    let boot_like_source = match boot_like {
+        Some(img) => image_origin(st, img).await?.ok().map(Box::new),
+        None => None,
+    };
+    let image = ImageSource {
+        image: ImageSource::snapshot_image_id(snapshot),
+        name: format!("moved-{}", rec.id),
+        origin: ImageOrigin::Snapshot {
+            snapshot,
+            boot_like,
+            boot_like_source,
+        },
+    };
+    spec.image = image.image;
+    spec.gpus = crate::moves::gpus_on(st, &host, rec.id).await?;
+    Ok(AgentCommand::MoveIn {
+        spec,
+        image,
+        volume_snapshot,
+        owner: rec.account,
     })
 }
 
@@ -317,32 +394,17 @@ async fn guest_config(st: &AppState, rec: &InstanceRec) -> ApiResult<Option<Gues
 }
 
 /// Where the instance's base image comes from: the image's own origin,
-/// or the snapshot it was made from (directly or through an as-image).
+/// or the snapshot it was made from (directly or through an as-image),
+/// with where to get the image it boots like.
 async fn image_source(st: &AppState, rec: &InstanceRec) -> ApiResult<ImageSource> {
     let mut snapshot = rec.snapshot;
     if snapshot.is_none() {
         let img = rec
             .image
             .ok_or_else(|| gone(format!("instance {} has no image", rec.id)))?;
-        let row = sqlx::query("SELECT name, origin, source_snapshot_id FROM images WHERE id = $1")
-            .bind(img.to_string())
-            .fetch_optional(&st.db.pool)
-            .await?
-            .ok_or_else(|| gone(format!("image {img} is gone")))?;
-        snapshot = parsed_opt(&row, "source_snapshot_id", "images")?;
-        if snapshot.is_none() {
-            let origin: Option<String> = col(&row, "origin")?;
-            let origin = origin.ok_or_else(|| gone(format!("image {img} has no origin")))?;
-            let origin: ImageOrigin =
-                serde_json::from_str(&origin).map_err(|e| DbError::Corrupt {
-                    table: "images",
-                    message: format!("origin: {e}"),
-                })?;
-            return Ok(ImageSource {
-                image: img,
-                name: col(&row, "name")?,
-                origin,
-            });
+        match image_origin(st, img).await? {
+            Ok(src) => return Ok(src),
+            Err(sid) => snapshot = Some(sid),
         }
     }
     let sid = snapshot.ok_or_else(|| gone("no snapshot".into()))?;
@@ -351,14 +413,42 @@ async fn image_source(st: &AppState, rec: &InstanceRec) -> ApiResult<ImageSource
         .fetch_optional(&st.db.pool)
         .await?
         .ok_or_else(|| gone(format!("snapshot {sid} is gone")))?;
+    let boot_like_source = match rec.base_image {
+        Some(img) => image_origin(st, img).await?.ok().map(Box::new),
+        None => None,
+    };
     Ok(ImageSource {
         image: ImageSource::snapshot_image_id(sid),
         name: col(&row, "name")?,
         origin: ImageOrigin::Snapshot {
             snapshot: sid,
             boot_like: rec.base_image,
+            boot_like_source,
         },
     })
+}
+
+/// Image `img`'s own origin, or (`Err`) the snapshot it was made from.
+async fn image_origin(st: &AppState, img: ImageId) -> ApiResult<Result<ImageSource, SnapshotId>> {
+    let row = sqlx::query("SELECT name, origin, source_snapshot_id FROM images WHERE id = $1")
+        .bind(img.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| gone(format!("image {img} is gone")))?;
+    if let Some(sid) = parsed_opt(&row, "source_snapshot_id", "images")? {
+        return Ok(Err(sid));
+    }
+    let origin: Option<String> = col(&row, "origin")?;
+    let origin = origin.ok_or_else(|| gone(format!("image {img} has no origin")))?;
+    let origin: ImageOrigin = serde_json::from_str(&origin).map_err(|e| DbError::Corrupt {
+        table: "images",
+        message: format!("origin: {e}"),
+    })?;
+    Ok(Ok(ImageSource {
+        image: img,
+        name: col(&row, "name")?,
+        origin,
+    }))
 }
 
 /// The instance `id` when it is on `host`.
@@ -399,109 +489,70 @@ pub async fn observe(
 /// Applies an operation report of `host` (idempotent: an ended operation
 /// is left as it is). Returns whether the host's forwards changed.
 pub async fn apply_report(
+    st: &AppState,
     tx: &mut Tx,
     host: &HostId,
     id: OperationId,
     r: &OpReport,
 ) -> ApiResult<bool> {
-    let row = sqlx::query(
-        "SELECT id, host_id, instance_id, kind, detail, state FROM operations WHERE id = $1",
-    )
-    .bind(id.to_string())
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or_else(|| ApiError::NotFound(format!("no operation {id}")))?;
-    let owner: Option<HostId> = parsed_opt(&row, "host_id", "operations")?;
-    if owner.as_ref() != Some(host) {
+    let op = crate::operations::load(tx, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no operation {id}")))?;
+    if op.host.as_ref() != Some(host) {
         return Err(ApiError::Denied(format!(
             "operation {id} belongs to another host"
         )));
     }
-    let op = op_row(&row)?;
-    if op.state == "succeeded" || op.state == "failed" {
+    if op.state.is_final() {
         return Ok(false);
     }
     let mut changed = false;
     if let (Some(s), Some(i)) = (r.instance_state, op.instance) {
         changed |= observe(tx, host, i, s).await?;
     }
-    let now = now_ms();
-    if r.outcome == OpOutcome::Running {
-        sqlx::query(
-            "UPDATE operations SET state = 'running', progress = $1, updated_ms = $2 \
-             WHERE id = $3 AND state IN ('pending', 'running')",
-        )
-        .bind(r.progress as i64)
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
-        return Ok(changed);
-    }
-    let failed = r.outcome == OpOutcome::Failed;
+    let event = match r.outcome {
+        OpOutcome::Running => {
+            crate::operations::progress(tx, &op, r.progress).await?;
+            return Ok(changed);
+        }
+        OpOutcome::Succeeded => OperationEvent::Succeeded,
+        OpOutcome::Failed => OperationEvent::Failed,
+    };
+    let failed = event == OperationEvent::Failed;
     let error = failed.then(|| {
         r.error
             .clone()
             .unwrap_or_else(|| "the host reported a failure without a reason".into())
     });
-    if op.kind == "snapshot" {
-        settle_snapshot(tx, host, &op, r, error.as_deref()).await?;
+    if let (false, OpDetail::Snapshot { snapshot }) = (failed, &op.detail) {
+        snapshot_saved(tx, host, *snapshot, r).await?;
     }
-    match (failed, op.kind.as_str(), op.instance) {
-        (true, "create", Some(i)) => changed |= observe(tx, host, i, InstanceState::Failed).await?,
-        (true, "change-type" | "grow-disk", Some(i)) => {
-            if let Some(rec) = load_on(tx, host, i).await? {
-                super::actions::undo_resize(tx, &rec, &op.kind, &op.detail).await?;
-            }
-        }
-        (true, "set-password", Some(i)) => super::password::undo_reset(tx, i, &op.detail).await?,
-        _ => {}
-    }
-    sqlx::query(
-        "UPDATE operations SET state = $1, progress = $2, error = $3, note = $4, \
-         updated_ms = $5 WHERE id = $6",
+    let ended = crate::operations::finish(
+        st,
+        tx,
+        &op,
+        crate::operations::Ending {
+            event,
+            progress: r.progress,
+            error: error.as_deref(),
+            note: r.note.as_deref().filter(|_| !failed),
+        },
     )
-    .bind(if failed { "failed" } else { "succeeded" })
-    .bind(if failed { r.progress as i64 } else { 100 })
-    .bind(error)
-    .bind(r.note.clone().filter(|_| !failed))
-    .bind(now)
-    .bind(id.to_string())
-    .execute(&mut **tx)
     .await?;
-    sqlx::query("UPDATE instances SET pending_op = NULL WHERE pending_op = $1")
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(changed)
+    Ok(changed | ended.unwrap_or(false))
 }
 
-/// A snapshot operation ended: the snapshot is Success (sizes, host, its
-/// quota reservation until its host's store reports hold it, and its
-/// private image with `as_image`) or Failed (with the reason), through
-/// the one status setter; a report its status machine refuses changes
-/// nothing.
-async fn settle_snapshot(
+/// A snapshot operation succeeded: the snapshot is Success (sizes, host,
+/// its quota reservation until its host's store reports hold it, and its
+/// private image with `as_image`) through the one status setter; a report
+/// its status machine refuses changes nothing. (A failed one is settled
+/// by `operations::finish`.)
+async fn snapshot_saved(
     tx: &mut Tx,
     host: &HostId,
-    op: &OpRow,
+    sid: SnapshotId,
     r: &OpReport,
-    error: Option<&str>,
 ) -> ApiResult<()> {
-    let sid: SnapshotId = op.detail.parse().map_err(|e| DbError::Corrupt {
-        table: "operations",
-        message: format!("snapshot detail: {e}"),
-    })?;
-    if let Some(e) = error {
-        if crate::snapshots::set_status(tx, sid, SnapshotStatus::Failed).await? {
-            sqlx::query("UPDATE snapshots SET error = $1 WHERE id = $2")
-                .bind(e)
-                .bind(sid.to_string())
-                .execute(&mut **tx)
-                .await?;
-        }
-        return Ok(());
-    }
     let sizes = r.snapshot.ok_or_else(|| {
         ApiError::invalid("snapshot", "is required when a snapshot operation succeeds")
     })?;
@@ -551,7 +602,6 @@ async fn settle_snapshot(
 mod tests {
     use super::*;
     use gantry_proto::api::v1::InstanceAction;
-    use gantry_proto::{Action, InstanceState};
 
     /// The API body (or route) that asks for `a`.
     fn request(a: Action) -> Option<InstanceAction> {
@@ -570,17 +620,29 @@ mod tests {
     #[test]
     fn every_advertised_action_is_one_the_controller_executes() {
         for s in InstanceState::ALL {
-            for a in s.allowed_actions() {
+            let advertised = super::super::instances::advertised(s, false);
+            // Nothing the state machine allows is left out: the controller
+            // executes every one of them.
+            assert_eq!(advertised, s.allowed_actions(), "{s}");
+            for a in advertised {
                 if let Some(req) = request(a) {
                     assert_eq!(req.action(), a);
                 }
-                // The operation's kind is the action's name.
-                let kind = a.name();
-                assert!(
-                    plain_command(kind).is_some() || DETAILED_KINDS.contains(&kind),
-                    "{s} advertises {kind}, which no agent command carries out"
-                );
+                assert_eq!(OperationKind::for_action(a).name(), a.name());
             }
+        }
+    }
+
+    #[test]
+    fn a_host_that_is_down_advertises_only_release() {
+        for s in InstanceState::ALL {
+            let down = super::super::instances::advertised(s, true);
+            let want: Vec<Action> = s
+                .allowed_actions()
+                .into_iter()
+                .filter(|a| *a == Action::Release)
+                .collect();
+            assert_eq!(down, want, "{s}");
         }
     }
 }

@@ -5,8 +5,9 @@
 
 use super::{accepted, path_id, Caller, OptionalBody};
 use crate::audit::AuditNote;
-use crate::db::{col, now_ms, rows, Tx};
+use crate::db::{col, rows, Tx};
 use crate::error::{ApiError, ApiResult};
+use crate::operations::{NewOp, OpDetail};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -97,10 +98,12 @@ async fn clear(
 /// of the same GPU is still under way.
 async fn insert_clear(tx: &mut Tx, host: &HostId, pci: PciAddress) -> ApiResult<OperationId> {
     let busy = sqlx::query(
-        "SELECT id FROM operations WHERE host_id = $1 AND kind = 'clear-gpu' AND detail = $2 \
-         AND state IN ('pending', 'running')",
+        "SELECT id FROM operations WHERE host_id = $1 AND kind = 'clear-gpu' AND \
+         detail IN ($2, $3) AND state IN ('pending', 'running')",
     )
     .bind(host.to_string())
+    .bind(OpDetail::ClearGpu { pci }.store())
+    // Recorded before schema version 7.
     .bind(pci.to_string())
     .fetch_optional(&mut **tx)
     .await?;
@@ -110,18 +113,16 @@ async fn insert_clear(tx: &mut Tx, host: &HostId, pci: PciAddress) -> ApiResult<
             col::<String>(&r, "id")?
         )));
     }
-    let op = OperationId::new();
-    sqlx::query(
-        "INSERT INTO operations (id, account_id, host_id, instance_id, kind, detail, state, \
-         created_ms, updated_ms) VALUES ($1, NULL, $2, NULL, 'clear-gpu', $3, 'pending', $4, $4)",
-    )
-    .bind(op.to_string())
-    .bind(host.to_string())
-    .bind(pci.to_string())
-    .bind(now_ms())
-    .execute(&mut **tx)
-    .await?;
-    Ok(op)
+    let op = NewOp {
+        id: OperationId::new(),
+        account: None,
+        host: Some(*host),
+        instance: None,
+        kind: gantry_proto::OperationKind::ClearGpu,
+        detail: OpDetail::ClearGpu { pci },
+    };
+    crate::operations::create(tx, &op).await?;
+    Ok(op.id)
 }
 
 async fn aliases(st: &AppState, alias: Option<&str>) -> ApiResult<Vec<GpuAlias>> {
@@ -237,7 +238,8 @@ pub async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> ApiResul
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
     st.verifier.verify(&st.db, token).await?.require_admin()?;
-    let body = crate::gpus::render_metrics(&st.db.pool).await?;
+    let mut body = crate::gpus::render_metrics(&st.db.pool).await?;
+    body.push_str(&st.leader.render_metrics());
     Ok((
         [(
             header::CONTENT_TYPE,

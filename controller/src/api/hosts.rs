@@ -1,6 +1,7 @@
 //! Admin host calls: register (pre-provision, with capacity and GPUs),
-//! list, get, cordon, uncordon, drain; and the host rows the agent
-//! protocol's join and heartbeat write ([`insert_host`], [`sync_gpus`]).
+//! list, get, cordon, uncordon, drain, revoke the credential, set the
+//! region; and the host rows the agent protocol's join and heartbeat write
+//! ([`insert_host`], [`sync_gpus`], [`join_target`]).
 
 use super::{created, path_id, Body, Caller};
 use crate::db::{col, is_unique_violation, now_ms, rows, to_time, Tx};
@@ -21,7 +22,9 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/hosts/{id}", get(get_one))
         .route("/admin/hosts/{id}/cordon", post(cordon))
         .route("/admin/hosts/{id}/uncordon", post(uncordon))
-        .route("/admin/hosts/{id}/drain", post(drain))
+        .route("/admin/hosts/{id}/drain", post(super::fleet::drain))
+        .route("/admin/hosts/{id}/revoke", post(revoke))
+        .route("/admin/hosts/{id}/region", post(set_region))
 }
 
 fn check(req: &RegisterHost) -> ApiResult<()> {
@@ -70,18 +73,26 @@ async fn register(
 ) -> ApiResult<Response> {
     who.require_admin()?;
     check(&req)?;
+    let region =
+        crate::regions::or_default("region", req.region.as_deref(), &st.cfg.default_region)?;
     let id = HostId::new();
     let mut tx = st.db.begin_write().await?;
-    insert_host(&mut tx, id, &req).await?;
+    insert_host(&mut tx, id, &req, &region).await?;
     tx.commit().await?;
     Ok(created(load(&st, &id).await?))
 }
 
-/// Inserts a healthy host (heard from now) and its GPUs.
-pub(crate) async fn insert_host(tx: &mut Tx, id: HostId, req: &RegisterHost) -> ApiResult<()> {
+/// Inserts a healthy host (heard from now) in `region` and its GPUs.
+pub(crate) async fn insert_host(
+    tx: &mut Tx,
+    id: HostId,
+    req: &RegisterHost,
+    region: &str,
+) -> ApiResult<()> {
     let res = sqlx::query(
         "INSERT INTO hosts (id, name, address, vcpus, memory_mib, disk_gib, health, \
-         last_heartbeat_ms, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'healthy', $7, $7)",
+         last_heartbeat_ms, created_ms, region) VALUES ($1, $2, $3, $4, $5, $6, 'healthy', $7, \
+         $7, $8)",
     )
     .bind(id.to_string())
     .bind(&req.name)
@@ -90,6 +101,7 @@ pub(crate) async fn insert_host(tx: &mut Tx, id: HostId, req: &RegisterHost) -> 
     .bind(req.memory_mib as i64)
     .bind(req.disk_gib as i64)
     .bind(now_ms())
+    .bind(region)
     .execute(&mut **tx)
     .await;
     match res {
@@ -112,7 +124,7 @@ pub(crate) async fn sync_gpus(tx: &mut Tx, id: &HostId, gpus: &[GpuDevice]) -> A
 
 const HOST_SELECT: &str = "SELECT h.id, h.name, h.address, h.vcpus, h.memory_mib, h.disk_gib, \
      h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.health, h.problems, h.cordoned, h.draining, \
-     h.last_heartbeat_ms, h.access_subnet, h.access_domain, h.https_port, \
+     h.last_heartbeat_ms, h.access_subnet, h.access_domain, h.https_port, h.region, h.revoked_ms, \
      (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id AND \
      i.observed_state NOT IN ('Released', 'Failed')) AS instances FROM hosts h";
 
@@ -140,6 +152,8 @@ fn host_row(r: &sqlx::any::AnyRow, gpus: Vec<GpuInfo>) -> ApiResult<HostInfo> {
         draining: col::<i64>(r, "draining")? != 0,
         last_heartbeat: to_time(col(r, "last_heartbeat_ms")?),
         instances: col::<i64>(r, "instances")? as u64,
+        region: col(r, "region")?,
+        revoked_at: col::<Option<i64>>(r, "revoked_ms")?.map(to_time),
     })
 }
 
@@ -216,18 +230,103 @@ async fn uncordon(
     .await
 }
 
-/// Cordons the host and marks it draining. Moving or stopping its
-/// instances is not built yet; draining hosts only take no new work.
-async fn drain(
+/// What a join needs to know of an existing host.
+pub(crate) struct JoinTarget {
+    pub region: String,
+    pub revoked_ms: Option<i64>,
+    /// Instances on it that are not Released or Failed.
+    pub instances: i64,
+}
+
+impl JoinTarget {
+    /// The region a join puts the host in: the token's, else its own. A
+    /// host with instances keeps its region (they were placed there).
+    pub fn region_for(&self, id: &HostId, token: Option<String>) -> ApiResult<String> {
+        match token {
+            Some(t) if t != self.region && self.instances > 0 => Err(ApiError::Conflict(format!(
+                "host {id} has {} instances in region {}; it cannot join region {t} until they \
+                 are released",
+                self.instances, self.region
+            ))),
+            Some(t) => Ok(t),
+            None => Ok(self.region.clone()),
+        }
+    }
+}
+
+/// Loads (and locks, being the first write's row) what a join needs of
+/// host `id`.
+pub(crate) async fn join_target(tx: &mut Tx, id: &HostId) -> ApiResult<JoinTarget> {
+    sqlx::query("UPDATE hosts SET region = region WHERE id = $1")
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    let row = sqlx::query(
+        "SELECT h.region, h.revoked_ms, (SELECT COUNT(*) FROM instances i WHERE i.host_id = h.id \
+         AND i.observed_state NOT IN ('Released', 'Failed')) AS instances FROM hosts h \
+         WHERE h.id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no host {id}")))?;
+    Ok(JoinTarget {
+        region: col(&row, "region")?,
+        revoked_ms: col(&row, "revoked_ms")?,
+        instances: col(&row, "instances")?,
+    })
+}
+
+/// `POST /v1/admin/hosts/{id}/revoke`: the host's credential stops working
+/// at once (every call, and its open work long-poll, answers 401 saying
+/// so; other controller replicas within the token cache's few seconds), the
+/// host is marked unhealthy and down (its instances are treated as on a
+/// dead host). It joins again with a join token minted after this.
+async fn revoke(
     State(st): State<AppState>,
     who: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<HostInfo>> {
     who.require_admin()?;
-    set_flags(
-        &st,
-        &id,
-        "UPDATE hosts SET cordoned = 1, draining = 1 WHERE id = $1",
+    let id: HostId = path_id(&id, "host")?;
+    let now = now_ms();
+    let done = sqlx::query(
+        "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, $1), health = 'unhealthy', \
+         down_since_ms = COALESCE(down_since_ms, $1) WHERE id = $2",
     )
-    .await
+    .bind(now)
+    .bind(id.to_string())
+    .execute(&st.db.pool)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::NotFound(format!("no host {id}")));
+    }
+    st.verifier.forget_all();
+    st.wake.wake(&id);
+    tracing::warn!(host = %id, "host credential revoked");
+    Ok(Json(load(&st, &id).await?))
+}
+
+/// `POST /v1/admin/hosts/{id}/region`: moves a host to another region;
+/// refused (409) while instances are on it.
+async fn set_region(
+    State(st): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    Body(req): Body<SetHostRegion>,
+) -> ApiResult<Json<HostInfo>> {
+    who.require_admin()?;
+    crate::regions::check("region", &req.region)?;
+    let id: HostId = path_id(&id, "host")?;
+    let mut tx = st.db.begin_write().await?;
+    let target = join_target(&mut tx, &id).await?;
+    target.region_for(&id, Some(req.region.clone()))?;
+    sqlx::query("UPDATE hosts SET region = $1 WHERE id = $2")
+        .bind(&req.region)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(host = %id, from = %target.region, to = %req.region, "host region set");
+    Ok(Json(load(&st, &id).await?))
 }

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use gantry_proto::api::v1::*;
 use gantry_proto::ids::*;
 use gantry_proto::net::{Protocol, JUPYTER_PORT, SSH_PORT};
-use gantry_proto::{validate, InstanceState};
+use gantry_proto::{validate, Action, InstanceState};
 use std::collections::HashMap;
 
 pub fn routes() -> Router<AppState> {
@@ -69,12 +69,37 @@ pub(crate) fn gate(rec: &InstanceRec) -> ApiResult<()> {
     Ok(())
 }
 
+/// The status shown while an instance's host is down: its last observed
+/// state is kept in `state`, but nobody can vouch for it.
+pub const HOST_DOWN: &str = "HostDown";
+
+/// Whether `rec`'s host is down (and it is not final).
+pub(crate) fn host_down(rec: &InstanceRec) -> bool {
+    rec.host_down_since_ms.is_some() && !rec.observed.is_final()
+}
+
+/// The actions an instance in state `s` offers: those its state allows
+/// that the controller executes end to end (`commands::executable`); only
+/// release while its host is down.
+pub(crate) fn advertised(s: InstanceState, host_down: bool) -> Vec<Action> {
+    s.allowed_actions()
+        .into_iter()
+        .filter(|a| super::commands::executable(*a))
+        .filter(|a| !host_down || *a == Action::Release)
+        .collect()
+}
+
 pub(crate) fn summary(rec: &InstanceRec, _now: i64) -> InstanceSummary {
+    let down = host_down(rec);
     InstanceSummary {
         id: rec.id,
         name: rec.name.clone(),
         account: rec.account,
-        status: rec.observed.status().to_string(),
+        status: if down {
+            HOST_DOWN.to_string()
+        } else {
+            rec.observed.status().to_string()
+        },
         state: rec.observed,
         flavor: rec.flavor,
         host: rec.host,
@@ -82,9 +107,10 @@ pub(crate) fn summary(rec: &InstanceRec, _now: i64) -> InstanceSummary {
         allowed_actions: if rec.pending_op.is_some() {
             Vec::new()
         } else {
-            rec.observed.allowed_actions()
+            advertised(rec.observed, down)
         },
         created_at: to_time(rec.created_ms),
+        region: rec.region.clone(),
     }
 }
 
@@ -98,12 +124,16 @@ struct Resolved {
     base_image: Option<ImageId>,
     /// The host whose store holds the snapshot (host-local stores).
     pin: Option<HostId>,
+    /// The snapshot the disk comes from (directly or through its image)
+    /// and its region.
+    snapshot_region: Option<(SnapshotId, String)>,
 }
 
-/// A Success snapshot of `account`: its host, the base image of the
-/// snapshotted instance, its as-image image and its logical size.
+/// A Success snapshot of `account`: its region, the base image of the
+/// snapshotted instance, its as-image image and its logical size (its
+/// host and store: `crate::store_keys::restore_pin`).
 struct SnapBase {
-    host: Option<HostId>,
+    region: String,
     base_image: Option<ImageId>,
     image: Option<ImageId>,
     logical_bytes: u64,
@@ -116,7 +146,7 @@ async fn snapshot_base(
     field: &str,
 ) -> ApiResult<SnapBase> {
     let row = sqlx::query(
-        "SELECT s.status, s.host_id, s.logical_bytes, i.id AS image_id, src.base_image_id FROM \
+        "SELECT s.status, s.host_id, s.region, s.logical_bytes, i.id AS image_id, src.base_image_id FROM \
          snapshots s LEFT JOIN images i ON i.source_snapshot_id = s.id LEFT JOIN instances src \
          ON src.id = s.instance_id WHERE s.id = $1 AND s.account_id = $2",
     )
@@ -133,7 +163,7 @@ async fn snapshot_base(
         ));
     }
     Ok(SnapBase {
-        host: crate::db::parsed_opt(&row, "host_id", "snapshots")?,
+        region: crate::db::col(&row, "region")?,
         base_image: crate::db::parsed_opt(&row, "base_image_id", "instances")?,
         image: crate::db::parsed_opt(&row, "image_id", "images")?,
         logical_bytes: crate::db::col::<i64>(&row, "logical_bytes")?.max(0) as u64,
@@ -166,6 +196,17 @@ fn check_ports(req: &CreateInstance) -> ApiResult<()> {
     Ok(())
 }
 
+/// What a flavor with this root disk needs of a host (for placing
+/// restores, `crate::store_keys::restore_pin`).
+fn room(flavor: &FlavorInfo, root_disk_gib: u64) -> crate::store_keys::Room {
+    crate::store_keys::Room {
+        vcpus: flavor.vcpus,
+        memory_mib: flavor.memory_mib,
+        disk_gib: root_disk_gib,
+        gpus: flavor.gpu_count,
+    }
+}
+
 async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> ApiResult<Resolved> {
     validate::object_name("name", &req.name)?;
     check_ports(req)?;
@@ -178,19 +219,20 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
     .await?
     .ok_or_else(|| ApiError::invalid("flavor", format!("no flavor {}", req.flavor)))?;
     let flavor = rows::flavor(&row)?;
-    let shared = st.cfg.snapshot_store_shared;
     let image_id = match (req.image, req.snapshot) {
         (Some(i), None) => i,
         (None, Some(s)) => {
             let b = snapshot_base(st, account, s, "snapshot").await?;
             let root = flavor.root_disk_gib.max(b.logical_bytes.div_ceil(1 << 30));
+            let pin = crate::store_keys::restore_pin(st, s, room(&flavor, root)).await?;
             return Ok(Resolved {
                 flavor,
                 image: b.image,
                 snapshot: Some(s),
                 root_disk_gib: root,
                 base_image: b.base_image,
-                pin: b.host.filter(|_| !shared),
+                pin,
+                snapshot_region: Some((s, b.region)),
             });
         }
         _ => {
@@ -211,11 +253,12 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
     .ok_or_else(|| ApiError::invalid("image", format!("no image {image_id}")))?;
     let image = rows::image(&row)?;
     let mut root = flavor.root_disk_gib.max(image.size_gib);
-    let (base_image, pin) = match image.source_snapshot {
+    let (base_image, pin, snapshot_region) = match image.source_snapshot {
         Some(s) => {
             let b = snapshot_base(st, account, s, "image").await?;
             root = root.max(b.logical_bytes.div_ceil(1 << 30));
-            (b.base_image, b.host.filter(|_| !shared))
+            let pin = crate::store_keys::restore_pin(st, s, room(&flavor, root)).await?;
+            (b.base_image, pin, Some((s, b.region)))
         }
         None => {
             let origin: Option<String> = crate::db::col(&row, "origin")?;
@@ -225,7 +268,7 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
                     format!("image {image_id} has no origin, so no host can fetch it"),
                 ));
             }
-            (Some(image_id), None)
+            (Some(image_id), None, None)
         }
     };
     Ok(Resolved {
@@ -235,7 +278,22 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
         root_disk_gib: root,
         base_image,
         pin,
+        snapshot_region,
     })
+}
+
+/// The region to create in: the one asked for, else the snapshot's, else
+/// the default; a snapshot of another region is refused (409).
+fn region_of(st: &AppState, req: &CreateInstance, r: &Resolved) -> ApiResult<String> {
+    let asked = req.region.as_deref();
+    if let Some(a) = asked {
+        crate::regions::check("region", a)?;
+    }
+    match (&r.snapshot_region, asked) {
+        (Some((s, from)), Some(to)) if from != to => Err(crate::regions::cross_region(s, from, to)),
+        (Some((_, from)), _) => Ok(from.clone()),
+        (None, a) => Ok(a.unwrap_or(&st.cfg.default_region).to_string()),
+    }
 }
 
 async fn create(
@@ -248,21 +306,29 @@ async fn create(
         .await
         .map_err(|_| ApiError::invalid("account", format!("no account {account}")))?;
     let r = resolve(&st, &account, &req).await?;
+    let region = region_of(&st, &req, &r)?;
     crate::billing::require_credit(&st, &account, "creating instances").await?;
-    let need = Need {
+    let mut need = Need {
         vcpus: r.flavor.vcpus,
         memory_mib: r.flavor.memory_mib,
         disk_gib: r.root_disk_gib,
         gpu_model: r.flavor.gpu_model.clone(),
         gpu_count: r.flavor.gpu_count,
         placement: req.placement.unwrap_or_default(),
+        region,
+        host: r.pin,
+    };
+    // An existing volume's host, or room for a new one.
+    let vol = match req.data_volume {
+        Some(v) => Some(super::volumes::plan(&st, &account, v, &mut need).await?),
+        None => None,
     };
     let id = InstanceId::new();
     let mut attempt = 0;
     loop {
         attempt += 1;
         let mut tx = st.db.begin_write().await?;
-        match insert(&st, &mut tx, id, account, &req, &r, &need).await {
+        match insert(&st, &mut tx, id, account, &req, &r, &need, vol.as_ref()).await {
             Ok((op, host)) => {
                 tx.commit().await?;
                 st.wake.wake(&host);
@@ -275,7 +341,23 @@ async fn create(
                 drop(tx);
                 tokio::time::sleep(std::time::Duration::from_millis(attempt * 3)).await;
             }
-            Err(Insert::Place(PlaceError::NoFit(why))) => return Err(ApiError::Conflict(why)),
+            Err(Insert::Place(PlaceError::NoFit(why))) => {
+                let why = match r.pin.filter(|h| need.host == Some(*h)) {
+                    Some(h) => format!("the snapshot is stored on host {h}; {why}"),
+                    // Named where the caller chose a region (or it is not
+                    // the default).
+                    None if req.region.is_some() || need.region != st.cfg.default_region => {
+                        format!("{why} (region {})", need.region)
+                    }
+                    None => why,
+                };
+                return Err(ApiError::Conflict(
+                    match vol.as_ref().filter(|p| p.host.is_some()) {
+                        Some(p) => super::volumes::cannot_place(p, &why),
+                        None => why,
+                    },
+                ));
+            }
             Err(Insert::Place(PlaceError::Raced)) | Err(Insert::Duplicate) => {
                 return Err(ApiError::Conflict(
                     "placement kept racing with other requests; retry".into(),
@@ -315,6 +397,7 @@ impl From<sqlx::Error> for Insert {
 }
 
 /// One placement attempt inside `tx`: host, GPUs, volume, ports, record.
+#[allow(clippy::too_many_arguments)]
 async fn insert(
     st: &AppState,
     tx: &mut Tx,
@@ -323,27 +406,22 @@ async fn insert(
     req: &CreateInstance,
     r: &Resolved,
     need: &Need,
+    vol: Option<&super::volumes::Plan>,
 ) -> Result<(OperationId, HostId), Insert> {
     let cutoff = now_ms() - st.cfg.heartbeat_timeout_secs as i64 * 1000;
     let timeout = st.cfg.heartbeat_timeout_secs;
-    let (host, _gpus) = scheduler::place(tx, id, need, cutoff, timeout, r.pin.as_ref())
+    let (host, _gpus) = scheduler::place(tx, id, need, cutoff, timeout)
         .await
         .map_err(Insert::Place)?;
-    if let Some(v) = req.data_volume {
-        let done = sqlx::query(
-            "UPDATE volumes SET instance_id = $1 WHERE id = $2 AND account_id = $3 \
-             AND instance_id IS NULL",
-        )
-        .bind(id.to_string())
-        .bind(v.to_string())
-        .bind(account.to_string())
-        .execute(&mut **tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(Insert::Api(ApiError::invalid(
-                "data_volume",
-                format!("volume {v} does not exist or is attached to another instance"),
-            )));
+    if let Some(plan) = vol {
+        // Placed with the instance: billed from now.
+        if super::volumes::attach(tx, plan, &account, id, &host)
+            .await
+            .map_err(Insert::Api)?
+        {
+            crate::volume_meter::sync(tx, &account, st.clock.now_ms())
+                .await
+                .map_err(|e| Insert::Api(e.into()))?;
         }
     }
     let subnet = crate::access::ensure_subnet(tx, &st.cfg, &host).await?;
@@ -367,8 +445,8 @@ async fn insert(
         "INSERT INTO instances (id, account_id, name, flavor_id, image_id, snapshot_id, host_id, \
          desired_state, observed_state, state_since_ms, root_disk_gib, data_volume_id, pending_op, \
          created_ms, base_image_id, root_password_sealed, root_password_hash, \
-         jupyter_token_sealed) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', 'Creating', $8, \
-         $9, $10, $11, $8, $12, $13, $14, $15)",
+         jupyter_token_sealed, region) VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', \
+         'Creating', $8, $9, $10, $11, $8, $12, $13, $14, $15, $16)",
     )
     .bind(id.to_string())
     .bind(account.to_string())
@@ -385,9 +463,20 @@ async fn insert(
     .bind(c.password_sealed)
     .bind(c.password_hash)
     .bind(c.token_sealed)
+    .bind(&need.region)
     .execute(&mut **tx)
     .await?;
-    super::actions::insert_op(tx, op, &account, Some(host), Some(id), "create", "").await?;
+    let new = crate::operations::NewOp {
+        id: op,
+        account: Some(account),
+        host: Some(host),
+        instance: Some(id),
+        kind: gantry_proto::OperationKind::Create,
+        detail: crate::operations::OpDetail::None,
+    };
+    crate::operations::create(tx, &new)
+        .await
+        .map_err(|e| Insert::Api(e.into()))?;
     Ok((op, host))
 }
 

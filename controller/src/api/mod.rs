@@ -7,6 +7,7 @@ pub mod agent;
 pub mod certs;
 pub mod change_type;
 pub mod commands;
+pub mod fleet;
 pub mod forwards;
 pub mod gpus;
 pub mod hosts;
@@ -14,7 +15,9 @@ pub mod instances;
 pub mod keys;
 pub mod password;
 pub mod snapshots;
+pub mod store_keys;
 pub mod usage;
+pub mod volumes;
 
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
@@ -33,10 +36,13 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(admin::routes())
         .merge(hosts::routes())
+        .merge(fleet::routes())
         .merge(gpus::routes())
         .merge(instances::routes())
         .merge(snapshots::routes())
+        .merge(volumes::routes())
         .merge(agent::routes())
+        .merge(store_keys::routes())
         .merge(usage::routes())
         .merge(forwards::routes())
         .merge(password::routes())

@@ -96,9 +96,11 @@ async fn reset(
         col(&row, "root_password_hash")?,
         col(&row, "root_password_sealed")?,
     );
-    let detail = match old {
-        (Some(h), Some(s)) => format!("{h} {s}"),
-        _ => String::new(),
+    let detail = crate::operations::OpDetail::SetPassword {
+        old: match old {
+            (Some(h), Some(s)) => Some((h, s)),
+            _ => None,
+        },
     };
     sqlx::query(
         "UPDATE instances SET root_password_hash = $1, root_password_sealed = $2 WHERE id = $3",
@@ -108,16 +110,9 @@ async fn reset(
     .bind(rec.id.to_string())
     .execute(&mut *tx)
     .await?;
-    super::actions::insert_op(
-        &mut tx,
-        op,
-        &rec.account,
-        Some(host),
-        Some(rec.id),
-        "set-password",
-        &detail,
-    )
-    .await?;
+    let new =
+        crate::operations::NewOp::on(&rec, op, gantry_proto::OperationKind::SetPassword, detail);
+    crate::operations::create(&mut tx, &new).await?;
     tx.commit().await?;
     st.wake.wake(&host);
     Ok(accepted(load_op(&st, op).await?))
@@ -135,8 +130,12 @@ async fn load_op(st: &AppState, id: OperationId) -> ApiResult<OperationInfo> {
 }
 
 /// A `set-password` operation failed: the old password comes back.
-pub(crate) async fn undo_reset(tx: &mut Tx, instance: InstanceId, detail: &str) -> ApiResult<()> {
-    let Some((hash, sealed)) = detail.split_once(' ') else {
+pub(crate) async fn undo_reset(
+    tx: &mut Tx,
+    instance: InstanceId,
+    old: Option<&(String, String)>,
+) -> ApiResult<()> {
+    let Some((hash, sealed)) = old else {
         return Ok(());
     };
     sqlx::query(

@@ -1,5 +1,4 @@
-//! Snapshots (create with every refusal named, list, get, delete) and data
-//! volumes (create, list, delete). A snapshot of a Running or Stopped
+//! Snapshots (create with every refusal named, list, get, delete). A snapshot of a Running or Stopped
 //! instance starts as `Creating` with a `snapshot` operation for the
 //! instance's host and a quota reservation (`crate::snapshots`); the
 //! agent's reports of that operation show its progress and settle it
@@ -7,7 +6,7 @@
 //! it from its store.
 
 use super::instances::load;
-use super::{created, path_id, query, Body, Caller};
+use super::{path_id, query, Body, Caller};
 use crate::db::{is_unique_violation, now_ms, rows, rows::InstanceRec, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
@@ -25,8 +24,6 @@ pub fn routes() -> Router<AppState> {
         .route("/instances/{id}/snapshots", post(create))
         .route("/snapshots", get(list))
         .route("/snapshots/{id}", get(get_one).delete(delete))
-        .route("/volumes", post(create_volume).get(list_volumes))
-        .route("/volumes/{id}", axum::routing::delete(delete_volume))
 }
 
 /// `POST /v1/instances/{id}/snapshots`: a Running or Stopped instance (a
@@ -67,16 +64,14 @@ async fn create(
         .ok_or_else(|| ApiError::invalid("account", format!("no account {}", rec.account)))?;
     crate::snapshots::check_quota(&acct, need).map_err(ApiError::Conflict)?;
     insert(&mut tx, sid, &rec, &req, op, need).await?;
-    super::actions::insert_op(
-        &mut tx,
+    crate::store_keys::record_snapshot_store(&mut tx, sid, rec.host.as_ref()).await?;
+    let new = crate::operations::NewOp::on(
+        &rec,
         op,
-        &rec.account,
-        rec.host,
-        Some(rec.id),
-        "snapshot",
-        &sid.to_string(),
-    )
-    .await?;
+        gantry_proto::OperationKind::Snapshot,
+        crate::operations::OpDetail::Snapshot { snapshot: sid },
+    );
+    crate::operations::create(&mut tx, &new).await?;
     tx.commit().await?;
     if let Some(h) = &rec.host {
         st.wake.wake(h);
@@ -96,8 +91,8 @@ async fn insert(
 ) -> ApiResult<()> {
     let res = sqlx::query(
         "INSERT INTO snapshots (id, account_id, instance_id, name, description, status, \
-         auto_release, as_image, operation_id, created_ms, reserved_bytes) VALUES ($1, $2, $3, \
-         $4, $5, $6, $7, $8, $9, $10, $11)",
+         auto_release, as_image, operation_id, created_ms, reserved_bytes, region) VALUES ($1, \
+         $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(sid.to_string())
     .bind(rec.account.to_string())
@@ -110,6 +105,7 @@ async fn insert(
     .bind(op.to_string())
     .bind(now_ms())
     .bind(reserved.min(i64::MAX as u64) as i64)
+    .bind(&rec.region)
     .execute(&mut **tx)
     .await;
     match res {
@@ -124,17 +120,21 @@ async fn insert(
 async fn load_snapshot(st: &AppState, who: &Caller, id: SnapshotId) -> ApiResult<SnapshotInfo> {
     let not_found = || ApiError::NotFound(format!("no snapshot {id}"));
     let row = sqlx::query(&format!(
-        "SELECT {} FROM snapshots WHERE id = $1",
-        rows::SNAPSHOT_COLS
+        "SELECT {}, {} FROM snapshots WHERE id = $1",
+        rows::SNAPSHOT_COLS,
+        crate::store_keys::SNAPSHOT_STORE_COLS
     ))
     .bind(id.to_string())
     .fetch_optional(&st.db.pool)
     .await?
     .ok_or_else(not_found)?;
-    let s = rows::snapshot(&row)?;
+    let mut s = rows::snapshot(&row)?;
     if !who.can_see(&s.account) {
         return Err(not_found());
     }
+    crate::store_keys::Availability::new(st)
+        .mark(&mut s, &row)
+        .await?;
     Ok(s)
 }
 
@@ -143,7 +143,14 @@ async fn list(
     who: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Vec<SnapshotInfo>>> {
-    query(&q, &["status", "instance"])?;
+    query(&q, &["status", "instance", "region"])?;
+    let region = match q.get("region") {
+        Some(r) => {
+            crate::regions::problem(r).map_or(Ok(()), |p| Err(ApiError::bad("region", p)))?;
+            r.clone()
+        }
+        None => String::new(),
+    };
     let status = match q.get("status") {
         Some(s) => s
             .parse::<SnapshotStatus>()
@@ -160,19 +167,26 @@ async fn list(
         None => String::new(),
     };
     let sql = format!(
-        "SELECT {} FROM snapshots WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR status = $2) \
-         AND ($3 = '' OR instance_id = $3) ORDER BY created_ms, id",
-        rows::SNAPSHOT_COLS
+        "SELECT {}, {} FROM snapshots WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR status = $2) \
+         AND ($3 = '' OR instance_id = $3) AND ($4 = '' OR region = $4) ORDER BY created_ms, id",
+        rows::SNAPSHOT_COLS,
+        crate::store_keys::SNAPSHOT_STORE_COLS
     );
     let found = sqlx::query(&sql)
         .bind(who.account.map(|a| a.to_string()).unwrap_or_default())
         .bind(status)
         .bind(instance)
+        .bind(region)
         .fetch_all(&st.db.pool)
         .await?;
-    Ok(Json(
-        found.iter().map(rows::snapshot).collect::<Result<_, _>>()?,
-    ))
+    let mut avail = crate::store_keys::Availability::new(&st);
+    let mut out = Vec::with_capacity(found.len());
+    for row in &found {
+        let mut snap = rows::snapshot(row)?;
+        avail.mark(&mut snap, row).await?;
+        out.push(snap);
+    }
+    Ok(Json(out))
 }
 
 async fn get_one(
@@ -217,110 +231,19 @@ async fn delete(
     // A stored snapshot is removed from its host's store too.
     let host = host.filter(|_| s.status == SnapshotStatus::Success);
     if let Some(h) = host {
-        let op = OperationId::new();
-        let detail = s.id.to_string();
-        super::actions::insert_op(
-            &mut tx,
-            op,
-            &s.account,
-            Some(h),
-            None,
-            "delete-snapshot",
-            &detail,
-        )
-        .await?;
+        let new = crate::operations::NewOp {
+            id: OperationId::new(),
+            account: Some(s.account),
+            host: Some(h),
+            instance: None,
+            kind: gantry_proto::OperationKind::DeleteSnapshot,
+            detail: crate::operations::OpDetail::DeleteSnapshot { snapshot: s.id },
+        };
+        crate::operations::create(&mut tx, &new).await?;
     }
     tx.commit().await?;
     if let Some(h) = &host {
         st.wake.wake(h);
     }
     Ok(Json(s))
-}
-
-async fn create_volume(
-    State(st): State<AppState>,
-    who: Caller,
-    Body(req): Body<CreateVolume>,
-) -> ApiResult<Response> {
-    let account = super::owner_for(&who, req.account)?;
-    validate::object_name("name", &req.name)?;
-    validate::in_range(
-        "size_gib",
-        req.size_gib,
-        1,
-        gantry_proto::spec::MAX_DISK_GIB,
-    )?;
-    super::admin::load_account(&st, &account)
-        .await
-        .map_err(|_| ApiError::invalid("account", format!("no account {account}")))?;
-    let id = VolumeId::new();
-    let res = sqlx::query(
-        "INSERT INTO volumes (id, account_id, name, size_gib, created_ms) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(id.to_string())
-    .bind(account.to_string())
-    .bind(&req.name)
-    .bind(req.size_gib as i64)
-    .bind(now_ms())
-    .execute(&st.db.pool)
-    .await;
-    match res {
-        Err(e) if is_unique_violation(&e) => Err(ApiError::Conflict(format!(
-            "a volume named {:?} already exists in this account",
-            req.name
-        ))),
-        Err(e) => Err(e.into()),
-        Ok(_) => Ok(created(load_volume(&st, &who, id).await?)),
-    }
-}
-
-async fn load_volume(st: &AppState, who: &Caller, id: VolumeId) -> ApiResult<VolumeInfo> {
-    let not_found = || ApiError::NotFound(format!("no volume {id}"));
-    let row = sqlx::query(&format!(
-        "SELECT {} FROM volumes WHERE id = $1",
-        rows::VOLUME_COLS
-    ))
-    .bind(id.to_string())
-    .fetch_optional(&st.db.pool)
-    .await?
-    .ok_or_else(not_found)?;
-    let v = rows::volume(&row)?;
-    if !who.can_see(&v.account) {
-        return Err(not_found());
-    }
-    Ok(v)
-}
-
-async fn list_volumes(State(st): State<AppState>, who: Caller) -> ApiResult<Json<Vec<VolumeInfo>>> {
-    let sql = format!(
-        "SELECT {} FROM volumes WHERE $1 = '' OR account_id = $1 ORDER BY created_ms, id",
-        rows::VOLUME_COLS
-    );
-    let found = sqlx::query(&sql)
-        .bind(who.account.map(|a| a.to_string()).unwrap_or_default())
-        .fetch_all(&st.db.pool)
-        .await?;
-    Ok(Json(
-        found.iter().map(rows::volume).collect::<Result<_, _>>()?,
-    ))
-}
-
-async fn delete_volume(
-    State(st): State<AppState>,
-    who: Caller,
-    Path(id): Path<String>,
-) -> ApiResult<Json<VolumeInfo>> {
-    let v = load_volume(&st, &who, path_id(&id, "volume")?).await?;
-    let done = sqlx::query("DELETE FROM volumes WHERE id = $1 AND instance_id IS NULL")
-        .bind(v.id.to_string())
-        .execute(&st.db.pool)
-        .await?;
-    if done.rows_affected() == 0 {
-        return Err(ApiError::Conflict(format!(
-            "volume {} is attached to instance {}; release the instance first",
-            v.id,
-            v.instance.map(|i| i.to_string()).unwrap_or_default()
-        )));
-    }
-    Ok(Json(v))
 }

@@ -3,8 +3,8 @@
 
 use super::{col, parsed, parsed_opt, to_time, DbError};
 use gantry_proto::api::v1::{
-    AccountInfo, AuditEntry, FlavorInfo, HostHealth, ImageInfo, OperationInfo, OperationState,
-    SnapshotInfo, TokenInfo, UsageKind, UsageRecord, VolumeInfo,
+    AccountInfo, AuditEntry, FlavorInfo, HostHealth, ImageInfo, OperationInfo, OperationKind,
+    OperationState, SnapshotInfo, TokenInfo, UsageKind, UsageRecord, VolumeInfo,
 };
 use gantry_proto::ids::*;
 use gantry_proto::{InstanceState, SnapshotStatus};
@@ -73,7 +73,8 @@ pub fn image(r: &AnyRow) -> Result<ImageInfo, DbError> {
     })
 }
 
-pub const VOLUME_COLS: &str = "id, account_id, name, size_gib, instance_id, created_ms";
+pub const VOLUME_COLS: &str =
+    "id, account_id, name, size_gib, instance_id, created_ms, host_id, pending_op, deleting";
 
 pub fn volume(r: &AnyRow) -> Result<VolumeInfo, DbError> {
     Ok(VolumeInfo {
@@ -83,12 +84,15 @@ pub fn volume(r: &AnyRow) -> Result<VolumeInfo, DbError> {
         size_gib: col::<i64>(r, "size_gib")? as u64,
         instance: parsed_opt(r, "instance_id", "volumes")?,
         created_at: to_time(col(r, "created_ms")?),
+        host: parsed_opt(r, "host_id", "volumes")?,
+        operation: parsed_opt(r, "pending_op", "volumes")?,
+        deleting: col::<i64>(r, "deleting")? != 0,
     })
 }
 
 /// With its operation's progress (`FROM snapshots`).
 pub const SNAPSHOT_COLS: &str = "id, account_id, instance_id, name, description, status, \
-     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms, frozen, \
+     auto_release, as_image, logical_bytes, compressed_bytes, operation_id, error, created_ms, frozen, region, \
      (SELECT o.progress FROM operations o WHERE o.id = snapshots.operation_id) AS progress";
 
 pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
@@ -115,6 +119,10 @@ pub fn snapshot(r: &AnyRow) -> Result<SnapshotInfo, DbError> {
         progress_percent: progress,
         frozen: col::<Option<i64>>(r, "frozen")?.map(|f| f != 0),
         created_at: to_time(col(r, "created_ms")?),
+        // Set from the store's hosts by `crate::store_keys::mark_available`.
+        available: true,
+        unavailable_reason: None,
+        region: col(r, "region")?,
     })
 }
 
@@ -122,21 +130,18 @@ pub const OPERATION_COLS: &str = "id, kind, instance_id, state, progress, error,
 
 pub fn operation(r: &AnyRow) -> Result<OperationInfo, DbError> {
     let state: String = col(r, "state")?;
-    let state = match state.as_str() {
-        "pending" => OperationState::Pending,
-        "running" => OperationState::Running,
-        "succeeded" => OperationState::Succeeded,
-        "failed" => OperationState::Failed,
-        other => {
-            return Err(DbError::Corrupt {
-                table: "operations",
-                message: format!("state {other:?}"),
-            })
-        }
-    };
+    let state = OperationState::parse(&state).ok_or_else(|| DbError::Corrupt {
+        table: "operations",
+        message: format!("state {state:?}"),
+    })?;
+    let kind: String = col(r, "kind")?;
+    let kind = OperationKind::parse(&kind).ok_or_else(|| DbError::Corrupt {
+        table: "operations",
+        message: format!("kind {kind:?}"),
+    })?;
     Ok(OperationInfo {
         id: parsed(r, "id", "operations")?,
-        kind: col(r, "kind")?,
+        kind,
         instance: parsed_opt(r, "instance_id", "operations")?,
         state,
         progress_percent: col::<i64>(r, "progress")?.clamp(0, 100) as u8,
@@ -154,10 +159,10 @@ pub fn usage(r: &AnyRow) -> Result<UsageRecord, DbError> {
     Ok(UsageRecord {
         account: parsed(r, "account_id", "usage_records")?,
         instance: parsed_opt(r, "instance_id", "usage_records")?,
-        kind: if kind == "snapshot" {
-            UsageKind::Snapshot
-        } else {
-            UsageKind::Instance
+        kind: match kind.as_str() {
+            "snapshot" => UsageKind::Snapshot,
+            "volume" => UsageKind::Volume,
+            _ => UsageKind::Instance,
         },
         quantity: col(r, "quantity")?,
         price_micros: col(r, "price_micros")?,
@@ -226,13 +231,22 @@ pub struct InstanceRec {
     pub charged_micros: i64,
     pub pending_op: Option<OperationId>,
     pub created_ms: i64,
+    /// Set when the instance was released while its host was down: no
+    /// usage after it is charged (the host's last heartbeat).
+    pub billing_closed_ms: Option<i64>,
+    /// Since when its host is down (missed heartbeats or revoked).
+    pub host_down_since_ms: Option<i64>,
+    /// The region it was created in.
+    pub region: String,
 }
 
 pub const INSTANCE_SELECT: &str = "SELECT i.id, i.account_id, i.name, i.flavor_id, f.name AS \
      flavor_name, f.vcpus, f.memory_mib, f.gpu_model, f.gpu_count, f.price_micros_per_hour, \
      i.image_id, i.snapshot_id, i.host_id, h.address AS host_address, i.desired_state, \
      i.observed_state, i.state_since_ms, i.root_disk_gib, i.data_volume_id, i.base_image_id, \
-     i.billed_ms, i.usage_seq, i.charged_micros, i.pending_op, i.created_ms FROM instances i JOIN flavors f ON f.id = \
+     i.billed_ms, i.usage_seq, i.charged_micros, i.pending_op, i.created_ms, \
+     i.billing_closed_ms, COALESCE(h.down_since_ms, h.revoked_ms) AS \
+     host_down_since_ms, i.region FROM instances i JOIN flavors f ON f.id = \
      i.flavor_id LEFT JOIN hosts h ON h.id = i.host_id";
 
 pub fn instance(r: &AnyRow) -> Result<InstanceRec, DbError> {
@@ -263,5 +277,8 @@ pub fn instance(r: &AnyRow) -> Result<InstanceRec, DbError> {
         charged_micros: col(r, "charged_micros")?,
         pending_op: parsed_opt(r, "pending_op", T)?,
         created_ms: col(r, "created_ms")?,
+        billing_closed_ms: col(r, "billing_closed_ms")?,
+        host_down_since_ms: col(r, "host_down_since_ms")?,
+        region: col(r, "region")?,
     })
 }

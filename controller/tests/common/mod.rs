@@ -406,6 +406,16 @@ impl Server {
         self.hosts.lock().unwrap().get_mut(host).unwrap().1 = cap;
     }
 
+    /// Adds a host the test joined itself (or gives a simulated host its
+    /// new credential after joining again): later heartbeats and polls use
+    /// this credential and capacity.
+    pub fn set_cred(&self, host: &str, cred: &str, cap: Value) {
+        self.hosts
+            .lock()
+            .unwrap()
+            .insert(host.to_string(), (cred.to_string(), cap));
+    }
+
     /// The credential of a simulated host.
     pub fn cred(&self, host: &str) -> String {
         self.hosts.lock().unwrap()[host].0.clone()

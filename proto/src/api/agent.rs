@@ -32,6 +32,13 @@
 //!    re-reports instead of re-running; the controller ignores a report for
 //!    an operation that has already ended.
 //!
+//! 5. **Store keys.** Before work on an account's snapshots the agent gets
+//!    the account's chunk keys with `GET /v1/agent/store-keys/{account}`
+//!    ([`StoreKeys`]; only while the host serves the account), and offers a
+//!    key it made itself with `POST` ([`OfferStoreKey`]). Heartbeats carry
+//!    the host's [`StoreIdentity`], so the controller knows which hosts read
+//!    a snapshot.
+//!
 //! A host credential acts only on its own host's objects: an operation or
 //! instance of another host answers 403.
 //!
@@ -55,6 +62,9 @@ use serde::{Deserialize, Serialize};
 pub const JOIN_TOKEN_PREFIX: &str = "gjt_";
 /// Prefix of host credentials: `ghc_<host uuid>_<64 hex>`.
 pub const HOST_CREDENTIAL_PREFIX: &str = "ghc_";
+/// Words in the 401 sentence a host gets once an admin revoked its
+/// credential (the agent looks for them to tell its operator to re-join).
+pub const CREDENTIAL_REVOKED: &str = "credential was revoked";
 /// Longest long-poll the controller holds.
 pub const MAX_WAIT_SECS: u64 = 60;
 
@@ -65,6 +75,10 @@ pub struct CreateJoinToken {
     /// How long the token can be used; default one hour, at most 7 days.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// The region the joining host is put in; default: the host's current
+    /// region when it re-joins, else the controller's `default_region`.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// The answer to [`CreateJoinToken`]; `token` is shown only here.
@@ -137,6 +151,88 @@ pub struct StoreUsage {
     pub billed_bytes: u64,
 }
 
+/// What kind of snapshot store a host uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A directory on the host (only that host reads it).
+    Local,
+    /// S3-compatible object storage (every host configured alike shares it).
+    S3,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::S3 => "s3",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "local" => Some(Self::Local),
+            "s3" => Some(Self::S3),
+            _ => None,
+        }
+    }
+}
+
+/// Which snapshot store a host uses: hosts reporting the same `id` see the
+/// same snapshots. For S3 the id is a hash of endpoint, bucket and prefix;
+/// for a local directory a random id kept in the store's marker object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreIdentity {
+    pub kind: StoreKind,
+    /// `local-<32 hex>` or `s3-<32 hex>`.
+    pub id: String,
+}
+
+impl StoreIdentity {
+    /// Checks the id's shape (`<kind>-<32 lower-case hex>`).
+    pub fn validate(&self, field: &str) -> Result<(), crate::validate::ValidationError> {
+        let hex = self
+            .id
+            .strip_prefix(self.kind.name())
+            .and_then(|r| r.strip_prefix('-'));
+        match hex {
+            Some(h)
+                if h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+            {
+                Ok(())
+            }
+            _ => Err(crate::validate::ValidationError::new(
+                format!("{field}.id"),
+                format!("must be {}-<32 lower-case hex digits>", self.kind.name()),
+            )),
+        }
+    }
+}
+
+/// An account's snapshot-store chunk keys, as the controller hands them to
+/// a host (`GET /v1/agent/store-keys/{account}`): `current` names the
+/// chunks the host writes, `previous` only read (snapshots written under a
+/// key that was replaced). Keys are 64 hex digits, never printed by Debug.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreKeys {
+    pub account: AccountId,
+    pub current: Secret,
+    #[serde(default)]
+    pub previous: Vec<Secret>,
+}
+
+/// A key a host made itself before the controller kept the account's key
+/// (`POST /v1/agent/store-keys/{account}`): adopted as the account's key
+/// when it has none, else kept as a previous key. Answered with
+/// [`StoreKeys`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferStoreKey {
+    pub key: Secret,
+}
+
 /// A snapshot's current compressed size in the host's store. It shrinks
 /// when the store compacts the chunks a snapshot was published with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +267,9 @@ pub struct AgentHeartbeat {
     /// `https://<guest_port>-<instance>.<domain>`); `None` when it has none.
     #[serde(default)]
     pub https_port: Option<u16>,
+    /// The host's snapshot store; `None` while it has none.
+    #[serde(default)]
+    pub store_identity: Option<StoreIdentity>,
 }
 
 /// A counter the controller has billed up to `seq`.
@@ -210,6 +309,10 @@ pub enum ImageOrigin {
         snapshot: SnapshotId,
         #[serde(default)]
         boot_like: Option<ImageId>,
+        /// Where to get `boot_like` when this host's cache lacks it (a
+        /// snapshot restored on another host than the one that took it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_like_source: Option<Box<ImageSource>>,
     },
 }
 
@@ -286,6 +389,64 @@ pub enum AgentCommand {
     ClearGpu {
         pci: PciAddress,
     },
+    /// Grow a data volume of this host (attached or not; never shrinks).
+    GrowVolume {
+        volume: crate::ids::VolumeId,
+        size_gib: u64,
+    },
+    /// Delete a detached data volume of this host (done when it is gone).
+    DeleteVolume {
+        volume: crate::ids::VolumeId,
+    },
+    /// Save a Stopped instance for a move to another host: its root disk
+    /// (the whole chain, guest-visible data) as store entry `snapshot` and
+    /// its data volume as `volume_snapshot`, in `owner`'s namespace.
+    MoveOut {
+        snapshot: SnapshotId,
+        #[serde(default)]
+        volume_snapshot: Option<SnapshotId>,
+        owner: AccountId,
+    },
+    /// Define a moved instance here, Stopped: its root disk from `image`
+    /// (a store entry), its data volume restored from `volume_snapshot`.
+    MoveIn {
+        spec: InstanceSpec,
+        image: ImageSource,
+        #[serde(default)]
+        volume_snapshot: Option<SnapshotId>,
+        /// Whose chunk keys the store entries need.
+        owner: AccountId,
+    },
+    /// The instance moved away: remove it and its data volume here.
+    MoveCleanup {},
+}
+
+impl AgentCommand {
+    /// The operation kind this command carries out.
+    pub fn kind(&self) -> crate::operation::OperationKind {
+        use crate::operation::OperationKind as K;
+        match self {
+            Self::Create { .. } => K::Create,
+            Self::Start {} => K::Start,
+            Self::Stop {} => K::Stop,
+            Self::Reboot {} => K::Reboot,
+            Self::ForceReboot {} => K::ForceReboot,
+            Self::Suspend {} => K::Suspend,
+            Self::Resume {} => K::Resume,
+            Self::Release {} => K::Release,
+            Self::ChangeType { .. } => K::ChangeType,
+            Self::GrowDisk { .. } => K::GrowDisk,
+            Self::Snapshot { .. } => K::Snapshot,
+            Self::DeleteSnapshot { .. } => K::DeleteSnapshot,
+            Self::SetPassword { .. } => K::SetPassword,
+            Self::ClearGpu { .. } => K::ClearGpu,
+            Self::GrowVolume { .. } => K::GrowVolume,
+            Self::DeleteVolume { .. } => K::DeleteVolume,
+            Self::MoveOut { .. } => K::MoveOut,
+            Self::MoveIn { .. } => K::MoveIn,
+            Self::MoveCleanup {} => K::MoveCleanup,
+        }
+    }
 }
 
 /// Whether the agent has acknowledged an operation yet.
@@ -425,6 +586,7 @@ mod tests {
                 compressed_bytes: 7,
             }]),
             https_port: Some(443),
+            store_identity: None,
         };
         let text = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<AgentHeartbeat>(&text).unwrap(), hb);

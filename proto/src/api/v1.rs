@@ -157,6 +157,17 @@ pub struct RegisterHost {
     pub disk_gib: u64,
     #[serde(default)]
     pub gpus: Vec<GpuDevice>,
+    /// The host's region; default: the controller's `default_region`.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+/// `POST /v1/admin/hosts/{id}/region`: moves a host (with no instances)
+/// to another region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetHostRegion {
+    pub region: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +250,14 @@ pub struct HostInfo {
     /// The port of the host's shared HTTPS listener.
     #[serde(default)]
     pub https_port: Option<u16>,
+    /// The host's region (controller-owned: set by its join token or an
+    /// admin).
+    #[serde(default)]
+    pub region: String,
+    /// When an admin revoked the host's credential; it is refused until it
+    /// joins again with a new join token.
+    #[serde(default)]
+    pub revoked_at: Option<DateTime<Utc>>,
 }
 
 /// `PUT /v1/admin/hosts/{id}/certificate`: the operator's certificate for
@@ -314,6 +333,14 @@ pub struct CreateVolume {
     /// Admins create volumes for an account; tenants leave this out.
     #[serde(default)]
     pub account: Option<AccountId>,
+    /// Place the volume on this host now (admins only); its size is booked
+    /// on the host's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostId>,
+    /// Place the volume on this instance's host now (the account's own
+    /// instance), so that a later instance using it lands beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,9 +348,49 @@ pub struct VolumeInfo {
     pub id: VolumeId,
     pub account: AccountId,
     pub name: String,
+    /// The booked size (a grow in flight included).
     pub size_gib: u64,
     pub instance: Option<InstanceId>,
     pub created_at: DateTime<Utc>,
+    /// The host that holds the volume; none until it is first placed. An
+    /// instance created with the volume runs on this host.
+    #[serde(default)]
+    pub host: Option<HostId>,
+    /// The grow or delete operation the volume waits for.
+    #[serde(default)]
+    pub operation: Option<OperationId>,
+    /// Being deleted on its host (no longer billed).
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+/// `POST /v1/volumes/{id}/grow`: the new size (never smaller; at least the
+/// controller's `min_volume_gib`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowVolume {
+    pub size_gib: u64,
+}
+
+/// `POST /v1/volumes/grow`: several volumes grown to one size, one result
+/// each ([`VolumeBatchResult`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchGrowVolumes {
+    pub volumes: Vec<VolumeId>,
+    pub size_gib: u64,
+}
+
+/// One volume's outcome in a batch: an operation, or the error sentence
+/// and the HTTP status it would have had alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeBatchResult {
+    pub volume: VolumeId,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 // ---------- instances ----------
@@ -361,6 +428,11 @@ pub struct CreateInstance {
     /// Admins create instances for an account; tenants leave this out.
     #[serde(default)]
     pub account: Option<AccountId>,
+    /// The region to place it in; default: the snapshot's region when
+    /// created from a snapshot (or its image), else the controller's
+    /// `default_region`.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// One port forward of an instance (the Access tab's rows).
@@ -458,6 +530,9 @@ pub struct InstanceSummary {
     pub cost_micros: i64,
     pub allowed_actions: Vec<Action>,
     pub created_at: DateTime<Utc>,
+    /// The region it was created in.
+    #[serde(default)]
+    pub region: String,
 }
 
 /// `GET /v1/instances/{id}/access`: the Access tab.
@@ -585,19 +660,12 @@ pub struct BatchResult {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OperationState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-}
+pub use crate::operation::{OperationKind, OperationState};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationInfo {
     pub id: OperationId,
-    pub kind: String,
+    pub kind: OperationKind,
     pub instance: Option<InstanceId>,
     pub state: OperationState,
     pub progress_percent: u8,
@@ -607,6 +675,66 @@ pub struct OperationInfo {
     #[serde(default)]
     pub note: Option<String>,
     pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/admin/operations/{id}/settle`: an admin ends an operation
+/// its host will never finish (audited). `succeeded` only for a release or
+/// a deletion (the host is gone for good); `failed` for any, undoing what
+/// it booked and freeing what it held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleOperation {
+    pub outcome: SettleOutcome,
+    /// Why (recorded with the operation and in the audit log).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettleOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// `POST /v1/admin/instances/{id}/move`: move a Stopped instance to
+/// another host through the shared snapshot store (root disk and data
+/// volume). Without `host`, its host must be cordoned and the best other
+/// host of its region is chosen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveInstance {
+    #[serde(default)]
+    pub host: Option<HostId>,
+}
+
+/// A move that started (its first operation: poll it, then the instance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveStarted {
+    pub instance: InstanceId,
+    pub operation: OperationId,
+}
+
+/// `POST /v1/admin/hosts/{id}/drain`: the host is cordoned; its Stopped
+/// instances move; the others are listed with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    pub host: HostId,
+    pub moving: Vec<MoveStarted>,
+    /// One sentence per instance that stays (running GPU instances cannot
+    /// live-migrate).
+    pub not_moved: Vec<String>,
+}
+
+/// `POST /v1/admin/hosts/{id}/remove`: what removing a down host settled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedHost {
+    pub host: HostId,
+    /// Instances released (they were being released) or failed (lost
+    /// with the host).
+    pub released: Vec<InstanceId>,
+    pub failed: Vec<InstanceId>,
+    /// Operations settled.
+    pub settled: Vec<OperationId>,
 }
 
 // ---------- snapshots ----------
@@ -651,6 +779,22 @@ pub struct SnapshotInfo {
     #[serde(default)]
     pub frozen: Option<bool>,
     pub created_at: DateTime<Utc>,
+    /// Whether an instance can be created from it now: false until it is
+    /// Success, and when no live host reads the store that holds it (a
+    /// host-local store whose host is removed, revoked or down).
+    #[serde(default = "yes")]
+    pub available: bool,
+    /// Why it is not available, in a sentence.
+    #[serde(default)]
+    pub unavailable_reason: Option<String>,
+    /// The region it lives in (its instance's); instances are created from
+    /// it in this region only.
+    #[serde(default)]
+    pub region: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 // ---------- usage ----------
@@ -667,6 +811,10 @@ pub enum UsageKind {
     /// above `i64::MAX` byte-ms comes as several records), `price_micros`
     /// per TB-hour (TB = 10^12 bytes).
     Snapshot,
+    /// Data volume storage: `quantity` in GiB-ms (the account's placed
+    /// volumes' GiB integrated over the time since its last charge),
+    /// `price_micros` per GiB-hour.
+    Volume,
 }
 
 /// One row of `GET /v1/usage`: a charge against the account's credit.

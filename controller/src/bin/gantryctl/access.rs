@@ -211,7 +211,7 @@ pub async fn reset_password(
         .await?;
     let mut op: OperationInfo = decode(v, "operation")?;
     let deadline = Instant::now() + Duration::from_secs(wait_secs);
-    while matches!(op.state, OperationState::Pending | OperationState::Running) {
+    while !op.state.is_final() {
         if Instant::now() >= deadline {
             return Err(Fail::Operation(format!(
                 "operation {} is still {:?} after {wait_secs} s; see gantryctl operation {}",
@@ -227,9 +227,10 @@ pub async fn reset_password(
     if json {
         show(true, &serde_json::to_value(&op).unwrap_or_default(), &[]);
     }
-    if op.state == OperationState::Failed {
+    if op.state != OperationState::Succeeded {
         return Err(Fail::Operation(format!(
-            "the password reset failed: {}",
+            "the password reset {}: {}",
+            op.state,
             op.error.unwrap_or_default()
         )));
     }

@@ -19,6 +19,10 @@ pub enum JoinTokenCmd {
         /// How long it can be used [default: 3600, at most 7 days].
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// The region the host joins [default: the host's own when it
+        /// joins again, else the controller's default region].
+        #[arg(long)]
+        region: Option<String>,
     },
 }
 
@@ -84,6 +88,9 @@ pub enum HostCmd {
         disk_gib: u64,
         #[arg(long = "gpu")]
         gpus: Vec<String>,
+        /// [default: the controller's default region]
+        #[arg(long)]
+        region: Option<String>,
     },
     Cordon {
         id: String,
@@ -93,6 +100,18 @@ pub enum HostCmd {
     },
     Drain {
         id: String,
+    },
+    /// Revoke the host's credential: it is refused at once and its
+    /// instances are treated as on a dead host; it joins again with a new
+    /// join token.
+    Revoke {
+        id: String,
+    },
+    /// Move a host with no instances to another region.
+    SetRegion {
+        id: String,
+        #[arg(long)]
+        region: String,
     },
     /// Use your own certificate for the host's HTTPS proxy (PEM files:
     /// the chain, leaf first, and its key).
@@ -185,8 +204,8 @@ pub fn plan_usage(instance: Option<String>, account: Option<String>, limit: u32)
 }
 
 pub fn plan_join_token(c: JoinTokenCmd) -> Call {
-    let JoinTokenCmd::Create { ttl_secs } = c;
-    let b = body(&CreateJoinToken { ttl_secs });
+    let JoinTokenCmd::Create { ttl_secs, region } = c;
+    let b = body(&CreateJoinToken { ttl_secs, region });
     call(M::POST, "/v1/admin/join-tokens", b, &[])
 }
 
@@ -276,6 +295,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
             &[
                 "id",
                 "name",
+                "region",
                 "health",
                 "cordoned",
                 "used_vcpus",
@@ -294,6 +314,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
             memory_mib,
             disk_gib,
             gpus,
+            region,
         } => {
             let mut list = Vec::new();
             for g in gpus {
@@ -314,6 +335,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
                 memory_mib,
                 disk_gib,
                 gpus: list,
+                region,
             });
             call(M::POST, "/v1/admin/hosts", b, &[])
         }
@@ -322,6 +344,11 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
             call(M::POST, format!("/v1/admin/hosts/{id}/uncordon"), None, &[])
         }
         HostCmd::Drain { id } => call(M::POST, format!("/v1/admin/hosts/{id}/drain"), None, &[]),
+        HostCmd::Revoke { id } => call(M::POST, format!("/v1/admin/hosts/{id}/revoke"), None, &[]),
+        HostCmd::SetRegion { id, region } => {
+            let b = body(&SetHostRegion { region });
+            call(M::POST, format!("/v1/admin/hosts/{id}/region"), b, &[])
+        }
         HostCmd::SetCertificate { id, cert, key } => {
             let b = body(&SetHostCertificate {
                 cert_chain_pem: read(&cert, "certificate file")?,

@@ -1,9 +1,10 @@
-//! `gantryctl admin gpu ...` and `gantryctl admin gpu-alias ...`: clearing
-//! a quarantined or lost GPU, and the GPU alias table.
+//! `gantryctl admin ...`: clearing a quarantined or lost GPU, the GPU
+//! alias table, settling a stuck operation and removing a dead host.
 
 use crate::{body, call, Call, CliResult, Fail};
 use clap::Subcommand;
-use gantry_proto::api::v1::{ClearGpu, SetGpuAlias};
+use gantry_proto::api::v1::{ClearGpu, MoveInstance, SetGpuAlias, SettleOperation, SettleOutcome};
+use gantry_proto::ids::HostId;
 use gantry_proto::validate::PciAddress;
 use reqwest::Method as M;
 
@@ -15,6 +16,29 @@ pub enum AdminCmd {
     /// The GPU alias table: which NVML models a flavor's GPU model matches.
     #[command(subcommand)]
     GpuAlias(GpuAliasCmd),
+    /// End an operation its host will never finish (audited): `failed`
+    /// undoes it and frees what it held; `succeeded` only for a release or
+    /// a deletion on a host that is gone.
+    Settle {
+        operation: String,
+        #[arg(long, value_parser = ["failed", "succeeded"])]
+        outcome: String,
+        /// Why (kept with the operation and in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Remove a host that is down for good: its releases are settled, its
+    /// other instances fail, its credential stops working.
+    RemoveHost { host: String },
+    /// Move a Stopped instance to another host (through the shared
+    /// snapshot store, data volume too); prints the first operation.
+    Move {
+        instance: String,
+        /// The host to move to [default: the best other host of its
+        /// region; its own host must then be cordoned].
+        #[arg(long)]
+        host: Option<HostId>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -60,6 +84,35 @@ pub fn plan_admin(c: AdminCmd) -> CliResult<Call> {
                 &[],
             )
         }
+        AdminCmd::Settle {
+            operation,
+            outcome,
+            reason,
+        } => {
+            let outcome = if outcome == "succeeded" {
+                SettleOutcome::Succeeded
+            } else {
+                SettleOutcome::Failed
+            };
+            call(
+                M::POST,
+                format!("/v1/admin/operations/{operation}/settle"),
+                body(&SettleOperation { outcome, reason }),
+                &[],
+            )
+        }
+        AdminCmd::RemoveHost { host } => call(
+            M::POST,
+            format!("/v1/admin/hosts/{host}/remove"),
+            None,
+            &["host", "released", "failed", "settled"],
+        ),
+        AdminCmd::Move { instance, host } => call(
+            M::POST,
+            format!("/v1/admin/instances/{instance}/move"),
+            body(&MoveInstance { host }),
+            &[],
+        ),
         AdminCmd::GpuAlias(GpuAliasCmd::List) => {
             call(M::GET, "/v1/admin/gpu-aliases", None, &["alias", "models"])
         }

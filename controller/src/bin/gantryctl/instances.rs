@@ -42,6 +42,10 @@ pub enum InstanceCmd {
         /// For admins: the owning account.
         #[arg(long)]
         account: Option<AccountId>,
+        /// The region to place it in [default: the snapshot's region, else
+        /// the controller's default region].
+        #[arg(long)]
+        region: Option<String>,
     },
     /// start, stop, reboot, force-reboot, suspend, resume, change-type,
     /// grow-disk, release.
@@ -81,6 +85,9 @@ pub enum SnapshotCmd {
     List {
         #[arg(long)]
         status: Option<String>,
+        /// Only the snapshots of this region.
+        #[arg(long)]
+        region: Option<String>,
     },
     /// One snapshot (progress, sizes, error).
     Get {
@@ -112,7 +119,24 @@ pub enum VolumeCmd {
         size_gib: u64,
         #[arg(long)]
         account: Option<AccountId>,
+        /// Place it on this host now (admins).
+        #[arg(long, conflicts_with = "instance")]
+        host: Option<HostId>,
+        /// Place it on this instance's host now.
+        #[arg(long)]
+        instance: Option<InstanceId>,
     },
+    Get {
+        id: String,
+    },
+    /// Grow one volume, or several to the same size (never shrinks).
+    Grow {
+        #[arg(required = true)]
+        ids: Vec<VolumeId>,
+        #[arg(long)]
+        size_gib: u64,
+    },
+    /// Delete a detached volume (and its file on its host).
     Delete {
         id: String,
     },
@@ -127,6 +151,7 @@ const INSTANCE_COLS: &[&str] = &[
     "id",
     "name",
     "status",
+    "region",
     "host",
     "cost_micros",
     "allowed_actions",
@@ -183,6 +208,7 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
             ports,
             placement,
             account,
+            region,
         } => {
             let b = body(&CreateInstance {
                 name,
@@ -193,6 +219,7 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
                 ports,
                 placement,
                 account,
+                region,
             });
             call(M::POST, "/v1/instances", b, &[])
         }
@@ -236,14 +263,18 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
 
 pub fn plan_snapshot(c: SnapshotCmd) -> Call {
     match c {
-        SnapshotCmd::List { status } => call(
+        SnapshotCmd::List { status, region } => call(
             M::GET,
-            format!("/v1/snapshots{}", qs(&[("status", status)])),
+            format!(
+                "/v1/snapshots{}",
+                qs(&[("status", status), ("region", region)])
+            ),
             None,
             &[
                 "id",
                 "name",
                 "instance",
+                "region",
                 "status",
                 "progress_percent",
                 "compressed_bytes",
@@ -282,19 +313,42 @@ pub fn plan_volume(c: VolumeCmd) -> Call {
             M::GET,
             "/v1/volumes",
             None,
-            &["id", "name", "size_gib", "instance"],
+            &["id", "name", "size_gib", "host", "instance", "operation"],
         ),
         VolumeCmd::Create {
             name,
             size_gib,
             account,
+            host,
+            instance,
         } => {
             let b = body(&CreateVolume {
                 name,
                 size_gib,
                 account,
+                host,
+                instance,
             });
             call(M::POST, "/v1/volumes", b, &[])
+        }
+        VolumeCmd::Get { id } => call(M::GET, format!("/v1/volumes/{id}"), None, &[]),
+        VolumeCmd::Grow { ids, size_gib } if ids.len() == 1 => call(
+            M::POST,
+            format!("/v1/volumes/{}/grow", ids[0]),
+            body(&GrowVolume { size_gib }),
+            &[],
+        ),
+        VolumeCmd::Grow { ids, size_gib } => {
+            let b = body(&BatchGrowVolumes {
+                volumes: ids,
+                size_gib,
+            });
+            call(
+                M::POST,
+                "/v1/volumes/grow",
+                b,
+                &["volume", "status", "operation", "error"],
+            )
         }
         VolumeCmd::Delete { id } => call(M::DELETE, format!("/v1/volumes/{id}"), None, &[]),
     }

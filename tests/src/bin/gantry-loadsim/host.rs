@@ -131,7 +131,10 @@ impl Host {
                 Method::POST,
                 "/v1/admin/join-tokens",
                 admin,
-                Some(&CreateJoinToken { ttl_secs: None }),
+                Some(&CreateJoinToken {
+                    ttl_secs: None,
+                    region: None,
+                }),
                 t,
             )
             .await?;
@@ -234,6 +237,7 @@ impl Host {
             store: None,
             snapshot_sizes: None,
             https_port: None,
+            store_identity: None,
         };
         (hb, sent)
     }

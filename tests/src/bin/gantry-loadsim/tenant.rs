@@ -176,7 +176,7 @@ async fn wait_op(api: &Api, token: &str, op: OperationId, what: &str) -> bool {
             .await;
         match r.map(|i| (i.state, i.error)) {
             Ok((OperationState::Succeeded, _)) => return true,
-            Ok((OperationState::Failed, e)) => {
+            Ok((s, e)) if s.is_final() => {
                 api.stats.error(format!(
                     "tenant: {what} op failed: {}",
                     e.unwrap_or_default()

@@ -1,11 +1,13 @@
 //! Bodies of the HTTP APIs.
 //!
 //! - [`local`]: the agent's local operator API (instances on this host).
-//! - [`v1`]: the controller's API for admins and tenants.
+//! - [`v1`]: the controller's API for admins and tenants ([`fleet`]: its
+//!   fleet bodies).
 //! - [`agent`]: the agent <-> controller protocol.
 //! - [`error`]: the error body every API answers with.
 
 pub mod agent;
 pub mod error;
+pub mod fleet;
 pub mod local;
 pub mod v1;

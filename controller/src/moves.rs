@@ -28,7 +28,7 @@ use crate::scheduler::{self, Need, PlaceError};
 use crate::AppState;
 use gantry_proto::api::v1::{DrainReport, Placement};
 use gantry_proto::ids::*;
-use gantry_proto::{InstanceState, OperationKind};
+use gantry_proto::{InstanceState, OperationKind, OperationState};
 
 /// Starts moving `rec` (Stopped) to `target`, or to the best other host
 /// of its region sharing its host's snapshot store (the old host must then
@@ -305,6 +305,39 @@ pub async fn undo(st: &AppState, tx: &mut Tx, op: &OpRow) -> ApiResult<()> {
     }
     forget_entries(tx, op, &source, snapshot, volume_snapshot).await?;
     st.wake.wake(&source);
+    Ok(())
+}
+
+/// A move-in that had already failed or timed out when its host finished
+/// it left a copy of the instance there: the host removes it again.
+pub async fn late_move_in(tx: &mut Tx, op: &OpRow) -> ApiResult<()> {
+    let (
+        OpDetail::MoveIn {
+            snapshot,
+            volume_snapshot,
+            ..
+        },
+        Some(host),
+    ) = (&op.detail, op.host)
+    else {
+        return Ok(());
+    };
+    if op.state == OperationState::Succeeded {
+        return Ok(());
+    }
+    tracing::warn!(op = %op.id, %host, "a move-in finished after it was undone; removing the copy");
+    let new = NewOp {
+        id: OperationId::new(),
+        account: op.account,
+        host: Some(host),
+        instance: op.instance,
+        kind: OperationKind::MoveCleanup,
+        detail: OpDetail::MoveCleanup {
+            snapshot: *snapshot,
+            volume_snapshot: *volume_snapshot,
+        },
+    };
+    crate::operations::create(tx, &new).await?;
     Ok(())
 }
 

@@ -527,4 +527,16 @@ async fn drain_moves_stopped_instances_and_reports_the_rest(s: Server) {
         .await
         .body;
     assert_eq!(acc["host_address"], "h2.example", "{acc}");
+    // h1 finishing the undone move-in after all: it removes its copy.
+    assert!(op_in_work(&s, &h1, "move-cleanup").await.is_none());
+    succeed(&s, &h1, &inn, Some("Stopped")).await;
+    assert_eq!(
+        s.host_of(&lonely).await,
+        h2,
+        "the late report moves nothing"
+    );
+    let stray = op_in_work(&s, &h1, "move-cleanup")
+        .await
+        .expect("h1 removes its copy");
+    assert_eq!(stray["instance"], lonely.as_str());
 }

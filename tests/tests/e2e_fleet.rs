@@ -216,6 +216,36 @@ fn two_hosts_share_snapshots_and_a_dead_host_releases_without_extra_billing() ->
     cloud.act(&on_a, "release")?;
     cloud.wait_state(&on_a, "Released")?;
     volumes_and_drain(&cloud, &b)?;
+    revoked_host_is_refused(&cloud, &b)
+}
+
+/// An admin revokes host B's credential: its agent is refused at once and
+/// says what to do; the host is down; nothing is placed there.
+fn revoked_host_is_refused(cloud: &Cloud, b: &ExtraHost) -> anyhow::Result<()> {
+    admin_post(
+        cloud,
+        &format!("/v1/admin/hosts/{}/revoke", b.id),
+        json!({}),
+    )?;
+    let host = cloud.admin.get(&format!("/v1/admin/hosts/{}", b.id))?;
+    assert!(host["revoked_at"].is_string(), "{host}");
+    assert_eq!(host["health"], "unhealthy", "{host}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !b.agent.log_tail().contains("revoked") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "agent B never said its credential was revoked:\n{}",
+            b.agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let a = cloud.host.clone();
+    admin_post(cloud, &format!("/v1/admin/hosts/{a}/cordon"), json!({}))?;
+    let r = cloud.tenant.post(
+        "/v1/instances",
+        &json!({"name": "nowhere", "flavor": cloud.flavor, "image": cloud.image}),
+    );
+    assert!(r.is_err(), "placed on a revoked or cordoned host: {r:?}");
     Ok(())
 }
 

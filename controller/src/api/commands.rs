@@ -504,6 +504,9 @@ pub async fn apply_report(
         )));
     }
     if op.state.is_final() {
+        if r.outcome == OpOutcome::Succeeded {
+            crate::moves::late_move_in(tx, &op).await?;
+        }
         return Ok(false);
     }
     let mut changed = false;

@@ -285,6 +285,30 @@ pub async fn tick(st: &AppState) -> Result<usize, DbError> {
     Ok(charged)
 }
 
+/// Moves an account's meter (`column`, one of the accounts table's
+/// `*_metered_ms` columns) from `from` (None: never metered) to `now`,
+/// unless another replica (or a restart) moved it since `from` was read.
+/// The conditional move is also the account row's lock for the charge
+/// that follows in `tx`. Shared by this meter and `crate::volume_meter`.
+pub(crate) async fn claim_window(
+    tx: &mut Tx,
+    column: &'static str,
+    account: &AccountId,
+    from: Option<i64>,
+    now: i64,
+) -> Result<bool, DbError> {
+    let moved = sqlx::query(&format!(
+        "UPDATE accounts SET {column} = $1 WHERE id = $2 AND \
+         ({column} = $3 OR ({column} IS NULL AND $3 = -1))"
+    ))
+    .bind(now)
+    .bind(account.to_string())
+    .bind(from.unwrap_or(-1))
+    .execute(&mut **tx)
+    .await?;
+    Ok(moved.rows_affected() == 1)
+}
+
 /// Charges one account's accrued storage in one transaction, unless
 /// another replica (or a restart) metered it since `from` was read.
 async fn charge_account(
@@ -294,17 +318,7 @@ async fn charge_account(
     now: i64,
 ) -> Result<bool, DbError> {
     let mut tx = st.db.begin_write().await?;
-    // The conditional move is also the account row's lock.
-    let moved = sqlx::query(
-        "UPDATE accounts SET snapshot_metered_ms = $1 WHERE id = $2 AND \
-         (snapshot_metered_ms = $3 OR (snapshot_metered_ms IS NULL AND $3 = -1))",
-    )
-    .bind(now)
-    .bind(account.to_string())
-    .bind(from.unwrap_or(-1))
-    .execute(&mut *tx)
-    .await?;
-    if moved.rows_affected() != 1 {
+    if !claim_window(&mut tx, "snapshot_metered_ms", account, from, now).await? {
         return Ok(false);
     }
     let Some(mut m) = load(&mut tx, account).await? else {

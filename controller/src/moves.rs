@@ -342,12 +342,9 @@ pub async fn late_move_in(tx: &mut Tx, op: &OpRow) -> ApiResult<()> {
 }
 
 async fn instance(tx: &mut Tx, id: InstanceId) -> ApiResult<InstanceRec> {
-    let row = sqlx::query(&format!("{} WHERE i.id = $1", rows::INSTANCE_SELECT))
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
+    crate::operations::load_instance(tx, id)
         .await?
-        .ok_or_else(|| ApiError::Conflict(format!("instance {id} is gone")))?;
-    Ok(rows::instance(&row)?)
+        .ok_or_else(|| ApiError::Conflict(format!("instance {id} is gone")))
 }
 
 /// The instance now lives on `target`: its row, volume and usage counter

@@ -310,7 +310,11 @@ pub async fn finish(
     Ok(Some(changed))
 }
 
-async fn load_instance(tx: &mut Tx, id: InstanceId) -> Result<Option<InstanceRec>, DbError> {
+/// Instance `id` inside `tx`, if it exists.
+pub(crate) async fn load_instance(
+    tx: &mut Tx,
+    id: InstanceId,
+) -> Result<Option<InstanceRec>, DbError> {
     let row = sqlx::query(&format!("{} WHERE i.id = $1", rows::INSTANCE_SELECT))
         .bind(id.to_string())
         .fetch_optional(&mut **tx)

@@ -182,17 +182,9 @@ async fn charge_account(
     now: i64,
 ) -> Result<bool, DbError> {
     let mut tx = st.db.begin_write().await?;
-    // The conditional move is also the account row's lock.
-    let moved = sqlx::query(
-        "UPDATE accounts SET volume_metered_ms = $1 WHERE id = $2 AND \
-         (volume_metered_ms = $3 OR (volume_metered_ms IS NULL AND $3 = -1))",
-    )
-    .bind(now)
-    .bind(account.to_string())
-    .bind(from.unwrap_or(-1))
-    .execute(&mut *tx)
-    .await?;
-    if moved.rows_affected() != 1 {
+    let claimed =
+        crate::meter::claim_window(&mut tx, "volume_metered_ms", account, from, now).await?;
+    if !claimed {
         return Ok(false);
     }
     let Some(mut m) = load(&mut tx, account).await? else {

@@ -244,7 +244,9 @@ impl Manager {
         start: bool,
     ) -> Result<(), ManagerError> {
         match self.build_instance(id, op, start) {
-            Ok(()) if start => self.set_state(id, InstanceState::Running),
+            Ok(()) if start => self.set_state(id, InstanceState::Running).inspect(|_| {
+                gantry_crashpoint::hit("agent.create.running");
+            }),
             Ok(()) => self.set_state(id, InstanceState::Stopped),
             Err(e) => {
                 tracing::warn!(instance = %id, error = %e, "create failed; rolling back");
@@ -272,6 +274,7 @@ impl Manager {
             &self.layout.root_disk(id),
             spec.root_disk_gib * GIB,
         )?;
+        gantry_crashpoint::hit("agent.create.overlay");
         self.progress(op, 40);
         if let Some(v) = spec.data_volume {
             let mut vol = match self.layout.load_volume(v.id)? {
@@ -293,12 +296,15 @@ impl Manager {
         self.progress(op, 60);
         let xml = self.domain_def(&spec)?.to_xml();
         self.virt.define(&self.domain_name(id), &xml)?;
+        gantry_crashpoint::hit("agent.create.defined");
         self.progress(op, 80);
         if !start {
             return Ok(());
         }
         self.before_start(&spec)?;
         self.virt.power(&self.domain_name(id), Power::Start)?;
+        self.usage.powered_on(id);
+        gantry_crashpoint::hit("agent.create.started");
         self.after_start(&spec)?;
         if spec.nic.is_some() {
             self.apply_network();
@@ -363,6 +369,8 @@ impl Manager {
                 self.write_seed(&spec, false)?;
                 self.before_start(&spec)?;
                 self.virt.power(&name, Power::Start)?;
+                self.usage.powered_on(id);
+                gantry_crashpoint::hit("agent.action.started");
                 self.after_start(&spec)?;
                 self.set_state(id, InstanceState::Running)
             }
@@ -370,6 +378,7 @@ impl Manager {
                 let timeout =
                     Duration::from_secs(timeout_secs.unwrap_or(self.cfg.stop_timeout_secs));
                 self.stop_domain(&name, state == InstanceState::Running, timeout, op)?;
+                gantry_crashpoint::hit("agent.action.stopped");
                 self.set_state(id, InstanceState::Stopped)
             }
             ActionRequest::Reboot => Ok(self.virt.power(&name, Power::Reboot)?),
@@ -380,6 +389,7 @@ impl Manager {
             }
             ActionRequest::Resume => {
                 self.virt.power(&name, Power::Resume)?;
+                self.usage.powered_on(id);
                 self.set_state(id, InstanceState::Running)
             }
             ActionRequest::ChangeType {
@@ -532,16 +542,21 @@ impl Manager {
         if self.record(id)?.state != InstanceState::Releasing {
             self.set_state(id, InstanceState::Releasing)?;
         }
+        gantry_crashpoint::hit("agent.release.releasing");
         let name = self.domain_name(id);
         self.virt.power(&name, Power::Destroy)?;
+        gantry_crashpoint::hit("agent.release.destroyed");
         self.virt.undefine(&name)?;
+        gantry_crashpoint::hit("agent.release.undefined");
         let rec = self.record(id)?;
         self.let_go_of_volume(id, &rec, delete_data_volume);
         let dir = self.layout.instance_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(crate::fsutil::io_err("remove", &dir))?;
         }
+        gantry_crashpoint::hit("agent.release.dir_removed");
         self.set_state(id, InstanceState::Released)?;
+        gantry_crashpoint::hit("agent.release.released");
         self.bury(id, None);
         if rec.spec.nic.is_some() {
             self.apply_network();

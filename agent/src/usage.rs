@@ -109,6 +109,11 @@ pub struct UsageBook {
     recovering: AtomicBool,
     /// Latest time handed out, so the clock never goes back.
     latest: AtomicU64,
+    /// When a guest was powered on (started or resumed) and its move to
+    /// Running not yet recorded: that stretch (network set-up, taps) is
+    /// the guest running and is billed. Taken by the next change of state;
+    /// a start that fails moves it elsewhere, so it is dropped unbilled.
+    powered: Mutex<BTreeMap<InstanceId, u64>>,
 }
 
 impl UsageBook {
@@ -140,6 +145,7 @@ impl UsageBook {
             counters: Mutex::new(counters),
             recovering: AtomicBool::new(true),
             latest: AtomicU64::new(latest),
+            powered: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -166,14 +172,39 @@ impl UsageBook {
         )?)
     }
 
+    /// The guest `id` was just powered on (started or resumed); its move to
+    /// Running, recorded a little later, counts from now.
+    pub fn powered_on(&self, id: InstanceId) {
+        let now = self.now();
+        self.powered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, now);
+    }
+
     /// Called by the manager's state setter for every change of state.
     pub fn on_state(&self, id: InstanceId, from: InstanceState, to: InstanceState) {
         let now = self.now();
         let recovering = self.recovering.load(Ordering::SeqCst);
+        let powered = self
+            .powered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id)
+            .filter(|&t| t <= now);
         let mut counters = self.lock();
         let rec = counters.entry(id).or_insert_with(|| new_counter(id, now));
         if to == InstanceState::Running && rec.running_since_ms.is_none() {
-            rec.running_since_ms = Some(now);
+            // Re-attach finding the guest running (the agent died between
+            // starting, resuming or snapshotting it and recording that): it
+            // has run since the agent last looked, not since now — the
+            // mirror of a stretch ended by re-attach, at most one heartbeat
+            // early, where counting from now would drop the whole outage.
+            rec.running_since_ms = Some(match (recovering, powered) {
+                (true, _) => rec.last_seen_ms,
+                (false, Some(on)) => on,
+                (false, None) => now,
+            });
         } else if from == InstanceState::Running && to != InstanceState::Running {
             let end = if recovering { rec.last_seen_ms } else { now };
             stop(rec, end);
@@ -316,6 +347,28 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_counts_from_power_on_and_a_failed_start_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FakeClock::new(1_000_000));
+        let b = book(dir.path(), &clock);
+        b.finish_recovery(&HashMap::new());
+        let id = InstanceId::new();
+        b.on_state(id, Creating, Stopped);
+        // Powered on; its network took 1.5 s before Running was recorded.
+        b.powered_on(id);
+        clock.advance(1_500);
+        b.on_state(id, Stopped, Running);
+        clock.advance(2_000);
+        assert_eq!(counter(&b, id).running_ms, 3_500);
+        b.on_state(id, Running, Stopped);
+        // A start that fails after power-on is not billed, nor carried over.
+        b.powered_on(id);
+        clock.advance(4_000);
+        b.on_state(id, Stopped, Failed);
+        assert_eq!(counter(&b, id).running_ms, 3_500);
+    }
+
+    #[test]
     fn counts_running_time_only_and_seq_grows() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(FakeClock::new(1_000_000));
@@ -362,6 +415,31 @@ mod tests {
         let c = counter(&b, id);
         assert_eq!(c.running_ms, 40_000);
         assert!(c.seq > sent.seq);
+    }
+
+    #[test]
+    fn a_guest_found_running_at_restart_counts_from_the_last_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FakeClock::new(1_000_000));
+        let id = InstanceId::new();
+        let sent = {
+            let b = book(dir.path(), &clock);
+            b.finish_recovery(&HashMap::new());
+            b.on_state(id, Creating, Running);
+            clock.advance(10_000);
+            b.on_state(id, Running, Stopped);
+            clock.advance(5_000);
+            // The last heartbeat before the agent dies; then it starts the
+            // guest and is killed before the record says Running.
+            counter(&b, id)
+        };
+        assert_eq!(sent.running_ms, 10_000);
+        // Down for a minute while the guest runs.
+        clock.advance(60_000);
+        let b = book(dir.path(), &clock);
+        b.on_state(id, Stopped, Running);
+        b.finish_recovery(&HashMap::from([(id, Running)]));
+        assert_eq!(counter(&b, id).running_ms, 70_000, "the outage is billed");
     }
 
     #[test]

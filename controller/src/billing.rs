@@ -7,12 +7,19 @@
 //! instance's `usage_seq`/`billed_ms` (or the account's storage meter),
 //! so a retry never charges twice. Ledger times come from the billing
 //! clock (`crate::clock`).
+//!
+//! Money is bounded and checked: a balance stays within
+//! `±MAX_CREDIT_MICROS` (2^53), an amount is computed with checked
+//! arithmetic, and a change that would leave those bounds is refused
+//! ([`BillingError::OutOfRange`], a 422 naming the field) with nothing
+//! applied. The figures hosts report are range-checked before they get
+//! here (`AgentHeartbeat::check_bounds`).
 
 use crate::db::{col, parsed_opt, DbError, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use gantry_proto::api::agent::{UsageAck, UsageCounter};
-use gantry_proto::api::v1::UsageKind;
+use gantry_proto::api::v1::{UsageKind, MAX_CREDIT_MICROS};
 use gantry_proto::ids::{AccountId, HostId, InstanceId};
 use gantry_proto::InstanceState;
 
@@ -43,9 +50,109 @@ pub struct Charge {
     pub amount_micros: i64,
 }
 
+/// A charge or credit change that cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// An amount, or the balance it would leave, is out of range; nothing
+    /// was applied. `field` names what is to blame.
+    #[error("{field}: {message}")]
+    OutOfRange { field: String, message: String },
+}
+
+impl From<sqlx::Error> for BillingError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+impl From<BillingError> for ApiError {
+    fn from(e: BillingError) -> Self {
+        match e {
+            BillingError::Db(e) => ApiError::Db(e),
+            BillingError::OutOfRange { field, message } => ApiError::invalid(field, message),
+        }
+    }
+}
+
+fn out_of_range(field: &str, message: String) -> BillingError {
+    BillingError::OutOfRange {
+        field: field.to_string(),
+        message,
+    }
+}
+
+/// Moves the account's credit by `delta` (negative: a charge) in `tx`,
+/// checked: the new balance must stay within `±MAX_CREDIT_MICROS`, else
+/// nothing changes and the error blames `field`. Notes when the credit ran
+/// out (at `now`) or came back. `Ok(false)`: no such account.
+pub async fn move_credit(
+    tx: &mut Tx,
+    account: &AccountId,
+    delta: i64,
+    now: i64,
+    field: &str,
+) -> Result<bool, BillingError> {
+    let Some(row) = sqlx::query("SELECT credit_micros FROM accounts WHERE id = $1")
+        .bind(account.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(false);
+    };
+    let have: i64 = col(&row, "credit_micros")?;
+    let bound = -MAX_CREDIT_MICROS..=MAX_CREDIT_MICROS;
+    let new = have
+        .checked_add(delta)
+        .filter(|v| bound.contains(v))
+        .ok_or_else(|| {
+            out_of_range(
+                field,
+                format!(
+                    "would take the account's credit from {have} past its bounds (at most \
+                     {MAX_CREDIT_MICROS} micro-units either way)"
+                ),
+            )
+        })?;
+    // The guard repeats the check in SQL: nothing outside the bounds is
+    // ever written, whatever another writer did since the read.
+    let done = sqlx::query(
+        "UPDATE accounts SET credit_micros = credit_micros + $1, credit_exhausted_ms = CASE \
+         WHEN credit_micros + $1 <= 0 THEN COALESCE(credit_exhausted_ms, $2) ELSE NULL END \
+         WHERE id = $3 AND credit_micros + $1 >= $4 AND credit_micros + $1 <= $5",
+    )
+    .bind(delta)
+    .bind(now)
+    .bind(account.to_string())
+    .bind(-MAX_CREDIT_MICROS)
+    .bind(MAX_CREDIT_MICROS)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(out_of_range(
+            field,
+            format!("would take the account's credit beyond {new}"),
+        ));
+    }
+    Ok(true)
+}
+
 /// Writes the ledger row (at `now`) and takes the amount from the
-/// account's credit, noting when the credit ran out.
-pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), DbError> {
+/// account's credit (checked, see [`move_credit`]), noting when the credit
+/// ran out. A negative amount is refused: a charge never adds credit.
+pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), BillingError> {
+    if !(0..=2 * MAX_CREDIT_MICROS).contains(&c.amount_micros) {
+        return Err(out_of_range(
+            "amount_micros",
+            format!(
+                "a charge of {} micro-units for account {} is out of range",
+                c.amount_micros, c.account
+            ),
+        ));
+    }
+    move_credit(tx, &c.account, -c.amount_micros, now, "amount_micros").await?;
+    gantry_crashpoint::hit("controller.billing.credit_taken");
     sqlx::query(
         "INSERT INTO usage_records (id, account_id, instance_id, kind, quantity, price_micros, \
          amount_micros, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -64,30 +171,33 @@ pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), DbError> {
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    sqlx::query(
-        "UPDATE accounts SET credit_micros = credit_micros - $1, credit_exhausted_ms = CASE \
-         WHEN credit_micros - $1 <= 0 THEN COALESCE(credit_exhausted_ms, $2) ELSE NULL END \
-         WHERE id = $3",
-    )
-    .bind(c.amount_micros)
-    .bind(now)
-    .bind(c.account.to_string())
-    .execute(&mut **tx)
-    .await?;
+    gantry_crashpoint::hit("controller.billing.ledger_inserted");
     Ok(())
 }
 
 /// The amount for Running seconds `[a_s, b_s)` at `price` per hour:
 /// `floor(b*p/3600) - floor(a*p/3600)`, so consecutive charges telescope
-/// to the exact total with no rounding drift.
-pub fn instance_amount(a_s: i64, b_s: i64, price: i64) -> i64 {
-    let at = |s: i64| (s as i128 * price as i128 / 3600) as i64;
-    at(b_s) - at(a_s)
+/// to the exact total with no rounding drift. `None` when the interval is
+/// backwards, the price negative, or the amount does not fit in 64 bits.
+pub fn instance_amount(a_s: i64, b_s: i64, price: i64) -> Option<i64> {
+    if a_s < 0 || b_s < a_s || price < 0 {
+        return None;
+    }
+    let at = |s: i64| {
+        i128::from(s)
+            .checked_mul(i128::from(price))
+            .map(|v| v / 3600)
+    };
+    i64::try_from(at(b_s)?.checked_sub(at(a_s)?)?).ok()
 }
 
 /// Applies charges in account id order, so that concurrent transactions
 /// lock account rows in the same order and cannot deadlock.
-pub async fn charge_all(tx: &mut Tx, mut charges: Vec<Charge>, now: i64) -> Result<(), DbError> {
+pub async fn charge_all(
+    tx: &mut Tx,
+    mut charges: Vec<Charge>,
+    now: i64,
+) -> Result<(), BillingError> {
     charges.sort_by_key(|c| c.account);
     for c in &charges {
         charge(tx, c, now).await?;
@@ -120,7 +230,7 @@ pub async fn bill_counter(
     host: &HostId,
     c: &UsageCounter,
     charges: &mut Vec<Charge>,
-) -> Result<Option<UsageAck>, DbError> {
+) -> Result<Option<UsageAck>, BillingError> {
     let row = sqlx::query(
         "SELECT i.account_id, i.host_id, i.observed_state, i.usage_seq, i.billed_ms, \
          i.billing_closed_ms, f.price_micros_per_hour FROM instances i JOIN flavors f ON f.id = i.flavor_id \
@@ -162,8 +272,15 @@ pub async fn bill_counter(
     let state: InstanceState = crate::db::parsed(&row, "observed_state", "instances")?;
     let seq: i64 = col(&row, "usage_seq")?;
     let billed: i64 = col(&row, "billed_ms")?;
-    let counter_seq = c.seq.min(i64::MAX as u64) as i64;
-    let running = c.running_ms.min(i64::MAX as u64) as i64;
+    // In range after `AgentHeartbeat::check_bounds`; checked all the same.
+    let counter_seq = i64::try_from(c.seq)
+        .map_err(|_| out_of_range("seq", format!("counter seq {} is out of range", c.seq)))?;
+    let running = i64::try_from(c.running_ms).map_err(|_| {
+        out_of_range(
+            "running_ms",
+            format!("counter running_ms {} is out of range", c.running_ms),
+        )
+    })?;
     if counter_seq > seq {
         let closed: Option<i64> = col(&row, "billing_closed_ms")?;
         let (new_billed, amount) = if running < billed {
@@ -175,10 +292,17 @@ pub async fn bill_counter(
             (billed, 0)
         } else {
             let price: i64 = col(&row, "price_micros_per_hour")?;
-            (
-                running,
-                instance_amount(billed / 1000, running / 1000, price),
-            )
+            let amount =
+                instance_amount(billed / 1000, running / 1000, price).ok_or_else(|| {
+                    out_of_range(
+                        "running_ms",
+                        format!(
+                        "instance {}: {running} ms at {price} micro-units an hour is out of range",
+                        c.instance
+                    ),
+                    )
+                })?;
+            (running, amount)
         };
         let moved = sqlx::query(
             "UPDATE instances SET usage_seq = $1, billed_ms = $2, charged_micros = \
@@ -192,6 +316,7 @@ pub async fn bill_counter(
         .execute(&mut **tx)
         .await?
         .rows_affected();
+        gantry_crashpoint::hit("controller.billing.counter_moved");
         // Charged only by the transaction that moved the counter (another
         // replica may have billed it since it was read).
         if moved == 1 && new_billed > billed {
@@ -224,11 +349,20 @@ mod tests {
         let mut total = 0;
         let mut a = 0;
         for b in [1, 2, 7, 3599, 3600, 3601, 10_000, 86_401] {
-            total += instance_amount(a, b, price);
+            total += instance_amount(a, b, price).unwrap();
             a = b;
         }
-        assert_eq!(total, instance_amount(0, 86_401, price));
-        assert_eq!(instance_amount(0, 3600, 3_600_000), 3_600_000);
-        assert_eq!(instance_amount(5, 5, 3_600_000), 0);
+        assert_eq!(Some(total), instance_amount(0, 86_401, price));
+        assert_eq!(instance_amount(0, 3600, 3_600_000), Some(3_600_000));
+        assert_eq!(instance_amount(5, 5, 3_600_000), Some(0));
+    }
+
+    #[test]
+    fn amounts_never_wrap_or_go_negative() {
+        assert_eq!(instance_amount(0, i64::MAX, i64::MAX), None);
+        assert_eq!(instance_amount(10, 5, 3_600_000), None);
+        assert_eq!(instance_amount(0, 5, -1), None);
+        let big = instance_amount(0, i64::MAX / 1000, 1 << 40);
+        assert!(big.is_none() || big > Some(0), "{big:?}");
     }
 }

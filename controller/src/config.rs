@@ -94,6 +94,22 @@ pub struct Config {
     /// without progress before it times out (`operations`); kinds not
     /// listed use `OperationKind::default_timeout_secs`.
     pub operation_timeout_secs: std::collections::BTreeMap<gantry_proto::OperationKind, u64>,
+    /// HTTP: a connection waiting for a request (fresh or kept alive)
+    /// must receive its whole header within this long (ms), else it is
+    /// closed (`crate::http`).
+    pub http_header_timeout_ms: u64,
+    /// HTTP: a request body must arrive within this long (ms) of its
+    /// headers, else the answer is 408.
+    pub http_body_timeout_ms: u64,
+    /// HTTP: a connection with no request being handled that moves no
+    /// byte for this long (ms) is closed (a client not reading its answer).
+    pub http_idle_timeout_ms: u64,
+    /// HTTP: most connections open at once; at the cap a new one replaces
+    /// the one idle the longest, or is answered 503 when all are busy.
+    pub http_max_connections: usize,
+    /// On SIGTERM: how long (ms) requests in flight may take to finish
+    /// before their connections are dropped and the process exits.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -127,6 +143,11 @@ impl Default for Config {
             default_region: "default".into(),
             leader_lease_secs: 10,
             operation_timeout_secs: Default::default(),
+            http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 30_000,
+            http_idle_timeout_ms: 60_000,
+            http_max_connections: 4096,
+            shutdown_timeout_ms: 20_000,
         }
     }
 }
@@ -185,6 +206,7 @@ impl Config {
             ));
         }
         positive("max_db_connections", self.max_db_connections.into())?;
+        self.check_http()?;
         if let Some(p) = crate::regions::problem(&self.default_region) {
             return Err(("default_region", p));
         }
@@ -206,6 +228,24 @@ impl Config {
             if t.len() < 16 {
                 return Err(("admin_token", "must be at least 16 characters".into()));
             }
+        }
+        Ok(())
+    }
+
+    fn check_http(&self) -> Result<(), (&'static str, String)> {
+        let ms = |field: &'static str, v: u64| {
+            if (1..=3_600_000).contains(&v) {
+                Ok(())
+            } else {
+                Err((field, "must be 1 to 3600000 (milliseconds)".to_string()))
+            }
+        };
+        ms("http_header_timeout_ms", self.http_header_timeout_ms)?;
+        ms("http_body_timeout_ms", self.http_body_timeout_ms)?;
+        ms("http_idle_timeout_ms", self.http_idle_timeout_ms)?;
+        ms("shutdown_timeout_ms", self.shutdown_timeout_ms)?;
+        if !(1..=1_000_000).contains(&self.http_max_connections) {
+            return Err(("http_max_connections", "must be 1 to 1000000".into()));
         }
         Ok(())
     }
@@ -308,5 +348,47 @@ mod tests {
             Some("gpu-1.gpu.example.com")
         );
         assert_eq!(c.secret_key_path(dir.path()), dir.path().join("secret.key"));
+    }
+
+    #[test]
+    fn http_limits_default_and_are_checked() {
+        let c = Config::default();
+        assert_eq!(
+            (
+                c.http_header_timeout_ms,
+                c.http_body_timeout_ms,
+                c.http_idle_timeout_ms,
+                c.http_max_connections,
+                c.shutdown_timeout_ms
+            ),
+            (10_000, 30_000, 60_000, 4096, 20_000)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for (text, want) in [
+            (
+                "http_header_timeout_ms = 0\n",
+                "http_header_timeout_ms: must be 1 to",
+            ),
+            (
+                "http_max_connections = 0\n",
+                "http_max_connections: must be 1 to",
+            ),
+            (
+                "shutdown_timeout_ms = 4000000\n",
+                "shutdown_timeout_ms: must be 1 to",
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        std::fs::write(
+            &p,
+            "http_body_timeout_ms = 500\nhttp_max_connections = 10\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!((c.http_body_timeout_ms, c.http_max_connections), (500, 10));
     }
 }

@@ -16,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod fanout;
 pub mod gpus;
+pub mod http;
 pub mod leader;
 pub mod meter;
 pub mod moves;
@@ -168,7 +169,7 @@ pub async fn open_with_clock(
     admin_token: Option<String>,
     clock: Arc<dyn clock::Clock>,
 ) -> Result<AppState, StartError> {
-    std::fs::create_dir_all(state_dir).map_err(|source| StartError::StateDir {
+    db::private_dir(state_dir).map_err(|source| StartError::StateDir {
         path: state_dir.to_owned(),
         source,
     })?;
@@ -183,7 +184,7 @@ pub async fn open_with_clock(
     let ca = pki::Ca::load_or_create(state_dir)?;
     Ok(AppState(Arc::new(Inner {
         db,
-        verifier: auth::Verifier::new(&token),
+        verifier: auth::Verifier::new(&token, clock.clone()),
         limiter,
         cfg,
         wake: Wakers::default(),
@@ -201,10 +202,11 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener,
         .map_err(|source| StartError::Listen { addr, source })
 }
 
-/// Serves until `shutdown` completes, then finishes in-flight requests.
-/// The background work ([`background`]) runs meanwhile whenever this
-/// replica leads ([`leader`]); at shutdown it stops and the lease is
-/// handed back.
+/// Serves until `shutdown` completes, then finishes in-flight requests
+/// within the config's `shutdown_timeout_ms` ([`http`] has the limits
+/// every connection is held to). The background work ([`background`])
+/// runs meanwhile whenever this replica leads ([`leader`]); at shutdown it
+/// stops and the lease is handed back.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
@@ -229,10 +231,15 @@ pub async fn serve(
         shutdown.await;
         st.wake.close();
     };
+    let limits = http::Limits::from_config(&state.cfg);
     let app = api::router(state);
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let dropped = http::run(listener, app, limits, shutdown).await;
+    if dropped > 0 {
+        tracing::warn!(
+            connections = dropped,
+            "dropped unfinished at the shutdown deadline"
+        );
+    }
     if let Some(f) = fan {
         f.abort();
     }
@@ -244,7 +251,7 @@ pub async fn serve(
         tracing::warn!("the background work did not stop in time; abandoning it");
         leading.abort();
     }
-    res
+    Ok(())
 }
 
 /// How long shutdown waits for the background work to stop and the

@@ -1,8 +1,15 @@
 //! `gantry-controller --listen ADDR --state-dir DIR [--config FILE]`.
 //!
 //! Opens and migrates the database, binds the listener, writes the bound
-//! address to `<state-dir>/listen-addr`, then tells systemd it is ready (`Type=notify`); SIGTERM or Ctrl-C finish in-flight requests
-//! and exit 0.
+//! address to `<state-dir>/listen-addr`, then tells systemd it is ready
+//! (`Type=notify`). Under a systemd watchdog (`WatchdogSec=`) it pings only
+//! while its own `/healthz` answers through the accept loop
+//! (`gantry_controller::http::probe`), so a hung server is restarted.
+//! SIGTERM or Ctrl-C: `STOPPING=1`, in-flight requests finish, and it
+//! exits 0 within the config's `shutdown_timeout_ms`.
+//!
+//! At start the soft open-file limit is raised to the hard one: every
+//! connection is a descriptor.
 
 use anyhow::Context;
 use clap::Parser;
@@ -42,6 +49,7 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    raise_nofile_limit();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -65,8 +73,11 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     // Readiness: the database is migrated and the listener is bound.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let watchdog = spawn_watchdog(local);
     gantry_controller::serve(state, listener, shutdown()).await?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -94,4 +105,63 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
+/// Raises the soft open-file limit to the hard one (each connection is a
+/// descriptor; the server also copes when they run out).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    let soft = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                soft,
+                "cannot raise the open-file limit"
+            );
+            return;
+        }
+    }
+    tracing::info!(open_files = lim.rlim_cur, was = soft, "open-file limit");
+}
+
+/// Under a systemd watchdog: every quarter of its interval, asks our own
+/// `/healthz` (a fresh connection through the accept loop and the router)
+/// and pings `WATCHDOG=1` only when it answers; a hung runtime, accept
+/// loop or request path stops the pings and systemd restarts us.
+fn spawn_watchdog(addr: std::net::SocketAddr) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = std::time::Duration::from_micros(usec / 4);
+    tracing::info!(interval = ?std::time::Duration::from_micros(usec), "systemd watchdog on");
+    Some(tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            match gantry_controller::http::probe(addr, period).await {
+                Ok(()) => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    failing = false;
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "health probe failed; not pinging the watchdog");
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(period).await;
+        }
+    }))
 }

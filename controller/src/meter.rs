@@ -21,12 +21,20 @@
 //! reports the same store, so the account counts once: the figure is the
 //! newest report's (an account absent from it holds nothing).
 //!
+//! A host bills only what it holds: a store report's entry for an account
+//! the host serves nothing of (no instance or open operation of the
+//! account on it, no snapshot of the account it took or whose store it
+//! uses) is ignored and logged ([`take_report`]). Figures are range-checked
+//! at the edge (`AgentHeartbeat::check_bounds`) and summed with checked
+//! arithmetic; one account's failed charge is logged and never stops the
+//! tick for the others.
+//!
 //! Times come from the billing clock (`crate::clock`); every change
 //! happens under the account row's lock (taken after host and instance
 //! rows), so two heartbeats or a heartbeat and a tick never accrue the
 //! same interval twice.
 
-use crate::billing::{charge, Charge};
+use crate::billing::{charge, BillingError, Charge};
 use crate::db::{col, parsed, DbError, Tx};
 use crate::AppState;
 use gantry_proto::api::agent::StoreUsage;
@@ -144,6 +152,27 @@ fn clamp(bytes: u64) -> i64 {
     bytes.min(i64::MAX as u64) as i64
 }
 
+/// Whether `host` holds anything of `account` it may bill storage for: an
+/// instance of the account on it (not Released or Failed), an open
+/// operation of the account on it, or a snapshot of the account it took
+/// or that lies in the store it uses.
+async fn holds(tx: &mut Tx, host: &HostId, account: &AccountId) -> Result<bool, DbError> {
+    let row = sqlx::query(
+        "SELECT 1 AS yes FROM accounts a WHERE a.id = $2 AND (\
+         EXISTS (SELECT 1 FROM instances i WHERE i.host_id = $1 AND i.account_id = $2 \
+         AND i.observed_state NOT IN ('Released', 'Failed')) OR \
+         EXISTS (SELECT 1 FROM operations o WHERE o.host_id = $1 AND o.account_id = $2 \
+         AND o.state IN ('pending', 'running')) OR \
+         EXISTS (SELECT 1 FROM snapshots s WHERE s.account_id = $2 AND (s.host_id = $1 OR \
+         s.store_id = (SELECT h.store_id FROM hosts h WHERE h.id = $1))))",
+    )
+    .bind(host.to_string())
+    .bind(account.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.is_some())
+}
+
 /// Applies a host's store report in its heartbeat's transaction (after
 /// the host row's lock): replaces the host's rows in `host_store_usage`
 /// and returns the accounts whose figure may change, in id order, for
@@ -172,6 +201,11 @@ pub async fn take_report(
         .await?;
     let mut new = BTreeMap::new();
     for u in store {
+        if !holds(tx, host, &u.account).await? {
+            tracing::warn!(%host, account = %u.account, billed_bytes = u.billed_bytes,
+                "ignored a store report for an account this host holds nothing of");
+            continue;
+        }
         new.insert(u.account, clamp(u.billed_bytes));
         sqlx::query(
             "INSERT INTO host_store_usage (host_id, account_id, billed_bytes, at_ms) \
@@ -221,20 +255,26 @@ pub async fn apply_figures(
     now: i64,
 ) -> Result<(), DbError> {
     for a in accounts {
-        // Shared: this host's report is the newest; else every host's.
+        // Shared: this host's report is the newest; else every host's,
+        // summed here with checked arithmetic (each is at most
+        // `MAX_STORE_BYTES`; past 63 bits the figure saturates, logged).
         let sql = if shared {
-            "SELECT CAST(COALESCE(SUM(billed_bytes), 0) AS BIGINT) AS bytes FROM \
-             host_store_usage WHERE account_id = $1 AND host_id = $2"
+            "SELECT billed_bytes FROM host_store_usage WHERE account_id = $1 AND host_id = $2"
         } else {
-            "SELECT CAST(COALESCE(SUM(billed_bytes), 0) AS BIGINT) AS bytes FROM \
-             host_store_usage WHERE account_id = $1"
+            "SELECT billed_bytes FROM host_store_usage WHERE account_id = $1"
         };
         let mut q = sqlx::query(sql).bind(a.to_string());
         if shared {
             q = q.bind(host.to_string());
         }
-        let row = q.fetch_one(&mut **tx).await?;
-        let figure: i64 = col(&row, "bytes")?;
+        let mut figure: i64 = 0;
+        for row in q.fetch_all(&mut **tx).await? {
+            let b: i64 = col(&row, "billed_bytes")?;
+            figure = figure.checked_add(b.max(0)).unwrap_or_else(|| {
+                tracing::error!(account = %a, "store figure past 63 bits; held at the largest");
+                i64::MAX
+            });
+        }
         let Some(mut m) = load(tx, a).await? else {
             continue;
         };
@@ -278,8 +318,12 @@ pub async fn tick(st: &AppState) -> Result<usize, DbError> {
     for r in &rows {
         let account: AccountId = parsed(r, "id", "accounts")?;
         let from: Option<i64> = col(r, "snapshot_metered_ms")?;
-        if charge_account(st, &account, from, now).await? {
-            charged += 1;
+        // One account's failure is logged; the others are still charged.
+        match charge_account(st, &account, from, now).await {
+            Ok(true) => charged += 1,
+            Ok(false) => {}
+            Err(e) => tracing::error!(%account, error = %e,
+                "snapshot storage charge failed; nothing was applied, next tick tries again"),
         }
     }
     Ok(charged)
@@ -316,11 +360,12 @@ async fn charge_account(
     account: &AccountId,
     from: Option<i64>,
     now: i64,
-) -> Result<bool, DbError> {
+) -> Result<bool, BillingError> {
     let mut tx = st.db.begin_write().await?;
     if !claim_window(&mut tx, "snapshot_metered_ms", account, from, now).await? {
         return Ok(false);
     }
+    gantry_crashpoint::hit("controller.meter.window_claimed");
     let Some(mut m) = load(&mut tx, account).await? else {
         return Ok(false);
     };
@@ -339,7 +384,9 @@ async fn charge_account(
         };
         charge(&mut tx, &c, now).await?;
     }
+    gantry_crashpoint::hit("controller.meter.before_commit");
     tx.commit().await?;
+    gantry_crashpoint::hit("controller.meter.after_commit");
     Ok(!pieces.is_empty())
 }
 

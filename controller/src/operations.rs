@@ -485,6 +485,39 @@ pub async fn settle(st: &AppState, id: OperationId, ok: bool, reason: &str) -> A
     Ok(op)
 }
 
+/// Stops a Running instance for a policy (credit run out, account
+/// disabled): claims it (no operation pending, still Running), queues a
+/// `stop` operation and wakes its host. `None` when someone else got to
+/// it first.
+pub async fn stop_for_policy(
+    st: &AppState,
+    rec: &InstanceRec,
+    why: &str,
+) -> Result<Option<OperationId>, DbError> {
+    let op = OperationId::new();
+    let mut tx = st.db.begin_write().await?;
+    let claimed = sqlx::query(
+        "UPDATE instances SET pending_op = $1, desired_state = $2 WHERE id = $3 \
+         AND pending_op IS NULL AND observed_state = 'Running'",
+    )
+    .bind(op.to_string())
+    .bind(InstanceState::Stopped.name())
+    .bind(rec.id.to_string())
+    .execute(&mut *tx)
+    .await?;
+    if claimed.rows_affected() != 1 {
+        return Ok(None);
+    }
+    let new = NewOp::on(rec, op, OperationKind::Stop, OpDetail::None);
+    create(&mut tx, &new).await?;
+    tx.commit().await?;
+    tracing::warn!(instance = %rec.id, account = %rec.account, "{why}; stopping");
+    if let Some(h) = &rec.host {
+        st.wake.wake(h);
+    }
+    Ok(Some(op))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,6 @@
 
 use crate::db::{now_ms, rows, DbError};
 use crate::AppState;
-use gantry_proto::ids::OperationId;
-use gantry_proto::InstanceState;
 use std::time::Duration;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -39,6 +37,7 @@ pub async fn once(st: &AppState) -> Result<(), DbError> {
     grace_stops(st).await?;
     crate::meter::tick(st).await?;
     crate::volume_meter::tick(st).await?;
+    crate::api::accounts::tick(st).await?;
     Ok(())
 }
 
@@ -94,32 +93,7 @@ async fn grace_stops(st: &AppState) -> Result<(), DbError> {
         .await?;
     for r in &found {
         let rec = rows::instance(r)?;
-        let op = OperationId::new();
-        let mut tx = st.db.begin_write().await?;
-        let claimed = sqlx::query(
-            "UPDATE instances SET pending_op = $1, desired_state = $2 WHERE id = $3 \
-             AND pending_op IS NULL AND observed_state = 'Running'",
-        )
-        .bind(op.to_string())
-        .bind(InstanceState::Stopped.name())
-        .bind(rec.id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        if claimed.rows_affected() != 1 {
-            continue;
-        }
-        let new = crate::operations::NewOp::on(
-            &rec,
-            op,
-            gantry_proto::OperationKind::Stop,
-            crate::operations::OpDetail::None,
-        );
-        crate::operations::create(&mut tx, &new).await?;
-        tx.commit().await?;
-        tracing::warn!(instance = %rec.id, account = %rec.account, "out of credit; stopping");
-        if let Some(h) = &rec.host {
-            st.wake.wake(h);
-        }
+        crate::operations::stop_for_policy(st, &rec, "out of credit").await?;
     }
     Ok(())
 }

@@ -167,10 +167,12 @@ pub fn explain(cands: &[Candidate], need: &Need, timeout_secs: u64) -> String {
 const FREE_VCPUS: &str = "(h.vcpus - h.used_vcpus)";
 const FREE_MEMORY: &str = "(h.memory_mib - h.used_memory_mib)";
 
-/// Schedulable: healthy, not revoked, not cordoned, heard from since `$2`,
-/// in region `$3`.
-const SCHEDULABLE: &str = "h.health = 'healthy' AND h.revoked_ms IS NULL AND h.cordoned = 0 \
-     AND h.last_heartbeat_ms >= $2 AND h.region = $3";
+/// Schedulable: joined (its agent holds a credential: a host an admin
+/// registered is no candidate until its agent joins), healthy, not
+/// revoked, not cordoned, heard from since `$2`, in region `$3`.
+const SCHEDULABLE: &str = "h.credential_hash IS NOT NULL AND h.health = 'healthy' \
+     AND h.revoked_ms IS NULL AND h.cordoned = 0 AND h.last_heartbeat_ms >= $2 \
+     AND h.region = $3";
 
 /// Room for vCPUs `$4`, memory `$5`, disk `$6`.
 const ROOM: &str = " AND h.vcpus - h.used_vcpus >= $4 AND h.memory_mib - h.used_memory_mib \

@@ -148,6 +148,7 @@ mod tests {
             snapshot_used_bytes: used,
             snapshot_reserved_bytes: reserved,
             created_at: chrono::Utc::now(),
+            status: Default::default(),
         }
     }
 

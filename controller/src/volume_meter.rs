@@ -24,7 +24,7 @@
 //! charges telescope; the conditional move of `volume_metered_ms` makes a
 //! tick exactly-once per account under retries and replicas.
 
-use crate::billing::{charge, Charge};
+use crate::billing::{charge, BillingError, Charge};
 use crate::db::{col, parsed, DbError, Tx};
 use crate::AppState;
 use gantry_proto::api::v1::UsageKind;
@@ -166,8 +166,12 @@ pub async fn tick(st: &AppState) -> Result<usize, DbError> {
     for r in &rows {
         let account: AccountId = parsed(r, "id", "accounts")?;
         let from: Option<i64> = col(r, "volume_metered_ms")?;
-        if charge_account(st, &account, from, now).await? {
-            charged += 1;
+        // One account's failure is logged; the others are still charged.
+        match charge_account(st, &account, from, now).await {
+            Ok(true) => charged += 1,
+            Ok(false) => {}
+            Err(e) => tracing::error!(%account, error = %e,
+                "volume storage charge failed; nothing was applied, next tick tries again"),
         }
     }
     Ok(charged)
@@ -180,7 +184,7 @@ async fn charge_account(
     account: &AccountId,
     from: Option<i64>,
     now: i64,
-) -> Result<bool, DbError> {
+) -> Result<bool, BillingError> {
     let mut tx = st.db.begin_write().await?;
     let claimed =
         crate::meter::claim_window(&mut tx, "volume_metered_ms", account, from, now).await?;

@@ -520,6 +520,7 @@ async fn forwards_survive_the_migration_sqlite() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL: ./scripts/test runs it"]
 async fn forwards_survive_the_migration_postgres() {
     forwards_survive_the_migration(common::Backend::Postgres).await;
 }

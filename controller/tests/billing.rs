@@ -304,6 +304,7 @@ fn history() -> Vec<(i64, Step)> {
 async fn play(s: &Server, figure: fn(&[Option<u64>; 2], usize) -> u64) {
     let (acct, t) = s.account("store").await;
     let hosts = [s.host("h0", "none", 0).await, s.host("h1", "none", 0).await];
+    served_by(s, &t, &hosts).await;
     let mut now = 1_900_000_000_000i64;
     s.clock.set(now);
     let (mut last, mut bytes, mut integral) = ([None, None], 0u64, 0i128);
@@ -350,6 +351,32 @@ async fn play(s: &Server, figure: fn(&[Option<u64>; 2], usize) -> u64) {
     );
 }
 
+/// Gives the tenant `t` an instance on each of `hosts` (spread; never
+/// charged here: no usage counter is sent),
+/// so that each host holds something of the account and may report its
+/// store usage (a host bills only what it holds).
+async fn served_by(s: &Server, t: &str, hosts: &[String]) {
+    let f = s.flavor("free", None, 0).await;
+    let img = s.image("ubuntu").await;
+    let mut on = Vec::new();
+    for i in 0..hosts.len() {
+        let r = s
+            .post(
+                "/v1/instances",
+                t,
+                json!({"name": format!("hold{i}"), "flavor": f, "image": img,
+                    "placement": "spread"}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        on.push(r.body["host"].as_str().unwrap().to_string());
+    }
+    on.sort();
+    let mut want = hosts.to_vec();
+    want.sort();
+    assert_eq!(on, want, "one instance on each host");
+}
+
 /// Host-local stores: the account's figure is the sum over hosts.
 async fn storage_is_billed_as_an_integral(s: Server) {
     play(&s, |last, _| last.iter().map(|b| b.unwrap_or(0)).sum()).await;
@@ -365,6 +392,7 @@ async fn shared_store_counts_once(s: Server) {
 async fn snapshot_meter_runs_in_the_loop(s: Server) {
     let (acct, t) = s.account("store").await;
     let h = s.host("h", "none", 0).await;
+    served_by(&s, &t, std::slice::from_ref(&h)).await;
     let r = s
         .heartbeat(
             &h,

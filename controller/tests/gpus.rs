@@ -514,6 +514,7 @@ async fn migration_6_sqlite() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL: ./scripts/test runs it"]
 async fn migration_6_postgres() {
     migration_6(common::Backend::Postgres).await;
 }

@@ -379,6 +379,7 @@ async fn migration_5_sqlite() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL: ./scripts/test runs it"]
 async fn migration_5_postgres() {
     migration_5(common::Backend::Postgres).await;
 }

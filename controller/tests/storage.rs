@@ -1,6 +1,6 @@
 //! Instances, snapshots and scheduling over real HTTP, each on SQLite and
-//! on PostgreSQL (when `GANTRY_TEST_PG_URL` is set; required under
-//! `GANTRY_TEST_STRICT=1`).
+//! on PostgreSQL (`GANTRY_TEST_PG_URL`; that variant is ignored by a plain
+//! `cargo test`, `./scripts/test` runs it).
 
 #[macro_use]
 mod common;

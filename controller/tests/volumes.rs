@@ -645,6 +645,7 @@ async fn migration_11_sqlite() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL: ./scripts/test runs it"]
 async fn migration_11_postgres() {
     migration_11(common::Backend::Postgres).await;
 }

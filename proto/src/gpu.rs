@@ -33,6 +33,7 @@ use std::fmt;
 
 /// The health of one whole GPU, as its host reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum GpuHealth {
     /// In the pool: may be leased.
@@ -50,6 +51,7 @@ pub enum GpuHealth {
 
 /// [`GpuHealth`] without its data: for tables, SQL columns and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum GpuHealthKind {
     Healthy,

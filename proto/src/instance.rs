@@ -28,6 +28,7 @@ use std::fmt;
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum InstanceState {
     /// Disks and domain are being prepared.
     Creating,
@@ -210,6 +211,7 @@ impl std::str::FromStr for InstanceState {
 
 /// An operation a user (or the controller) asks of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
     Start,

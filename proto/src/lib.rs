@@ -11,6 +11,8 @@ pub mod gpu;
 pub mod ids;
 pub mod instance;
 pub mod net;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod operation;
 pub mod snapshot;
 pub mod spec;

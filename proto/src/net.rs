@@ -31,6 +31,7 @@ pub const MAX_SSH_KEY_LEN: usize = 16 * 1024;
 /// A secret string (password hash, token, private key): serialized as a
 /// plain string, never shown by `Debug`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -230,6 +231,7 @@ impl<'de> Deserialize<'de> for Ipv4Net {
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -268,13 +270,16 @@ impl FromStr for Protocol {
 /// The access NIC of an instance: on the host's access bridge, with a
 /// static address from the controller's IPAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     pub mac: MacAddr,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv4))]
     pub ip: Ipv4Addr,
     /// The host's access subnet.
     pub subnet: Ipv4Net,
     /// The bridge's own address, the guest's default route.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv4))]
     pub gateway: Ipv4Addr,
 }
 
@@ -317,6 +322,7 @@ pub fn check_host_address(field: &str, ip: Ipv4Addr, net: &Ipv4Net) -> Result<()
 /// What the guest is told at boot (through the seed disk): its hostname,
 /// root's password hash, the account's SSH keys and the JupyterLab token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     pub hostname: String,
@@ -512,6 +518,7 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// TLS proxy on `host_port` (and on the host's HTTPS name
 /// `<guest_port>-<instance>.<domain>`) to the guest's plain HTTP port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSpec {
     pub id: ForwardId,
@@ -525,11 +532,13 @@ pub struct ForwardSpec {
 /// The host's access state, from the controller's work answer. `rev` grows
 /// with every change; an agent that already has `rev` gets `None` instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostAccess {
     pub rev: u64,
     /// The host's access subnet; the bridge takes `gateway`.
     pub subnet: Ipv4Net,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv4))]
     pub gateway: Ipv4Addr,
     /// The host's HTTPS name suffix: forwards answer at
     /// `https://<guest_port>-<instance>.<domain>`. `None` without wildcard DNS.
@@ -578,6 +587,7 @@ pub fn dns_name(field: &str, s: &str) -> Result<(), ValidationError> {
 
 /// The certificate the host's HTTPS proxy presents, with its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostTls {
     /// SHA-256 of the leaf certificate's DER, hex: the agent sends the one

@@ -15,6 +15,7 @@ pub const MAX_DISK_GIB: u64 = 64 * 1024;
 
 /// One instance, as its host should run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     pub id: InstanceId,
@@ -39,6 +40,7 @@ pub struct InstanceSpec {
 
 /// The data disk the guest mounts at `/datadrive`. It outlives instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSpec {
     pub id: VolumeId,

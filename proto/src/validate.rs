@@ -7,6 +7,7 @@ use std::fmt;
 
 /// A rejected input value: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidationError {
     pub field: String,
     pub message: String,
@@ -58,13 +59,22 @@ pub fn object_name(field: &str, s: &str) -> Result<(), ValidationError> {
 }
 
 /// Snapshot names: 1 to 50 characters of letters, digits, space, `-`, `_`
-/// and `.`.
+/// and `.`, neither blank nor beginning or ending with a space.
 pub fn snapshot_name(field: &str, s: &str) -> Result<(), ValidationError> {
     let n = s.chars().count();
     if n == 0 || n > 50 {
         return Err(ValidationError::new(
             field,
             "must be 1 to 50 characters long",
+        ));
+    }
+    if s.trim().is_empty() {
+        return Err(ValidationError::new(field, "must not be blank"));
+    }
+    if s.trim() != s {
+        return Err(ValidationError::new(
+            field,
+            "must not begin or end with a space",
         ));
     }
     if let Some(c) = s
@@ -92,6 +102,43 @@ pub fn free_text(field: &str, s: &str, max: usize) -> Result<(), ValidationError
         return Err(ValidationError::new(
             field,
             "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The longest file path accepted (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// A file path on a host (an image's disk, kernel, initrd): absolute, at
+/// most [`MAX_PATH_BYTES`] bytes, no `.` or `..` component, no empty
+/// component (`//`), no control characters (NUL included).
+pub fn host_path(field: &str, s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() || s.len() > MAX_PATH_BYTES {
+        return Err(ValidationError::new(
+            field,
+            format!("must be 1 to {MAX_PATH_BYTES} bytes long"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    let Some(rest) = s.strip_prefix('/') else {
+        return Err(ValidationError::new(
+            field,
+            "must be an absolute path (start with '/')",
+        ));
+    };
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(ValidationError::new(
+            field,
+            "must not contain '.', '..' or empty components",
         ));
     }
     Ok(())
@@ -205,7 +252,41 @@ mod tests {
         assert!(snapshot_name("name", &"x".repeat(51)).is_err());
         let e = snapshot_name("name", "a;rm").unwrap_err();
         assert_eq!(e.field, "name");
+        for blank in [" ", "   ", " \u{a0}"] {
+            assert!(snapshot_name("name", blank).is_err(), "{blank:?}");
+        }
+        assert_eq!(
+            snapshot_name("name", "  ").unwrap_err().to_string(),
+            "name: must not be blank"
+        );
+        assert!(snapshot_name("name", " lead").is_err());
+        assert!(snapshot_name("name", "trail ").is_err());
+        assert!(object_name("name", " ").is_err());
+        assert!(object_name("name", "a b").is_err());
         assert!(e.message.contains("';'"), "{e}");
+    }
+
+    #[test]
+    fn host_paths() {
+        assert!(host_path("disk", "/srv/images/ubuntu.qcow2").is_ok());
+        for bad in [
+            "",
+            "images/u.qcow2",
+            "/srv/../etc/shadow",
+            "/srv/./x",
+            "/srv//x",
+            "/srv/x/",
+            "/srv/a\0b",
+            "/srv/a\nb",
+        ] {
+            let e = host_path("origin.disk", bad).unwrap_err();
+            assert_eq!(e.field, "origin.disk", "{bad:?}");
+        }
+        assert!(host_path("disk", &format!("/{}", "a".repeat(MAX_PATH_BYTES))).is_err());
+        assert_eq!(
+            host_path("origin.disk", "/a/../b").unwrap_err().to_string(),
+            "origin.disk: must not contain '.', '..' or empty components"
+        );
     }
 
     #[test]

@@ -26,25 +26,28 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const OP_TIMEOUT: Duration = Duration::from_secs(180);
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether the real-VM rig is configured. Without it a test is skipped, or
-/// fails under `GANTRY_TEST_STRICT=1` (the README's test command).
-pub fn rig_available(test: &str) -> bool {
+/// Fails the calling test with a sentence unless the real-VM rig is
+/// configured (`LIBVIRT_DEFAULT_URI` and `GANTRY_GUEST_DIR`). Tests that
+/// call it are `#[ignore = "needs the VM rig: ./scripts/test runs it"]`,
+/// so a plain `cargo test` reports them as ignored, never as passed.
+pub fn require_rig(test: &str) {
     let missing: Vec<&str> = ["LIBVIRT_DEFAULT_URI", "GANTRY_GUEST_DIR"]
         .into_iter()
         .filter(|v| std::env::var_os(v).is_none())
         .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "{test}: needs the real-VM rig ({} unset): run scripts/setup-host and scripts/build-guest, then source .cache/env/*.env",
+    assert!(
+        missing.is_empty(),
+        "{test}: needs the real-VM rig ({} unset): run ./scripts/test, or scripts/setup-host and \
+         scripts/build-guest, then source .cache/env/*.env",
         missing.join(", ")
     );
-    if std::env::var("GANTRY_TEST_STRICT").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("skipped: {msg}");
-    false
+}
+
+/// [`require_rig`] for callers written as `if !rig_available(..) { return }`:
+/// it never answers `false`, it fails the test instead.
+pub fn rig_available(test: &str) -> bool {
+    require_rig(test);
+    true
 }
 
 /// Path of a workspace binary, next to the test executable's directory.
@@ -160,6 +163,12 @@ impl TestAgent {
     /// SIGKILLs the agent (VMs keep running under libvirt).
     pub fn kill9(&mut self) {
         kill9(&mut self.child);
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself; its exit
+    /// status, or `None` while it still runs (or none was started).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(&mut self.child, timeout)
     }
 
     pub fn log_tail(&self) -> String {
@@ -329,6 +338,23 @@ pub fn kill9(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         let _ = c.kill();
         let _ = c.wait();
+    }
+}
+
+/// Waits up to `timeout` for a daemon to exit by itself (it is then
+/// forgotten); `None` while it still runs.
+pub fn wait_exit(child: &mut Option<Child>, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        let st = child.as_mut()?.try_wait().ok().flatten();
+        if st.is_some() {
+            *child = None;
+            return st;
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Context};
 use gantry_proto::InstanceId;
 use gantry_tests::cloud::{Cloud, CLIENT, DENIED, DOMAIN_SUFFIX, UPLINK};
 use gantry_tests::controller::Database;
-use gantry_tests::fixture::{rig_available, workspace_bin, TestVm, OP_TIMEOUT};
+use gantry_tests::fixture::{require_rig, workspace_bin, TestVm, OP_TIMEOUT};
 use gantry_tests::https;
 use gantry_tests::netns::Netns;
 use gantry_tests::ssh::{self, SshAuth, SshTarget};
@@ -152,10 +152,9 @@ fn boot(cloud: &Cloud, name: &str, image_or_snapshot: (&str, &str)) -> anyhow::R
 }
 
 #[test]
+#[ignore = "needs the VM rig: ./scripts/test runs it"]
 fn access_end_to_end_through_controller_agent_and_guest() -> anyhow::Result<()> {
-    if !rig_available("access_end_to_end") {
-        return Ok(());
-    }
+    require_rig("access_end_to_end");
     let mut cloud = Cloud::start(&Database::Sqlite)?;
     let r = whole_access(&mut cloud);
     if r.is_err() {

@@ -10,7 +10,7 @@ use anyhow::Context;
 use gantry_proto::InstanceId;
 use gantry_tests::cloud::{Cloud, RunClock};
 use gantry_tests::controller::Database;
-use gantry_tests::fixture::{rig_available, workspace_bin, TestVm, OP_TIMEOUT};
+use gantry_tests::fixture::{require_rig, workspace_bin, TestVm, OP_TIMEOUT};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -229,31 +229,26 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs the VM rig: ./scripts/test runs it"]
 fn whole_life_through_controller_and_agent_on_sqlite() -> anyhow::Result<()> {
-    if !rig_available("whole_life_on_sqlite") {
-        return Ok(());
-    }
+    require_rig("whole_life_on_sqlite");
     whole_life(Database::Sqlite)
 }
 
 #[test]
+#[ignore = "needs the VM rig and PostgreSQL: ./scripts/test runs it"]
 fn whole_life_through_controller_and_agent_on_postgres() -> anyhow::Result<()> {
-    if !rig_available("whole_life_on_postgres") {
-        return Ok(());
-    }
-    let Some(db) = Database::postgres("whole_life_on_postgres") else {
-        return Ok(());
-    };
+    require_rig("whole_life_on_postgres");
+    let db = Database::postgres("whole_life_on_postgres").expect("PostgreSQL");
     whole_life(db)
 }
 
 /// The controller dies, then the agent: the VM keeps running throughout,
 /// and billing catches up with every second it ran.
 #[test]
+#[ignore = "needs the VM rig: ./scripts/test runs it"]
 fn controller_and_agent_crashes_lose_no_billed_time() -> anyhow::Result<()> {
-    if !rig_available("crashes_lose_no_billed_time") {
-        return Ok(());
-    }
+    require_rig("crashes_lose_no_billed_time");
     let mut cloud = Cloud::start(&Database::Sqlite)?;
     let mut clock = RunClock::default();
     let asked = Instant::now();

@@ -10,7 +10,7 @@
 //! credentials work. All traffic stays inside the test's namespace.
 
 use anyhow::{bail, ensure, Context};
-use gantry_tests::fixture::rig_available;
+use gantry_tests::fixture::require_rig;
 use gantry_tests::guest::{exec_in_guest, guest_image, wait_for_marker_count, GuestImage};
 use gantry_tests::netns::{self, Netns};
 use gantry_tests::ssh::{self, SshAuth, SshTarget};
@@ -467,9 +467,7 @@ fn check_second_boot(vm: &NetVm, old: &Seed, new: &Seed, key: &Path) -> anyhow::
 #[test]
 #[ignore = "needs the VM rig: ./scripts/test runs it"]
 fn seed_gives_ssh_web_and_echo_and_is_reapplied_at_boot() -> anyhow::Result<()> {
-    if !rig_available("guest_net") {
-        return Ok(());
-    }
+    require_rig("guest_net");
     ensure!(
         netns::available(),
         "guest_net needs root (network namespaces, libvirt)"

@@ -15,7 +15,7 @@ use gantry_proto::api::local::{
 };
 use gantry_proto::spec::VolumeSpec;
 use gantry_proto::{InstanceId, InstanceState, SnapshotId, VolumeId};
-use gantry_tests::fixture::{rig_available, workspace_bin, TestAgent, TestVm, VmOptions};
+use gantry_tests::fixture::{require_rig, workspace_bin, TestAgent, TestVm, VmOptions};
 use gantry_tests::ticks::Ticks;
 use std::time::{Duration, Instant};
 
@@ -106,10 +106,9 @@ fn start_loops(vm: &TestVm) -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs the VM rig: ./scripts/test runs it"]
 fn live_snapshots_on_a_real_guest() -> anyhow::Result<()> {
-    if !rig_available("live_snapshots_on_a_real_guest") {
-        return Ok(());
-    }
+    require_rig("live_snapshots_on_a_real_guest");
     let mut agent = TestAgent::start()?;
     let image = agent.import_guest_image()?;
     let vm = TestVm::boot(

@@ -1,6 +1,8 @@
 //! Architecture rules of the workspace, checked from `cargo metadata`:
-//! `gantry-proto` is a leaf (serde, id and time types only), and the agent
-//! and the controller never depend on each other.
+//! `gantry-proto` is a leaf (serde, id and time types only; OpenAPI schema
+//! derives behind its `openapi` feature), and the agent
+//! and the controller never depend on each other; the crash-point crate
+//! they share depends on libc only.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -30,7 +32,11 @@ fn deps_by_package() -> BTreeMap<String, Vec<(String, String)>> {
             .expect("dependencies")
             .iter()
             .map(|d| {
-                let kind = d["kind"].as_str().unwrap_or("normal").to_string();
+                // An optional dependency (behind a feature) is its own kind.
+                let kind = match d["optional"].as_bool() {
+                    Some(true) => "optional".to_string(),
+                    _ => d["kind"].as_str().unwrap_or("normal").to_string(),
+                };
                 (d["name"].as_str().expect("name").to_string(), kind)
             })
             .collect();
@@ -56,6 +62,15 @@ fn proto_is_a_leaf_and_agent_and_controller_stay_apart() {
             "gantry-proto must stay a leaf, but depends on {d}"
         );
     }
+    // Only the OpenAPI schema derives may come in, behind a feature.
+    for (d, kind) in &deps["gantry-proto"] {
+        if kind == "optional" {
+            assert_eq!(
+                d, "utoipa",
+                "gantry-proto's only optional dependency is utoipa"
+            );
+        }
+    }
     for (a, b) in [
         ("gantry-agent", "gantry-controller"),
         ("gantry-controller", "gantry-agent"),
@@ -67,4 +82,21 @@ fn proto_is_a_leaf_and_agent_and_controller_stay_apart() {
     }
     assert!(normal("gantry-agent").contains(&"gantry-proto".to_string()));
     assert!(normal("gantry-controller").contains(&"gantry-proto".to_string()));
+}
+
+/// The crash-point crate both daemons link stays tiny (std and libc only),
+/// so sharing it couples neither daemon to the other.
+#[test]
+fn the_crash_point_crate_depends_on_libc_only() {
+    let deps = deps_by_package();
+    let normal: Vec<&str> = deps["gantry-crashpoint"]
+        .iter()
+        .filter(|(_, kind)| kind == "normal")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        normal,
+        ["libc"],
+        "gantry-crashpoint must depend on libc only"
+    );
 }

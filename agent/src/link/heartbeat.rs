@@ -166,6 +166,7 @@ pub async fn send_once(link: &Arc<Link>) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    gantry_crashpoint::hit("agent.heartbeat.built");
     let ack = match link.client.heartbeat(link.credential(), &hb).await {
         Ok(ack) => ack,
         Err(e) => {
@@ -173,7 +174,9 @@ pub async fn send_once(link: &Arc<Link>) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    gantry_crashpoint::hit("agent.heartbeat.sent");
     link.manager.usage().ack(&ack.billed);
+    gantry_crashpoint::hit("agent.heartbeat.acked");
     store_heartbeat_secs(link, ack.heartbeat_secs);
     Ok(())
 }

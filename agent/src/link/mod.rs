@@ -148,7 +148,21 @@ pub async fn connect(manager: Arc<Manager>, cfg: ControllerConfig) -> Result<Arc
                 configured = cfg.urls_text(),
                 "controller URL changed; joining again"
             );
-            join_until_done(&manager, &cfg, &client).await?
+            // Join tokens are single-use: one already spent here is
+            // refused, and the saved credential is still this host's.
+            match join_once(&manager, &cfg, &client).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "joining again was refused; using the saved credential at the new URL"
+                    );
+                    Credential {
+                        url: client.base().to_string(),
+                        ..c
+                    }
+                }
+            }
         }
         Some(c) => {
             tracing::warn!(

@@ -48,6 +48,9 @@ pub async fn run(link: Arc<Link>) {
         match link.client.work(link.credential(), wait, rev, tls).await {
             Ok(work) => {
                 link.link_up(true);
+                if !work.ops.is_empty() {
+                    gantry_crashpoint::hit("agent.work.received");
+                }
                 delays = backoff().build();
                 take_access(&link, &work).await;
                 let started = handle(&link, &work);
@@ -185,6 +188,7 @@ async fn carry_out(link: &Arc<Link>, op: AgentOp) {
         }
         return;
     }
+    gantry_crashpoint::hit("agent.op.journaled");
     execute(link, op).await;
 }
 
@@ -197,6 +201,7 @@ async fn execute(link: &Arc<Link>, op: AgentOp) {
         running(0, state_of(&link.manager, op_instance(&op))),
     )
     .await;
+    gantry_crashpoint::hit("agent.op.started");
     let outcome = match run_command(link, &op).await {
         Ok(o) => o,
         Err(e) => Finished::failed(e.to_string(), state_of(&link.manager, op_instance(&op))),
@@ -204,6 +209,7 @@ async fn execute(link: &Arc<Link>, op: AgentOp) {
     link.manager
         .metrics()
         .controller_op_done(kind(&op.command), outcome.ok);
+    gantry_crashpoint::hit("agent.op.ran");
     report_outcome(link, &op, outcome).await;
 }
 
@@ -211,6 +217,7 @@ async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
     if let Err(e) = link.journal.finish(op.id, outcome.clone()) {
         tracing::error!(op = %op.id, error = %e, "cannot journal the outcome");
     }
+    gantry_crashpoint::hit("agent.op.outcome_journaled");
     tracing::info!(op = %op.id, kind = kind(&op.command), ok = outcome.ok, error = outcome.error.as_deref().unwrap_or(""), "operation ended");
     let report = OpReport {
         outcome: if outcome.ok {
@@ -231,7 +238,7 @@ async fn report_outcome(link: &Arc<Link>, op: &AgentOp, outcome: Finished) {
     )
     .await;
     match r {
-        Ok(()) => {}
+        Ok(()) => gantry_crashpoint::hit("agent.op.reported"),
         Err(e) => tracing::warn!(op = %op.id, error = %e, "the controller refused the report"),
     }
     if let Err(e) = link.journal.mark_reported(op.id) {

@@ -123,6 +123,7 @@ impl Manager {
             active: fresh.clone(),
         });
         self.set_phase(id, |c| *c = chain.clone())?;
+        gantry_crashpoint::hit("agent.snapshot.pending");
         let (switched, frozen_fs, pause) = self.switch(id, &fresh_path)?;
         if let Err(e) = switched {
             let _ = std::fs::remove_file(&fresh_path);
@@ -130,8 +131,10 @@ impl Manager {
             return Err(e.into());
         }
         self.set_phase(id, |c| c.active = Some(fresh.clone()))?;
+        gantry_crashpoint::hit("agent.snapshot.switched");
         self.advance(id, SnapshotPhase::Saving)?;
         self.redefine(id)?;
+        gantry_crashpoint::hit("agent.snapshot.saving");
         self.progress(op, 5);
         let saved = self.save_layer(id, req, snap, &frozen, &chain.saved, op);
         let info = match saved {
@@ -142,11 +145,15 @@ impl Manager {
                 return Err(e);
             }
         };
+        gantry_crashpoint::hit("agent.snapshot.stored");
         self.set_phase(id, |c| c.saved = Saved::Snapshot { id: snap })?;
         self.advance(id, SnapshotPhase::Merging)?;
+        gantry_crashpoint::hit("agent.snapshot.merging");
         self.progress(op, 92);
         self.merge_down(id, &name, &frozen, &fresh)?;
+        gantry_crashpoint::hit("agent.snapshot.merged");
         self.set_phase(id, |c| c.pending = None)?;
+        gantry_crashpoint::hit("agent.snapshot.done");
         Ok(SnapshotResult {
             frozen: frozen_fs,
             pause_ms: Some(pause.as_millis() as u64),
@@ -297,6 +304,7 @@ impl Manager {
                 return Err(e);
             }
         };
+        gantry_crashpoint::hit("agent.snapshot.offline_stored");
         self.set_phase(id, |c| c.saved = Saved::Snapshot { id: snap })?;
         self.advance(id, SnapshotPhase::Merging)?;
         if !req.auto_release {

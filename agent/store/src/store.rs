@@ -524,6 +524,7 @@ impl Store {
         // Every chunk must be durable before the manifest can name it.
         self.backend.sync()?;
         self.queue_compaction(&id, &ns, out.written)?;
+        gantry_crashpoint::hit("agent.store.before_manifest");
         self.backend
             .put(&manifest_key(&id), &manifest.encode(), true)?;
         tracing::info!(snapshot = %id, new_bytes = out.new_bytes, read_bytes = out.read_bytes, "snapshot published");

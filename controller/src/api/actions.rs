@@ -125,7 +125,9 @@ async fn do_action(
     };
     let new = NewOp::on(&rec, op, OperationKind::for_action(action), detail);
     crate::operations::create(&mut tx, &new).await?;
+    gantry_crashpoint::hit("controller.action.before_commit");
     tx.commit().await?;
+    gantry_crashpoint::hit("controller.action.after_commit");
     if let Some(h) = &rec.host {
         st.wake.wake(h);
     }
@@ -216,13 +218,77 @@ async fn grow_disk(st: &AppState, tx: &mut Tx, rec: &InstanceRec, gib: u64) -> A
     Ok(())
 }
 
+/// The action names, as the API spells them.
+const ACTIONS: &[&str] = &[
+    "start",
+    "stop",
+    "reboot",
+    "force-reboot",
+    "suspend",
+    "resume",
+    "change-type",
+    "grow-disk",
+    "release",
+];
+
+/// Parses an action body (`{"action": "stop"}`), naming the field to blame
+/// on every error, under `prefix` (`""`, or `"request."` in a batch): an
+/// unknown or missing action names `action`, a bad value names the
+/// action's own field (`flavor`, `root_disk_gib`).
+fn parse_action(v: serde_json::Value, prefix: &str) -> ApiResult<InstanceAction> {
+    let field = |name: &str| format!("{prefix}{name}");
+    let list = ACTIONS.join(", ");
+    let name = match v.get("action") {
+        Some(serde_json::Value::String(a)) if ACTIONS.contains(&a.as_str()) => a.clone(),
+        Some(other) => {
+            let f = field("action");
+            return Err(ApiError::bad(
+                &f,
+                format!("{f}: unknown action {other} (one of {list})"),
+            ));
+        }
+        None => {
+            let f = field("action");
+            return Err(ApiError::bad(
+                &f,
+                format!(
+                    "{f}: missing; a JSON object such as {{\"action\": \"stop\"}} (one of {list})"
+                ),
+            ));
+        }
+    };
+    serde_json::from_value(v).map_err(|e| {
+        let msg = e.to_string();
+        let named = ["unknown field `", "missing field `"]
+            .iter()
+            .find_map(|p| msg.strip_prefix(p).and_then(|r| r.split('`').next()));
+        let own = match name.as_str() {
+            "change-type" => "flavor",
+            "grow-disk" => "root_disk_gib",
+            _ => "action",
+        };
+        let f = field(named.unwrap_or(own));
+        ApiError::bad(&f, format!("{f}: {msg}"))
+    })
+}
+
+/// `POST /v1/instances/batch` as it arrives: the action is parsed by
+/// [`parse_action`] so its errors name `request.<field>`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    instances: Vec<InstanceId>,
+    request: serde_json::Value,
+}
+
 /// `POST /v1/instances/{id}/actions`.
 pub async fn act(
     State(st): State<AppState>,
     who: Caller,
     Path(id): Path<String>,
-    Body(req): Body<InstanceAction>,
+    Body(raw): Body<serde_json::Value>,
 ) -> ApiResult<Response> {
+    let req = parse_action(raw, "")?;
     let id: InstanceId = path_id(&id, "instance")?;
     let op = do_action(&st, &who, id, &req).await?;
     Ok(accepted(
@@ -234,8 +300,12 @@ pub async fn act(
 pub async fn batch(
     State(st): State<AppState>,
     who: Caller,
-    Body(req): Body<BatchAction>,
+    Body(raw): Body<RawBatch>,
 ) -> ApiResult<Json<Vec<BatchResult>>> {
+    let req = BatchAction {
+        request: parse_action(raw.request, "request.")?,
+        instances: raw.instances,
+    };
     if req.instances.is_empty() || req.instances.len() > MAX_BATCH {
         return Err(ApiError::invalid(
             "instances",
@@ -318,5 +388,6 @@ pub(crate) async fn release_resources(
         .bind(&id)
         .execute(&mut **tx)
         .await?;
+    gantry_crashpoint::hit("controller.release.resources_freed");
     Ok(changed)
 }

@@ -142,24 +142,30 @@ async fn add_credit(
     who.require_admin()?;
     let id: AccountId = path_id(&id, "account")?;
     validate::free_text("note", &req.note, 200)?;
-    if req.amount_micros == 0 || req.amount_micros.unsigned_abs() > 1 << 50 {
+    use gantry_proto::api::v1::MAX_CREDIT_CHANGE_MICROS;
+    if req.amount_micros == 0 || req.amount_micros.unsigned_abs() > MAX_CREDIT_CHANGE_MICROS as u64
+    {
         return Err(ApiError::invalid(
             "amount_micros",
-            "must be non-zero and at most 2^50 in size",
+            format!("must be non-zero and at most {MAX_CREDIT_CHANGE_MICROS} in size"),
         ));
     }
     let mut tx = st.db.begin_write().await?;
-    let done = sqlx::query(
-        "UPDATE accounts SET credit_micros = credit_micros + $1, credit_exhausted_ms = CASE \
-         WHEN credit_micros + $1 <= 0 THEN COALESCE(credit_exhausted_ms, $2) ELSE NULL END \
-         WHERE id = $3",
+    // Checked: the balance stays within ±MAX_CREDIT_MICROS, else 422.
+    let found = crate::billing::move_credit(
+        &mut tx,
+        &id,
+        req.amount_micros,
+        st.clock.now_ms(),
+        "amount_micros",
     )
-    .bind(req.amount_micros)
-    .bind(st.clock.now_ms())
-    .bind(id.to_string())
-    .execute(&mut *tx)
-    .await?;
-    if done.rows_affected() == 0 {
+    .await
+    .map_err(|e| {
+        tracing::warn!(account = %id, amount_micros = req.amount_micros, error = %e,
+            "refused a credit change");
+        ApiError::from(e)
+    })?;
+    if !found {
         return Err(ApiError::NotFound(format!("no account {id}")));
     }
     sqlx::query(
@@ -189,16 +195,36 @@ async fn create_token(
             .await
             .map_err(|_| ApiError::invalid("account", format!("no account {a}")))?;
     }
+    if let Some(secs) = req.expires_in_secs {
+        validate::in_range(
+            "expires_in_secs",
+            secs,
+            MIN_TOKEN_LIFETIME_SECS,
+            MAX_TOKEN_LIFETIME_SECS,
+        )?;
+    }
     let id = TokenId::new();
     let (token, hash) = auth::mint(id);
-    auth::store_token(&st.db, id, &req.name, &hash, req.account).await?;
+    let created_ms = st.clock.now_ms();
+    // In range, so no overflow: at most five years of milliseconds.
+    let expires_ms = req.expires_in_secs.map(|s| created_ms + s as i64 * 1000);
+    let new = auth::NewToken {
+        id,
+        name: &req.name,
+        hash_hex: &hash,
+        account: req.account,
+        created_ms,
+        expires_ms,
+    };
+    auth::insert_token(&st.db, new).await?;
     Ok(created(CreatedToken {
         info: TokenInfo {
             id,
             name: req.name,
             account: req.account,
-            created_at: crate::db::to_time(now_ms()),
+            created_at: crate::db::to_time(created_ms),
             revoked: false,
+            expires_at: expires_ms.map(crate::db::to_time),
         },
         token,
     }))
@@ -346,6 +372,9 @@ async fn create_image(
         1,
         gantry_proto::spec::MAX_DISK_GIB,
     )?;
+    if let Some(o) = &req.origin {
+        check_origin("origin", o)?;
+    }
     let origin = req
         .origin
         .as_ref()
@@ -370,6 +399,48 @@ async fn create_image(
         source_snapshot: None,
         created_at: crate::db::to_time(at),
     }))
+}
+
+/// An image origin's files are absolute host paths without `..` or control
+/// characters ([`validate::host_path`]); the kernel command line is one
+/// line of at most 4096 characters; the image a snapshot boots like comes
+/// from files. Errors name the field, e.g. `origin.disk`.
+fn check_origin(field: &str, o: &gantry_proto::api::agent::ImageOrigin) -> ApiResult<()> {
+    use gantry_proto::api::agent::ImageOrigin;
+    match o {
+        ImageOrigin::File {
+            disk,
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            validate::host_path(&format!("{field}.disk"), disk)?;
+            for (name, p) in [("kernel", kernel), ("initrd", initrd)] {
+                if let Some(p) = p {
+                    validate::host_path(&format!("{field}.{name}"), p)?;
+                }
+            }
+            if let Some(c) = cmdline {
+                let f = format!("{field}.cmdline");
+                validate::free_text(&f, c, 4096)?;
+                if c.contains(['\n', '\t']) {
+                    return Err(ApiError::invalid(f, "must be one line"));
+                }
+            }
+        }
+        ImageOrigin::Snapshot {
+            boot_like_source: Some(src),
+            ..
+        } => {
+            let f = format!("{field}.boot_like_source.origin");
+            if !matches!(src.origin, ImageOrigin::File { .. }) {
+                return Err(ApiError::invalid(f, "must be a file origin"));
+            }
+            check_origin(&f, &src.origin)?;
+        }
+        ImageOrigin::Snapshot { .. } => {}
+    }
+    Ok(())
 }
 
 async fn list_audit(

@@ -8,7 +8,7 @@
 use super::commands;
 use super::{created, path_id, query, Body, Caller};
 use crate::auth;
-use crate::db::{col, now_ms, parsed_opt, rows, to_time, Tx};
+use crate::db::{col, now_ms, rows, to_time, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
@@ -77,8 +77,8 @@ async fn create_join_token(
     }))
 }
 
-/// `POST /v1/agent/join`: creates (or, for a retry with the same name,
-/// finds) the host and mints its credential.
+/// `POST /v1/agent/join`: creates (or adopts a pre-registered or revoked)
+/// host and mints its credential; consumes the join token.
 async fn join(
     State(st): State<AppState>,
     who: Caller,
@@ -115,10 +115,10 @@ async fn join(
     }))
 }
 
-/// Checks the join token and binds it to the host named in `req`: a new
-/// host, a pre-registered one that never joined, a revoked one joining
-/// again (with a token minted after the revocation), or (a retry) the host
-/// the token already joined. Returns the host and its region.
+/// Checks the join token (unused, unexpired) and binds it to the host
+/// named in `req`: a new host, a pre-registered one that never joined, or
+/// a revoked one joining again (with a token minted after the
+/// revocation). Returns the host and its region.
 async fn claim_join(
     tx: &mut Tx,
     jt: JoinTokenId,
@@ -139,23 +139,11 @@ async fn claim_join(
     }
     let token_region: Option<String> = col(&row, "region")?;
     let minted_ms: i64 = col(&row, "created_ms")?;
-    let used_by: Option<String> = col(&row, "host_name")?;
-    if let Some(name) = used_by {
-        if name != req.name {
-            return Err(ApiError::BadToken(format!(
-                "join token {jt} was already used by another host"
-            )));
-        }
-        let host: HostId = parsed_opt(&row, "host_id", "join_tokens")?
-            .ok_or_else(|| ApiError::BadToken(format!("join token {jt} is unusable")))?;
-        let h = super::hosts::join_target(tx, &host).await?;
-        if h.revoked_ms.is_some() {
-            return Err(ApiError::BadToken(format!(
-                "host {host} was revoked after join token {jt} was used; ask an admin for a new \
-                 join token"
-            )));
-        }
-        return Ok((host, h.region));
+    // Single-use: consumed by the first successful join (below, in the
+    // same transaction). An agent that lost the reply is joined again by an
+    // admin: revoke the host, mint a new token.
+    if col::<Option<String>>(&row, "host_name")?.is_some() {
+        return Err(used_token(jt));
     }
     let existing = sqlx::query("SELECT id, credential_hash FROM hosts WHERE name = $1")
         .bind(&req.name)
@@ -213,11 +201,19 @@ async fn claim_join(
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() != 1 {
-        return Err(ApiError::BadToken(format!(
-            "join token {jt} was already used by another host"
-        )));
+        return Err(used_token(jt));
     }
     Ok((host, region))
+}
+
+/// The refusal of a join token that was already used.
+fn used_token(jt: JoinTokenId) -> ApiError {
+    tracing::warn!(join_token = %jt, "refused a second join with a used join token");
+    ApiError::BadToken(format!(
+        "join token {jt} was already used; join tokens are single-use: ask an admin for a new \
+         join token (for a host that joined but lost its credential, the admin revokes the \
+         host first)"
+    ))
 }
 
 async fn update_capacity(
@@ -262,6 +258,13 @@ async fn heartbeat(
     }
     check_store(hb.store.as_deref().unwrap_or_default())?;
     crate::store_keys::check_store_identity(hb.store_identity.as_ref())?;
+    // Every figure in range and the timestamp not ahead of our clock, or
+    // none of the heartbeat is applied.
+    if let Err(e) = hb.check_bounds(st.clock.now_ms()) {
+        tracing::warn!(%host, field = %e.field, error = %e.message,
+            "refused a heartbeat out of bounds; nothing of it was applied");
+        return Err(e.into());
+    }
     let mut attempt = 0;
     let (billed, changed) = loop {
         attempt += 1;
@@ -347,6 +350,7 @@ async fn heartbeat_once(
     if alive.rows_affected() != 1 {
         return Err(auth::revoked(host));
     }
+    gantry_crashpoint::hit("controller.heartbeat.begin");
     if back {
         tracing::warn!(%host, "host is back after missing its heartbeats");
     }
@@ -354,10 +358,12 @@ async fn heartbeat_once(
     // from a newer heartbeat than the last one applied.
     let mut changed = false;
     let c = &hb.capacity;
+    // A stored time ahead of the clock's bound (kept before heartbeats were
+    // bounded) would hide every later heartbeat: it counts as older.
     let fresh = sqlx::query(
         "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2, vcpus = $3, \
          memory_mib = $4, disk_gib = $5, problems = $6, https_port = $7 WHERE id = $8 \
-         AND last_heartbeat_sent_ms < $1",
+         AND (last_heartbeat_sent_ms < $1 OR last_heartbeat_sent_ms > $9)",
     )
     .bind(hb.sent_at_ms)
     .bind(rows::health_str(hb.health))
@@ -367,6 +373,7 @@ async fn heartbeat_once(
     .bind(hb.problems.join("\n"))
     .bind(hb.https_port.map(i64::from))
     .bind(host.to_string())
+    .bind(now.saturating_add(MAX_CLOCK_SKEW_MS))
     .execute(&mut *tx)
     .await?
     .rows_affected()
@@ -381,6 +388,7 @@ async fn heartbeat_once(
         for o in &hb.instances {
             changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
         }
+        gantry_crashpoint::hit("controller.heartbeat.observed");
         if let Some(store) = &hb.store {
             figures = crate::meter::take_report(&mut tx, host, store, shared, now).await?;
         }
@@ -394,11 +402,13 @@ async fn heartbeat_once(
             billed.push(ack);
         }
     }
+    gantry_crashpoint::hit("controller.heartbeat.billed");
     // Instance rows are done: now every account row this touches, in id order.
     let mut accounts: Vec<_> = charges.iter().map(|c| c.account).collect();
     accounts.extend_from_slice(&figures);
     crate::billing::lock_accounts(&mut tx, &accounts).await?;
     crate::meter::apply_figures(&mut tx, host, &figures, shared, now).await?;
+    gantry_crashpoint::hit("controller.heartbeat.figures_applied");
     crate::billing::charge_all(&mut tx, charges, now).await?;
     if fresh && hb.store.is_some() {
         crate::meter::count_report(&mut tx, host).await?;
@@ -406,14 +416,17 @@ async fn heartbeat_once(
     if let Some(sizes) = &hb.snapshot_sizes {
         snapshot_sizes(&mut tx, host, sizes, shared).await?;
     }
+    gantry_crashpoint::hit("controller.heartbeat.before_commit");
     tx.commit().await?;
+    gantry_crashpoint::hit("controller.heartbeat.after_commit");
     Ok((billed, changed))
 }
 
 /// Applies the sizes a host measured after compacting its store to its
-/// successful snapshots (to any host's when the store is shared, since every
-/// host then sees the same chunks). A size above the snapshot's logical
-/// size, or for another host's or an unknown snapshot, changes nothing.
+/// successful snapshots (with a shared store, to those in the store this
+/// host uses, since it then sees the same chunks). A size above the
+/// snapshot's logical size, or for a snapshot this host does not store or
+/// an unknown one, changes nothing (and is logged).
 async fn snapshot_sizes(
     tx: &mut Tx,
     host: &HostId,
@@ -422,20 +435,27 @@ async fn snapshot_sizes(
 ) -> ApiResult<()> {
     let sql = if shared {
         "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = $3 \
-         AND logical_bytes >= $1"
+         AND logical_bytes >= $1 AND (host_id = $4 OR store_id = \
+         (SELECT h.store_id FROM hosts h WHERE h.id = $4))"
     } else {
         "UPDATE snapshots SET compressed_bytes = $1 WHERE id = $2 AND status = $3 \
          AND logical_bytes >= $1 AND host_id = $4"
     };
     for s in sizes {
-        let mut q = sqlx::query(sql)
-            .bind(s.compressed_bytes.min(i64::MAX as u64) as i64)
+        // In range after `AgentHeartbeat::check_bounds`.
+        let bytes = i64::try_from(s.compressed_bytes)
+            .map_err(|_| ApiError::invalid("snapshot_sizes", "compressed_bytes out of range"))?;
+        let done = sqlx::query(sql)
+            .bind(bytes)
             .bind(s.snapshot.to_string())
-            .bind(SnapshotStatus::Success.name());
-        if !shared {
-            q = q.bind(host.to_string());
+            .bind(SnapshotStatus::Success.name())
+            .bind(host.to_string())
+            .execute(&mut **tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            tracing::warn!(%host, snapshot = %s.snapshot, bytes,
+                "ignored a snapshot size: not a snapshot this host stores, or above its logical size");
         }
-        q.execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -473,13 +493,20 @@ async fn work(
     let w = commands::build_work(&st, &host, rev, tls).await?;
     let news = w.access.is_some() || w.tls.is_some();
     let pending = w.ops.iter().any(|o| o.phase == OpPhase::Pending);
+    if pending {
+        gantry_crashpoint::hit("controller.work.deliver");
+    }
     if wait == 0 || st.wake.closed() || pending || news {
         return Ok(Json(w));
     }
     let _ = tokio::time::timeout(Duration::from_secs(wait), woken).await;
     // A revocation wakes the poll and ends it with the refusal.
     auth::check_not_revoked(&st.db, &host).await?;
-    Ok(Json(commands::build_work(&st, &host, rev, tls).await?))
+    let w = commands::build_work(&st, &host, rev, tls).await?;
+    if w.ops.iter().any(|o| o.phase == OpPhase::Pending) {
+        gantry_crashpoint::hit("controller.work.deliver");
+    }
+    Ok(Json(w))
 }
 
 /// `POST /v1/agent/ops/{id}`.
@@ -538,6 +565,7 @@ async fn report_once(
     if alive.rows_affected() != 1 {
         return Err(auth::revoked(host));
     }
+    gantry_crashpoint::hit("controller.report.begin");
     let changed = commands::apply_report(st, &mut tx, host, id, r).await?;
     // A volume operation that ended changes what its account is billed.
     if let Some(op) = crate::operations::load(&mut tx, id).await? {
@@ -548,6 +576,13 @@ async fn report_once(
             crate::volume_meter::sync(&mut tx, &a, st.clock.now_ms()).await?;
         }
     }
+    let last = r.outcome != OpOutcome::Running;
+    if last {
+        gantry_crashpoint::hit("controller.report.before_commit");
+    }
     tx.commit().await?;
+    if last {
+        gantry_crashpoint::hit("controller.report.after_commit");
+    }
     Ok(changed)
 }

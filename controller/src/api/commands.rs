@@ -516,6 +516,7 @@ pub async fn apply_report(
     let event = match r.outcome {
         OpOutcome::Running => {
             crate::operations::progress(tx, &op, r.progress).await?;
+            gantry_crashpoint::hit("controller.report.progress");
             return Ok(changed);
         }
         OpOutcome::Succeeded => OperationEvent::Succeeded,
@@ -529,6 +530,7 @@ pub async fn apply_report(
     });
     if let (false, OpDetail::Snapshot { snapshot }) = (failed, &op.detail) {
         snapshot_saved(tx, host, *snapshot, r).await?;
+        gantry_crashpoint::hit("controller.report.snapshot_saved");
     }
     let ended = crate::operations::finish(
         st,
@@ -542,6 +544,7 @@ pub async fn apply_report(
         },
     )
     .await?;
+    gantry_crashpoint::hit("controller.report.finished");
     Ok(changed | ended.unwrap_or(false))
 }
 
@@ -559,11 +562,11 @@ async fn snapshot_saved(
     let sizes = r.snapshot.ok_or_else(|| {
         ApiError::invalid("snapshot", "is required when a snapshot operation succeeds")
     })?;
-    if sizes.compressed_bytes > sizes.logical_bytes {
-        return Err(ApiError::invalid(
-            "snapshot.compressed_bytes",
-            "must not exceed snapshot.logical_bytes",
-        ));
+    // Within the largest disk, compressed not above logical; else refused.
+    if let Err(e) = sizes.check_bounds("snapshot") {
+        tracing::warn!(%host, snapshot = %sid, field = %e.field, error = %e.message,
+            "refused a snapshot report out of bounds; nothing of it was applied");
+        return Err(e.into());
     }
     if !crate::snapshots::set_status(tx, sid, SnapshotStatus::Success).await? {
         return Ok(());

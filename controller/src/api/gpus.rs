@@ -240,6 +240,7 @@ pub async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> ApiResul
     st.verifier.verify(&st.db, token).await?.require_admin()?;
     let mut body = crate::gpus::render_metrics(&st.db.pool).await?;
     body.push_str(&st.leader.render_metrics());
+    body.push_str(&st.limiter.render_metrics());
     Ok((
         [(
             header::CONTENT_TYPE,

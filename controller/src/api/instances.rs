@@ -302,9 +302,7 @@ async fn create(
     Body(req): Body<CreateInstance>,
 ) -> ApiResult<Response> {
     let account = super::owner_for(&who, req.account)?;
-    crate::api::admin::load_account(&st, &account)
-        .await
-        .map_err(|_| ApiError::invalid("account", format!("no account {account}")))?;
+    super::accounts::require_active(&st, &account).await?;
     let r = resolve(&st, &account, &req).await?;
     let region = region_of(&st, &req, &r)?;
     crate::billing::require_credit(&st, &account, "creating instances").await?;
@@ -330,7 +328,9 @@ async fn create(
         let mut tx = st.db.begin_write().await?;
         match insert(&st, &mut tx, id, account, &req, &r, &need, vol.as_ref()).await {
             Ok((op, host)) => {
+                gantry_crashpoint::hit("controller.create.before_commit");
                 tx.commit().await?;
+                gantry_crashpoint::hit("controller.create.after_commit");
                 st.wake.wake(&host);
                 let rec = load_in(&st.db.pool, &who, id).await?;
                 let mut body = serde_json::to_value(summary(&rec, now_ms())).unwrap_or_default();

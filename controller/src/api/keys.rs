@@ -43,6 +43,7 @@ async fn add(
 ) -> ApiResult<Response> {
     let account = super::owner_for(&who, req.account)?;
     validate::object_name("name", &req.name)?;
+    super::accounts::require_active(&st, &account).await?;
     net::ssh_public_key("public_key", &req.public_key)?;
     let fingerprint = crate::credentials::ssh_fingerprint(&req.public_key)
         .ok_or_else(|| ApiError::invalid("public_key", "is not an SSH public key"))?;

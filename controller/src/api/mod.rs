@@ -1,6 +1,8 @@
 //! The HTTP API: the router, the shared request plumbing (token check, rate
-//! limit, audit, strict JSON bodies) and one module per area.
+//! limits, write-ahead audit, idempotency keys, strict JSON bodies, JSON
+//! `405`s) and one module per area.
 
+pub mod accounts;
 pub mod actions;
 pub mod admin;
 pub mod agent;
@@ -11,6 +13,7 @@ pub mod fleet;
 pub mod forwards;
 pub mod gpus;
 pub mod hosts;
+pub mod idempotency;
 pub mod instances;
 pub mod keys;
 pub mod password;
@@ -35,6 +38,7 @@ use std::collections::HashMap;
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(admin::routes())
+        .merge(accounts::routes())
         .merge(hosts::routes())
         .merge(fleet::routes())
         .merge(gpus::routes())
@@ -49,7 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::routes())
         .merge(certs::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
-    Router::new()
+    let app = Router::new()
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -58,62 +62,123 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(gpus::metrics))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("no such API path".into()) })
-        .with_state(state)
+        .with_state(state);
+    // Outside the routes' method routers, which add the `Allow` header.
+    Router::new()
+        .fallback_service(app)
+        .layer(axum::middleware::from_fn(method_not_allowed))
 }
 
 /// Every `/v1` call: bearer token, rate limit, then (for state-changing
-/// methods, and password reveals) an audit record of who, what, when and
-/// the outcome.
+/// methods, and password reveals) a write-ahead audit row (see
+/// [`crate::audit`]), and for a POST with an `Idempotency-Key` at most one
+/// run (see [`idempotency`]). Refusals without a valid token are counted,
+/// not audited, and rate-limited per source address.
 async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req
         .extensions()
         .get::<axum::extract::OriginalUri>()
         .map_or_else(|| req.uri().path().to_string(), |u| u.path().to_string());
-    let token = req
-        .headers()
+    let who = match authenticate(&st, req.headers()).await {
+        Ok(w) => w,
+        Err(e) => {
+            // The peer address, when the server provides it.
+            let source = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip());
+            let reason = e.refusal_reason().unwrap_or("other");
+            return st.limiter.refuse(reason, source, e).into_response();
+        }
+    };
+    if let Err(e) = st.limiter.check(&who.actor) {
+        return e.into_response();
+    }
+    // Heartbeats (and work polls, GETs) are too many to audit; revealing a
+    // password is a read worth recording.
+    let write = method != Method::GET && method != Method::HEAD;
+    let audited = (write && path != "/v1/agent/heartbeat")
+        || (method == Method::GET && password::is_reveal(&path));
+    // Admin and agent paths are refused before their body is even read.
+    let refused = allowed(&who, &path).and_then(|()| match method {
+        Method::POST if !path.starts_with("/v1/agent/") => idempotency::key_of(&req),
+        _ => Ok(None),
+    });
+    let key = match refused {
+        Ok(k) => k,
+        Err(e) => {
+            let resp = e.into_response();
+            if audited {
+                let s = resp.status();
+                crate::audit::record(&st.db, &who, method.as_str(), &path, s, None).await;
+            }
+            return resp;
+        }
+    };
+    let row = if audited {
+        match crate::audit::begin(&st.db, &who, method.as_str(), &path).await {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write an audit row; refusing the call");
+                return ApiError::Unavailable(
+                    "the call cannot be audited right now, so it was not run; retry shortly".into(),
+                )
+                .into_response();
+            }
+        }
+    } else {
+        None
+    };
+    req.extensions_mut().insert(who.clone());
+    let resp = match key {
+        Some(k) => idempotency::run(&st, &who, k, req, next).await,
+        None => next.run(req).await,
+    };
+    if let Some(id) = row {
+        let note = resp
+            .extensions()
+            .get::<crate::audit::AuditNote>()
+            .map(|n| n.0.clone());
+        crate::audit::finish(&st.db, &id, resp.status(), note.as_deref()).await;
+    }
+    resp
+}
+
+/// The caller of `req`, from its bearer token.
+async fn authenticate(st: &AppState, headers: &axum::http::HeaderMap) -> ApiResult<Identity> {
+    let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(str::to_owned);
-    let who = match token {
-        None => Err(ApiError::Unauthorized),
-        Some(t) => st.verifier.verify(&st.db, &t).await,
-    };
-    let who = who.and_then(|w| st.limiter.check(&w.actor).map(|_| w));
-    // Admin and agent paths are refused before their body is even read.
-    let who = who.and_then(|w| allowed(&w, &path).map(|_| w));
-    let (resp, who) = match who {
-        Ok(w) => {
-            req.extensions_mut().insert(w.clone());
-            (next.run(req).await, Some(w))
-        }
-        Err(e) => (e.into_response(), None),
-    };
-    // Heartbeats (and work polls, GETs) are too many to audit; revealing a
-    // password is a read worth recording.
-    let write = method != Method::GET && method != Method::HEAD;
-    if (write && path != "/v1/agent/heartbeat")
-        || (method == Method::GET && password::is_reveal(&path))
+        .ok_or(ApiError::Unauthorized)?;
+    st.verifier.verify(&st.db, token).await
+}
+
+/// Gives a bodiless `405` the standard JSON error body, naming the
+/// methods the path allows (from the `Allow` header).
+async fn method_not_allowed(req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    if resp.status() != StatusCode::METHOD_NOT_ALLOWED
+        || resp
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE)
     {
-        let note = resp
-            .extensions()
-            .get::<crate::audit::AuditNote>()
-            .map(|n| n.0.clone());
-        let status = resp.status();
-        crate::audit::record(
-            &st.db,
-            who.as_ref(),
-            method.as_str(),
-            &path,
-            status,
-            note.as_deref(),
-        )
-        .await;
+        return resp;
     }
-    resp
+    let allowed = resp
+        .headers()
+        .get(axum::http::header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(", ");
+    ApiError::MethodNotAllowed { method, allowed }.into_response()
 }
 
 /// Path rules: a join token may only join; a host credential may only call

@@ -72,7 +72,9 @@ async fn create(
         crate::operations::OpDetail::Snapshot { snapshot: sid },
     );
     crate::operations::create(&mut tx, &new).await?;
+    gantry_crashpoint::hit("controller.snapshot.before_commit");
     tx.commit().await?;
+    gantry_crashpoint::hit("controller.snapshot.after_commit");
     if let Some(h) = &rec.host {
         st.wake.wake(h);
     }

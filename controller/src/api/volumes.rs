@@ -97,6 +97,7 @@ async fn create_volume(
 ) -> ApiResult<Response> {
     let account = super::owner_for(&who, req.account)?;
     validate::object_name("name", &req.name)?;
+    super::accounts::require_active(&st, &account).await?;
     validate::in_range(
         "size_gib",
         req.size_gib,

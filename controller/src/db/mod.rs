@@ -6,6 +6,13 @@
 //! through [`Db::begin_write`]: `BEGIN IMMEDIATE` on SQLite (one writer at a
 //! time), a plain read-committed transaction on PostgreSQL where conditional
 //! `UPDATE ... WHERE` statements make claims atomic.
+//!
+//! SQLite runs in WAL mode with `synchronous = FULL`: a commit is
+//! acknowledged only after the WAL is fsynced, so a power failure cannot
+//! lose an acknowledged write (with `NORMAL` the last commits before the
+//! loss could vanish). The database file and its `-wal`/`-shm` files are
+//! private to the service user (0600, fixed at start); the state dir is
+//! 0700 ([`private_dir`]).
 
 pub mod rows;
 
@@ -17,6 +24,11 @@ use std::time::Duration;
 pub enum DbError {
     #[error("database: {0}")]
     Sqlx(#[from] sqlx::Error),
+    #[error("cannot make {path} private: {source}")]
+    Mode {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL (want sqlite:// or postgres://): {0}")]
@@ -58,6 +70,10 @@ impl Db {
         } else {
             return Err(DbError::Url(redact(url)));
         };
+        let file = sqlite_file(url);
+        if let Some(f) = &file {
+            private_file(f, true)?;
+        }
         let mut opts = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30));
@@ -66,7 +82,7 @@ impl Db {
                 Box::pin(async move {
                     conn.execute(
                         "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
-                         PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; \
+                         PRAGMA synchronous = FULL; PRAGMA cache_size = -32768; \
                          PRAGMA mmap_size = 268435456; PRAGMA temp_store = MEMORY;",
                     )
                     .await?;
@@ -78,6 +94,13 @@ impl Db {
         if backend == Backend::Sqlite {
             // Persistent in the file: readers never wait for the writer.
             pool.execute("PRAGMA journal_mode = WAL").await?;
+        }
+        if let Some(f) = &file {
+            for ext in ["-wal", "-shm"] {
+                let mut p = f.clone().into_os_string();
+                p.push(ext);
+                private_file(std::path::Path::new(&p), false)?;
+            }
         }
         match backend {
             Backend::Sqlite => SQLITE.run(&pool).await?,
@@ -93,6 +116,61 @@ impl Db {
             Backend::Postgres => self.pool.begin().await?,
         })
     }
+}
+
+/// The file of a `sqlite://PATH[?...]` URL (`None` for memory databases
+/// and other backends).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| path.into())
+}
+
+/// Makes `path` mode 0600: created empty (an empty file is a valid SQLite
+/// database) when `create` and missing, else fixed when it exists.
+fn private_file(path: &std::path::Path, create: bool) -> Result<(), DbError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| DbError::Mode {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "database file was readable by others; now 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(drop)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(err(e)),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Creates `dir` (and its parents) with mode 0700, or makes an existing
+/// one 0700 when others could read it.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %dir.display(), mode = format!("{mode:o}"), "state dir was open to others; now 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// A URL without its password, for messages.
@@ -184,6 +262,44 @@ pub const WRITE_ATTEMPTS: u32 = 5;
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn state_dir_and_database_files_are_private() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("state");
+        super::private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let f = dir.join("c.db");
+        let url = format!("sqlite://{}?mode=rwc", f.display());
+        let db = super::Db::connect(&url, 2).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        for ext in ["", "-wal", "-shm"] {
+            let p = dir.join(format!("c.db{ext}"));
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous = FULL");
+        db.pool.close().await;
+        // Existing files and dirs open to others are fixed at the next start.
+        for p in [dir.clone(), f.clone()] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        super::private_dir(&dir).unwrap();
+        let _db = super::Db::connect(&url, 2).await.unwrap();
+        assert_eq!((mode(&dir), mode(&f)), (0o700, 0o600));
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(

@@ -3,8 +3,8 @@
 
 use super::{col, parsed, parsed_opt, to_time, DbError};
 use gantry_proto::api::v1::{
-    AccountInfo, AuditEntry, FlavorInfo, HostHealth, ImageInfo, OperationInfo, OperationKind,
-    OperationState, SnapshotInfo, TokenInfo, UsageKind, UsageRecord, VolumeInfo,
+    AccountInfo, AccountStatus, AuditEntry, FlavorInfo, HostHealth, ImageInfo, OperationInfo,
+    OperationKind, OperationState, SnapshotInfo, TokenInfo, UsageKind, UsageRecord, VolumeInfo,
 };
 use gantry_proto::ids::*;
 use gantry_proto::{InstanceState, SnapshotStatus};
@@ -17,7 +17,7 @@ pub const ACCOUNT_COLS: &str = "id, name, credit_micros, billing_complete, snaps
      created_ms, snapshot_bytes, (SELECT CAST(COALESCE(SUM(CASE WHEN s.status = 'Creating' \
      THEN s.reserved_bytes ELSE s.compressed_bytes END), 0) AS BIGINT) FROM snapshots s WHERE \
      s.account_id = accounts.id AND (s.status = 'Creating' OR (s.status = 'Success' AND \
-     s.store_reports_due > 0))) AS snapshot_reserved";
+     s.store_reports_due > 0))) AS snapshot_reserved, status";
 
 pub fn account(r: &AnyRow) -> Result<AccountInfo, DbError> {
     Ok(AccountInfo {
@@ -29,10 +29,27 @@ pub fn account(r: &AnyRow) -> Result<AccountInfo, DbError> {
         snapshot_used_bytes: col::<i64>(r, "snapshot_bytes")?.max(0) as u64,
         snapshot_reserved_bytes: col::<i64>(r, "snapshot_reserved")?.max(0) as u64,
         created_at: to_time(col(r, "created_ms")?),
+        status: account_status(&col::<String>(r, "status")?)?,
     })
 }
 
-pub const TOKEN_COLS: &str = "id, name, account_id, created_ms, revoked";
+/// An `accounts.status` value.
+pub fn account_status(s: &str) -> Result<AccountStatus, DbError> {
+    Ok(match s {
+        "active" => AccountStatus::Active,
+        "disabled" => AccountStatus::Disabled,
+        "deleting" => AccountStatus::Deleting,
+        "deleted" => AccountStatus::Deleted,
+        other => {
+            return Err(DbError::Corrupt {
+                table: "accounts",
+                message: format!("status: unknown {other:?}"),
+            })
+        }
+    })
+}
+
+pub const TOKEN_COLS: &str = "id, name, account_id, created_ms, revoked, expires_ms";
 
 pub fn token(r: &AnyRow) -> Result<TokenInfo, DbError> {
     Ok(TokenInfo {
@@ -41,6 +58,7 @@ pub fn token(r: &AnyRow) -> Result<TokenInfo, DbError> {
         account: parsed_opt(r, "account_id", "tokens")?,
         created_at: to_time(col(r, "created_ms")?),
         revoked: col::<i64>(r, "revoked")? != 0,
+        expires_at: col::<Option<i64>>(r, "expires_ms")?.map(to_time),
     })
 }
 

@@ -7,9 +7,11 @@
 //!    `POST /v1/agent/join` with `Authorization: Bearer <join token>` and a
 //!    [`JoinRequest`]; the answer ([`JoinResponse`]) carries the host's id and
 //!    its own credential (`ghc_...`), shown once and kept by the controller
-//!    only as a hash. Presenting the same join token again with the same
-//!    host name before it expires mints a fresh credential for the same host
-//!    (a join whose reply was lost can be retried); any other reuse is 401.
+//!    only as a hash. A join token is single-use: it is consumed by the
+//!    first successful join and any later join with it is 401 ("already
+//!    used"). An agent that lost the reply (or crashed before saving the
+//!    credential) is joined again by an admin: revoke the host, mint a new
+//!    token, join (the same host record is re-bound).
 //! 2. **Heartbeat.** Every [`JoinResponse::heartbeat_secs`] the agent posts
 //!    an [`AgentHeartbeat`] (`POST /v1/agent/heartbeat`, Bearer: the host
 //!    credential): capacity and health, the observed state of every
@@ -68,8 +70,26 @@ pub const CREDENTIAL_REVOKED: &str = "credential was revoked";
 /// Longest long-poll the controller holds.
 pub const MAX_WAIT_SECS: u64 = 60;
 
+/// Bounds of what a host reports (heartbeats and op reports). A report
+/// with any figure outside them is refused whole (422 naming the field)
+/// and nothing of it is applied; see [`AgentHeartbeat::check_bounds`].
+///
+/// Largest `UsageCounter::running_ms`: ten years of Running time.
+pub const MAX_RUNNING_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
+/// Largest `UsageCounter::seq` (it is stored as a signed 64-bit integer).
+pub const MAX_COUNTER_SEQ: u64 = i64::MAX as u64;
+/// Largest snapshot size (logical or compressed) a host may report: the
+/// largest disk an instance can have (`spec::MAX_DISK_GIB` GiB, 64 TiB).
+pub const MAX_SNAPSHOT_BYTES: u64 = crate::spec::MAX_DISK_GIB << 30;
+/// Largest `StoreUsage::billed_bytes` of one account in one host's store
+/// (1 PiB): summed over 8192 hosts it still fits in 63 bits.
+pub const MAX_STORE_BYTES: u64 = 1 << 50;
+/// How far ahead of the controller's clock a host's `sent_at_ms` may be.
+pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
 /// `POST /v1/admin/join-tokens`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
     /// How long the token can be used; default one hour, at most 7 days.
@@ -83,6 +103,7 @@ pub struct CreateJoinToken {
 
 /// The answer to [`CreateJoinToken`]; `token` is shown only here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedJoinToken {
     pub id: JoinTokenId,
     pub token: String,
@@ -91,6 +112,7 @@ pub struct CreatedJoinToken {
 
 /// What a host has to offer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostCapacity {
     /// vCPUs the host offers to guests.
@@ -105,6 +127,7 @@ pub struct HostCapacity {
 
 /// `POST /v1/agent/join` (Bearer: the join token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     /// The host's name (unique in the fleet).
@@ -115,6 +138,7 @@ pub struct JoinRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinResponse {
     pub host: HostId,
     /// The host's credential (`ghc_...`): shown once, keep it secret.
@@ -125,6 +149,7 @@ pub struct JoinResponse {
 
 /// An instance as its host last saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ObservedInstance {
     pub id: InstanceId,
@@ -135,6 +160,7 @@ pub struct ObservedInstance {
 
 /// The Running-time counter of one instance (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UsageCounter {
     pub instance: InstanceId,
@@ -145,6 +171,7 @@ pub struct UsageCounter {
 /// Compressed bytes an account holds in the host's snapshot store (its
 /// own namespace, deduplicated): what it is billed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StoreUsage {
     pub account: AccountId,
@@ -153,6 +180,7 @@ pub struct StoreUsage {
 
 /// What kind of snapshot store a host uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     /// A directory on the host (only that host reads it).
@@ -182,6 +210,7 @@ impl StoreKind {
 /// same snapshots. For S3 the id is a hash of endpoint, bucket and prefix;
 /// for a local directory a random id kept in the store's marker object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StoreIdentity {
     pub kind: StoreKind,
@@ -215,6 +244,7 @@ impl StoreIdentity {
 /// chunks the host writes, `previous` only read (snapshots written under a
 /// key that was replaced). Keys are 64 hex digits, never printed by Debug.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StoreKeys {
     pub account: AccountId,
@@ -228,6 +258,7 @@ pub struct StoreKeys {
 /// when it has none, else kept as a previous key. Answered with
 /// [`StoreKeys`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OfferStoreKey {
     pub key: Secret,
@@ -236,6 +267,7 @@ pub struct OfferStoreKey {
 /// A snapshot's current compressed size in the host's store. It shrinks
 /// when the store compacts the chunks a snapshot was published with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSize {
     pub snapshot: SnapshotId,
@@ -244,6 +276,7 @@ pub struct SnapshotSize {
 
 /// `POST /v1/agent/heartbeat` (Bearer: the host credential).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgentHeartbeat {
     /// When the agent built this heartbeat (Unix ms); older ones than the
@@ -272,8 +305,83 @@ pub struct AgentHeartbeat {
     pub store_identity: Option<StoreIdentity>,
 }
 
+impl AgentHeartbeat {
+    /// Checks every figure against the bounds above and `sent_at_ms`
+    /// against the controller's clock `now_ms` (at most
+    /// [`MAX_CLOCK_SKEW_MS`] ahead, not negative). The error names the
+    /// first field out of range.
+    pub fn check_bounds(&self, now_ms: i64) -> Result<(), crate::validate::ValidationError> {
+        use crate::validate::{in_range, ValidationError};
+        if self.sent_at_ms < 0 || self.sent_at_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(ValidationError::new(
+                "sent_at_ms",
+                format!(
+                    "must not be negative nor more than {MAX_CLOCK_SKEW_MS} ms ahead of the \
+                     controller's clock ({now_ms}), got {}; check the host's clock",
+                    self.sent_at_ms
+                ),
+            ));
+        }
+        for (i, u) in self.usage.iter().enumerate() {
+            in_range(&format!("usage[{i}].seq"), u.seq, 0, MAX_COUNTER_SEQ)?;
+            in_range(
+                &format!("usage[{i}].running_ms"),
+                u.running_ms,
+                0,
+                MAX_RUNNING_MS,
+            )?;
+        }
+        for (i, u) in self.store.iter().flatten().enumerate() {
+            in_range(
+                &format!("store[{i}].billed_bytes"),
+                u.billed_bytes,
+                0,
+                MAX_STORE_BYTES,
+            )?;
+        }
+        for (i, s) in self.snapshot_sizes.iter().flatten().enumerate() {
+            in_range(
+                &format!("snapshot_sizes[{i}].compressed_bytes"),
+                s.compressed_bytes,
+                0,
+                MAX_SNAPSHOT_BYTES,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl SnapshotSizes {
+    /// Both sizes within [`MAX_SNAPSHOT_BYTES`], compressed not above
+    /// logical; `field` is the report's field (`snapshot`).
+    pub fn check_bounds(&self, field: &str) -> Result<(), crate::validate::ValidationError> {
+        use crate::validate::{in_range, ValidationError};
+        let f = |n: &str| format!("{field}.{n}");
+        in_range(
+            &f("logical_bytes"),
+            self.logical_bytes,
+            0,
+            MAX_SNAPSHOT_BYTES,
+        )?;
+        in_range(
+            &f("compressed_bytes"),
+            self.compressed_bytes,
+            0,
+            MAX_SNAPSHOT_BYTES,
+        )?;
+        if self.compressed_bytes > self.logical_bytes {
+            return Err(ValidationError::new(
+                f("compressed_bytes"),
+                format!("must not exceed {}", f("logical_bytes")),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A counter the controller has billed up to `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageAck {
     pub instance: InstanceId,
     pub seq: u64,
@@ -283,6 +391,7 @@ pub struct UsageAck {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatAck {
     pub heartbeat_secs: u64,
     pub billed: Vec<UsageAck>,
@@ -290,6 +399,7 @@ pub struct HeartbeatAck {
 
 /// Where the agent gets an instance's base image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "from", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ImageOrigin {
     /// A disk file on the host (later: a URL), with optional direct-boot
@@ -312,6 +422,7 @@ pub enum ImageOrigin {
         /// Where to get `boot_like` when this host's cache lacks it (a
         /// snapshot restored on another host than the one that took it).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "openapi", schema(no_recursion))]
         boot_like_source: Option<Box<ImageSource>>,
     },
 }
@@ -319,6 +430,7 @@ pub enum ImageOrigin {
 /// The image an instance boots from: its id in the host's image cache and
 /// how to fill the cache when the image is missing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ImageSource {
     pub image: ImageId,
@@ -339,6 +451,7 @@ impl ImageSource {
 // so the size does not matter and a plain enum keeps the JSON flat.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum AgentCommand {
     Create {
@@ -451,6 +564,7 @@ impl AgentCommand {
 
 /// Whether the agent has acknowledged an operation yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OpPhase {
     Pending,
@@ -459,6 +573,7 @@ pub enum OpPhase {
 
 /// One operation for the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentOp {
     pub id: OperationId,
     #[serde(default)]
@@ -469,6 +584,7 @@ pub struct AgentOp {
 
 /// The desired state of one of the host's instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredInstance {
     pub id: InstanceId,
     pub desired: InstanceState,
@@ -478,6 +594,7 @@ pub struct DesiredInstance {
 
 /// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Work {
     pub instances: Vec<DesiredInstance>,
     pub ops: Vec<AgentOp>,
@@ -491,6 +608,7 @@ pub struct Work {
 
 /// How an operation stands on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OpOutcome {
     Running,
@@ -500,6 +618,7 @@ pub enum OpOutcome {
 
 /// What a finished snapshot produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSizes {
     /// Guest-visible size of the root disk.
@@ -514,6 +633,7 @@ pub struct SnapshotSizes {
 
 /// `POST /v1/agent/ops/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OpReport {
     pub outcome: OpOutcome,
@@ -560,6 +680,46 @@ mod tests {
         let a = ImageSource::snapshot_image_id(s);
         assert_eq!(a, ImageSource::snapshot_image_id(s));
         assert_eq!(a.uuid(), s.uuid());
+    }
+
+    #[test]
+    fn heartbeat_bounds_name_the_field() {
+        let mut hb: AgentHeartbeat = serde_json::from_value(serde_json::json!({
+            "sent_at_ms": 1_000, "capacity": {"vcpus": 1, "memory_mib": 1024, "disk_gib": 1},
+            "health": "healthy", "instances": [], "usage": []
+        }))
+        .unwrap();
+        assert_eq!(hb.check_bounds(1_000), Ok(()));
+        hb.sent_at_ms = 1_000 + MAX_CLOCK_SKEW_MS + 1;
+        assert_eq!(hb.check_bounds(1_000).unwrap_err().field, "sent_at_ms");
+        hb.sent_at_ms = 1_000;
+        hb.usage.push(UsageCounter {
+            instance: InstanceId::new(),
+            seq: 1,
+            running_ms: MAX_RUNNING_MS + 1,
+        });
+        assert_eq!(
+            hb.check_bounds(1_000).unwrap_err().field,
+            "usage[0].running_ms"
+        );
+        hb.usage[0].running_ms = MAX_RUNNING_MS;
+        hb.store = Some(vec![StoreUsage {
+            account: AccountId::new(),
+            billed_bytes: MAX_STORE_BYTES + 1,
+        }]);
+        assert_eq!(
+            hb.check_bounds(1_000).unwrap_err().field,
+            "store[0].billed_bytes"
+        );
+        let s = SnapshotSizes {
+            logical_bytes: MAX_SNAPSHOT_BYTES + 1,
+            compressed_bytes: 1,
+            frozen: false,
+        };
+        assert_eq!(
+            s.check_bounds("snapshot").unwrap_err().field,
+            "snapshot.logical_bytes"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 /// a deletion (the host is gone for good); `failed` for any, undoing what
 /// it booked and freeing what it held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SettleOperation {
     pub outcome: SettleOutcome,
@@ -20,6 +21,7 @@ pub struct SettleOperation {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SettleOutcome {
     Succeeded,
@@ -31,6 +33,7 @@ pub enum SettleOutcome {
 /// volume). Without `host`, its host must be cordoned and the best other
 /// host of its region is chosen.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveInstance {
     #[serde(default)]
@@ -39,6 +42,7 @@ pub struct MoveInstance {
 
 /// A move that started (its first operation: poll it, then the instance).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MoveStarted {
     pub instance: InstanceId,
     pub operation: OperationId,
@@ -47,6 +51,7 @@ pub struct MoveStarted {
 /// `POST /v1/admin/hosts/{id}/drain`: the host is cordoned; its Stopped
 /// instances move; the others are listed with why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DrainReport {
     pub host: HostId,
     pub moving: Vec<MoveStarted>,
@@ -57,6 +62,7 @@ pub struct DrainReport {
 
 /// `POST /v1/admin/hosts/{id}/remove`: what removing a down host settled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RemovedHost {
     pub host: HostId,
     /// Instances released (they were being released) or failed (lost
@@ -70,6 +76,7 @@ pub struct RemovedHost {
 // ---------- volumes ----------
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
@@ -88,6 +95,7 @@ pub struct CreateVolume {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VolumeInfo {
     pub id: VolumeId,
     pub account: AccountId,
@@ -111,6 +119,7 @@ pub struct VolumeInfo {
 /// `POST /v1/volumes/{id}/grow`: the new size (never smaller; at least the
 /// controller's `min_volume_gib`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GrowVolume {
     pub size_gib: u64,
@@ -119,6 +128,7 @@ pub struct GrowVolume {
 /// `POST /v1/volumes/grow`: several volumes grown to one size, one result
 /// each ([`VolumeBatchResult`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BatchGrowVolumes {
     pub volumes: Vec<VolumeId>,
@@ -128,6 +138,7 @@ pub struct BatchGrowVolumes {
 /// One volume's outcome in a batch: an operation, or the error sentence
 /// and the HTTP status it would have had alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VolumeBatchResult {
     pub volume: VolumeId,
     pub status: u16,

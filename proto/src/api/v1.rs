@@ -29,6 +29,7 @@ pub const MAX_PORT_FORWARDS: usize = 8;
 
 /// `POST /v1/admin/accounts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
     pub name: String,
@@ -41,6 +42,7 @@ pub struct CreateAccount {
 
 /// `PATCH /v1/admin/accounts/{id}`: fields left out stay as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAccount {
     #[serde(default)]
@@ -49,8 +51,16 @@ pub struct UpdateAccount {
     pub snapshot_quota_gib: Option<u64>,
 }
 
+/// Largest credit an account can hold, in micro-units either way (2^53:
+/// exact in every JSON number). A change that would take the balance
+/// past it is refused (`amount_micros`, 422).
+pub const MAX_CREDIT_MICROS: i64 = 1 << 53;
+/// Largest size of one `AddCredit::amount_micros`.
+pub const MAX_CREDIT_CHANGE_MICROS: i64 = 1 << 50;
+
 /// `POST /v1/admin/accounts/{id}/credits`: a ledger entry; negative debits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AddCredit {
     pub amount_micros: i64,
@@ -59,6 +69,7 @@ pub struct AddCredit {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccountInfo {
     pub id: AccountId,
     pub name: String,
@@ -75,28 +86,82 @@ pub struct AccountInfo {
     #[serde(default)]
     pub snapshot_reserved_bytes: u64,
     pub created_at: DateTime<Utc>,
+    /// Where the account is in its life (deleted accounts stay listed).
+    #[serde(default)]
+    pub status: AccountStatus,
+}
+
+/// Where an account is in its life: `active`; `disabled` (its tokens are
+/// refused, its instances stopped, its data kept); `deleting` (its
+/// instances, snapshots and volumes are being removed); `deleted` (only its
+/// ledger and audit rows remain).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    #[default]
+    Active,
+    Disabled,
+    Deleting,
+    Deleted,
+}
+
+/// The answer to `POST /v1/admin/accounts/{id}/disable`, `.../enable` and
+/// `DELETE /v1/admin/accounts/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AccountLifecycle {
+    pub id: AccountId,
+    pub status: AccountStatus,
+    /// When the account entered this status.
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    /// Operations this call started: stops (disable), releases and
+    /// deletions (delete).
+    #[serde(default)]
+    pub operations: Vec<OperationId>,
+    /// What a deletion still waits for, one sentence each (empty once the
+    /// account is deleted).
+    #[serde(default)]
+    pub waiting_for: Vec<String>,
 }
 
 /// `POST /v1/admin/tokens`: an admin token when `account` is absent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     pub name: String,
     #[serde(default)]
     pub account: Option<AccountId>,
+    /// Seconds until the token stops working
+    /// ([`MIN_TOKEN_LIFETIME_SECS`]..=[`MAX_TOKEN_LIFETIME_SECS`]);
+    /// absent: it never expires.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
 }
 
+/// Shortest lifetime a token with an expiry may be given (one minute).
+pub const MIN_TOKEN_LIFETIME_SECS: u64 = 60;
+/// Longest lifetime a token with an expiry may be given (five years).
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 5 * 365 * 24 * 3600;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     pub id: TokenId,
     pub name: String,
     pub account: Option<AccountId>,
     pub created_at: DateTime<Utc>,
     pub revoked: bool,
+    /// When the token stops working; absent: never.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// The answer to token creation: the only time the secret is shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub info: TokenInfo,
@@ -106,6 +171,7 @@ pub struct CreatedToken {
 // ---------- hosts ----------
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GpuDevice {
     /// The model as NVML names it (`NVIDIA H100 80GB HBM3`); flavors match
@@ -147,6 +213,7 @@ impl GpuDevice {
 /// `POST /v1/admin/hosts`: pre-registers a host and its capacity (a host
 /// normally joins itself with a join token; see [`crate::api::agent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHost {
     pub name: String,
@@ -165,12 +232,14 @@ pub struct RegisterHost {
 /// `POST /v1/admin/hosts/{id}/region`: moves a host (with no instances)
 /// to another region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetHostRegion {
     pub region: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum HostHealth {
     Healthy,
@@ -178,6 +247,7 @@ pub enum HostHealth {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
     pub model: String,
     pub pci: PciAddress,
@@ -197,6 +267,7 @@ pub struct GpuInfo {
 /// `POST /v1/admin/hosts/{id}/gpus/{pci}/clear`: puts a quarantined (or
 /// lost) GPU back through the health gate; audited.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClearGpu {
     /// Why the admin clears it (kept in the audit log).
@@ -208,6 +279,7 @@ pub struct ClearGpu {
 /// matches GPUs whose NVML name is one of `models` (and a flavor's model
 /// always matches a GPU of exactly that name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuAlias {
     pub alias: String,
     pub models: Vec<String>,
@@ -215,6 +287,7 @@ pub struct GpuAlias {
 
 /// `PUT /v1/admin/gpu-aliases/{alias}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetGpuAlias {
     /// NVML model names (`NVIDIA H100 80GB HBM3`), at least one.
@@ -222,6 +295,7 @@ pub struct SetGpuAlias {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostInfo {
     pub id: HostId,
     pub name: String,
@@ -265,6 +339,7 @@ pub struct HostInfo {
 /// address), replacing the one the controller's CA issued. `DELETE` goes
 /// back to the CA's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetHostCertificate {
     /// Leaf first, then intermediates (PEM).
@@ -276,6 +351,7 @@ pub struct SetHostCertificate {
 // ---------- flavors and images ----------
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateFlavor {
     pub name: String,
@@ -290,6 +366,7 @@ pub struct CreateFlavor {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FlavorInfo {
     pub id: FlavorId,
     pub name: String,
@@ -303,6 +380,7 @@ pub struct FlavorInfo {
 
 /// `POST /v1/admin/images`: a base image every account may use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
     pub name: String,
@@ -313,6 +391,7 @@ pub struct CreateImage {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageInfo {
     pub id: ImageId,
     pub name: String,
@@ -327,6 +406,7 @@ pub struct ImageInfo {
 
 /// Scheduler weighing for one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Placement {
     /// Fill partly used hosts first (keeps whole hosts free for big jobs).
@@ -338,6 +418,7 @@ pub enum Placement {
 
 /// `POST /v1/instances`: exactly one of `image` and `snapshot`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstance {
     pub name: String,
@@ -367,6 +448,7 @@ pub struct CreateInstance {
 
 /// One port forward of an instance (the Access tab's rows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PortForwardInfo {
     pub id: ForwardId,
     pub protocol: Protocol,
@@ -387,6 +469,7 @@ pub struct PortForwardInfo {
 
 /// `POST /v1/instances/{id}/forwards` ("New Port Forwarding").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateForward {
     /// The service port inside the instance.
@@ -404,6 +487,7 @@ pub struct CreateForward {
 /// stay as they are. The host port stays unless the protocol changes and
 /// the same port is taken for the new one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UpdateForward {
     #[serde(default)]
@@ -418,6 +502,7 @@ pub struct UpdateForward {
 
 /// `POST /v1/ssh-keys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSshKey {
     pub name: String,
@@ -429,6 +514,7 @@ pub struct CreateSshKey {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SshKeyInfo {
     pub id: SshKeyId,
     pub account: AccountId,
@@ -441,6 +527,7 @@ pub struct SshKeyInfo {
 
 /// `GET /v1/instances/{id}/password` (each reveal is audited).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PasswordView {
     pub user: String,
     pub password: String,
@@ -448,6 +535,7 @@ pub struct PasswordView {
 
 /// One row of `GET /v1/instances`, and the answer to create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceSummary {
     pub id: InstanceId,
     pub name: String,
@@ -467,6 +555,7 @@ pub struct InstanceSummary {
 
 /// `GET /v1/instances/{id}/access`: the Access tab.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccessView {
     pub host_address: Option<String>,
     /// The instance's address on the host's access network.
@@ -487,6 +576,7 @@ pub struct AccessView {
 
 /// `GET /v1/instances/{id}/monitor`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MonitorView {
     pub state: InstanceState,
     pub desired_state: InstanceState,
@@ -498,6 +588,7 @@ pub struct MonitorView {
 
 /// `GET /v1/instances/{id}/billing`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BillingView {
     pub price_micros_per_hour: i64,
     pub billed_seconds: u64,
@@ -507,6 +598,7 @@ pub struct BillingView {
 
 /// `GET /v1/instances/{id}/config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigView {
     pub name: String,
     pub flavor: FlavorId,
@@ -520,6 +612,7 @@ pub struct ConfigView {
 
 /// `GET /v1/instances/{id}/hardware`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HardwareView {
     pub host: Option<HostId>,
     pub vcpus: u32,
@@ -534,6 +627,7 @@ pub struct HardwareView {
 
 /// `POST /v1/instances/{id}/actions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum InstanceAction {
     // Empty struct variants (not unit ones) so unknown fields are refused.
@@ -572,6 +666,7 @@ impl InstanceAction {
 /// `POST /v1/instances/batch`: one action on many instances, e.g.
 /// `{"instances": [...], "request": {"action": "stop"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BatchAction {
     pub instances: Vec<InstanceId>,
@@ -581,6 +676,7 @@ pub struct BatchAction {
 /// One instance's outcome in a batch: an operation, or the error sentence
 /// and the HTTP status it would have had alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchResult {
     pub instance: InstanceId,
     pub status: u16,
@@ -594,6 +690,7 @@ pub use super::fleet::*;
 pub use crate::operation::{OperationKind, OperationState};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperationInfo {
     pub id: OperationId,
     pub kind: OperationKind,
@@ -612,6 +709,7 @@ pub struct OperationInfo {
 
 /// `POST /v1/instances/{id}/snapshots`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     pub name: String,
@@ -626,6 +724,7 @@ pub struct CreateSnapshot {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SnapshotInfo {
     pub id: SnapshotId,
     pub account: AccountId,
@@ -672,6 +771,7 @@ fn yes() -> bool {
 
 /// What a usage record charges for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UsageKind {
     /// Time an instance spent Running: `quantity` in ms, `price_micros`
@@ -690,6 +790,7 @@ pub enum UsageKind {
 
 /// One row of `GET /v1/usage`: a charge against the account's credit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageRecord {
     pub account: AccountId,
     pub instance: Option<InstanceId>,
@@ -703,6 +804,7 @@ pub struct UsageRecord {
 // ---------- audit ----------
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     pub at: DateTime<Utc>,
     /// Token id, `bootstrap-admin`, or `anonymous`.

@@ -1,11 +1,12 @@
 //! Reaching instances: port forwards, SSH keys, the Access view as text,
 //! and the password reset that waits for its operation.
 
-use crate::text::{qs, render};
-use crate::{body, call, show, Call, CliResult, Client, Fail};
+use crate::client::{CliResult, Client, Fail, Want};
+use crate::text::render;
+use crate::{body, call, show, Call};
 use clap::Subcommand;
 use gantry_proto::api::v1::*;
-use gantry_proto::ids::AccountId;
+use gantry_proto::ids::{AccountId, ForwardId, InstanceId, SshKeyId};
 use gantry_proto::net::Protocol;
 use reqwest::Method as M;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 pub enum ForwardCmd {
     /// Forward a guest port (the host port is chosen by the controller).
     Add {
-        instance: String,
+        instance: InstanceId,
         #[arg(long)]
         guest_port: u16,
         /// tcp (default) or udp.
@@ -28,12 +29,12 @@ pub enum ForwardCmd {
         label: String,
     },
     List {
-        instance: String,
+        instance: InstanceId,
     },
     /// Change a forward; options left out stay as they are.
     Edit {
-        instance: String,
-        forward: String,
+        instance: InstanceId,
+        forward: ForwardId,
         #[arg(long)]
         guest_port: Option<u16>,
         #[arg(long)]
@@ -44,8 +45,8 @@ pub enum ForwardCmd {
         label: Option<String>,
     },
     Delete {
-        instance: String,
-        forward: String,
+        instance: InstanceId,
+        forward: ForwardId,
     },
 }
 
@@ -67,10 +68,10 @@ pub enum SshKeyCmd {
     List {
         /// Another account's keys (admin).
         #[arg(long)]
-        account: Option<String>,
+        account: Option<AccountId>,
     },
     Delete {
-        id: String,
+        id: SshKeyId,
     },
 }
 
@@ -100,16 +101,11 @@ pub fn plan_forward(c: ForwardCmd) -> Call {
                 https,
                 label,
             });
-            call(
-                M::POST,
-                format!("/v1/instances/{instance}/forwards"),
-                b,
-                &[],
-            )
+            call(M::POST, v1!("instances", instance, "forwards"), b, &[])
         }
         ForwardCmd::List { instance } => call(
             M::GET,
-            format!("/v1/instances/{instance}/forwards"),
+            v1!("instances", instance, "forwards"),
             None,
             FORWARD_COLS,
         ),
@@ -127,12 +123,12 @@ pub fn plan_forward(c: ForwardCmd) -> Call {
                 https,
                 label,
             });
-            let path = format!("/v1/instances/{instance}/forwards/{forward}");
+            let path = v1!("instances", instance, "forwards", forward);
             call(M::PATCH, path, b, &[])
         }
         ForwardCmd::Delete { instance, forward } => call(
             M::DELETE,
-            format!("/v1/instances/{instance}/forwards/{forward}"),
+            v1!("instances", instance, "forwards", forward),
             None,
             &[],
         ),
@@ -159,15 +155,15 @@ pub fn plan_ssh_key(c: SshKeyCmd) -> CliResult<Call> {
                 public_key: public_key.trim().to_string(),
                 account,
             });
-            call(M::POST, "/v1/ssh-keys", b, &[])
+            call(M::POST, v1!("ssh-keys"), b, &[])
         }
         SshKeyCmd::List { account } => call(
             M::GET,
-            format!("/v1/ssh-keys{}", qs(&[("account", account)])),
+            v1!("ssh-keys").query(&[("account", account.map(|a| a.to_string()))]),
             None,
             &["id", "name", "fingerprint", "account", "created_at"],
         ),
-        SshKeyCmd::Delete { id } => call(M::DELETE, format!("/v1/ssh-keys/{id}"), None, &[]),
+        SshKeyCmd::Delete { id } => call(M::DELETE, v1!("ssh-keys", id), None, &[]),
     })
 }
 
@@ -181,8 +177,8 @@ fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value, what: &str) -> C
 
 /// The Access view as text: the SSH command, the JupyterLab link, the
 /// forwards and whether a password is set.
-pub async fn print_access(client: &Client, id: &str) -> CliResult<()> {
-    let v = client.get(&format!("/v1/instances/{id}/access")).await?;
+pub async fn print_access(client: &Client, id: InstanceId) -> CliResult<()> {
+    let v = client.get(&v1!("instances", id, "access")).await?;
     let a: AccessView = decode(v.clone(), "access view")?;
     let dash = || "-".to_string();
     println!("SSH:        {}", a.ssh_command.clone().unwrap_or_else(dash));
@@ -202,12 +198,12 @@ pub async fn print_access(client: &Client, id: &str) -> CliResult<()> {
 /// Resets the password and waits for its operation; prints the note.
 pub async fn reset_password(
     client: &Client,
-    id: &str,
+    id: InstanceId,
     wait_secs: u64,
     json: bool,
 ) -> CliResult<()> {
     let v = client
-        .send(M::POST, &format!("/v1/instances/{id}/password"), None)
+        .send(M::POST, &v1!("instances", id, "password"), None, Want::Json)
         .await?;
     let mut op: OperationInfo = decode(v, "operation")?;
     let deadline = Instant::now() + Duration::from_secs(wait_secs);
@@ -219,10 +215,7 @@ pub async fn reset_password(
             )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        op = decode(
-            client.get(&format!("/v1/operations/{}", op.id)).await?,
-            "operation",
-        )?;
+        op = decode(client.get(&v1!("operations", op.id)).await?, "operation")?;
     }
     if json {
         show(true, &serde_json::to_value(&op).unwrap_or_default(), &[]);

@@ -1,12 +1,12 @@
 //! Admin commands: hosts (and their certificates), accounts, tokens,
 //! flavors, images, join tokens, the audit log and usage.
 
-use crate::text::qs;
-use crate::{body, call, Call, CliResult, Fail};
+use crate::client::{CliResult, Fail};
+use crate::{body, call, Call};
 use clap::Subcommand;
 use gantry_proto::api::agent::{CreateJoinToken, ImageOrigin};
 use gantry_proto::api::v1::*;
-use gantry_proto::ids::AccountId;
+use gantry_proto::ids::{AccountId, HostId, InstanceId, TokenId};
 use gantry_proto::net::Secret;
 use gantry_proto::validate::PciAddress;
 use reqwest::Method as M;
@@ -72,7 +72,7 @@ pub enum ImageCmd {
 pub enum HostCmd {
     List,
     Get {
-        id: String,
+        id: HostId,
     },
     /// Register a host; GPUs as MODEL@PCI, e.g. H100@0000:65:00.0.
     Register {
@@ -93,30 +93,30 @@ pub enum HostCmd {
         region: Option<String>,
     },
     Cordon {
-        id: String,
+        id: HostId,
     },
     Uncordon {
-        id: String,
+        id: HostId,
     },
     Drain {
-        id: String,
+        id: HostId,
     },
     /// Revoke the host's credential: it is refused at once and its
     /// instances are treated as on a dead host; it joins again with a new
     /// join token.
     Revoke {
-        id: String,
+        id: HostId,
     },
     /// Move a host with no instances to another region.
     SetRegion {
-        id: String,
+        id: HostId,
         #[arg(long)]
         region: String,
     },
     /// Use your own certificate for the host's HTTPS proxy (PEM files:
     /// the chain, leaf first, and its key).
     SetCertificate {
-        id: String,
+        id: HostId,
         #[arg(long)]
         cert: PathBuf,
         #[arg(long)]
@@ -124,7 +124,7 @@ pub enum HostCmd {
     },
     /// Go back to a certificate issued by the controller's CA.
     ClearCertificate {
-        id: String,
+        id: HostId,
     },
 }
 
@@ -132,7 +132,7 @@ pub enum HostCmd {
 pub enum AccountCmd {
     List,
     Show {
-        id: Option<String>,
+        id: Option<AccountId>,
     },
     Create {
         #[arg(long)]
@@ -144,18 +144,30 @@ pub enum AccountCmd {
     },
     /// Add credit (negative to debit), in micro-units.
     Credit {
-        id: String,
+        id: AccountId,
         #[arg(allow_hyphen_values = true)]
         amount_micros: i64,
         #[arg(long, default_value = "")]
         note: String,
     },
     Update {
-        id: String,
+        id: AccountId,
         #[arg(long)]
         billing_profile_complete: Option<bool>,
         #[arg(long)]
         snapshot_quota_gib: Option<u64>,
+    },
+    /// Disable: its tokens are refused, its Running instances stopped.
+    Disable {
+        id: AccountId,
+    },
+    /// Enable a disabled account.
+    Enable {
+        id: AccountId,
+    },
+    /// Delete a disabled account: its instances, snapshots and volumes go.
+    Delete {
+        id: AccountId,
     },
 }
 
@@ -168,28 +180,55 @@ pub enum TokenCmd {
         name: String,
         #[arg(long)]
         account: Option<AccountId>,
+        /// How long it works: seconds, or a number with s, m, h or d
+        /// (`30d`); 1 minute to 5 years [default: it never expires].
+        #[arg(long, value_name = "SECS", value_parser = parse_lifetime)]
+        expires_in: Option<u64>,
     },
     Revoke {
-        id: String,
+        id: TokenId,
     },
 }
 
-pub fn plan_audit(account: Option<String>, limit: u32) -> Call {
+/// `90`, `90s`, `15m`, `12h` or `30d` as seconds.
+fn parse_lifetime(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?}: expected seconds, or a number with s, m, h or d"
+            ))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(per))
+        .ok_or_else(|| format!("{s:?}: expected seconds, or a number with s, m, h or d"))
+}
+
+pub fn plan_audit(account: Option<AccountId>, limit: u32) -> Call {
     call(
         M::GET,
-        format!(
-            "/v1/admin/audit{}",
-            qs(&[("account", account), ("limit", Some(limit.to_string()))])
-        ),
+        v1!("admin", "audit").query(&[
+            ("account", account.map(|a| a.to_string())),
+            ("limit", Some(limit.to_string())),
+        ]),
         None,
         &["at", "actor", "method", "path", "status"],
     )
 }
 
-pub fn plan_usage(instance: Option<String>, account: Option<String>, limit: u32) -> Call {
+pub fn plan_usage(instance: Option<InstanceId>, account: Option<AccountId>, limit: u32) -> Call {
     let q = [
-        ("instance", instance),
-        ("account", account),
+        ("instance", instance.map(|i| i.to_string())),
+        ("account", account.map(|a| a.to_string())),
         ("limit", Some(limit.to_string())),
     ];
     let cols = &[
@@ -200,20 +239,20 @@ pub fn plan_usage(instance: Option<String>, account: Option<String>, limit: u32)
         "price_micros",
         "amount_micros",
     ];
-    call(M::GET, format!("/v1/usage{}", qs(&q)), None, cols)
+    call(M::GET, v1!("usage").query(&q), None, cols)
 }
 
 pub fn plan_join_token(c: JoinTokenCmd) -> Call {
     let JoinTokenCmd::Create { ttl_secs, region } = c;
     let b = body(&CreateJoinToken { ttl_secs, region });
-    call(M::POST, "/v1/admin/join-tokens", b, &[])
+    call(M::POST, v1!("admin", "join-tokens"), b, &[])
 }
 
 pub fn plan_flavor(c: FlavorCmd) -> Call {
     match c {
         FlavorCmd::List => call(
             M::GET,
-            "/v1/flavors",
+            v1!("flavors"),
             None,
             &[
                 "id",
@@ -244,7 +283,7 @@ pub fn plan_flavor(c: FlavorCmd) -> Call {
                 gpu_count,
                 price_micros_per_hour,
             });
-            call(M::POST, "/v1/admin/flavors", b, &[])
+            call(M::POST, v1!("admin", "flavors"), b, &[])
         }
     }
 }
@@ -253,7 +292,7 @@ pub fn plan_image(c: ImageCmd) -> Call {
     match c {
         ImageCmd::List => call(
             M::GET,
-            "/v1/images",
+            v1!("images"),
             None,
             &["id", "name", "size_gib", "source_snapshot"],
         ),
@@ -276,7 +315,7 @@ pub fn plan_image(c: ImageCmd) -> Call {
                 size_gib,
                 origin,
             });
-            call(M::POST, "/v1/admin/images", b, &[])
+            call(M::POST, v1!("admin", "images"), b, &[])
         }
     }
 }
@@ -290,7 +329,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
     Ok(match c {
         HostCmd::List => call(
             M::GET,
-            "/v1/admin/hosts",
+            v1!("admin", "hosts"),
             None,
             &[
                 "id",
@@ -306,7 +345,7 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
                 "gpus",
             ],
         ),
-        HostCmd::Get { id } => call(M::GET, format!("/v1/admin/hosts/{id}"), None, &[]),
+        HostCmd::Get { id } => call(M::GET, v1!("admin", "hosts", id), None, &[]),
         HostCmd::Register {
             name,
             address,
@@ -337,28 +376,26 @@ pub fn plan_host(c: HostCmd) -> CliResult<Call> {
                 gpus: list,
                 region,
             });
-            call(M::POST, "/v1/admin/hosts", b, &[])
+            call(M::POST, v1!("admin", "hosts"), b, &[])
         }
-        HostCmd::Cordon { id } => call(M::POST, format!("/v1/admin/hosts/{id}/cordon"), None, &[]),
-        HostCmd::Uncordon { id } => {
-            call(M::POST, format!("/v1/admin/hosts/{id}/uncordon"), None, &[])
-        }
-        HostCmd::Drain { id } => call(M::POST, format!("/v1/admin/hosts/{id}/drain"), None, &[]),
-        HostCmd::Revoke { id } => call(M::POST, format!("/v1/admin/hosts/{id}/revoke"), None, &[]),
+        HostCmd::Cordon { id } => call(M::POST, v1!("admin", "hosts", id, "cordon"), None, &[]),
+        HostCmd::Uncordon { id } => call(M::POST, v1!("admin", "hosts", id, "uncordon"), None, &[]),
+        HostCmd::Drain { id } => call(M::POST, v1!("admin", "hosts", id, "drain"), None, &[]),
+        HostCmd::Revoke { id } => call(M::POST, v1!("admin", "hosts", id, "revoke"), None, &[]),
         HostCmd::SetRegion { id, region } => {
             let b = body(&SetHostRegion { region });
-            call(M::POST, format!("/v1/admin/hosts/{id}/region"), b, &[])
+            call(M::POST, v1!("admin", "hosts", id, "region"), b, &[])
         }
         HostCmd::SetCertificate { id, cert, key } => {
             let b = body(&SetHostCertificate {
                 cert_chain_pem: read(&cert, "certificate file")?,
                 key_pem: Secret::new(read(&key, "key file")?),
             });
-            call(M::PUT, format!("/v1/admin/hosts/{id}/certificate"), b, &[])
+            call(M::PUT, v1!("admin", "hosts", id, "certificate"), b, &[])
         }
         HostCmd::ClearCertificate { id } => call(
             M::DELETE,
-            format!("/v1/admin/hosts/{id}/certificate"),
+            v1!("admin", "hosts", id, "certificate"),
             None,
             &[],
         ),
@@ -369,7 +406,7 @@ pub fn plan_account(c: AccountCmd) -> Call {
     match c {
         AccountCmd::List => call(
             M::GET,
-            "/v1/admin/accounts",
+            v1!("admin", "accounts"),
             None,
             &[
                 "id",
@@ -377,12 +414,11 @@ pub fn plan_account(c: AccountCmd) -> Call {
                 "credit_micros",
                 "billing_profile_complete",
                 "snapshot_quota_gib",
+                "status",
             ],
         ),
-        AccountCmd::Show { id: Some(id) } => {
-            call(M::GET, format!("/v1/admin/accounts/{id}"), None, &[])
-        }
-        AccountCmd::Show { id: None } => call(M::GET, "/v1/account", None, &[]),
+        AccountCmd::Show { id: Some(id) } => call(M::GET, v1!("admin", "accounts", id), None, &[]),
+        AccountCmd::Show { id: None } => call(M::GET, v1!("account"), None, &[]),
         AccountCmd::Create {
             name,
             billing_profile_complete,
@@ -393,7 +429,7 @@ pub fn plan_account(c: AccountCmd) -> Call {
                 billing_profile_complete,
                 snapshot_quota_gib,
             });
-            call(M::POST, "/v1/admin/accounts", b, &[])
+            call(M::POST, v1!("admin", "accounts"), b, &[])
         }
         AccountCmd::Credit {
             id,
@@ -404,7 +440,7 @@ pub fn plan_account(c: AccountCmd) -> Call {
                 amount_micros,
                 note,
             });
-            call(M::POST, format!("/v1/admin/accounts/{id}/credits"), b, &[])
+            call(M::POST, v1!("admin", "accounts", id, "credits"), b, &[])
         }
         AccountCmd::Update {
             id,
@@ -415,8 +451,15 @@ pub fn plan_account(c: AccountCmd) -> Call {
                 billing_profile_complete,
                 snapshot_quota_gib,
             });
-            call(M::PATCH, format!("/v1/admin/accounts/{id}"), b, &[])
+            call(M::PATCH, v1!("admin", "accounts", id), b, &[])
         }
+        AccountCmd::Disable { id } => {
+            call(M::POST, v1!("admin", "accounts", id, "disable"), None, &[])
+        }
+        AccountCmd::Enable { id } => {
+            call(M::POST, v1!("admin", "accounts", id, "enable"), None, &[])
+        }
+        AccountCmd::Delete { id } => call(M::DELETE, v1!("admin", "accounts", id), None, &[]),
     }
 }
 
@@ -424,14 +467,62 @@ pub fn plan_token(c: TokenCmd) -> Call {
     match c {
         TokenCmd::List => call(
             M::GET,
-            "/v1/admin/tokens",
+            v1!("admin", "tokens"),
             None,
-            &["id", "name", "account", "revoked", "created_at"],
+            &[
+                "id",
+                "name",
+                "account",
+                "revoked",
+                "created_at",
+                "expires_at",
+            ],
         ),
-        TokenCmd::Create { name, account } => {
-            let b = body(&CreateToken { name, account });
-            call(M::POST, "/v1/admin/tokens", b, &[])
+        TokenCmd::Create {
+            name,
+            account,
+            expires_in,
+        } => {
+            let b = body(&CreateToken {
+                name,
+                account,
+                expires_in_secs: expires_in,
+            });
+            call(M::POST, v1!("admin", "tokens"), b, &[])
         }
-        TokenCmd::Revoke { id } => call(M::DELETE, format!("/v1/admin/tokens/{id}"), None, &[]),
+        TokenCmd::Revoke { id } => call(M::DELETE, v1!("admin", "tokens", id), None, &[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_read_as_seconds() {
+        let secs: Vec<_> = ["90", "90s", "15m", "12h", "30d"]
+            .iter()
+            .map(|s| parse_lifetime(s).unwrap())
+            .collect();
+        assert_eq!(secs, [90, 90, 900, 43_200, 2_592_000]);
+        for bad in ["", "d", "3w", "1.5h", "-5", "99999999999999999999d"] {
+            assert_eq!(
+                parse_lifetime(bad).unwrap_err(),
+                format!("{bad:?}: expected seconds, or a number with s, m, h or d")
+            );
+        }
+    }
+
+    #[test]
+    fn token_create_sends_the_expiry() {
+        let c = plan_token(TokenCmd::Create {
+            name: "ci".into(),
+            account: None,
+            expires_in: Some(3600),
+        });
+        assert_eq!(
+            c.body,
+            Some(serde_json::json!({"name": "ci", "expires_in_secs": 3600}))
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! `gantryctl admin ...`: clearing a quarantined or lost GPU, the GPU
 //! alias table, settling a stuck operation and removing a dead host.
 
-use crate::{body, call, Call, CliResult, Fail};
+use crate::client::{CliResult, Fail};
+use crate::{body, call, Call};
 use clap::Subcommand;
 use gantry_proto::api::v1::{ClearGpu, MoveInstance, SetGpuAlias, SettleOperation, SettleOutcome};
-use gantry_proto::ids::HostId;
-use gantry_proto::validate::PciAddress;
+use gantry_proto::ids::{HostId, InstanceId, OperationId};
+use gantry_proto::validate::{self, PciAddress};
 use reqwest::Method as M;
 
 #[derive(Subcommand)]
@@ -20,7 +21,7 @@ pub enum AdminCmd {
     /// undoes it and frees what it held; `succeeded` only for a release or
     /// a deletion on a host that is gone.
     Settle {
-        operation: String,
+        operation: OperationId,
         #[arg(long, value_parser = ["failed", "succeeded"])]
         outcome: String,
         /// Why (kept with the operation and in the audit log).
@@ -29,11 +30,11 @@ pub enum AdminCmd {
     },
     /// Remove a host that is down for good: its releases are settled, its
     /// other instances fail, its credential stops working.
-    RemoveHost { host: String },
+    RemoveHost { host: HostId },
     /// Move a Stopped instance to another host (through the shared
     /// snapshot store, data volume too); prints the first operation.
     Move {
-        instance: String,
+        instance: InstanceId,
         /// The host to move to [default: the best other host of its
         /// region; its own host must then be cordoned].
         #[arg(long)]
@@ -46,7 +47,7 @@ pub enum GpuCmd {
     /// Put a quarantined or lost GPU through the host's health gate again
     /// (audited); prints the operation.
     Clear {
-        host: String,
+        host: HostId,
         /// The GPU's PCI address, e.g. 0000:65:00.0.
         pci: String,
         /// Why (kept in the audit log).
@@ -79,7 +80,7 @@ pub fn plan_admin(c: AdminCmd) -> CliResult<Call> {
             })?;
             call(
                 M::POST,
-                format!("/v1/admin/hosts/{host}/gpus/{pci}/clear"),
+                v1!("admin", "hosts", host, "gpus", pci, "clear"),
                 body(&ClearGpu { note }),
                 &[],
             )
@@ -96,39 +97,48 @@ pub fn plan_admin(c: AdminCmd) -> CliResult<Call> {
             };
             call(
                 M::POST,
-                format!("/v1/admin/operations/{operation}/settle"),
+                v1!("admin", "operations", operation, "settle"),
                 body(&SettleOperation { outcome, reason }),
                 &[],
             )
         }
         AdminCmd::RemoveHost { host } => call(
             M::POST,
-            format!("/v1/admin/hosts/{host}/remove"),
+            v1!("admin", "hosts", host, "remove"),
             None,
             &["host", "released", "failed", "settled"],
         ),
         AdminCmd::Move { instance, host } => call(
             M::POST,
-            format!("/v1/admin/instances/{instance}/move"),
+            v1!("admin", "instances", instance, "move"),
             body(&MoveInstance { host }),
             &[],
         ),
-        AdminCmd::GpuAlias(GpuAliasCmd::List) => {
-            call(M::GET, "/v1/admin/gpu-aliases", None, &["alias", "models"])
-        }
+        AdminCmd::GpuAlias(GpuAliasCmd::List) => call(
+            M::GET,
+            v1!("admin", "gpu-aliases"),
+            None,
+            &["alias", "models"],
+        ),
         AdminCmd::GpuAlias(GpuAliasCmd::Set { alias, models }) => call(
             M::PUT,
-            format!("/v1/admin/gpu-aliases/{alias}"),
+            v1!("admin", "gpu-aliases", alias_name(&alias)?),
             body(&SetGpuAlias { models }),
             &[],
         ),
         AdminCmd::GpuAlias(GpuAliasCmd::Delete { alias }) => call(
             M::DELETE,
-            format!("/v1/admin/gpu-aliases/{alias}"),
+            v1!("admin", "gpu-aliases", alias_name(&alias)?),
             None,
             &[],
         ),
     })
+}
+
+/// An alias as the API names it (an object name), refused here otherwise.
+fn alias_name(alias: &str) -> CliResult<&str> {
+    validate::object_name("alias", alias).map_err(|e| Fail::Local(e.to_string()))?;
+    Ok(alias)
 }
 
 #[cfg(test)]
@@ -137,17 +147,21 @@ mod tests {
 
     #[test]
     fn bodies_are_the_api_types() {
+        let host = HostId::new();
         let c = plan_admin(AdminCmd::Gpu(GpuCmd::Clear {
-            host: "hst-1".into(),
+            host,
             pci: "0000:65:00.0".into(),
             note: Some("reseated".into()),
         }))
         .ok()
         .unwrap();
-        assert_eq!(c.path, "/v1/admin/hosts/hst-1/gpus/0000:65:00.0/clear");
+        assert_eq!(
+            c.path.as_str(),
+            format!("/v1/admin/hosts/{host}/gpus/0000:65:00.0/clear")
+        );
         assert_eq!(c.body, Some(serde_json::json!({"note": "reseated"})));
         let bad = plan_admin(AdminCmd::Gpu(GpuCmd::Clear {
-            host: "hst-1".into(),
+            host,
             pci: "65:00".into(),
             note: None,
         }));
@@ -162,5 +176,9 @@ mod tests {
             c.body,
             Some(serde_json::json!({"models": ["NVIDIA H100 80GB HBM3"]}))
         );
+        let dots = plan_admin(AdminCmd::GpuAlias(GpuAliasCmd::Delete {
+            alias: "..".into(),
+        }));
+        assert!(matches!(dots, Err(Fail::Local(_))));
     }
 }

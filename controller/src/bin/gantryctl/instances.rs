@@ -1,8 +1,8 @@
 //! Instance commands (list, get and views, create, actions, batch,
 //! password), snapshots and volumes.
 
-use crate::text::qs;
-use crate::{body, call, Call, CliResult, Client, Fail};
+use crate::client::{CliResult, Client, Fail};
+use crate::{body, call, Call};
 use clap::Subcommand;
 use gantry_proto::api::v1::*;
 use gantry_proto::ids::*;
@@ -17,7 +17,7 @@ pub enum InstanceCmd {
     },
     /// Summary, or one view.
     Get {
-        id: String,
+        id: InstanceId,
         #[arg(long, value_parser = ["access", "monitor", "billing", "config", "hardware"])]
         view: Option<String>,
     },
@@ -50,7 +50,7 @@ pub enum InstanceCmd {
     /// start, stop, reboot, force-reboot, suspend, resume, change-type,
     /// grow-disk, release.
     Action {
-        id: String,
+        id: InstanceId,
         action: String,
         #[arg(long)]
         flavor: Option<FlavorId>,
@@ -70,7 +70,7 @@ pub enum InstanceCmd {
     /// Reveal root's password (audited); `--reset` sets a new one and waits
     /// until the host has applied it.
     Password {
-        id: String,
+        id: InstanceId,
         #[arg(long)]
         reset: bool,
         /// How long `--reset` waits for the host.
@@ -91,10 +91,10 @@ pub enum SnapshotCmd {
     },
     /// One snapshot (progress, sizes, error).
     Get {
-        id: String,
+        id: SnapshotId,
     },
     Create {
-        instance: String,
+        instance: InstanceId,
         #[arg(long)]
         name: String,
         #[arg(long, default_value = "")]
@@ -105,7 +105,7 @@ pub enum SnapshotCmd {
         as_image: bool,
     },
     Delete {
-        id: String,
+        id: SnapshotId,
     },
 }
 
@@ -127,7 +127,7 @@ pub enum VolumeCmd {
         instance: Option<InstanceId>,
     },
     Get {
-        id: String,
+        id: VolumeId,
     },
     /// Grow one volume, or several to the same size (never shrinks).
     Grow {
@@ -138,7 +138,7 @@ pub enum VolumeCmd {
     },
     /// Delete a detached volume (and its file on its host).
     Delete {
-        id: String,
+        id: VolumeId,
     },
 }
 
@@ -187,17 +187,17 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
     Ok(Some(match c {
         InstanceCmd::List { status } => call(
             M::GET,
-            format!("/v1/instances{}", qs(&[("status", status)])),
+            v1!("instances").query(&[("status", status)]),
             None,
             INSTANCE_COLS,
         ),
         InstanceCmd::Get { id, view } => match view.as_deref() {
             Some("access") if !json => {
-                crate::access::print_access(client, &id).await?;
+                crate::access::print_access(client, id).await?;
                 return Ok(None);
             }
-            Some(v) => call(M::GET, format!("/v1/instances/{id}/{v}"), None, &[]),
-            None => call(M::GET, format!("/v1/instances/{id}"), None, &[]),
+            Some(v) => call(M::GET, v1!("instances", id, v), None, &[]),
+            None => call(M::GET, v1!("instances", id), None, &[]),
         },
         InstanceCmd::Create {
             name,
@@ -221,7 +221,7 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
                 account,
                 region,
             });
-            call(M::POST, "/v1/instances", b, &[])
+            call(M::POST, v1!("instances"), b, &[])
         }
         InstanceCmd::Action {
             id,
@@ -230,7 +230,7 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
             root_disk_gib,
         } => call(
             M::POST,
-            format!("/v1/instances/{id}/actions"),
+            v1!("instances", id, "actions"),
             body(&action(&a, flavor, root_disk_gib)?),
             &[],
         ),
@@ -245,17 +245,17 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
                 request: action(&a, flavor, root_disk_gib)?,
             });
             let cols = &["instance", "status", "operation", "error"];
-            call(M::POST, "/v1/instances/batch", b, cols)
+            call(M::POST, v1!("instances", "batch"), b, cols)
         }
         InstanceCmd::Password {
             id, reset: false, ..
-        } => call(M::GET, format!("/v1/instances/{id}/password"), None, &[]),
+        } => call(M::GET, v1!("instances", id, "password"), None, &[]),
         InstanceCmd::Password {
             id,
             reset: true,
             wait_secs,
         } => {
-            crate::access::reset_password(client, &id, wait_secs, json).await?;
+            crate::access::reset_password(client, id, wait_secs, json).await?;
             return Ok(None);
         }
     }))
@@ -265,10 +265,7 @@ pub fn plan_snapshot(c: SnapshotCmd) -> Call {
     match c {
         SnapshotCmd::List { status, region } => call(
             M::GET,
-            format!(
-                "/v1/snapshots{}",
-                qs(&[("status", status), ("region", region)])
-            ),
+            v1!("snapshots").query(&[("status", status), ("region", region)]),
             None,
             &[
                 "id",
@@ -282,7 +279,7 @@ pub fn plan_snapshot(c: SnapshotCmd) -> Call {
                 "created_at",
             ],
         ),
-        SnapshotCmd::Get { id } => call(M::GET, format!("/v1/snapshots/{id}"), None, &[]),
+        SnapshotCmd::Get { id } => call(M::GET, v1!("snapshots", id), None, &[]),
         SnapshotCmd::Create {
             instance,
             name,
@@ -296,14 +293,9 @@ pub fn plan_snapshot(c: SnapshotCmd) -> Call {
                 auto_release,
                 as_image,
             });
-            call(
-                M::POST,
-                format!("/v1/instances/{instance}/snapshots"),
-                b,
-                &[],
-            )
+            call(M::POST, v1!("instances", instance, "snapshots"), b, &[])
         }
-        SnapshotCmd::Delete { id } => call(M::DELETE, format!("/v1/snapshots/{id}"), None, &[]),
+        SnapshotCmd::Delete { id } => call(M::DELETE, v1!("snapshots", id), None, &[]),
     }
 }
 
@@ -311,7 +303,7 @@ pub fn plan_volume(c: VolumeCmd) -> Call {
     match c {
         VolumeCmd::List => call(
             M::GET,
-            "/v1/volumes",
+            v1!("volumes"),
             None,
             &["id", "name", "size_gib", "host", "instance", "operation"],
         ),
@@ -329,12 +321,12 @@ pub fn plan_volume(c: VolumeCmd) -> Call {
                 host,
                 instance,
             });
-            call(M::POST, "/v1/volumes", b, &[])
+            call(M::POST, v1!("volumes"), b, &[])
         }
-        VolumeCmd::Get { id } => call(M::GET, format!("/v1/volumes/{id}"), None, &[]),
+        VolumeCmd::Get { id } => call(M::GET, v1!("volumes", id), None, &[]),
         VolumeCmd::Grow { ids, size_gib } if ids.len() == 1 => call(
             M::POST,
-            format!("/v1/volumes/{}/grow", ids[0]),
+            v1!("volumes", ids[0], "grow"),
             body(&GrowVolume { size_gib }),
             &[],
         ),
@@ -345,11 +337,11 @@ pub fn plan_volume(c: VolumeCmd) -> Call {
             });
             call(
                 M::POST,
-                "/v1/volumes/grow",
+                v1!("volumes", "grow"),
                 b,
                 &["volume", "status", "operation", "error"],
             )
         }
-        VolumeCmd::Delete { id } => call(M::DELETE, format!("/v1/volumes/{id}"), None, &[]),
+        VolumeCmd::Delete { id } => call(M::DELETE, v1!("volumes", id), None, &[]),
     }
 }

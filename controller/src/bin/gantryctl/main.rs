@@ -1,18 +1,20 @@
 //! `gantryctl`: the command-line client of the controller API, for admins
 //! and tenants. Reads `GANTRY_URL` and `GANTRY_TOKEN`; prints tables, or
 //! the API's JSON with `--json`. Request bodies are the API's own types
-//! (`gantry_proto::api::v1`), so a renamed field does not compile.
-//!
-//! Exit codes: 0 done; 1 the API refused the call (4xx, its sentence is
-//! printed); 2 bad command line; 3 local input (no token, unreadable
-//! file, missing option); 4 the controller cannot be reached; 5 the
-//! controller failed (5xx); 6 an operation waited for failed or timed out.
+//! (`gantry_proto::api::v1`), so a renamed field does not compile; ids on
+//! the command line are the typed ids, and every path is built by
+//! [`client::ApiPath`]. Exit codes, timeouts and what `--json` prints on a
+//! failure: [`client::EXIT_CODES`] (also in `gantryctl --help`).
 
 use clap::{Parser, Subcommand};
+use client::{ApiPath, CliResult, Client, Fail, Want, EXIT_CODES};
+use gantry_proto::ids::{AccountId, InstanceId, OperationId};
 use reqwest::Method;
 use serde_json::Value;
 use text::{render, strip_nulls};
 
+#[macro_use]
+mod client;
 mod access;
 mod admin;
 mod gpus;
@@ -20,7 +22,11 @@ mod instances;
 mod text;
 
 #[derive(Parser)]
-#[command(version, about = "Command-line client for the Gantry controller")]
+#[command(
+    version,
+    about = "Command-line client for the Gantry controller",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// Controller URL.
     #[arg(long, env = "GANTRY_URL", default_value = "http://127.0.0.1:8787")]
@@ -28,9 +34,19 @@ struct Cli {
     /// API token (admin or account).
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Print the API's JSON instead of a table.
+    /// Print the API's JSON instead of a table (and a failure as one JSON
+    /// object on stdout).
     #[arg(long, global = true)]
     json: bool,
+    /// Seconds to wait for a connection to the controller.
+    #[arg(long, global = true, env = "GANTRY_CONNECT_TIMEOUT_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    connect_timeout_secs: u64,
+    /// Seconds one request may take, answer included (commands that wait
+    /// for an operation poll it with such requests).
+    #[arg(long, global = true, env = "GANTRY_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout_secs: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -75,53 +91,26 @@ enum Cmd {
     /// The audit log (admin).
     Audit {
         #[arg(long)]
-        account: Option<String>,
+        account: Option<AccountId>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
     /// An operation's state and progress.
-    Operation { id: String },
+    Operation { id: OperationId },
     /// Host join tokens (admin).
     #[command(subcommand)]
     JoinToken(admin::JoinTokenCmd),
     /// Usage ledger records, newest first.
     Usage {
         #[arg(long)]
-        instance: Option<String>,
+        instance: Option<InstanceId>,
         /// Another account's records (admin).
         #[arg(long)]
-        account: Option<String>,
+        account: Option<AccountId>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
 }
-
-/// Why gantryctl failed; each kind has its exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum Fail {
-    #[error("{message} (HTTP {status})")]
-    Api { status: u16, message: String },
-    #[error("{0}")]
-    Local(String),
-    #[error("cannot reach the controller at {url}: {why}")]
-    Unreachable { url: String, why: String },
-    #[error("{0}")]
-    Operation(String),
-}
-
-impl Fail {
-    fn code(&self) -> i32 {
-        match self {
-            Self::Api { status, .. } if *status >= 500 => 5,
-            Self::Api { .. } => 1,
-            Self::Local(_) => 3,
-            Self::Unreachable { .. } => 4,
-            Self::Operation(_) => 6,
-        }
-    }
-}
-
-pub type CliResult<T> = Result<T, Fail>;
 
 /// A request body from an API type (nulls, i.e. fields left out, dropped).
 pub fn body<T: serde::Serialize>(t: &T) -> Option<Value> {
@@ -131,69 +120,32 @@ pub fn body<T: serde::Serialize>(t: &T) -> Option<Value> {
 /// One API call and how to show its answer.
 pub struct Call {
     pub method: Method,
-    pub path: String,
+    pub path: ApiPath,
     pub body: Option<Value>,
     pub columns: &'static [&'static str],
+    pub want: Want,
 }
 
 pub fn call(
     method: Method,
-    path: impl Into<String>,
+    path: ApiPath,
     body: Option<Value>,
     columns: &'static [&'static str],
 ) -> Call {
     Call {
         method,
-        path: path.into(),
+        path,
         body,
         columns,
+        want: Want::Json,
     }
 }
 
-/// The controller's address and the caller's token.
-pub struct Client {
-    url: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Client {
-    /// Sends one call; the answer's JSON (or its text, when not JSON).
-    pub async fn send(&self, method: Method, path: &str, b: Option<Value>) -> CliResult<Value> {
-        let url = format!("{}{path}", self.url.trim_end_matches('/'));
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
-        if let Some(b) = b {
-            req = req.json(&b);
-        }
-        let unreachable = |e: reqwest::Error| Fail::Unreachable {
-            url: self.url.clone(),
-            why: e.to_string(),
-        };
-        let resp = req.send().await.map_err(unreachable)?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(unreachable)?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !status.is_success() {
-            let message = body["error"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| body.to_string());
-            return Err(Fail::Api {
-                status: status.as_u16(),
-                message,
-            });
-        }
-        Ok(body)
-    }
-
-    pub async fn get(&self, path: &str) -> CliResult<Value> {
-        self.send(Method::GET, path, None).await
-    }
-}
-
-/// Prints an answer: JSON with `--json`, else a table (text as it is).
+/// Prints an answer: JSON with `--json`, else a table (text as it is;
+/// nothing for an empty answer).
 pub fn show(json: bool, v: &Value, columns: &[&str]) {
     match v {
+        Value::Null => {}
         Value::String(s) if s.is_empty() => {}
         Value::String(s) if !json => print!("{s}"),
         _ if json => println!(
@@ -206,11 +158,40 @@ pub fn show(json: bool, v: &Value, columns: &[&str]) {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => usage_error(e),
+    };
+    let json = cli.json;
     if let Err(e) = run(cli).await {
+        if json {
+            println!("{}", e.json());
+        }
         eprintln!("gantryctl: {e}");
         std::process::exit(e.code());
     }
+}
+
+/// A bad command line: clap's message and exit code 2 (help and version
+/// print as usual); with `--json` also `{"error": ...}` on stdout.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let help = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !help && std::env::args().any(|a| a == "--json") {
+        let first = e.to_string();
+        let first = first
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ");
+        println!("{}", serde_json::json!({ "error": first }));
+    }
+    e.exit()
 }
 
 async fn run(cli: Cli) -> CliResult<()> {
@@ -218,11 +199,7 @@ async fn run(cli: Cli) -> CliResult<()> {
         .token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Fail::Local("no API token: set GANTRY_TOKEN (or pass --token)".into()))?;
-    let client = Client {
-        url: cli.url,
-        token,
-        http: reqwest::Client::new(),
-    };
+    let client = Client::new(cli.url, token, cli.connect_timeout_secs, cli.timeout_secs)?;
     let json = cli.json;
     let c = match cli.cmd {
         Cmd::Instance(c) => match instances::plan_instance(c, &client, json).await? {
@@ -231,7 +208,10 @@ async fn run(cli: Cli) -> CliResult<()> {
         },
         Cmd::Forward(c) => access::plan_forward(c),
         Cmd::SshKey(c) => access::plan_ssh_key(c)?,
-        Cmd::Ca => call(Method::GET, "/v1/ca.pem", None, &[]),
+        Cmd::Ca => Call {
+            want: Want::Text,
+            ..call(Method::GET, v1!("ca.pem"), None, &[])
+        },
         Cmd::Snapshot(c) => instances::plan_snapshot(c),
         Cmd::Volume(c) => instances::plan_volume(c),
         Cmd::Flavor(c) => admin::plan_flavor(c),
@@ -241,7 +221,7 @@ async fn run(cli: Cli) -> CliResult<()> {
         Cmd::Account(c) => admin::plan_account(c),
         Cmd::Token(c) => admin::plan_token(c),
         Cmd::Audit { account, limit } => admin::plan_audit(account, limit),
-        Cmd::Operation { id } => call(Method::GET, format!("/v1/operations/{id}"), None, &[]),
+        Cmd::Operation { id } => call(Method::GET, v1!("operations", id), None, &[]),
         Cmd::JoinToken(c) => admin::plan_join_token(c),
         Cmd::Usage {
             instance,
@@ -249,7 +229,7 @@ async fn run(cli: Cli) -> CliResult<()> {
             limit,
         } => admin::plan_usage(instance, account, limit),
     };
-    let v = client.send(c.method, &c.path, c.body).await?;
+    let v = client.send(c.method, &c.path, c.body, c.want).await?;
     show(json, &v, c.columns);
     Ok(())
 }

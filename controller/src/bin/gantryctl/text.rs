@@ -1,29 +1,8 @@
-//! How gantryctl writes: query strings, request bodies without nulls, and
-//! answers as tables.
+//! How gantryctl writes: request bodies without nulls, and answers as
+//! tables.
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use serde_json::Value;
-
-pub fn qs(pairs: &[(&str, Option<String>)]) -> String {
-    let parts: Vec<String> = pairs
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", url_escape(v))))
-        .collect();
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", parts.join("&"))
-    }
-}
-
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 pub fn strip_nulls(v: Value) -> Value {
     match v {
@@ -109,10 +88,6 @@ mod tests {
         assert_eq!(
             cell(&gpus),
             "0000:10:00.0 H100 quarantined (XID 79)\n0000:11:00.0 H100 leased [ins-1]"
-        );
-        assert_eq!(
-            qs(&[("status", Some("Running x".into())), ("x", None)]),
-            "?status=Running%20x"
         );
     }
 }

@@ -48,21 +48,6 @@ fn status_name(s: AccountStatus) -> &'static str {
     }
 }
 
-fn parse_status(s: &str) -> Result<AccountStatus, DbError> {
-    Ok(match s {
-        "active" => AccountStatus::Active,
-        "disabled" => AccountStatus::Disabled,
-        "deleting" => AccountStatus::Deleting,
-        "deleted" => AccountStatus::Deleted,
-        other => {
-            return Err(DbError::Corrupt {
-                table: "accounts",
-                message: format!("status: unknown {other:?}"),
-            })
-        }
-    })
-}
-
 /// The account's status now.
 async fn load(st: &AppState, id: &AccountId) -> ApiResult<AccountLifecycle> {
     let row = sqlx::query("SELECT status, status_ms FROM accounts WHERE id = $1")
@@ -72,7 +57,7 @@ async fn load(st: &AppState, id: &AccountId) -> ApiResult<AccountLifecycle> {
         .ok_or_else(|| ApiError::NotFound(format!("no account {id}")))?;
     Ok(AccountLifecycle {
         id: *id,
-        status: parse_status(&col::<String>(&row, "status")?)?,
+        status: rows::account_status(&col::<String>(&row, "status")?)?,
         since: col::<Option<i64>>(&row, "status_ms")?.map(to_time),
         operations: vec![],
         waiting_for: vec![],

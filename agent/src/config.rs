@@ -115,6 +115,13 @@ pub struct NetworkConfig {
     pub dns: Vec<std::net::Ipv4Addr>,
     /// How often the kernel's rules are compared with the agent's, seconds.
     pub drift_check_secs: u64,
+    /// This host's address on the underlay (the private interconnect the
+    /// hosts reach each other on): network groups' VXLAN traffic leaves
+    /// from and arrives at it. `None`: groups stay on this host.
+    pub underlay_address: Option<std::net::Ipv4Addr>,
+    /// The UDP port this host takes VXLAN on (other hosts learn it from
+    /// the controller; differs only when hosts share an address, in tests).
+    pub vxlan_port: u16,
 }
 
 impl Default for NetworkConfig {
@@ -127,6 +134,8 @@ impl Default for NetworkConfig {
             deny: Vec::new(),
             dns: vec![[1, 1, 1, 1].into(), [8, 8, 8, 8].into()],
             drift_check_secs: 10,
+            underlay_address: None,
+            vxlan_port: gantry_proto::groups::VXLAN_PORT,
         }
     }
 }
@@ -168,6 +177,24 @@ impl NetworkConfig {
         }
         if self.drift_check_secs == 0 || self.drift_check_secs > 3600 {
             return Err(("network.drift_check_secs", "must be 1 to 3600".into()));
+        }
+        if let Some(a) = self.underlay_address {
+            let vtep = gantry_proto::groups::Vtep {
+                address: a,
+                port: self.vxlan_port,
+            };
+            if vtep.validate("network").is_err() {
+                return Err((
+                    "network.underlay_address",
+                    format!("{a} cannot be a VXLAN endpoint (use the host's interconnect address)"),
+                ));
+            }
+        }
+        if self.vxlan_port == 0 {
+            return Err((
+                "network.vxlan_port",
+                "must be a UDP port (1 to 65535)".into(),
+            ));
         }
         Ok(())
     }
@@ -452,6 +479,30 @@ mod tests {
         std::fs::write(&p, "state_dir = \"relative\"\n").unwrap();
         let e = AgentConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("state_dir: must be an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn underlay_and_vxlan_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        let load = |extra: &str| {
+            std::fs::write(&p, format!("state_dir = \"/srv/g\"\n[network]\n{extra}")).unwrap();
+            AgentConfig::load(&p)
+        };
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.network.vxlan_port, 4789);
+        assert_eq!(cfg.network.underlay_address, None);
+        let cfg = load("underlay_address = \"10.1.0.5\"\nvxlan_port = 4790\n").unwrap();
+        assert_eq!(cfg.network.underlay_address, Some([10, 1, 0, 5].into()));
+        assert_eq!(cfg.network.vxlan_port, 4790);
+        let e = load("underlay_address = \"0.0.0.0\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("network.underlay_address"), "{e}");
+        let e = load("vxlan_port = 0\n").unwrap_err().to_string();
+        assert!(e.contains("network.vxlan_port"), "{e}");
+        let e = load("underlay = \"10.1.0.5\"\n").unwrap_err().to_string();
+        assert!(e.contains("underlay"), "{e}");
     }
 
     #[test]

@@ -82,12 +82,27 @@ pub struct DomainDef {
     pub passthrough: Option<Passthrough>,
     /// Free-form metadata under Gantry's namespace (the instance id).
     pub instance_id: String,
-    /// The access NIC.
+    /// The access NIC (the guest's `eth0`).
     pub interface: Option<InterfaceDef>,
+    /// The network group's NIC, after the access NIC (the guest's `eth1`).
+    pub group_interface: Option<InterfaceDef>,
     /// The read-only seed disk (NoCloud ISO, serial `cidata`).
     pub seed: Option<PathBuf>,
     /// The qemu-guest-agent channel's socket.
     pub guest_agent_socket: Option<PathBuf>,
+}
+
+/// The prefix of group NICs' tap names (see `net::groups::group_tap_name`):
+/// how a group NIC is told from the access NIC in a domain's XML.
+pub const GROUP_TAP_PREFIX: &str = "gg-";
+
+/// Empty PCIe root ports a q35 domain gets for hot-plugged devices.
+pub const SPARE_ROOT_PORTS: usize = 2;
+
+/// Whether QEMU machine type `machine` is a q35 one (PCIe: hot-plug needs
+/// free root ports; `pc` hot-plugs on its root bus through ACPI).
+pub fn is_q35(machine: &str) -> bool {
+    machine == "q35" || machine.contains("-q35")
 }
 
 /// libvirt's namespace for QEMU pass-through elements.
@@ -172,7 +187,7 @@ impl DomainDef {
         if let Some(seed) = &self.seed {
             write_seed(&mut w, seed);
         }
-        if let Some(i) = &self.interface {
+        for i in self.interface.iter().chain(&self.group_interface) {
             write_interface(&mut w, i);
         }
         self.write_serials(&mut w);
@@ -192,6 +207,18 @@ impl DomainDef {
         }
         for f in self.passthrough.iter().flat_map(|p| &p.functions) {
             write_hostdev(&mut w, f);
+        }
+        if is_q35(&self.machine) {
+            // Free hot-plug slots (a group NIC joined while running):
+            // PCIe has no slots on the root bus, and libvirt adds a root
+            // port only per device it knows of at define time.
+            for _ in 0..SPARE_ROOT_PORTS {
+                empty(
+                    &mut w,
+                    "controller",
+                    &[("type", "pci"), ("model", "pcie-root-port")],
+                );
+            }
         }
         empty(&mut w, "memballoon", &[("model", "none")]);
         close(&mut w, "devices");
@@ -374,7 +401,16 @@ fn write_seed(w: &mut W, path: &std::path::Path) {
     close(w, "disk");
 }
 
-/// The access NIC: on the agent's bridge (libvirt attaches the tap), or a
+/// A NIC alone, as `virDomainAttachDevice`/`DetachDevice` take it.
+pub fn interface_xml(i: &InterfaceDef) -> String {
+    let mut w = Writer::new_with_indent(Cursor::new(Vec::new()), b' ', 2);
+    write_interface(&mut w, i);
+    let mut s = String::from_utf8(w.into_inner().into_inner()).expect("utf-8 XML");
+    s.push('\n');
+    s
+}
+
+/// A NIC (access or group): on a bridge (libvirt attaches the tap), or a
 /// bare tap the agent moves into the data plane's namespace.
 fn write_interface(w: &mut W, i: &InterfaceDef) {
     let kind = if i.bridge.is_some() {
@@ -389,7 +425,70 @@ fn write_interface(w: &mut W, i: &InterfaceDef) {
     }
     empty(w, "target", &[("dev", &i.tap)]);
     empty(w, "model", &[("type", "virtio")]);
+    if let Some(mtu) = i.mtu {
+        empty(w, "mtu", &[("size", &mtu.to_string())]);
+    }
     close(w, "interface");
+}
+
+/// The group NIC in a domain's XML (live or persistent, as libvirt prints
+/// it): the `<interface>` whose target starts with [`GROUP_TAP_PREFIX`].
+/// `None` when there is none or the XML does not parse.
+pub fn group_interface(xml: &str) -> Option<InterfaceDef> {
+    let mut r = quick_xml::Reader::from_str(xml);
+    /// What the current `<interface>` says so far.
+    #[derive(Default)]
+    struct Seen {
+        mac: Option<String>,
+        tap: Option<String>,
+        bridge: Option<String>,
+        mtu: Option<u16>,
+    }
+    let mut cur: Option<Seen> = None;
+    loop {
+        let e = match r.read_event().ok()? {
+            Event::Eof => return None,
+            Event::End(e) if e.name().as_ref() == b"interface" => {
+                if let Some(Seen {
+                    mac: Some(mac),
+                    tap: Some(tap),
+                    bridge,
+                    mtu,
+                }) = cur.take()
+                {
+                    if tap.starts_with(GROUP_TAP_PREFIX) {
+                        return Some(InterfaceDef {
+                            mac: mac.parse().ok()?,
+                            tap,
+                            bridge,
+                            mtu,
+                        });
+                    }
+                }
+                continue;
+            }
+            Event::Start(e) if e.name().as_ref() == b"interface" => {
+                cur = Some(Seen::default());
+                continue;
+            }
+            Event::Start(e) | Event::Empty(e) => e,
+            _ => continue,
+        };
+        let Some(c) = cur.as_mut() else { continue };
+        let attr = |k: &[u8]| {
+            e.attributes()
+                .flatten()
+                .find(|a| a.key.as_ref() == k)
+                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+        };
+        match e.name().as_ref() {
+            b"mac" if c.mac.is_none() => c.mac = attr(b"address"),
+            b"target" if c.tap.is_none() => c.tap = attr(b"dev"),
+            b"source" if c.bridge.is_none() => c.bridge = attr(b"bridge"),
+            b"mtu" => c.mtu = attr(b"size").and_then(|v| v.parse().ok()),
+            _ => {}
+        }
+    }
 }
 
 /// The targets of every disk in a domain's XML (`vda`, `vdb`, ...).
@@ -521,6 +620,7 @@ mod tests {
             passthrough: None,
             instance_id: "ins-0190b4c2e7a47c3a9d2b8f1e4a6c0d12".into(),
             interface: None,
+            group_interface: None,
             seed: None,
             guest_agent_socket: None,
         }
@@ -561,12 +661,59 @@ mod tests {
             mac: "52:54:00:c8:00:02".parse().unwrap(),
             tap: "gt-0123456789a".into(),
             bridge: Some("gantry0".into()),
+            mtu: None,
         });
         d.seed = Some("/var/lib/gantry/instances/ins-1/seed.iso".into());
         d.guest_agent_socket = Some("/var/lib/gantry/instances/ins-1/qga.sock".into());
         golden("domain-access-bridge.xml", &d.to_xml());
         d.interface.as_mut().unwrap().bridge = None;
         golden("domain-access-netns.xml", &d.to_xml());
+    }
+
+    fn group_nic(bridge: Option<&str>) -> InterfaceDef {
+        InterfaceDef {
+            mac: "52:54:01:10:00:02".parse().unwrap(),
+            tap: "gg-0123456789a".into(),
+            bridge: bridge.map(String::from),
+            mtu: Some(1450),
+        }
+    }
+
+    #[test]
+    fn golden_access_and_group_nics() {
+        let mut d = def();
+        d.interface = Some(InterfaceDef {
+            mac: "52:54:00:c8:00:02".parse().unwrap(),
+            tap: "gt-0123456789a".into(),
+            bridge: None,
+            mtu: None,
+        });
+        d.group_interface = Some(group_nic(None));
+        d.seed = Some("/var/lib/gantry/instances/ins-1/seed.iso".into());
+        golden("domain-group-netns.xml", &d.to_xml());
+        d.interface.as_mut().unwrap().bridge = Some("gantry0".into());
+        d.group_interface = Some(group_nic(Some("gn-001388")));
+        golden("domain-group-bridge.xml", &d.to_xml());
+        // Read back (not the access NIC); after the access NIC (eth1).
+        assert_eq!(group_interface(&d.to_xml()), d.group_interface);
+        d.group_interface = None;
+        assert_eq!(group_interface(&d.to_xml()), None);
+        d.group_interface = Some(group_nic(Some("gn-001388")));
+        let xml = d.to_xml();
+        assert!(xml.find("gt-0123456789a").unwrap() < xml.find("gg-0123456789a").unwrap());
+    }
+
+    #[test]
+    fn q35_domains_get_spare_root_ports() {
+        let mut d = def();
+        assert!(!d.to_xml().contains("pcie-root-port"));
+        d.machine = "pc-q35-8.2".into();
+        let xml = d.to_xml();
+        assert_eq!(
+            xml.matches("model=\"pcie-root-port\"").count(),
+            SPARE_ROOT_PORTS
+        );
+        assert!(is_q35("q35") && !is_q35("pc-i440fx-8.2") && !is_q35("pc"));
     }
 
     #[test]
@@ -600,9 +747,14 @@ mod tests {
             cmdline: "a</cmdline><devices><hostdev x='1'/>&amp;\"'".into(),
         };
         d.console_log = "/x'/><evil a='".into();
+        d.group_interface = Some(InterfaceDef {
+            tap: "gg-x'/><evil2 b='".into(),
+            ..group_nic(Some("gn-'/><evil3/>"))
+        });
         let xml = d.to_xml();
         assert!(!xml.contains("<hostdev"), "{xml}");
         assert!(!xml.contains("<evil"), "{xml}");
+        assert!(xml.contains("gg-x&apos;/&gt;&lt;evil2"), "{xml}");
         assert!(xml.contains("a&lt;/cmdline&gt;&lt;devices&gt;"), "{xml}");
         assert!(xml.contains("&apos;/&gt;&lt;evil"), "{xml}");
         // The whole document still parses, with one <cmdline> holding the text.

@@ -84,4 +84,16 @@ pub trait Hypervisor: Send + Sync {
     /// The file `disk` of a running domain reads and writes now (its
     /// active layer); `None` when the domain is not running.
     fn disk_source(&self, name: &str, disk: &str) -> Result<Option<PathBuf>, LibvirtError>;
+    /// The domain's XML: with `inactive`, its persistent definition; else
+    /// what runs now (the definition when it is off). `None` when the
+    /// domain is defined nowhere.
+    fn xml(&self, name: &str, inactive: bool) -> Result<Option<String>, LibvirtError>;
+    /// Adds the NIC `xml` (one `<interface>`) to the persistent
+    /// definition, and with `live` to the running guest too (hot-plug);
+    /// nothing changes when either fails.
+    fn attach_interface(&self, name: &str, xml: &str, live: bool) -> Result<(), LibvirtError>;
+    /// Removes the NIC `xml` names (by MAC) from the persistent definition,
+    /// and with `live` from the running guest too (which must cooperate:
+    /// the unplug may still be under way when this returns).
+    fn detach_interface(&self, name: &str, xml: &str, live: bool) -> Result<(), LibvirtError>;
 }

@@ -3,6 +3,10 @@
 //! with `qemu-img`, so an operation's disk bookkeeping is exercised for
 //! real. Any call can be made to fail ([`FakeHypervisor::fail`]); the guest
 //! agent answers only when [`FakeHypervisor::with_guest_agent`] says so.
+//! Domains keep their XML, persistent and live: a start copies the first
+//! into the second, NIC hot-plug edits both (`attach_interface:live` and
+//! `detach_interface:live` fail only the live part, as a guest without a
+//! free slot or one that ignores the unplug request would).
 
 use crate::disks;
 use crate::hypervisor::{Commit, GuestCall, Hypervisor, Power};
@@ -17,6 +21,31 @@ struct Domain {
     power: PowerState,
     /// Disk target -> the file it uses (its active layer).
     disks: HashMap<String, PathBuf>,
+    /// The persistent definition, and what runs (while it runs).
+    config: String,
+    live: Option<String>,
+}
+
+/// `xml` with `device` added at the end of `<devices>`.
+fn add_device(xml: &str, device: &str) -> String {
+    match xml.rfind("</devices>") {
+        Some(at) => format!("{}{}{}", &xml[..at], device, &xml[at..]),
+        None => xml.to_string(),
+    }
+}
+
+/// `xml` without the `<interface>` whose MAC is `mac`; `None` when it has
+/// no such interface.
+fn remove_interface(xml: &str, mac: &str) -> Option<String> {
+    let mut from = 0;
+    while let Some(start) = xml[from..].find("<interface").map(|i| i + from) {
+        let end = xml[start..].find("</interface>")? + start + "</interface>".len();
+        if xml[start..end].contains(mac) {
+            return Some(format!("{}{}", &xml[..start], &xml[end..]));
+        }
+        from = end;
+    }
+    None
 }
 
 #[derive(Default)]
@@ -129,11 +158,14 @@ impl Hypervisor for FakeHypervisor {
         let d = st.domains.entry(name.to_string()).or_insert(Domain {
             power: PowerState::Off,
             disks: HashMap::new(),
+            config: String::new(),
+            live: None,
         });
         // A running domain keeps the disks it has until it restarts.
         if d.power == PowerState::Off {
             d.disks = disks;
         }
+        d.config = xml.to_string();
         Ok(())
     }
 
@@ -167,9 +199,16 @@ impl Hypervisor for FakeHypervisor {
             return Ok(());
         }
         self.with(name, |d| match change {
-            Power::Start | Power::Resume => d.power = PowerState::Running,
+            Power::Start => {
+                d.power = PowerState::Running;
+                d.live = Some(d.config.clone());
+            }
+            Power::Resume => d.power = PowerState::Running,
             // The fake guest obeys the power button at once.
-            Power::Shutdown | Power::Destroy => d.power = PowerState::Off,
+            Power::Shutdown | Power::Destroy => {
+                d.power = PowerState::Off;
+                d.live = None;
+            }
             Power::Suspend => d.power = PowerState::Paused,
             Power::Reboot | Power::Reset => {}
         })
@@ -261,6 +300,52 @@ impl Hypervisor for FakeHypervisor {
                 "QEMU guest agent is not connected",
             ))
         }
+    }
+
+    fn xml(&self, name: &str, inactive: bool) -> Result<Option<String>, LibvirtError> {
+        self.enter("xml", name)?;
+        Ok(self.lock().domains.get(name).map(|d| match &d.live {
+            Some(live) if !inactive => live.clone(),
+            _ => d.config.clone(),
+        }))
+    }
+
+    fn attach_interface(&self, name: &str, xml: &str, live: bool) -> Result<(), LibvirtError> {
+        self.enter("attach_interface", name)?;
+        if live {
+            self.enter("attach_interface:live", name)?;
+        }
+        self.with(name, |d| {
+            if live {
+                let Some(l) = &d.live else {
+                    return Err(err("attach-device", name, "domain is not running"));
+                };
+                d.live = Some(add_device(l, xml));
+            }
+            d.config = add_device(&d.config, xml);
+            Ok(())
+        })?
+    }
+
+    fn detach_interface(&self, name: &str, xml: &str, live: bool) -> Result<(), LibvirtError> {
+        self.enter("detach_interface", name)?;
+        if live {
+            self.enter("detach_interface:live", name)?;
+        }
+        let mac = crate::domain_xml::group_interface(xml)
+            .map(|i| i.mac.to_string())
+            .ok_or_else(|| err("detach-device", name, "no group NIC in the device XML"))?;
+        let missing = || err("detach-device", name, "no matching device found");
+        self.with(name, |d| {
+            let live_xml = match (&d.live, live) {
+                (Some(l), true) => Some(remove_interface(l, &mac).ok_or_else(missing)?),
+                (None, true) => return Err(err("detach-device", name, "domain is not running")),
+                (l, false) => l.clone(),
+            };
+            d.config = remove_interface(&d.config, &mac).ok_or_else(missing)?;
+            d.live = live_xml;
+            Ok(())
+        })?
     }
 
     fn disk_source(&self, name: &str, disk: &str) -> Result<Option<PathBuf>, LibvirtError> {

@@ -12,6 +12,7 @@
 //! - [`manager`]: instance records, operations, the one state setter.
 //! - [`lifecycle`]: the operation bodies (create with rollback, stop, ...).
 //! - [`recover`]: re-attach after restart; the observed-state watcher.
+//! - [`group_nic`]: guests' network-group NICs (definition, hot-plug, seed).
 //! - [`snapshots`]: Take Snapshot into the host's store; images from snapshots.
 //! - [`api`]: the local operator HTTP API.
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
@@ -29,6 +30,7 @@ pub mod disks;
 pub mod domain_xml;
 pub mod fsutil;
 pub mod gpu;
+pub mod group_nic;
 pub mod hypervisor;
 pub mod hypervisor_fake;
 pub mod images;

@@ -1,5 +1,5 @@
-//! The real [`Hypervisor`]: libvirt (define, power, states, disk
-//! snapshots, block commits, guest-agent calls).
+//! The real [`Hypervisor`]: libvirt (define, power, states, XML, NIC
+//! hot-plug, disk snapshots, block commits, guest-agent calls).
 //!
 //! Each call opens its own connection (`virConnectOpen` on a local socket
 //! costs about a millisecond), so a restarted libvirtd is picked up without
@@ -137,6 +137,17 @@ impl Libvirt {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(())
+    }
+}
+
+/// Device changes always reach the persistent definition; with `live` the
+/// running guest too (libvirt refuses both when the live part fails).
+fn device_flags(live: bool) -> u32 {
+    let config = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+    if live {
+        config | virt::sys::VIR_DOMAIN_AFFECT_LIVE
+    } else {
+        config
     }
 }
 
@@ -310,6 +321,31 @@ impl Hypervisor for Libvirt {
                     .map_err(call_err("set-user-password", name))
             }
         }
+    }
+
+    fn xml(&self, name: &str, inactive: bool) -> Result<Option<String>, LibvirtError> {
+        let conn = self.connect()?;
+        let Some(dom) = self.lookup(&conn, name)? else {
+            return Ok(None);
+        };
+        let flags = if inactive {
+            virt::sys::VIR_DOMAIN_XML_INACTIVE
+        } else {
+            0
+        };
+        dom.xml_desc(flags)
+            .map(Some)
+            .map_err(call_err("dumpxml", name))
+    }
+
+    fn attach_interface(&self, name: &str, xml: &str, live: bool) -> Result<(), LibvirtError> {
+        let flags = device_flags(live);
+        self.with_domain("attach-device", name, |d| d.attach_device_flags(xml, flags))
+    }
+
+    fn detach_interface(&self, name: &str, xml: &str, live: bool) -> Result<(), LibvirtError> {
+        let flags = device_flags(live);
+        self.with_domain("detach-device", name, |d| d.detach_device_flags(xml, flags))
     }
 
     fn disk_source(&self, name: &str, disk: &str) -> Result<Option<PathBuf>, LibvirtError> {

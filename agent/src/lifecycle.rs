@@ -195,6 +195,7 @@ impl Manager {
             passthrough: self.gpus.passthrough(&spec.gpus)?,
             instance_id: spec.id.to_string(),
             interface: spec.nic.map(|n| self.net.interface(spec.id, &n)),
+            group_interface: self.group_interface(spec.id),
             seed: (spec.nic.is_some() && spec.guest.is_some())
                 .then(|| self.layout.seed_disk(spec.id)),
             guest_agent_socket: spec
@@ -204,35 +205,46 @@ impl Manager {
         })
     }
 
-    /// Writes the instance's seed disk from its record: atomically, or in
-    /// place while the guest runs (it reads the seed only at boot).
+    /// Writes the instance's seed disk from its record and its network
+    /// group NIC: atomically, or in place while the guest runs (it reads
+    /// the seed at boot, Gantry's test guest also when a NIC appears).
     pub(crate) fn write_seed(
         &self,
         spec: &InstanceSpec,
         in_place: bool,
     ) -> Result<(), ManagerError> {
+        let group = self.groups.nic_of(spec.id);
         let (Some(nic), Some(guest)) = (&spec.nic, &spec.guest) else {
+            self.seeded_with(spec.id, group);
             return Ok(());
         };
-        let files = crate::net::seed::files(spec.id, nic, guest, &self.cfg.network.dns);
+        let files =
+            crate::net::seed::files(spec.id, nic, guest, &self.cfg.network.dns, group.as_ref());
         let image = crate::net::seed::build_image(&files)?;
         crate::net::seed::write(&self.layout.seed_disk(spec.id), &image, in_place)?;
+        self.seeded_with(spec.id, group);
         Ok(())
     }
 
-    /// Before a guest with a NIC starts: the bridge it plugs into exists.
+    /// Before a guest starts: the bridge its access NIC plugs into exists;
+    /// its definition has the group NIC it should have, whose bridge exists.
     fn before_start(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
         if let Some(nic) = &spec.nic {
             self.net.ensure_bridge_for(nic)?;
         }
-        Ok(())
+        self.group_before_start(spec.id)
     }
 
-    /// After a guest with a NIC started: its tap is on the access bridge
-    /// (moved into the data plane's namespace when it has its own).
+    /// After a guest started: its access tap is on the access bridge
+    /// (moved into the data plane's namespace when it has its own), its
+    /// group tap on its group's bridge (a failure there is retried by the
+    /// periodic reconciliation).
     fn after_start(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
         if spec.nic.is_some() {
             self.net.adopt_taps(&[spec.id])?;
+        }
+        if let Err(e) = self.group_after_start(spec.id) {
+            tracing::warn!(instance = %spec.id, error = %e, "cannot put the group tap on its bridge");
         }
         Ok(())
     }

@@ -91,6 +91,11 @@ pub struct Manager {
     pub(crate) compaction: crate::snapshots::Compaction,
     /// Instance access: bridge, taps, forwards, the HTTPS front.
     pub(crate) net: Arc<crate::net::Network>,
+    /// Network groups' data plane (bridges, VXLAN, group taps, rules).
+    pub(crate) groups: Arc<crate::net::groups::Groups>,
+    /// Guests' group NICs: hot-plugs tried, seeds written, problems
+    /// ([`crate::group_nic`]).
+    pub(crate) group_nics: crate::group_nic::GroupNics,
 }
 
 /// The libvirt domain name of an instance with the default prefix.

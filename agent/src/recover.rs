@@ -31,6 +31,23 @@ impl Manager {
         gpus: Arc<GpuPool>,
         virt: Arc<dyn Hypervisor>,
     ) -> Result<Arc<Manager>, ManagerError> {
+        // Network groups share the access data plane's namespace.
+        let ns = match &cfg.network.netns {
+            Some(n) => crate::net::netns::Netns::named(n)?,
+            None => crate::net::netns::Netns::host(),
+        };
+        let groups = crate::net::groups::Groups::open_real(&cfg.network, ns, &cfg.state_dir)?;
+        Self::open_with_groups(cfg, gpus, virt, groups)
+    }
+
+    /// [`Manager::open_with`] over any network-group data plane (tests use
+    /// one over fake links).
+    pub fn open_with_groups(
+        cfg: AgentConfig,
+        gpus: Arc<GpuPool>,
+        virt: Arc<dyn Hypervisor>,
+        groups: crate::net::groups::Groups,
+    ) -> Result<Arc<Manager>, ManagerError> {
         let layout = Layout::new(&cfg.state_dir);
         layout.create()?;
         virt.ping()?;
@@ -47,6 +64,8 @@ impl Manager {
         )?);
         let m = Arc::new(Manager {
             net,
+            groups: Arc::new(groups),
+            group_nics: Default::default(),
             cfg,
             layout,
             virt,
@@ -93,6 +112,8 @@ impl Manager {
         m.gpus.reconcile(&holders);
         m.gpus.start();
         m.reconcile_network();
+        // Rebuilt from the stored group state before the controller answers.
+        m.reconcile_groups();
         for name in m.virt.domains()? {
             if !known.contains(&name) {
                 tracing::warn!(
@@ -230,7 +251,8 @@ impl Manager {
         }
     }
 
-    /// Runs [`Manager::reconcile_network`] every `period` on its own thread.
+    /// Runs [`Manager::reconcile_network`] and
+    /// [`Manager::reconcile_groups`] every `period` on its own thread.
     pub fn spawn_network_reconciler(self: &Arc<Self>, period: Duration) {
         let weak = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -238,7 +260,10 @@ impl Manager {
             .spawn(move || loop {
                 std::thread::sleep(period);
                 match weak.upgrade() {
-                    Some(m) => m.reconcile_network(),
+                    Some(m) => {
+                        m.reconcile_network();
+                        m.reconcile_groups();
+                    }
                     None => return,
                 }
             })

@@ -74,6 +74,7 @@ fn eight_h200s_define_in_libvirt_but_starting_needs_vfio_which_this_kernel_lacks
         passthrough: Some(plan),
         instance_id: id.to_string(),
         interface: None,
+        group_interface: None,
         seed: None,
         guest_agent_socket: None,
     };

@@ -75,6 +75,13 @@ pub struct Config {
     /// Prefix length of each host's access subnet (the lowest free one of
     /// `access_network` is taken when the host first needs one).
     pub access_subnet_prefix: u8,
+    /// The network default network-group CIDRs come from: each group that
+    /// names none gets the lowest `/24` of it that overlaps none of its
+    /// account's groups (`crate::groups`).
+    pub group_pool: Ipv4Net,
+    /// The MTU of group NICs: the hosts' underlay MTU less the VXLAN
+    /// overhead (50 bytes); stored per group when it is created.
+    pub group_mtu: u16,
     /// HTTPS name suffix: a host's domain is `<host name>.<suffix>` (the
     /// name as a DNS label); none: hosts have no domain.
     pub host_domain_suffix: Option<String>,
@@ -137,6 +144,9 @@ impl Default for Config {
             access_network: Ipv4Net::new(std::net::Ipv4Addr::new(10, 200, 0, 0), 16)
                 .unwrap_or_else(|_| unreachable!("a /16 is a valid prefix")),
             access_subnet_prefix: 24,
+            group_pool: Ipv4Net::new(std::net::Ipv4Addr::new(172, 16, 0, 0), 12)
+                .unwrap_or_else(|_| unreachable!("a /12 is a valid prefix")),
+            group_mtu: gantry_proto::groups::DEFAULT_GROUP_MTU,
             host_domain_suffix: None,
             secret_key_file: None,
             max_db_connections: 8,
@@ -224,6 +234,7 @@ impl Config {
             ));
         }
         self.check_access()?;
+        self.check_groups()?;
         if let Some(t) = &self.admin_token {
             if t.len() < 16 {
                 return Err(("admin_token", "must be at least 16 characters".into()));
@@ -261,6 +272,18 @@ impl Config {
         if let Some(s) = &self.host_domain_suffix {
             net::dns_name("host_domain_suffix", s)
                 .map_err(|e| ("host_domain_suffix", e.message))?;
+        }
+        Ok(())
+    }
+
+    fn check_groups(&self) -> Result<(), (&'static str, String)> {
+        use gantry_proto::groups::{check_group_cidr, MAX_GROUP_MTU, MIN_GROUP_MTU};
+        check_group_cidr("group_pool", &self.group_pool).map_err(|e| ("group_pool", e.message))?;
+        if !(MIN_GROUP_MTU..=MAX_GROUP_MTU).contains(&self.group_mtu) {
+            return Err((
+                "group_mtu",
+                format!("must be {MIN_GROUP_MTU} to {MAX_GROUP_MTU} (the underlay MTU less 50)"),
+            ));
         }
         Ok(())
     }
@@ -330,6 +353,13 @@ mod tests {
             ("access_subnet_prefix = 31\n", "access_subnet_prefix"),
             ("port_range_start = 30000\n", "port_range_end"),
             ("host_domain_suffix = \"Gpu_Cloud\"\n", "host_domain_suffix"),
+            (
+                "group_pool = \"8.8.0.0/16\"\n",
+                "group_pool: 8.8.0.0/16 is not a private",
+            ),
+            ("group_pool = \"10.0.0.0/30\"\n", "group_pool"),
+            ("group_mtu = 9000\n", "group_mtu: must be 576 to 8950"),
+            ("group_mtu = 100\n", "group_mtu"),
         ];
         for (text, want) in bad {
             std::fs::write(&p, text).unwrap();
@@ -348,6 +378,16 @@ mod tests {
             Some("gpu-1.gpu.example.com")
         );
         assert_eq!(c.secret_key_path(dir.path()), dir.path().join("secret.key"));
+        assert_eq!(
+            (c.group_pool.to_string(), c.group_mtu),
+            ("172.16.0.0/12".into(), 1450)
+        );
+        std::fs::write(&p, "group_pool = \"10.64.0.0/16\"\ngroup_mtu = 8950\n").unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(
+            (c.group_pool.to_string(), c.group_mtu),
+            ("10.64.0.0/16".into(), 8950)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod fanout;
 pub mod gpus;
+pub mod groups;
 pub mod http;
 pub mod leader;
 pub mod meter;

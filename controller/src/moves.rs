@@ -366,6 +366,8 @@ async fn arrive(tx: &mut Tx, rec: &InstanceRec, source: &HostId, target: &HostId
         .bind(rec.id.to_string())
         .execute(&mut **tx)
         .await?;
+    // Its network group (membership and address kept) now reaches it there.
+    crate::groups::note_moved(tx, rec.id, source).await?;
     if let Some(v) = rec.data_volume {
         sqlx::query("UPDATE volumes SET host_id = $1 WHERE id = $2")
             .bind(target.to_string())

@@ -180,6 +180,8 @@ pub fn path_param(path: &str, name: &str, s: &mut Schemas) -> RefOr<Schema> {
         ("id", "snapshots") => of::<SnapshotId>(s),
         ("id", "ssh-keys") => of::<SshKeyId>(s),
         ("id", "volumes") => of::<VolumeId>(s),
+        ("id", "network-groups") => of::<NetworkGroupId>(s),
+        ("instance", _) => of::<InstanceId>(s),
         _ => string(s),
     }
 }
@@ -369,6 +371,7 @@ pub const ROUTES: &[Route] = &[
         ("wait_secs", count, "Longest wait, seconds (at most 60)"),
         ("access_rev", count, "The access revision the host has"),
         ("tls", string, "The certificate fingerprint the host has"),
+        ("groups_rev", count, "The network-group revision the host has"),
     ]),
     r("post", "/v1/agent/ops/{id}", "agent", "Report an operation's progress or outcome (host)",
         B(of::<OpReport>), 204, Empty),
@@ -416,6 +419,25 @@ pub const ROUTES: &[Route] = &[
     r("post", "/v1/volumes/grow", "volumes",
         "Grow several data volumes to one size, one result each", B(of::<BatchGrowVolumes>),
         200, J(list::<VolumeBatchResult>)),
+    // ---- network groups
+    r("post", "/v1/network-groups", "network-groups",
+        "Create a network group (private CIDR chosen or allocated; pack or spread)",
+        B(of::<CreateNetworkGroup>), 201, J(of::<NetworkGroupInfo>)),
+    q(r("get", "/v1/network-groups", "network-groups",
+        "List network groups (members counted)", N, 200, J(list::<NetworkGroupInfo>)),
+        &[ACCOUNT]),
+    r("get", "/v1/network-groups/{id}", "network-groups",
+        "Get a network group with its members", N, 200, J(of::<NetworkGroupInfo>)),
+    r("delete", "/v1/network-groups/{id}", "network-groups",
+        "Delete an empty network group", N, 204, Empty),
+    r("post", "/v1/network-groups/{id}/members", "network-groups",
+        "Put an instance into the group (an address from its CIDR)",
+        B(of::<JoinNetworkGroup>), 201, J(of::<NetworkGroupMember>)),
+    r("delete", "/v1/network-groups/{id}/members/{instance}", "network-groups",
+        "Take an instance out of the group", N, 204, Empty),
+    r("get", "/v1/instances/{id}/network-group", "network-groups",
+        "The instance's Network Group tab: group, CIDR, own address, members", N, 200,
+        J(of::<InstanceNetworkGroup>)),
 ];
 
 fn method(m: &str) -> HttpMethod {

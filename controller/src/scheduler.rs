@@ -15,6 +15,12 @@
 //! shortlist of [`SHORTLIST`] hosts per walk, so a decision reads a few
 //! dozen rows whether there are 100 hosts or 10,000.
 //!
+//! A member of a network group ([`GroupPref`], [`place_with`]) prefers,
+//! before any of that, the hosts its group's placement asks for: `pack`
+//! the hosts already holding members (loaded as candidates even when the
+//! shortlist missed them), `spread` the hosts holding none. The preference
+//! is soft: when no preferred host fits, any fitting host is taken.
+//!
 //! [`place`] claims the best candidate's capacity and GPUs inside the
 //! caller's write transaction with conditional `UPDATE`s, so a GPU is never
 //! booked twice; when another placement took a candidate's capacity first
@@ -22,7 +28,9 @@
 //! [`PlaceError::Raced`]: the caller retries with a fresh transaction.
 
 use crate::db::{col, DbError, Tx};
+use crate::groups::GroupPref;
 use gantry_proto::api::v1::Placement;
+use gantry_proto::groups::GroupPlacement;
 use gantry_proto::ids::{HostId, InstanceId};
 use std::collections::BTreeMap;
 
@@ -116,8 +124,17 @@ pub fn choose(cands: &[Candidate], need: &Need) -> Option<usize> {
 
 /// The fitting candidates' indexes, best first.
 pub fn ranked(cands: &[Candidate], need: &Need) -> Vec<usize> {
+    ranked_with(cands, need, None)
+}
+
+/// [`ranked`], the hosts `pref` prefers first.
+pub fn ranked_with(cands: &[Candidate], need: &Need, pref: Option<&GroupPref>) -> Vec<usize> {
     let mut fitting: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].fits(need)).collect();
-    fitting.sort_by(|&a, &b| key(&cands[a], need).cmp(&key(&cands[b], need)));
+    let group = |c: &Candidate| pref.map_or(0, |p| p.rank(c));
+    fitting.sort_by(|&a, &b| {
+        let (ca, cb) = (&cands[a], &cands[b]);
+        (group(ca), key(ca, need)).cmp(&(group(cb), key(cb, need)))
+    });
     fitting
 }
 
@@ -384,8 +401,39 @@ pub async fn place(
     cutoff_ms: i64,
     timeout_secs: u64,
 ) -> Result<(HostId, Vec<String>), PlaceError> {
-    let cands = candidates(tx, need, cutoff_ms, true).await?;
-    let order = ranked(&cands, need);
+    place_with(tx, instance, need, None, cutoff_ms, timeout_secs).await
+}
+
+/// [`place`] for a network group's member: the hosts `pref` prefers first
+/// (a `pack` group's hosts are candidates even when the shortlist missed
+/// them).
+pub async fn place_with(
+    tx: &mut Tx,
+    instance: InstanceId,
+    need: &Need,
+    pref: Option<&GroupPref>,
+    cutoff_ms: i64,
+    timeout_secs: u64,
+) -> Result<(HostId, Vec<String>), PlaceError> {
+    let mut cands = candidates(tx, need, cutoff_ms, true).await?;
+    if let (Some(p), None) = (pref, &need.host) {
+        if p.placement == GroupPlacement::Pack {
+            for h in p.hosts.iter().take(SHORTLIST as usize) {
+                if cands.iter().any(|c| c.id == *h) {
+                    continue;
+                }
+                let Ok(id) = h.parse::<HostId>() else {
+                    continue;
+                };
+                let pinned = Need {
+                    host: Some(id),
+                    ..need.clone()
+                };
+                cands.extend(candidates(tx, &pinned, cutoff_ms, true).await?);
+            }
+        }
+    }
+    let order = ranked_with(&cands, need, pref);
     if order.is_empty() {
         let all = candidates(tx, need, cutoff_ms, false).await?;
         let why = explain(&all, need, timeout_secs);

@@ -39,6 +39,7 @@ fn key(path: &str, name: &str) -> &'static str {
         ("account", _) | ("id", "accounts") => "accounts",
         ("pci", _) => "pci",
         ("view", _) => "view",
+        ("instance", _) => "instances",
         ("alias", _) => "alias",
         ("id", "ops") => "operations",
         ("id", coll) => match coll {
@@ -49,6 +50,7 @@ fn key(path: &str, name: &str) -> &'static str {
             "snapshots" => "snapshots",
             "ssh-keys" => "ssh-keys",
             "volumes" => "volumes",
+            "network-groups" => "network-groups",
             other => panic!("no object for {{id}} after {other:?} in {path}: add one"),
         },
         (other, _) => panic!("no object for {{{other}}} in {path}: add one"),
@@ -91,6 +93,25 @@ async fn objects_of_a(s: &Server, a_token: &str, a_id: &str) -> Objects {
     let ins_id = ins["id"].as_str().unwrap().to_string();
     let op = ins["operation"].as_str().unwrap().to_string();
     s.observe(&ins_id, "Running").await;
+    // A's network group, with A's instance in it.
+    let group = s
+        .ok(
+            Method::POST,
+            "/v1/network-groups",
+            a_token,
+            Some(json!({"name": "a-group"})),
+            201,
+        )
+        .await;
+    let group = group["id"].as_str().unwrap().to_string();
+    s.ok(
+        Method::POST,
+        &format!("/v1/network-groups/{group}/members"),
+        a_token,
+        Some(json!({"instance": ins_id})),
+        201,
+    )
+    .await;
     let fwd = s
         .ok(
             Method::POST,
@@ -147,6 +168,7 @@ async fn objects_of_a(s: &Server, a_token: &str, a_id: &str) -> Objects {
         ("snapshots", snap["id"].as_str().unwrap().to_string()),
         ("ssh-keys", key["id"].as_str().unwrap().to_string()),
         ("volumes", vol["id"].as_str().unwrap().to_string()),
+        ("network-groups", group),
         ("tokens", token),
         ("pci", "0000:10:00.0".to_string()),
         ("view", "config".to_string()),
@@ -182,6 +204,7 @@ fn body_for(
         "/v1/instances/{id}/forwards/{fwd}" => json!({"label": "b"}),
         "/v1/instances/{id}/snapshots" => json!({"name": "b-snap"}),
         "/v1/volumes/{id}/grow" => json!({"size_gib": 2}),
+        "/v1/network-groups/{id}/members" => json!({"instance": ids["instances"]}),
         _ => match BODY_IDS.iter().find(|(t, _)| *t == template) {
             Some((_, f)) => f(ids),
             None => json!({}),

@@ -159,6 +159,10 @@ define_id!(
     /// An SSH public key of an account.
     SshKeyId, "key", "ssh key"
 );
+define_id!(
+    /// A network group: a private network between an account's instances.
+    NetworkGroupId, "ng", "network group"
+);
 
 #[cfg(test)]
 mod tests {

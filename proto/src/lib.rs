@@ -3,11 +3,12 @@
 //! This crate is a leaf: it depends only on serde and id/time types. It owns
 //! the identifiers ([`ids`]), the instance and snapshot state machines
 //! ([`instance`], [`snapshot`], [`gpu`]), the operations model ([`operation`]), the instance spec an agent turns into a VM
-//! ([`spec`]), instance access networking ([`net`]), input validation shared by every entry point ([`validate`]),
+//! ([`spec`]), instance access networking ([`net`]), network groups ([`groups`]), input validation shared by every entry point ([`validate`]),
 //! and the bodies of the HTTP APIs ([`api`]).
 
 pub mod api;
 pub mod gpu;
+pub mod groups;
 pub mod ids;
 pub mod instance;
 pub mod net;

@@ -61,6 +61,7 @@ id_schema!(
     JoinTokenId,
     ForwardId,
     SshKeyId,
+    NetworkGroupId,
 );
 
 string_schema!(

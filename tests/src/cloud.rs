@@ -47,6 +47,9 @@ pub struct FleetOpts {
     /// Top-level agent config lines (e.g. `snapshot_store = "s3://..."`),
     /// for every host of the cloud.
     pub agent_top: String,
+    /// More lines of the first host's `[network]` table (e.g. its
+    /// `underlay_address`).
+    pub network_toml: String,
 }
 
 impl Default for FleetOpts {
@@ -55,6 +58,7 @@ impl Default for FleetOpts {
             heartbeat_timeout_secs: 30,
             controller_toml: String::new(),
             agent_top: String::new(),
+            network_toml: String::new(),
         }
     }
 }
@@ -127,8 +131,8 @@ impl Cloud {
             "{}\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = \"e2e-host\"\n\
              address = {UPLINK:?}\npoll_wait_secs = 5\n\n\
              [network]\nnetns = {:?}\nhttps_listen = \"0.0.0.0:443\"\ndeny = [\"{DENIED}/32\"]\n\
-             drift_check_secs = 2\n\n{agent_toml}\n",
-            o.agent_top, ctl.url, host_ns.name
+             drift_check_secs = 2\n{}\n\n{agent_toml}\n",
+            o.agent_top, ctl.url, host_ns.name, o.network_toml
         ))?;
         let hosts = admin.wait_for(
             "/v1/admin/hosts",
@@ -289,6 +293,17 @@ impl Cloud {
     /// as in [`Cloud::start_with`] (whole tables). Its libvirt domains are
     /// named `gantry-h<n>-<instance>` (both agents share one libvirtd).
     pub fn add_host(&self, name: &str, n: u8, agent_toml: &str) -> anyhow::Result<ExtraHost> {
+        self.add_host_with(name, n, "", agent_toml)
+    }
+
+    /// [`Cloud::add_host`] with more lines for its `[network]` table.
+    pub fn add_host_with(
+        &self,
+        name: &str,
+        n: u8,
+        network_toml: &str,
+        agent_toml: &str,
+    ) -> anyhow::Result<ExtraHost> {
         anyhow::ensure!(n >= 1, "subnet 0 is the first host's");
         let ns = Netns::new(&format!("h{n}"))?;
         let uplink = format!("10.79.{n}.1");
@@ -316,7 +331,7 @@ impl Cloud {
                 "{}domain_prefix = \"gantry-h{n}-\"\n\n[controller]\nurl = {:?}\njoin_token = {token:?}\nhost_name = {name:?}\n\
                  address = {uplink:?}\npoll_wait_secs = 5\n\n\
                  [network]\nnetns = {:?}\nhttps_listen = \"0.0.0.0:443\"\ndeny = [\"{DENIED}/32\"]\n\
-                 drift_check_secs = 2\n\n{agent_toml}\n",
+                 drift_check_secs = 2\n{network_toml}\n\n{agent_toml}\n",
                 self.agent_top, self.ctl.url, ns.name
             ),
         )?;

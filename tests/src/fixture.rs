@@ -263,14 +263,22 @@ impl TestAgent {
     }
 
     /// Every domain name in libvirt that belongs to this agent's instances.
+    /// The libvirt domains of this agent's instances, whatever its
+    /// `domain_prefix` (every domain name ends with its instance's id).
     fn own_domains(&self) -> Vec<String> {
-        std::fs::read_dir(self.state_dir.join("instances"))
+        let ids: Vec<String> = std::fs::read_dir(self.state_dir.join("instances"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
-                    .map(|e| format!("gantry-{}", e.file_name().to_string_lossy()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let all = virsh(&["list", "--all", "--name"]).unwrap_or_default();
+        all.lines()
+            .map(str::trim)
+            .filter(|d| ids.iter().any(|id| d.ends_with(&format!("-{id}"))))
+            .map(str::to_string)
+            .collect()
     }
 }
 

@@ -636,6 +636,7 @@ fn kill_9_at_every_crash_point_loses_no_vm_snapshot_or_money() -> anyhow::Result
                           snapshot_price_micros_per_tb_hour = 36000000000000\n"
             .into(),
         agent_top: format!("domain_prefix = {PREFIX:?}\n"),
+        ..FleetOpts::default()
     };
     let cloud = Cloud::start_fleet(&Database::Sqlite, &opts, "")?;
     let clock = DomainClock::start(PREFIX)?;

@@ -122,6 +122,7 @@ fn two_hosts_share_snapshots_and_a_dead_host_releases_without_extra_billing() ->
         heartbeat_timeout_secs: DOWN_AFTER_SECS,
         controller_toml: "snapshot_store_shared = true\nmin_volume_gib = 1\n".into(),
         agent_top: format!("snapshot_store = {store:?}\n"),
+        ..FleetOpts::default()
     };
     let cloud = Cloud::start_fleet(&Database::Sqlite, &opts, "")?;
     let mut b = cloud.add_host("e2e-b", 1, "")?;

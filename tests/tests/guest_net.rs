@@ -7,7 +7,12 @@
 //! (token, 403 without, WebSocket echo), TCP echo 7000 (reports our address)
 //! and UDP echo 7001. Then the domain is stopped, the seed regenerated with a
 //! new password, no keys and a new token, and started again: only the new
-//! credentials work. All traffic stays inside the test's namespace.
+//! credentials work. A second test gives the guest a network group NIC
+//! (`gantry/group.env`, a second `<interface>` with an MTU): it is `eth1`
+//! with the seed's address and MTU at boot (pinged at full size from the
+//! namespace its tap is moved into), goes away when unplugged live, and a
+//! NIC hot-plugged later is configured by the guest's watcher from the seed
+//! rewritten in place. All traffic stays inside the test's namespaces.
 
 use anyhow::{bail, ensure, Context};
 use gantry_tests::fixture::require_rig;
@@ -74,17 +79,35 @@ fn sha512_crypt(password: &str) -> anyhow::Result<String> {
     Ok(hash)
 }
 
+/// A network group NIC as the seed and the domain carry it.
+struct GroupNic {
+    mac: &'static str,
+    ip: &'static str,
+    prefix: u8,
+    mtu: u16,
+}
+
+/// The seed's fixed size (the agent's `net::seed::SEED_SIZE`): a rewrite in
+/// place never changes what QEMU sees.
+const SEED_SIZE: u64 = 2 << 20;
+
 /// A hand-made domain with an access NIC and a seed disk, its run directory
 /// and the namespace its tap is moved into; all removed on drop.
 struct NetVm {
     name: String,
     dir: PathBuf,
     tap: String,
+    /// The group NIC's tap name (when the domain has one, or one is plugged).
+    group_tap: String,
     ns: Netns,
 }
 
 impl NetVm {
     fn create(image: &GuestImage) -> anyhow::Result<Self> {
+        Self::create_with(image, None)
+    }
+
+    fn create_with(image: &GuestImage, group: Option<&GroupNic>) -> anyhow::Result<Self> {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
         let id = format!(
             "{:x}",
@@ -97,6 +120,7 @@ impl NetVm {
         let vm = NetVm {
             name,
             tap: format!("gtt-{id}"),
+            group_tap: format!("ggt-{id}"),
             ns: Netns::new("net")?,
             dir,
         };
@@ -111,7 +135,11 @@ impl NetVm {
             .arg(vm.dir.join("data.qcow2"))
             .arg("1G"))?;
         let xml = vm.dir.join("domain.xml");
-        std::fs::write(&xml, domain_xml(&vm.name, image, &vm.dir, &vm.tap))?;
+        let group = group.map(|g| group_interface_xml(g, &vm.group_tap));
+        std::fs::write(
+            &xml,
+            domain_xml(&vm.name, image, &vm.dir, &vm.tap, group.as_deref()),
+        )?;
         virsh(&["define", xml.to_str().context("non-UTF-8 path")?])?;
         Ok(vm)
     }
@@ -122,7 +150,32 @@ impl NetVm {
 
     /// Writes the seed files and (re)builds `seed.iso` atomically.
     fn write_seed(&self, seed: &Seed) -> anyhow::Result<()> {
+        self.write_seed_with(seed, None, false)
+    }
+
+    /// Writes the seed files (with `gantry/group.env` when `group` is
+    /// given) and builds `seed.iso`, padded to [`SEED_SIZE`]: atomically,
+    /// or `in_place` over the file QEMU holds open (a running guest).
+    fn write_seed_with(
+        &self,
+        seed: &Seed,
+        group: Option<&GroupNic>,
+        in_place: bool,
+    ) -> anyhow::Result<()> {
         let s = self.dir.join("seed");
+        let group_env = s.join("gantry/group.env");
+        match group {
+            Some(g) => std::fs::write(
+                &group_env,
+                format!(
+                    "GROUP_MAC={}\nGROUP_IP={}\nGROUP_PREFIX={}\nGROUP_MTU={}\n",
+                    g.mac, g.ip, g.prefix, g.mtu
+                ),
+            )?,
+            None => {
+                let _ = std::fs::remove_file(&group_env);
+            }
+        }
         std::fs::write(
             s.join("meta-data"),
             format!("instance-id: {}\nlocal-hostname: {HOSTNAME}\n", self.name),
@@ -150,8 +203,62 @@ impl NetVm {
             .args(["-quiet", "-V", "cidata", "-J", "-r", "-o"])
             .arg(&tmp)
             .arg(&s))?;
-        std::fs::rename(&tmp, self.dir.join("seed.iso"))?;
+        let mut image = std::fs::read(&tmp)?;
+        ensure!(
+            image.len() as u64 <= SEED_SIZE,
+            "the seed grew past {SEED_SIZE}"
+        );
+        image.resize(SEED_SIZE as usize, 0);
+        let iso = self.dir.join("seed.iso");
+        if in_place {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&iso)?;
+            f.write_all(&image)?;
+            f.sync_all()?;
+            std::fs::remove_file(&tmp)?;
+        } else {
+            std::fs::write(&tmp, &image)?;
+            std::fs::rename(&tmp, iso)?;
+        }
         Ok(())
+    }
+
+    /// Runs `cmd` in the guest (exec channel); its output.
+    fn exec(&self, cmd: &str) -> anyhow::Result<String> {
+        let out = exec_in_guest(&self.dir.join("exec.sock"), cmd, IO_TIMEOUT)?;
+        ensure!(
+            out.status == 0,
+            "{cmd:?} exited {}: {}",
+            out.status,
+            out.output
+        );
+        Ok(out.output)
+    }
+
+    /// `NAME MTU inet ADDR/PREFIX` of the guest's NIC with `mac` (empty
+    /// when there is none; no `inet` while it has no address).
+    fn guest_nic(&self, mac: &str) -> anyhow::Result<String> {
+        self.exec(&format!(
+            "for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {mac} ] || continue; \
+             i=${{n##*/}}; echo $i $(cat $n/mtu) $(ip addr show dev $i | grep -o 'inet [0-9./]*'); done"
+        ))
+        .map(|s| s.trim().to_string())
+    }
+
+    /// Waits (up to `timeout`) until [`NetVm::guest_nic`] says `want`;
+    /// how long it took.
+    fn wait_guest_nic(&self, mac: &str, want: &str, timeout: Duration) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        loop {
+            let got = self.guest_nic(mac)?;
+            if got == want {
+                return Ok(t.elapsed());
+            }
+            ensure!(
+                t.elapsed() < timeout,
+                "after {timeout:?} the guest's NIC {mac} is {got:?}, not {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// Starts the domain, moves its tap into our namespace (where it gets
@@ -218,8 +325,26 @@ impl Drop for NetVm {
     }
 }
 
-/// guest_rig.rs's layout (the agent's) plus disk serials, the seed disk and the NIC.
-fn domain_xml(name: &str, image: &GuestImage, dir: &Path, tap: &str) -> String {
+/// A group NIC's `<interface>`, as the agent writes it in a named data-plane
+/// namespace (`type='ethernet'`, the MTU for the tap and virtio-net).
+fn group_interface_xml(g: &GroupNic, tap: &str) -> String {
+    format!(
+        "<interface type='ethernet'><mac address='{}'/><target dev='{tap}' managed='yes'/>\
+         <model type='virtio'/><mtu size='{}'/></interface>\n",
+        g.mac, g.mtu
+    )
+}
+
+/// guest_rig.rs's layout (the agent's) plus disk serials, the seed disk, the
+/// NIC and the group NIC when given.
+fn domain_xml(
+    name: &str,
+    image: &GuestImage,
+    dir: &Path,
+    tap: &str,
+    group: Option<&str>,
+) -> String {
+    let group = group.unwrap_or("");
     let domain_type = std::env::var("GANTRY_DOMAIN_TYPE").unwrap_or_else(|_| "qemu".into());
     let (d, k, i, c) = (
         dir.display(),
@@ -254,6 +379,7 @@ fn domain_xml(name: &str, image: &GuestImage, dir: &Path, tap: &str) -> String {
     <interface type='ethernet'>
       <mac address='{MAC}'/><target dev='{tap}' managed='yes'/><model type='virtio'/>
     </interface>
+    {group}
     <serial type='unix'>
       <source mode='bind' path='{d}/console.sock'/><log file='{d}/console.log' append='on'/><target port='0'/>
     </serial>
@@ -498,4 +624,92 @@ fn seed_gives_ssh_web_and_echo_and_is_reapplied_at_boot() -> anyhow::Result<()> 
     eprintln!("start to second boot marker: {took:?}");
     check_second_boot(&vm, &first, &second, &key).map_err(|e| vm.explain(e))?;
     Ok(())
+}
+
+/// The group NIC at boot, unplugged live, and another hot-plugged later.
+#[test]
+#[ignore = "needs the VM rig: ./scripts/test runs it"]
+fn group_nic_from_the_seed_and_hot_plugged() -> anyhow::Result<()> {
+    require_rig("guest_net");
+    ensure!(
+        netns::available(),
+        "guest_net needs root (network namespaces, libvirt)"
+    );
+    let image = guest_image()?;
+    let seed = Seed {
+        password: "group-Pa55word".into(),
+        authorized_keys: vec![],
+        token: "0123456789abcdef0123456789abcdef".into(),
+    };
+    let first = GroupNic {
+        mac: "52:54:01:10:00:02",
+        ip: "172.16.0.2",
+        prefix: 24,
+        mtu: 1400,
+    };
+    let vm = NetVm::create_with(&image, Some(&first))?;
+    vm.write_seed_with(&seed, Some(&first), false)?;
+    vm.start(1)?;
+    let check = || -> anyhow::Result<()> {
+        // At boot: eth1, the seed's MTU and address.
+        let got = vm.guest_nic(first.mac)?;
+        ensure!(
+            got == "eth1 1400 inet 172.16.0.2/24",
+            "the group NIC at boot: {got:?}"
+        );
+        // libvirt gave the tap the MTU too; a full-size unfragmentable
+        // ping crosses (IPv4 20 + ICMP 8 + 1372 = 1400).
+        let tap = &vm.group_tap;
+        run(Command::new("ip").args(["link", "set", "dev", tap, "netns", &vm.ns.name]))?;
+        vm.ns
+            .run(&["ip", "addr", "add", "172.16.0.1/24", "dev", tap])?;
+        vm.ns.run(&["ip", "link", "set", "dev", tap, "up"])?;
+        let mtu = vm.ns.run(&["cat", &format!("/sys/class/net/{tap}/mtu")])?;
+        ensure!(mtu.trim() == "1400", "the group tap's MTU is {mtu:?}");
+        vm.ns.run(&[
+            "ping", "-c", "3", "-W", "5", "-M", "do", "-s", "1372", first.ip,
+        ])?;
+
+        // Leave while running: the seed loses group.env. A guest whose NIC
+        // stays (an unplug it ignored) drops the address at its next look
+        // at the seed (every 10 s); then the NIC is unplugged.
+        vm.write_seed_with(&seed, None, true)?;
+        let took = vm.wait_guest_nic(first.mac, "eth1 1400", Duration::from_secs(30))?;
+        eprintln!("group address removed from a NIC that stayed after {took:?}");
+        let dev = vm.dir.join("group-nic.xml");
+        std::fs::write(&dev, group_interface_xml(&first, tap))?;
+        let path = dev.to_str().context("non-UTF-8 path")?;
+        virsh(&["detach-device", &vm.name, path, "--live", "--config"])?;
+        let took = vm.wait_guest_nic(first.mac, "", Duration::from_secs(30))?;
+        eprintln!("group NIC unplugged from the guest after {took:?}");
+
+        // Join another group while running: the seed first, then the NIC.
+        let second = GroupNic {
+            mac: "52:54:01:10:00:05",
+            ip: "172.16.0.5",
+            prefix: 24,
+            mtu: 1450,
+        };
+        vm.write_seed_with(&seed, Some(&second), true)?;
+        std::fs::write(&dev, group_interface_xml(&second, &format!("{tap}b")))?;
+        let t = Instant::now();
+        virsh(&["attach-device", &vm.name, path, "--live", "--config"])?;
+        let plugged = t.elapsed();
+        vm.wait_guest_nic(
+            second.mac,
+            "eth1 1450 inet 172.16.0.5/24",
+            Duration::from_secs(30),
+        )?;
+        eprintln!(
+            "group NIC hot-plugged: attach {plugged:?}, configured in the guest after {:?}",
+            t.elapsed()
+        );
+        let inactive = virsh(&["dumpxml", "--inactive", &vm.name])?;
+        ensure!(
+            inactive.contains(second.mac) && !inactive.contains(first.mac),
+            "the definition did not follow: {inactive}"
+        );
+        Ok(())
+    };
+    check().map_err(|e| vm.explain(e))
 }

@@ -215,19 +215,23 @@ impl ControllerClient {
         Self::expect(r)
     }
 
-    /// The work long-poll; `access_rev` and `tls` name the access state
-    /// and certificate the agent already has (they come back only when
-    /// they changed).
+    /// The work long-poll; `access_rev`, `tls` and `groups_rev` name the
+    /// access state, certificate and network-group state the agent already
+    /// has (they come back only when they changed).
     pub async fn work(
         &self,
         credential: &str,
         wait_secs: u64,
         access_rev: Option<u64>,
         tls: Option<String>,
+        groups_rev: Option<u64>,
     ) -> Result<Work, ClientError> {
         let mut q = vec![("wait_secs", wait_secs.to_string())];
         if let Some(r) = access_rev {
             q.push(("access_rev", r.to_string()));
+        }
+        if let Some(r) = groups_rev {
+            q.push(("groups_rev", r.to_string()));
         }
         if let Some(f) = tls {
             q.push(("tls", f));

@@ -110,6 +110,8 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
     let m = &link.manager;
     let (capacity, mut problems) = capacity(m);
     problems.extend(m.net().problems());
+    problems.extend(m.groups().problems());
+    problems.extend(m.group_nic_problems());
     let health = match m.libvirt().ping() {
         Ok(_) => HostHealth::Healthy,
         Err(e) => {
@@ -156,6 +158,7 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         snapshot_sizes: m.take_snapshot_sizes(),
         https_port: m.net().https_port(),
         store_identity: m.store_identity(),
+        vtep: m.groups().vtep(),
     })
 }
 

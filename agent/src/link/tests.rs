@@ -96,6 +96,7 @@ async fn work(State(s): State<Shared>, h: HeaderMap) -> Result<Json<Work>, Statu
         ops,
         access: None,
         tls: None,
+        groups: None,
     }))
 }
 

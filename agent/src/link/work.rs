@@ -41,11 +41,16 @@ pub async fn run(link: Arc<Link>) {
     let mut delays = backoff().build();
     loop {
         let wait = link.cfg.poll_wait_secs;
-        let (rev, tls) = (
+        let (rev, tls, groups_rev) = (
             link.manager.net().access_rev(),
             link.manager.net().tls_fingerprint(),
+            link.manager.groups().rev(),
         );
-        match link.client.work(link.credential(), wait, rev, tls).await {
+        match link
+            .client
+            .work(link.credential(), wait, rev, tls, groups_rev)
+            .await
+        {
             Ok(work) => {
                 link.link_up(true);
                 if !work.ops.is_empty() {
@@ -53,6 +58,9 @@ pub async fn run(link: Arc<Link>) {
                 }
                 delays = backoff().build();
                 take_access(&link, &work).await;
+                // Before the ops: a create or start among them needs its
+                // group NIC known.
+                take_groups(&link, &work).await;
                 let started = handle(&link, &work);
                 if started == 0 && !work.ops.is_empty() {
                     // Everything listed is already in hand: don't spin while
@@ -95,6 +103,28 @@ async fn take_access(link: &Arc<Link>, work: &Work) {
     .await;
     if let Err(e) = done {
         tracing::error!(error = %e, "the access task failed");
+    }
+}
+
+/// Applies the network-group state the work answer carries, then brings
+/// guests' group NICs in line (hot-plug on join, unplug on leave).
+async fn take_groups(link: &Arc<Link>, work: &Work) {
+    let Some(groups) = work.groups.clone() else {
+        return;
+    };
+    let m = link.manager.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let rev = groups.rev;
+        match m.groups().set(groups, &m.running_guests()) {
+            // Guests' NICs hot-plugged, their taps onto their bridges (one
+            // pass at a time with the periodic one).
+            Ok(()) => m.reconcile_groups(),
+            Err(e) => tracing::warn!(rev, error = %e, "cannot apply the network-group state"),
+        }
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "the network-group task failed");
     }
 }
 

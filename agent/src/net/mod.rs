@@ -16,7 +16,9 @@
 //! - [`host`]: [`host::HostNet`], the narrow trait over `ip`/`nft`/`conntrack`, real and fake.
 //! - [`https`]: [`https::HttpsFront`], the proxy's side, real (`gantry-proxy`) and fake.
 //! - [`seed`]: the NoCloud seed image.
+//! - [`groups`]: network groups (per-group bridges, VXLAN, their rules).
 
+pub mod groups;
 pub mod host;
 pub mod https;
 pub mod netns;
@@ -66,6 +68,9 @@ pub struct InterfaceDef {
     /// the agent moves it into the data plane's namespace after start
     /// (`type='ethernet'`).
     pub bridge: Option<String>,
+    /// The link's MTU (`<mtu size>`: libvirt sets the tap's and tells
+    /// virtio-net the host's); `None` leaves the default (access NICs).
+    pub mtu: Option<u16>,
 }
 
 /// Starts the HTTPS front (the first time access arrives).
@@ -222,6 +227,7 @@ impl Network {
             mac: nic.mac,
             tap: plan::tap_name(id),
             bridge: self.ns.name().is_none().then(|| self.cfg.bridge.clone()),
+            mtu: None,
         }
     }
 

@@ -12,9 +12,13 @@
 //!                            password, the token, and a bootcmd that re-applies
 //!                            the password hash from this disk at every boot
 //! network-config             netplan v2: the access NIC by MAC, static address,
-//!                            default route, resolvers
+//!                            default route, resolvers; with a network group also
+//!                            its NIC by MAC (`eth1`): static address, MTU, no
+//!                            route, no resolvers
 //! gantry/format              "1"
 //! gantry/guest.env           HOSTNAME, MAC, ADDRESS, PREFIX, GATEWAY, DNS (KEY=VALUE)
+//! gantry/group.env           only in a network group: GROUP_MAC, GROUP_IP,
+//!                            GROUP_PREFIX, GROUP_MTU (KEY=VALUE, no quoting)
 //! gantry/root-password-hash  one line
 //! gantry/authorized_keys     OpenSSH key lines
 //! gantry/jupyter-token       one line
@@ -23,10 +27,12 @@
 //! The image is padded to [`SEED_SIZE`] so a rewrite never changes the disk's
 //! size: a seed is replaced atomically while the instance is stopped, and
 //! rewritten in place while it runs (QEMU keeps the file open; the guest
-//! reads the seed only at boot, so the next boot sees the new one). Every
-//! value comes from validated proto types (`NicSpec`, `GuestConfig`).
+//! reads the seed at boot, so the next boot sees the new one; Gantry's test
+//! guest also re-reads it when a NIC is hot-plugged). Every value comes
+//! from validated proto types (`NicSpec`, `GuestConfig`, `GroupNic`).
 
 use super::NetError;
+use gantry_proto::groups::GroupNic;
 use gantry_proto::net::{GuestConfig, NicSpec};
 use gantry_proto::InstanceId;
 use std::io::{Seek, Write};
@@ -44,12 +50,14 @@ fn q(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-/// The seed's files, by relative path.
+/// The seed's files, by relative path; `group` is the instance's network
+/// group NIC, if it is in one.
 pub fn files(
     id: InstanceId,
     nic: &NicSpec,
     guest: &GuestConfig,
     dns: &[Ipv4Addr],
+    group: Option<&GroupNic>,
 ) -> Vec<(&'static str, String)> {
     let keys: String = guest
         .ssh_authorized_keys
@@ -85,7 +93,7 @@ pub fn files(
         token = q(&format!("{token}\n")),
         reapply = q(reapply),
     );
-    let network = format!(
+    let mut network = format!(
         "version: 2\n\
          ethernets:\n  access0:\n    match:\n      macaddress: {mac}\n    set-name: eth0\n\
          \x20   addresses: [{addr}]\n\
@@ -96,6 +104,16 @@ pub fn files(
         gw = nic.gateway,
         dns = dns_list.join(", "),
     );
+    if let Some(g) = group {
+        network.push_str(&format!(
+            "  group0:\n    match:\n      macaddress: {mac}\n    set-name: eth1\n\
+             \x20   addresses: [{addr}]\n\
+             \x20   mtu: {mtu}\n",
+            mac = q(&g.mac.to_string()),
+            addr = q(&format!("{}/{}", g.ip, g.cidr.prefix())),
+            mtu = g.mtu,
+        ));
+    }
     let env = format!(
         "HOSTNAME={}\nMAC={}\nADDRESS={}\nPREFIX={}\nGATEWAY={}\nDNS=\"{}\"\n",
         guest.hostname,
@@ -105,7 +123,7 @@ pub fn files(
         nic.gateway,
         dns_list.join(" ")
     );
-    vec![
+    let mut out = vec![
         ("meta-data", meta),
         ("user-data", user),
         ("network-config", network),
@@ -114,7 +132,20 @@ pub fn files(
         ("gantry/root-password-hash", format!("{hash}\n")),
         ("gantry/authorized_keys", keys),
         ("gantry/jupyter-token", format!("{token}\n")),
-    ]
+    ];
+    if let Some(g) = group {
+        out.push((
+            "gantry/group.env",
+            format!(
+                "GROUP_MAC={}\nGROUP_IP={}\nGROUP_PREFIX={}\nGROUP_MTU={}\n",
+                g.mac,
+                g.ip,
+                g.cidr.prefix(),
+                g.mtu
+            ),
+        ));
+    }
+    out
 }
 
 /// Builds the ISO image of `files` (genisoimage), padded to [`SEED_SIZE`].
@@ -215,17 +246,43 @@ mod tests {
         let (id, nic, guest) = sample();
         let dns = ["1.1.1.1".parse().unwrap(), "8.8.8.8".parse().unwrap()];
         let mut all = String::new();
-        for (name, content) in files(id, &nic, &guest, &dns) {
+        for (name, content) in files(id, &nic, &guest, &dns, None) {
             all.push_str(&format!("==> {name} <==\n{content}"));
         }
         crate::testutil::golden("seed-files.txt", &all);
     }
 
     #[test]
+    fn golden_seed_files_with_a_group_nic() {
+        let (id, nic, guest) = sample();
+        let ip: Ipv4Addr = "172.16.0.2".parse().unwrap();
+        let group = GroupNic {
+            group: gantry_proto::NetworkGroupId::from_uuid(uuid::Uuid::from_u128(9)),
+            vni: 5000,
+            mac: gantry_proto::groups::group_mac(ip),
+            ip,
+            cidr: "172.16.0.0/24".parse().unwrap(),
+            mtu: 1450,
+        };
+        let with = files(id, &nic, &guest, &[], Some(&group));
+        let without = files(id, &nic, &guest, &[], None);
+        let mut all = String::new();
+        for (name, content) in &with {
+            let same = without.iter().any(|(n, c)| n == name && c == content);
+            if !same {
+                all.push_str(&format!("==> {name} <==\n{content}"));
+            }
+        }
+        // Only the network configuration and group.env differ.
+        crate::testutil::golden("seed-files-group.txt", &all);
+        assert_eq!(with.len(), without.len() + 1);
+    }
+
+    #[test]
     #[ignore = "needs genisoimage: ./scripts/test runs it"]
     fn image_is_a_cidata_iso_of_fixed_size() {
         let (id, nic, guest) = sample();
-        let img = build_image(&files(id, &nic, &guest, &[])).unwrap();
+        let img = build_image(&files(id, &nic, &guest, &[], None)).unwrap();
         assert_eq!(img.len() as u64, SEED_SIZE);
         // ISO9660 primary volume descriptor at sector 16: "CD001", and the
         // volume id at offset 40.

@@ -259,6 +259,14 @@ pub async fn advance(st: &AppState, id: &AccountId) -> ApiResult<(Vec<OperationI
         .bind(&acct)
         .execute(&st.db.pool)
         .await?;
+    // Network groups once their members are gone (their VNIs free again).
+    sqlx::query(
+        "DELETE FROM network_groups WHERE account_id = $1 AND NOT EXISTS (SELECT 1 FROM \
+         network_group_members m WHERE m.group_id = network_groups.id)",
+    )
+    .bind(&acct)
+    .execute(&st.db.pool)
+    .await?;
     if p.waiting.is_empty() {
         set_status(st, id, AccountStatus::Deleting, AccountStatus::Deleted).await?;
         tracing::info!(account = %id, "account deleted");

@@ -374,7 +374,7 @@ pub(crate) async fn apply_observed(
 }
 
 /// Gives back what a final instance held: capacity, GPUs, address, ports,
-/// volume. Returns whether the host's forwards changed.
+/// network-group membership, volume. Returns whether the host's forwards changed.
 pub(crate) async fn release_resources(
     tx: &mut Tx,
     rec: &InstanceRec,
@@ -384,6 +384,8 @@ pub(crate) async fn release_resources(
         scheduler::free(tx, h, rec.id, rec.vcpus, rec.memory_mib, rec.root_disk_gib).await?;
     }
     let changed = crate::access::release(tx, rec.host.as_ref(), rec.id).await?;
+    // Its network-group address too (the group's hosts are woken).
+    crate::groups::leave(tx, rec.id).await?;
     sqlx::query("UPDATE volumes SET instance_id = NULL WHERE instance_id = $1")
         .bind(&id)
         .execute(&mut **tx)

@@ -257,6 +257,9 @@ async fn heartbeat(
         return Err(ApiError::invalid("https_port", "must be 1 to 65535"));
     }
     check_store(hb.store.as_deref().unwrap_or_default())?;
+    if let Some(v) = &hb.vtep {
+        v.validate("vtep")?;
+    }
     crate::store_keys::check_store_identity(hb.store_identity.as_ref())?;
     // Every figure in range and the timestamp not ahead of our clock, or
     // none of the heartbeat is applied.
@@ -384,6 +387,7 @@ async fn heartbeat_once(
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
         super::hosts::sync_gpus(&mut tx, host, &c.gpus).await?;
+        crate::groups::set_vtep(&mut tx, host, hb.vtep.as_ref()).await?;
         crate::store_keys::record_host_store(&mut tx, host, hb.store_identity.as_ref()).await?;
         for o in &hb.instances {
             changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
@@ -460,16 +464,18 @@ async fn snapshot_sizes(
     Ok(())
 }
 
-/// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F`: answers at once
-/// while an operation is pending or the access state or certificate is
-/// news to the agent.
+/// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F&groups_rev=G`:
+/// answers at once while an operation is pending or the access state,
+/// certificate or network-group state is news to the agent (an agent that
+/// names no `groups_rev` gets the group state in every answer, but waits
+/// for it only when the host has groups).
 async fn work(
     State(st): State<AppState>,
     who: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Work>> {
     let host = host_of(&who)?;
-    query(&q, &["wait_secs", "access_rev", "tls"])?;
+    query(&q, &["wait_secs", "access_rev", "tls", "groups_rev"])?;
     let wait = match q.get("wait_secs") {
         None => DEFAULT_WAIT_SECS,
         Some(w) => w
@@ -484,14 +490,26 @@ async fn work(
                 .map_err(|_| ApiError::bad("access_rev", "must be a whole number"))?,
         ),
     };
+    let groups_rev = match q.get("groups_rev") {
+        None => None,
+        Some(r) => Some(
+            r.parse::<u64>()
+                .map_err(|_| ApiError::bad("groups_rev", "must be a whole number"))?,
+        ),
+    };
     let tls = q.get("tls").map(String::as_str);
     // Listen before looking, so a wake between the two is not lost.
     let notify = st.wake.get(&host);
     let woken = notify.notified();
     tokio::pin!(woken);
     woken.as_mut().enable();
-    let w = commands::build_work(&st, &host, rev, tls).await?;
-    let news = w.access.is_some() || w.tls.is_some();
+    let w = commands::build_work(&st, &host, rev, tls, groups_rev).await?;
+    let group_news = match (&w.groups, groups_rev) {
+        (Some(_), Some(_)) => true,
+        (Some(g), None) => !g.groups.is_empty(),
+        (None, _) => false,
+    };
+    let news = w.access.is_some() || w.tls.is_some() || group_news;
     let pending = w.ops.iter().any(|o| o.phase == OpPhase::Pending);
     if pending {
         gantry_crashpoint::hit("controller.work.deliver");
@@ -502,7 +520,7 @@ async fn work(
     let _ = tokio::time::timeout(Duration::from_secs(wait), woken).await;
     // A revocation wakes the poll and ends it with the refusal.
     auth::check_not_revoked(&st.db, &host).await?;
-    let w = commands::build_work(&st, &host, rev, tls).await?;
+    let w = commands::build_work(&st, &host, rev, tls, groups_rev).await?;
     if w.ops.iter().any(|o| o.phase == OpPhase::Pending) {
         gantry_crashpoint::hit("controller.work.deliver");
     }

@@ -14,14 +14,17 @@ use gantry_proto::spec::{InstanceSpec, VolumeSpec};
 use gantry_proto::{Action, InstanceState, SnapshotStatus};
 
 /// The host's non-final instances, its unfinished operations, and its
-/// access state and certificate unless the agent already has them
-/// (`known_rev`, `known_tls`). An operation whose command cannot be built
-/// (its image is gone, say) is failed here with the reason.
+/// access state, certificate and network-group state unless the agent
+/// already has them (`known_rev`, `known_tls`, `known_groups`; an agent
+/// that names no group revision gets the state, empty or not). An
+/// operation whose command cannot be built (its image is gone, say) is
+/// failed here with the reason.
 pub async fn build_work(
     st: &AppState,
     host: &HostId,
     known_rev: Option<u64>,
     known_tls: Option<&str>,
+    known_groups: Option<u64>,
 ) -> ApiResult<Work> {
     let found = sqlx::query(
         "SELECT id, desired_state, observed_state FROM instances WHERE host_id = $1 AND \
@@ -77,11 +80,13 @@ pub async fn build_work(
         }
     }
     let (access, tls) = super::certs::access_and_tls(st, host).await?;
+    let groups = crate::groups::host_groups(&st.db.pool, host).await?;
     Ok(Work {
         instances,
         ops,
         access: access.filter(|a| Some(a.rev) != known_rev),
         tls: tls.filter(|t| Some(t.fingerprint.as_str()) != known_tls),
+        groups: Some(groups).filter(|g| Some(g.rev) != known_groups),
     })
 }
 

@@ -127,6 +127,8 @@ struct Resolved {
     /// The snapshot the disk comes from (directly or through its image)
     /// and its region.
     snapshot_region: Option<(SnapshotId, String)>,
+    /// The network group to join (`CreateInstance::network_group`).
+    group: Option<crate::groups::GroupRow>,
 }
 
 /// A Success snapshot of `account`: its region, the base image of the
@@ -233,6 +235,7 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
                 base_image: b.base_image,
                 pin,
                 snapshot_region: Some((s, b.region)),
+                group: None,
             });
         }
         _ => {
@@ -279,6 +282,7 @@ async fn resolve(st: &AppState, account: &AccountId, req: &CreateInstance) -> Ap
         base_image,
         pin,
         snapshot_region,
+        group: None,
     })
 }
 
@@ -303,7 +307,18 @@ async fn create(
 ) -> ApiResult<Response> {
     let account = super::owner_for(&who, req.account)?;
     super::accounts::require_active(&st, &account).await?;
-    let r = resolve(&st, &account, &req).await?;
+    let mut r = resolve(&st, &account, &req).await?;
+    if let Some(gid) = req.network_group {
+        // Another account's group is answered like a missing one.
+        let g = super::groups::load(&st, &who, gid).await?;
+        if g.account != account {
+            return Err(ApiError::invalid(
+                "network_group",
+                format!("network group {gid} belongs to another account"),
+            ));
+        }
+        r.group = Some(g);
+    }
     let region = region_of(&st, &req, &r)?;
     crate::billing::require_credit(&st, &account, "creating instances").await?;
     let mut need = Need {
@@ -386,6 +401,15 @@ impl From<crate::access::AccessError> for Insert {
     }
 }
 
+impl From<crate::groups::GroupError> for Insert {
+    fn from(e: crate::groups::GroupError) -> Self {
+        match e {
+            crate::groups::GroupError::Taken => Insert::Duplicate,
+            other => Insert::Api(super::groups::api_error(other)),
+        }
+    }
+}
+
 impl From<sqlx::Error> for Insert {
     fn from(e: sqlx::Error) -> Self {
         if crate::db::is_unique_violation(&e) {
@@ -410,7 +434,20 @@ async fn insert(
 ) -> Result<(OperationId, HostId), Insert> {
     let cutoff = now_ms() - st.cfg.heartbeat_timeout_secs as i64 * 1000;
     let timeout = st.cfg.heartbeat_timeout_secs;
-    let (host, _gpus) = scheduler::place(tx, id, need, cutoff, timeout)
+    // A group member: the group's row locked first, its hosts preferred.
+    let group = match &r.group {
+        Some(g) => Some(crate::groups::lock_group(tx, g.id).await?),
+        None => None,
+    };
+    let pref = match &group {
+        Some(g) => Some(
+            crate::groups::placement_pref(tx, g)
+                .await
+                .map_err(|e| Insert::Api(e.into()))?,
+        ),
+        None => None,
+    };
+    let (host, _gpus) = scheduler::place_with(tx, id, need, pref.as_ref(), cutoff, timeout)
         .await
         .map_err(Insert::Place)?;
     if let Some(plan) = vol {
@@ -466,6 +503,9 @@ async fn insert(
     .bind(&need.region)
     .execute(&mut **tx)
     .await?;
+    if let Some(g) = &group {
+        crate::groups::join(tx, g, id).await?;
+    }
     let new = crate::operations::NewOp {
         id: op,
         account: Some(account),
@@ -609,7 +649,8 @@ async fn view(
         }
         other => {
             return Err(ApiError::NotFound(format!(
-                "no view {other:?}; views are access, monitor, billing, config, hardware"
+                "no view {other:?}; views are access, monitor, billing, config, hardware, \
+                 network-group"
             )))
         }
     };

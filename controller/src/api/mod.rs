@@ -12,6 +12,7 @@ pub mod commands;
 pub mod fleet;
 pub mod forwards;
 pub mod gpus;
+pub mod groups;
 pub mod hosts;
 pub mod idempotency;
 pub mod instances;
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(password::routes())
         .merge(keys::routes())
         .merge(certs::routes())
+        .merge(groups::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
         .route(
@@ -73,7 +75,9 @@ pub fn router(state: AppState) -> Router {
 /// methods, and password reveals) a write-ahead audit row (see
 /// [`crate::audit`]), and for a POST with an `Idempotency-Key` at most one
 /// run (see [`idempotency`]). Refusals without a valid token are counted,
-/// not audited, and rate-limited per source address.
+/// not audited, and rate-limited per source address. Hosts whose network
+/// groups the call changed are woken once it is done (after its commit;
+/// see [`crate::groups::note_wakes`]).
 async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req
@@ -131,10 +135,16 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
         None
     };
     req.extensions_mut().insert(who.clone());
-    let resp = match key {
-        Some(k) => idempotency::run(&st, &who, k, req, next).await,
-        None => next.run(req).await,
-    };
+    let (resp, woken) = crate::groups::collecting_wakes(async {
+        match key {
+            Some(k) => idempotency::run(&st, &who, k, req, next).await,
+            None => next.run(req).await,
+        }
+    })
+    .await;
+    for h in &woken {
+        st.wake.wake(h);
+    }
     if let Some(id) = row {
         let note = resp
             .extensions()

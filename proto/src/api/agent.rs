@@ -303,6 +303,11 @@ pub struct AgentHeartbeat {
     /// The host's snapshot store; `None` while it has none.
     #[serde(default)]
     pub store_identity: Option<StoreIdentity>,
+    /// Where the host takes network groups' VXLAN traffic (its underlay
+    /// address and port); `None` when no underlay is configured (its group
+    /// members reach only members on the same host).
+    #[serde(default)]
+    pub vtep: Option<crate::groups::Vtep>,
 }
 
 impl AgentHeartbeat {
@@ -346,6 +351,9 @@ impl AgentHeartbeat {
                 0,
                 MAX_SNAPSHOT_BYTES,
             )?;
+        }
+        if let Some(v) = &self.vtep {
+            v.validate("vtep")?;
         }
         Ok(())
     }
@@ -604,6 +612,10 @@ pub struct Work {
     /// The proxy's certificate, when its fingerprint is not `F`.
     #[serde(default)]
     pub tls: Option<HostTls>,
+    /// The host's network-group state, when its revision is not the
+    /// `groups_rev` the agent sent.
+    #[serde(default)]
+    pub groups: Option<crate::groups::HostGroups>,
 }
 
 /// How an operation stands on the host.
@@ -747,6 +759,7 @@ mod tests {
             }]),
             https_port: Some(443),
             store_identity: None,
+            vtep: None,
         };
         let text = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<AgentHeartbeat>(&text).unwrap(), hb);

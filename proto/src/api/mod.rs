@@ -2,7 +2,8 @@
 //!
 //! - [`local`]: the agent's local operator API (instances on this host).
 //! - [`v1`]: the controller's API for admins and tenants ([`fleet`]: its
-//!   fleet bodies; [`accounts`]: accounts and tokens, re-exported by `v1`).
+//!   fleet bodies; [`accounts`]: accounts and tokens; [`groups`]: network groups;
+//!   both re-exported by `v1`).
 //! - [`agent`]: the agent <-> controller protocol.
 //! - [`error`]: the error body every API answers with.
 
@@ -10,5 +11,6 @@ pub mod accounts;
 pub mod agent;
 pub mod error;
 pub mod fleet;
+pub mod groups;
 pub mod local;
 pub mod v1;

@@ -28,6 +28,7 @@ pub const MAX_PORT_FORWARDS: usize = 8;
 // ---------- accounts and tokens: in [`super::accounts`] ----------
 
 pub use super::accounts::*;
+pub use super::groups::*;
 
 // ---------- hosts ----------
 
@@ -305,6 +306,10 @@ pub struct CreateInstance {
     /// `default_region`.
     #[serde(default)]
     pub region: Option<String>,
+    /// A network group of the account to put the instance in (a second
+    /// NIC on the group's private network).
+    #[serde(default)]
+    pub network_group: Option<crate::ids::NetworkGroupId>,
 }
 
 /// One port forward of an instance (the Access tab's rows).

@@ -18,7 +18,8 @@ pub enum InstanceCmd {
     /// Summary, or one view.
     Get {
         id: InstanceId,
-        #[arg(long, value_parser = ["access", "monitor", "billing", "config", "hardware"])]
+        #[arg(long, value_parser = ["access", "monitor", "billing", "config", "hardware",
+            "network-group"])]
         view: Option<String>,
     },
     Create {
@@ -46,6 +47,10 @@ pub enum InstanceCmd {
         /// the controller's default region].
         #[arg(long)]
         region: Option<String>,
+        /// A network group of the account to put it in (a second NIC,
+        /// eth1, on the group's private network).
+        #[arg(long)]
+        network_group: Option<NetworkGroupId>,
     },
     /// start, stop, reboot, force-reboot, suspend, resume, change-type,
     /// grow-disk, release.
@@ -196,6 +201,10 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
                 crate::access::print_access(client, id).await?;
                 return Ok(None);
             }
+            Some("network-group") if !json => {
+                crate::groups::print_instance_group(client, id).await?;
+                return Ok(None);
+            }
             Some(v) => call(M::GET, v1!("instances", id, v), None, &[]),
             None => call(M::GET, v1!("instances", id), None, &[]),
         },
@@ -209,6 +218,7 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
             placement,
             account,
             region,
+            network_group,
         } => {
             let b = body(&CreateInstance {
                 name,
@@ -220,6 +230,7 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
                 placement,
                 account,
                 region,
+                network_group,
             });
             call(M::POST, v1!("instances"), b, &[])
         }

@@ -18,6 +18,7 @@ mod client;
 mod access;
 mod admin;
 mod gpus;
+mod groups;
 mod instances;
 mod text;
 
@@ -59,6 +60,9 @@ enum Cmd {
     /// Port forwards of an instance.
     #[command(subcommand)]
     Forward(access::ForwardCmd),
+    /// Network groups: private networks between the account's instances.
+    #[command(subcommand)]
+    Group(groups::GroupCmd),
     /// SSH public keys put into new instances.
     #[command(subcommand)]
     SshKey(access::SshKeyCmd),
@@ -203,6 +207,10 @@ async fn run(cli: Cli) -> CliResult<()> {
     let json = cli.json;
     let c = match cli.cmd {
         Cmd::Instance(c) => match instances::plan_instance(c, &client, json).await? {
+            Some(c) => c,
+            None => return Ok(()),
+        },
+        Cmd::Group(c) => match groups::plan_group(c, &client, json).await? {
             Some(c) => c,
             None => return Ok(()),
         },

@@ -238,6 +238,7 @@ impl Host {
             snapshot_sizes: None,
             https_port: None,
             store_identity: None,
+            vtep: None,
         };
         (hb, sent)
     }

@@ -52,6 +52,9 @@ pub fn load_or_create_token(path: &Path) -> Result<String, fsutil::FsError> {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
+    // The state directory first: the GPU pool keeps its state there too
+    // (a first start on a fresh machine has none yet).
+    crate::layout::Layout::new(&cfg.state_dir).create()?;
     let gpus = crate::gpu::open(&cfg.gpu, &cfg.state_dir)?;
     let listen = cfg.listen;
     let open_cfg = cfg.clone();

@@ -212,6 +212,13 @@ impl DomainDef {
             // Free hot-plug slots (a group NIC joined while running):
             // PCIe has no slots on the root bus, and libvirt adds a root
             // port only per device it knows of at define time.
+            // The root complex is named first: libvirt would otherwise
+            // number the first port 0, where only the root may be.
+            empty(
+                &mut w,
+                "controller",
+                &[("type", "pci"), ("index", "0"), ("model", "pcie-root")],
+            );
             for _ in 0..SPARE_ROOT_PORTS {
                 empty(
                     &mut w,

@@ -335,10 +335,7 @@ mod tests {
         assert_eq!(field(|g| g.vni = 1), "g.vni");
         assert_eq!(field(|g| g.mtu = 100), "g.mtu");
         assert_eq!(field(|g| g.cidr = "8.8.8.0/24".parse().unwrap()), "g.cidr");
-        assert_eq!(
-            field(|g| g.members[1].ip = g.members[0].ip),
-            "g.members[1].ip"
-        );
+        assert_eq!(field(|g| g.members[1].ip = g.members[0].ip), "g.members[1]");
         assert_eq!(
             field(|g| g.members[1].ip = "172.16.0.0".parse().unwrap()),
             "g.members[1].ip"

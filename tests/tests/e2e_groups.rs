@@ -138,10 +138,6 @@ fn network_groups_on_one_host_and_across_two() -> anyhow::Result<()> {
     )?;
     let r = whole(&cloud, &mut b);
     if r.is_err() {
-        if let Some(secs) = std::env::var("E2E_PAUSE").ok().and_then(|v| v.parse().ok()) {
-            eprintln!("PAUSED {r:?}");
-            std::thread::sleep(Duration::from_secs(secs));
-        }
         eprintln!("--- agent A log ---\n{}", cloud.agent.log_tail());
         eprintln!("--- agent B log ---\n{}", b.agent.log_tail());
         eprintln!("--- controller log ---\n{}", cloud.ctl.log_tail());
@@ -378,13 +374,6 @@ fn stream(w: &World, from: &str, to: &str, to_ip: &str) -> anyhow::Result<()> {
         let links_a = w.cloud.host_ns.run(&["ip", "-o", "link"])?;
         let links_b = w.b.ns.run(&["ip", "-o", "link"])?;
         let guest = tx.sh("ip -o link; ip -o addr")?;
-        if let Some(secs) = std::env::var("E2E_PAUSE").ok().and_then(|v| v.parse().ok()) {
-            eprintln!(
-                "PAUSED: from {from} to {to} {to_ip}; execs {:?} {:?}",
-                tx.exec_socket, rx.exec_socket
-            );
-            std::thread::sleep(Duration::from_secs(secs));
-        }
         anyhow::bail!(
             "{from} -> {to}: sent 1048576 bytes ({want}), received: {got}\n\
              ping -s 1400: {big:?}\nping -s 1000: {mid:?}\nhost A:\n{links_a}\nhost B:\n{links_b}\nguest:\n{guest}"

@@ -494,18 +494,7 @@ mod tests {
         }
     }
 
-    fn need(gpus: u32, placement: Placement) -> crate::scheduler::Need {
-        crate::scheduler::Need {
-            vcpus: 8,
-            memory_mib: 1024,
-            disk_gib: 50,
-            gpu_model: Some("H100".into()),
-            gpu_count: gpus,
-            placement,
-            region: "default".into(),
-            host: None,
-        }
-    }
+    use crate::scheduler::tests::need;
 
     #[test]
     fn a_group_prefers_its_hosts_to_pack_and_others_to_spread() {

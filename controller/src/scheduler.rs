@@ -707,7 +707,7 @@ pub async fn unbook_gpus(tx: &mut Tx, host: &HostId, instance: InstanceId) -> Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn host(id: &str, gpus: i64, total: i64, cpu: i64) -> Candidate {
@@ -721,7 +721,8 @@ mod tests {
         }
     }
 
-    fn need(gpus: u32, placement: Placement) -> Need {
+    /// A need for `gpus` H100s and 8 vCPUs (also used by the group tests).
+    pub(crate) fn need(gpus: u32, placement: Placement) -> Need {
         Need {
             vcpus: 8,
             memory_mib: 1024,

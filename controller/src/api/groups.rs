@@ -263,14 +263,7 @@ async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Vec<NetworkGroupInfo>>> {
     query(&q, &["account"])?;
-    let account = match (&who.account, q.get("account")) {
-        (Some(mine), _) => mine.to_string(),
-        (None, Some(a)) => a
-            .parse::<AccountId>()
-            .map_err(|e| ApiError::bad("account", e.to_string()))?
-            .to_string(),
-        (None, None) => String::new(),
-    };
+    let account = super::list_account(&who, &q)?;
     let found = sqlx::query(&format!(
         "SELECT {GROUP_COLS}, (SELECT COUNT(*) FROM network_group_members m WHERE m.group_id = \
          network_groups.id) AS n FROM network_groups WHERE $1 = '' OR account_id = $1 \

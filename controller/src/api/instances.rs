@@ -561,14 +561,7 @@ async fn list(
             ));
         }
     }
-    let account = match (&who.account, q.get("account")) {
-        (Some(mine), _) => mine.to_string(),
-        (None, Some(a)) => a
-            .parse::<AccountId>()
-            .map_err(|e| ApiError::bad("account", e.to_string()))?
-            .to_string(),
-        (None, None) => String::new(),
-    };
+    let account = super::list_account(&who, &q)?;
     let limit = match q.get("limit") {
         Some(l) => {
             let n = l

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Json, Router};
 use gantry_proto::api::v1::{CreateSshKey, SshKeyInfo};
-use gantry_proto::ids::{AccountId, SshKeyId};
+use gantry_proto::ids::SshKeyId;
 use gantry_proto::net::{self, MAX_SSH_KEYS};
 use gantry_proto::validate;
 use std::collections::HashMap;
@@ -124,14 +124,7 @@ async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Vec<SshKeyInfo>>> {
     query(&q, &["account"])?;
-    let account = match (&who.account, q.get("account")) {
-        (Some(mine), _) => mine.to_string(),
-        (None, Some(a)) => a
-            .parse::<AccountId>()
-            .map_err(|e| ApiError::bad("account", e.to_string()))?
-            .to_string(),
-        (None, None) => String::new(),
-    };
+    let account = super::list_account(&who, &q)?;
     let found = sqlx::query(&format!(
         "SELECT {COLS} FROM ssh_keys WHERE $1 = '' OR account_id = $1 ORDER BY created_ms, id"
     ))

@@ -320,6 +320,20 @@ pub fn query(q: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
     }
 }
 
+/// The account a list is scoped to, as a SQL parameter: a tenant's own
+/// (`?account=` ignored), an admin's `?account=` (checked), or `""` for an
+/// admin's whole list.
+pub fn list_account(who: &Identity, q: &HashMap<String, String>) -> ApiResult<String> {
+    Ok(match (&who.account, q.get("account")) {
+        (Some(mine), _) => mine.to_string(),
+        (None, Some(a)) => a
+            .parse::<gantry_proto::AccountId>()
+            .map_err(|e| ApiError::bad("account", e.to_string()))?
+            .to_string(),
+        (None, None) => String::new(),
+    })
+}
+
 /// Parses a path id; a malformed id is simply not found.
 pub fn path_id<T: std::str::FromStr>(s: &str, kind: &str) -> ApiResult<T> {
     s.parse()

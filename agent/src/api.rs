@@ -24,6 +24,8 @@ use subtle::ConstantTimeEq;
 pub struct AppState {
     pub manager: Arc<Manager>,
     pub token: Arc<String>,
+    /// The metrics collector, when `monitor.enabled`.
+    pub monitor: Option<Arc<crate::monitor::Monitor>>,
 }
 
 /// An API error: a status and a sentence, and the field when one is to blame.
@@ -262,7 +264,18 @@ async fn metrics(State(st): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        st.manager.render_metrics(),
+        {
+            let mut text = st.manager.render_metrics();
+            if let Some(m) = &st.monitor {
+                let mut mon = String::new();
+                m.render(&mut mon);
+                match text.rfind("# EOF") {
+                    Some(at) => text.insert_str(at, &mon),
+                    None => text.push_str(&mon),
+                }
+            }
+            text
+        },
     )
         .into_response()
 }

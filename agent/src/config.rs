@@ -41,6 +41,10 @@
 //!                                      # address is always added when it is an IP)
 //! dns = ["1.1.1.1", "8.8.8.8"]         # resolvers guests are told to use
 //! drift_check_secs = 10                # how often the rules are compared with the kernel's
+//!
+//! [monitor]                            # host, instance and GPU metrics (docs/monitoring.md)
+//! enabled = true                       # collect, expose on /metrics, send to the controller
+//! interval_secs = 10                   # collection interval, 1..=3600
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -93,6 +97,28 @@ pub struct AgentConfig {
     pub controller: Option<ControllerConfig>,
     /// Instance access networking.
     pub network: NetworkConfig,
+    /// Metrics collection ([`crate::monitor`]).
+    pub monitor: MonitorConfig,
+}
+
+/// The `[monitor]` section: whether and how often the agent samples the
+/// host, its instances and GPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Collect, expose on `/metrics` and send batches to the controller.
+    pub enabled: bool,
+    /// Seconds between two samples (rates are over this interval).
+    pub interval_secs: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: gantry_proto::metrics::DEFAULT_INTERVAL_SECS,
+        }
+    }
 }
 
 /// The `[network]` section: where the data plane lives and how it behaves.
@@ -334,6 +360,7 @@ impl Default for AgentConfig {
             store_publish_level: None,
             controller: None,
             network: NetworkConfig::default(),
+            monitor: MonitorConfig::default(),
         }
     }
 }
@@ -419,6 +446,9 @@ impl AgentConfig {
         self.network
             .check()
             .map_err(|(field, m)| invalid(field, &m))?;
+        if self.monitor.interval_secs == 0 || self.monitor.interval_secs > 3600 {
+            return Err(invalid("monitor.interval_secs", "must be 1 to 3600"));
+        }
         if let Some(c) = &self.controller {
             c.check_urls().map_err(|(field, m)| invalid(field, &m))?;
             if c.poll_wait_secs > gantry_proto::api::agent::MAX_WAIT_SECS {

@@ -90,6 +90,9 @@ pub struct DomainDef {
     pub seed: Option<PathBuf>,
     /// The qemu-guest-agent channel's socket.
     pub guest_agent_socket: Option<PathBuf>,
+    /// The guest exporter's channel (`org.gantry.metrics.0`), in every
+    /// domain: its socket ([`crate::layout::Layout::metrics_socket`]).
+    pub metrics_socket: PathBuf,
 }
 
 /// The prefix of group NICs' tap names (see `net::groups::group_tap_name`):
@@ -192,19 +195,13 @@ impl DomainDef {
         }
         self.write_serials(&mut w);
         if let Some(sock) = &self.guest_agent_socket {
-            open(&mut w, "channel", &[("type", "unix")]);
-            empty(
-                &mut w,
-                "source",
-                &[("mode", "bind"), ("path", &path_str(sock))],
-            );
-            empty(
-                &mut w,
-                "target",
-                &[("type", "virtio"), ("name", "org.qemu.guest_agent.0")],
-            );
-            close(&mut w, "channel");
+            write_channel(&mut w, sock, "org.qemu.guest_agent.0");
         }
+        write_channel(
+            &mut w,
+            &self.metrics_socket,
+            gantry_proto::metrics::GUEST_CHANNEL_NAME,
+        );
         for f in self.passthrough.iter().flat_map(|p| &p.functions) {
             write_hostdev(&mut w, f);
         }
@@ -391,6 +388,14 @@ fn write_disk(w: &mut W, d: &DiskDef) {
     empty(w, "target", &[("dev", d.target), ("bus", "virtio")]);
     text(w, "serial", &[], d.serial);
     close(w, "disk");
+}
+
+/// A virtio-serial channel on a unix socket QEMU listens on.
+fn write_channel(w: &mut W, sock: &std::path::Path, name: &str) {
+    open(w, "channel", &[("type", "unix")]);
+    empty(w, "source", &[("mode", "bind"), ("path", &path_str(sock))]);
+    empty(w, "target", &[("type", "virtio"), ("name", name)]);
+    close(w, "channel");
 }
 
 /// The seed: raw, read-only, excluded from disk-only snapshots.
@@ -630,6 +635,7 @@ mod tests {
             group_interface: None,
             seed: None,
             guest_agent_socket: None,
+            metrics_socket: "/var/lib/gantry/instances/ins-1/metrics.sock".into(),
         }
     }
 
@@ -754,6 +760,7 @@ mod tests {
             cmdline: "a</cmdline><devices><hostdev x='1'/>&amp;\"'".into(),
         };
         d.console_log = "/x'/><evil a='".into();
+        d.metrics_socket = "/m'/><evil4 a='".into();
         d.group_interface = Some(InterfaceDef {
             tap: "gg-x'/><evil2 b='".into(),
             ..group_nic(Some("gn-'/><evil3/>"))

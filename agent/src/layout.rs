@@ -7,7 +7,8 @@
 //!   images/<image-id>/          image.json, disk.qcow2, vmlinuz, initrd.img
 //!   instances/<instance-id>/    instance.json, root.qcow2 and top-<n>.qcow2 (the root
 //!                               disk's layers), console.{sock,log}, exec.sock,
-//!                               seed.iso (NoCloud seed, 0600), qga.sock (guest agent)
+//!                               seed.iso (NoCloud seed, 0600), qga.sock (guest agent),
+//!                               metrics.sock (the guest exporter's channel)
 //!   access.json                 the controller's access state (crate::net)
 //!   tls.json                    the HTTPS front's certificate and key (0600, crate::net)
 //!   volumes/<volume-id>.qcow2   data volumes, with volumes/<volume-id>.json
@@ -69,6 +70,20 @@ pub struct VolumeRecord {
     pub size_bytes: u64,
     #[serde(default)]
     pub attached_to: Option<InstanceId>,
+}
+
+/// Longest path a unix socket may have (`sun_path` is 108 bytes with its
+/// NUL).
+pub const SOCKET_PATH_MAX: usize = 107;
+/// Longest state directory whose instance sockets
+/// (`<state_dir>/instances/ins-<32 hex>/console.sock`, `metrics.sock`,
+/// the longest names) still fit [`SOCKET_PATH_MAX`].
+pub const STATE_DIR_MAX_FOR_SOCKETS: usize =
+    SOCKET_PATH_MAX - "/instances/ins-0190b4c2e7a47c3a9d2b8f1e4a6c0d12/metrics.sock".len();
+
+/// Whether `p` fits in a unix socket address.
+pub fn socket_path_fits(p: &Path) -> bool {
+    p.as_os_str().len() <= SOCKET_PATH_MAX
 }
 
 /// A record read from disk, or the path that could not be read and why.
@@ -165,6 +180,14 @@ impl Layout {
     pub fn exec_socket(&self, id: InstanceId) -> PathBuf {
         self.instance_dir(id).join("exec.sock")
     }
+    /// The guest exporter's virtio-serial channel
+    /// ([`gantry_proto::metrics::GUEST_CHANNEL_NAME`]; QEMU listens, the
+    /// agent's [`crate::monitor::guest::GuestChannels`] connects). At most
+    /// [`SOCKET_PATH_MAX`] bytes while the state directory is at most
+    /// [`STATE_DIR_MAX_FOR_SOCKETS`] bytes long.
+    pub fn metrics_socket(&self, id: InstanceId) -> PathBuf {
+        self.instance_dir(id).join("metrics.sock")
+    }
     pub fn volume_disk(&self, id: VolumeId) -> PathBuf {
         self.volumes_dir().join(format!("{id}.qcow2"))
     }
@@ -241,4 +264,31 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, FsError> {
     let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     v.sort();
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_sockets_fit_a_unix_address_under_the_default_state_dir() {
+        let id = InstanceId::new();
+        let l = Layout::new("/var/lib/gantry");
+        for p in [
+            l.metrics_socket(id),
+            l.console_socket(id),
+            l.exec_socket(id),
+            l.guest_agent_socket(id),
+        ] {
+            // Well under: 75 of 107 bytes.
+            assert!(p.as_os_str().len() <= 80, "{}", p.display());
+            assert!(socket_path_fits(&p));
+        }
+        assert_eq!(STATE_DIR_MAX_FOR_SOCKETS, 47);
+        let longest = Layout::new(format!("/{}", "d".repeat(STATE_DIR_MAX_FOR_SOCKETS - 1)));
+        assert!(socket_path_fits(&longest.metrics_socket(id)));
+        assert!(socket_path_fits(&longest.console_socket(id)));
+        let too_long = Layout::new(format!("/{}", "d".repeat(STATE_DIR_MAX_FOR_SOCKETS)));
+        assert!(!socket_path_fits(&too_long.metrics_socket(id)));
+    }
 }

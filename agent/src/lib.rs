@@ -40,6 +40,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod manager;
 pub mod metrics;
+pub mod monitor;
 pub mod moves;
 pub mod net;
 pub mod recover;

@@ -202,6 +202,7 @@ impl Manager {
                 .guest
                 .is_some()
                 .then(|| self.layout.guest_agent_socket(spec.id)),
+            metrics_socket: self.layout.metrics_socket(spec.id),
         })
     }
 

@@ -276,6 +276,28 @@ impl Manager {
         recs.into_iter().map(|r| self.to_info(r)).collect()
     }
 
+    /// Every instance with its libvirt domain name, whether its guest runs
+    /// (Running or Snapshotting) and its metrics channel, for the monitor;
+    /// read-only.
+    pub fn monitored(&self) -> Vec<crate::monitor::InstanceRef> {
+        self.lock()
+            .instances
+            .values()
+            .map(|r| {
+                let id = r.spec.id;
+                crate::monitor::InstanceRef {
+                    id,
+                    domain: self.domain_name(id),
+                    running: matches!(
+                        r.state,
+                        InstanceState::Running | InstanceState::Snapshotting
+                    ),
+                    metrics_socket: self.layout.metrics_socket(id),
+                }
+            })
+            .collect()
+    }
+
     fn to_info(&self, rec: InstanceRecord) -> InstanceInfo {
         let id = rec.spec.id;
         let data_volume = rec.spec.data_volume.and_then(|v| {

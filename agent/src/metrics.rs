@@ -284,8 +284,34 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
-        out
+        to_text_format(&out)
     }
+}
+
+/// prometheus-client writes OpenMetrics: a counter's `# HELP`/`# TYPE`
+/// name lacks the `_total` its samples carry. `/metrics` is served as the
+/// text format 0.0.4, where they must be the same name (else parsers see
+/// an untyped `x_total` without help), so those two lines get `_total`.
+fn to_text_format(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .filter(|n| !n.ends_with("_total"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64 * counters.len());
+    for line in open_metrics.lines() {
+        let fixed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(fixed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -333,6 +359,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gantry_agent_controller_up 0"), "{text}");
+        assert!(
+            text.contains("# TYPE gantry_agent_operations_total counter\n"),
+            "a counter's TYPE names its samples (text format 0.0.4): {text}"
+        );
+        assert!(
+            text.contains("# HELP gantry_agent_operations_total Finished operations"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# TYPE gantry_agent_operations counter"),
+            "{text}"
+        );
         m.controller_link(true);
         m.heartbeat_failed();
         m.controller_op_done("start", true);

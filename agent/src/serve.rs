@@ -92,16 +92,35 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
         "gantry-agent ready"
     );
     notify_ready(bound);
+    let monitor = cfg
+        .monitor
+        .enabled
+        .then(|| crate::monitor::start(&cfg, manager.clone()));
     if let Some(c) = cfg.controller.clone() {
         tracing::info!(
             controller = c.urls_text(),
             "joining the controller in the background"
         );
-        crate::link::spawn(manager.clone(), c);
+        match monitor.clone() {
+            None => drop(crate::link::spawn(manager.clone(), c)),
+            Some(mon) => {
+                let m = manager.clone();
+                tokio::spawn(async move {
+                    match crate::link::connect(m, c).await {
+                        Ok(link) => {
+                            crate::monitor::send::spawn(&link, &mon);
+                            crate::link::run(link).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "controller link not started"),
+                    }
+                });
+            }
+        }
     }
     let app = api::router(AppState {
         manager: manager.clone(),
         token: Arc::new(token),
+        monitor,
     });
     serve_api(listener, app, shutdown_signal()).await;
     tracing::info!("gantry-agent stopped; instances keep running");

@@ -117,6 +117,39 @@ pub struct Config {
     /// On SIGTERM: how long (ms) requests in flight may take to finish
     /// before their connections are dropped and the process exits.
     pub shutdown_timeout_ms: u64,
+    /// Monitoring samples: retention of each tier, or the Prometheus
+    /// server the Monitor view reads instead (`crate::monitor`).
+    pub metrics: MetricsConfig,
+}
+
+/// The `[metrics]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How long raw samples are kept, seconds.
+    pub raw_retention_secs: u64,
+    /// How long one-minute means are kept, seconds.
+    pub minute_retention_secs: u64,
+    /// How long hourly means are kept, seconds.
+    pub hour_retention_secs: u64,
+    /// Set: the Monitor view is answered from this Prometheus server's
+    /// HTTP API, and agents' batches are accepted but not stored.
+    pub prometheus_url: Option<url::Url>,
+    /// Prometheus: the shortest window of `rate()`/`avg_over_time()`
+    /// (seconds; at least four of its scrape intervals).
+    pub prometheus_min_window_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            raw_retention_secs: 3600,
+            minute_retention_secs: 7 * 24 * 3600,
+            hour_retention_secs: 90 * 24 * 3600,
+            prometheus_url: None,
+            prometheus_min_window_secs: 60,
+        }
+    }
 }
 
 impl Default for Config {
@@ -158,6 +191,7 @@ impl Default for Config {
             http_idle_timeout_ms: 60_000,
             http_max_connections: 4096,
             shutdown_timeout_ms: 20_000,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -235,6 +269,7 @@ impl Config {
         }
         self.check_access()?;
         self.check_groups()?;
+        self.check_metrics()?;
         if let Some(t) = &self.admin_token {
             if t.len() < 16 {
                 return Err(("admin_token", "must be at least 16 characters".into()));
@@ -284,6 +319,43 @@ impl Config {
                 "group_mtu",
                 format!("must be {MIN_GROUP_MTU} to {MAX_GROUP_MTU} (the underlay MTU less 50)"),
             ));
+        }
+        Ok(())
+    }
+
+    fn check_metrics(&self) -> Result<(), (&'static str, String)> {
+        let m = &self.metrics;
+        if m.raw_retention_secs < 120 {
+            return Err((
+                "metrics.raw_retention_secs",
+                "must be at least 120 (the one-minute means are made from raw samples)".into(),
+            ));
+        }
+        if m.minute_retention_secs < 7200 || m.minute_retention_secs < m.raw_retention_secs {
+            return Err((
+                "metrics.minute_retention_secs",
+                "must be at least 7200 and not below metrics.raw_retention_secs".into(),
+            ));
+        }
+        if m.hour_retention_secs < m.minute_retention_secs {
+            return Err((
+                "metrics.hour_retention_secs",
+                "must not be below metrics.minute_retention_secs".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&m.prometheus_min_window_secs) {
+            return Err((
+                "metrics.prometheus_min_window_secs",
+                "must be 1 to 86400".into(),
+            ));
+        }
+        if let Some(u) = &m.prometheus_url {
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err((
+                    "metrics.prometheus_url",
+                    "must be an http:// or https:// URL with a host".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -430,5 +502,51 @@ mod tests {
         .unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!((c.http_body_timeout_ms, c.http_max_connections), (500, 10));
+    }
+
+    #[test]
+    fn metrics_section_defaults_and_is_checked() {
+        let c = Config::default();
+        let m = &c.metrics;
+        assert_eq!(
+            (
+                m.raw_retention_secs,
+                m.minute_retention_secs,
+                m.hour_retention_secs
+            ),
+            (3600, 7 * 86_400, 90 * 86_400)
+        );
+        assert!(m.prometheus_url.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for (text, want) in [
+            (
+                "[metrics]\nraw_retention_secs = 10\n",
+                "metrics.raw_retention_secs",
+            ),
+            (
+                "[metrics]\nhour_retention_secs = 7200\n",
+                "metrics.hour_retention_secs",
+            ),
+            (
+                "[metrics]\nprometheus_url = \"ftp://x/\"\n",
+                "metrics.prometheus_url",
+            ),
+            ("[metrics]\ncolour = 1\n", "colour"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        std::fs::write(
+            &p,
+            "[metrics]\nprometheus_url = \"http://127.0.0.1:9090/\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(
+            c.metrics.prometheus_url.map(|u| u.to_string()).as_deref(),
+            Some("http://127.0.0.1:9090/")
+        );
     }
 }

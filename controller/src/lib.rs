@@ -20,6 +20,8 @@ pub mod groups;
 pub mod http;
 pub mod leader;
 pub mod meter;
+pub mod metrics;
+pub mod monitor;
 pub mod moves;
 pub mod openapi;
 pub mod operations;
@@ -57,6 +59,10 @@ pub struct Inner {
     pub clock: Arc<dyn clock::Clock>,
     /// Whether this replica runs the background work (see [`leader`]).
     pub leader: leader::Leadership,
+    /// Monitoring: the Prometheus reader's client, ingest counters.
+    pub monitor: monitor::Monitor,
+    /// The API latency histogram (see [`metrics`]).
+    pub metrics: metrics::ControllerMetrics,
 }
 
 /// One [`tokio::sync::Notify`] per host with a work long-poll, and whether
@@ -193,6 +199,8 @@ pub async fn open_with_clock(
         ca,
         clock,
         leader: leader::Leadership::default(),
+        monitor: monitor::Monitor::default(),
+        metrics: metrics::ControllerMetrics::default(),
     })))
 }
 

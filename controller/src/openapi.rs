@@ -143,7 +143,6 @@ fn created_instance(s: &mut Schemas) -> RefOr<Schema> {
 fn instance_view(s: &mut Schemas) -> RefOr<Schema> {
     AnyOfBuilder::new()
         .item(of::<AccessView>(s))
-        .item(of::<MonitorView>(s))
         .item(of::<BillingView>(s))
         .item(of::<ConfigView>(s))
         .item(of::<HardwareView>(s))
@@ -151,7 +150,8 @@ fn instance_view(s: &mut Schemas) -> RefOr<Schema> {
 }
 
 /// The names `{view}` takes.
-pub const VIEWS: &[&str] = &["access", "monitor", "billing", "config", "hardware"];
+/// (`monitor` has its own route: `/v1/instances/{id}/monitor`.)
+pub const VIEWS: &[&str] = &["access", "billing", "config", "hardware"];
 
 fn view_name(_: &mut Schemas) -> RefOr<Schema> {
     ObjectBuilder::new()
@@ -188,6 +188,19 @@ pub fn path_param(path: &str, name: &str, s: &mut Schemas) -> RefOr<Schema> {
 
 const LIMIT: Query = ("limit", count, "Most rows to answer");
 const ACCOUNT: Query = ("account", of::<AccountId>, "Admins: one account's rows");
+const MONITOR_QUERY: &[Query] = &[
+    (
+        "since",
+        string,
+        "RFC 3339, or a duration ago (90s, 15m, 1h, 7d); default 1h",
+    ),
+    ("until", string, "RFC 3339, or a duration ago; default now"),
+    (
+        "step",
+        string,
+        "Seconds, or a duration; default: at most 360 points",
+    ),
+];
 
 /// Shorthand for a row.
 const fn r(
@@ -340,7 +353,16 @@ pub const ROUTES: &[Route] = &[
         "Start, stop, reboot, change type, grow disk, release", B(of::<InstanceAction>), 202,
         J(action_started)),
     r("get", "/v1/instances/{id}/{view}", "instances",
-        "access, monitor, billing, config or hardware view", N, 200, J(instance_view)),
+        "access, billing, config or hardware view", N, 200, J(instance_view)),
+    q(r("get", "/v1/instances/{id}/monitor", "monitoring",
+        "The Monitor view: state and series (CPU, memory, disk, network, GPUs), means per step",
+        N, 200, J(of::<gantry_proto::metrics::MonitorView>)), MONITOR_QUERY),
+    q(r("get", "/v1/admin/hosts/{id}/monitor", "monitoring",
+        "A host's own Monitor view (admin)", N, 200,
+        J(of::<gantry_proto::metrics::MonitorView>)), MONITOR_QUERY),
+    r("post", "/v1/agent/metrics", "agent",
+        "A host's metrics batch, one per interval (host; lossy, never audited)",
+        B(of::<gantry_proto::metrics::MetricsBatch>), 204, Empty),
     // ---- snapshots
     r("post", "/v1/instances/{id}/snapshots", "snapshots",
         "Snapshot a Running or Stopped instance", B(of::<CreateSnapshot>), 202,

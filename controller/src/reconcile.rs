@@ -38,6 +38,10 @@ pub async fn once(st: &AppState) -> Result<(), DbError> {
     crate::meter::tick(st).await?;
     crate::volume_meter::tick(st).await?;
     crate::api::accounts::tick(st).await?;
+    if let Err(e) = crate::monitor::tick(st).await {
+        // Samples are lossy by design: a failed rollup is retried next pass.
+        tracing::warn!(error = %e, "monitoring rollup failed");
+    }
     Ok(())
 }
 

@@ -4,13 +4,14 @@
 //! the identifiers ([`ids`]), the instance and snapshot state machines
 //! ([`instance`], [`snapshot`], [`gpu`]), the operations model ([`operation`]), the instance spec an agent turns into a VM
 //! ([`spec`]), instance access networking ([`net`]), network groups ([`groups`]), input validation shared by every entry point ([`validate`]),
-//! and the bodies of the HTTP APIs ([`api`]).
+//! monitoring samples and the Monitor view ([`metrics`]), and the bodies of the HTTP APIs ([`api`]).
 
 pub mod api;
 pub mod gpu;
 pub mod groups;
 pub mod ids;
 pub mod instance;
+pub mod metrics;
 pub mod net;
 #[cfg(feature = "openapi")]
 mod openapi;

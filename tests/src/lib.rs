@@ -4,7 +4,7 @@
 //! process ([`controller::TestController`]) and a whole small cloud of
 //! both ([`cloud::Cloud`]); network namespaces for tests ([`netns`]); the
 //! running time of libvirt domains from libvirt's own events
-//! ([`domain_clock`]).
+//! ([`domain_clock`]); the Monitor view and promtool checks ([`monitor`]).
 
 pub mod cloud;
 pub mod controller;
@@ -12,6 +12,7 @@ pub mod domain_clock;
 pub mod fixture;
 pub mod guest;
 pub mod https;
+pub mod monitor;
 pub mod netns;
 pub mod ssh;
 pub mod ticks;

@@ -102,6 +102,7 @@ impl GpuPool {
         tracing::warn!(pci = %ev.pci, xid = ?ev.xid, "{what}");
         let mut st = self.lock();
         *st.xids.entry((ev.pci, ev.xid.unwrap_or(999))).or_default() += 1;
+        st.last_xid.insert(ev.pci, ev.xid.unwrap_or(999));
         let Some(rec) = st.records.get_mut(&ev.pci) else {
             return;
         };

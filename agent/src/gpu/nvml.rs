@@ -81,6 +81,8 @@ pub struct GpuSample {
     pub energy_mj: Option<u64>,
     pub pcie_link_gen: Option<u32>,
     pub pcie_link_width: Option<u32>,
+    /// Volatile uncorrected ECC errors (`DCGM_FI_DEV_ECC_DBE_VOL_TOTAL`).
+    pub ecc_uncorrected_volatile: Option<u64>,
 }
 
 /// A critical XID event.
@@ -318,6 +320,9 @@ impl Nvml for RealNvml {
             energy_mj: d.total_energy_consumption().ok(),
             pcie_link_gen: d.current_pcie_link_gen().ok(),
             pcie_link_width: d.current_pcie_link_width().ok(),
+            ecc_uncorrected_volatile: d
+                .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                .ok(),
         })
     }
 

@@ -77,6 +77,16 @@ pub struct GpuStatus {
     pub instance: Option<InstanceId>,
 }
 
+/// A host-visible GPU's identity with its latest NVML sample
+/// ([`GpuPool::host_samples`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostGpuSample {
+    pub device: NvmlDevice,
+    pub sample: GpuSample,
+    /// The last critical XID seen (0: none).
+    pub last_xid: u64,
+}
+
 /// What discovery found for one GPU.
 #[derive(Debug, Clone)]
 pub(crate) struct Known {
@@ -92,6 +102,8 @@ pub(crate) struct State {
     pub samples: BTreeMap<PciAddress, GpuSample>,
     /// Critical XIDs seen, per GPU and XID.
     pub xids: BTreeMap<(PciAddress, u64), u64>,
+    /// The last critical XID of each GPU (999: the driver did not say).
+    pub last_xid: BTreeMap<PciAddress, u64>,
     pub gates_passed: u64,
     pub gates_failed: u64,
     /// How long the last gate took.
@@ -241,6 +253,24 @@ impl GpuPool {
             self.save(&st)?;
         }
         Ok(())
+    }
+
+    /// The GPUs the host itself sees now (not leased, known to NVML) with
+    /// their latest sample and last XID, for the monitor; read-only.
+    pub fn host_samples(&self) -> Vec<HostGpuSample> {
+        let st = self.lock();
+        st.records
+            .iter()
+            .filter(|(_, rec)| rec.instance.is_none())
+            .filter_map(|(pci, _)| {
+                let device = st.known.get(pci)?.nvml.clone()?;
+                Some(HostGpuSample {
+                    sample: st.samples.get(pci).cloned().unwrap_or_default(),
+                    last_xid: st.last_xid.get(pci).copied().unwrap_or(0),
+                    device,
+                })
+            })
+            .collect()
     }
 
     /// Every GPU the host has or had (lost ones too).

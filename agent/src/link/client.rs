@@ -215,6 +215,42 @@ impl ControllerClient {
         Self::expect(r)
     }
 
+    /// POSTs one metrics batch to the current controller, ONCE: no retry,
+    /// no failover, no backoff, at most `timeout` (the monitor's sender
+    /// drops the batch on any failure).
+    pub async fn post_metrics_once(
+        &self,
+        credential: &str,
+        batch: &gantry_proto::metrics::MetricsBatch,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let url = format!(
+            "{}{}",
+            self.base(),
+            gantry_proto::metrics::AGENT_METRICS_PATH
+        );
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(credential)
+            .timeout(timeout)
+            .json(batch)
+            .send()
+            .await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<gantry_proto::api::error::ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| text.chars().take(200).collect());
+        Err(ClientError::Status {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
     /// The work long-poll; `access_rev`, `tls` and `groups_rev` name the
     /// access state, certificate and network-group state the agent already
     /// has (they come back only when they changed).

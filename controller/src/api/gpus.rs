@@ -1,7 +1,7 @@
 //! Admin GPU calls: clearing a quarantined or lost GPU (a host operation
 //! carrying `AgentCommand::ClearGpu`; the host runs its health gate again
-//! and reports the outcome as the GPU's health), the GPU alias table, and
-//! the controller's `/metrics` (`gantry_host_gpus{host,health}`).
+//! and reports the outcome as the GPU's health) and the GPU alias table.
+//! The controller's `/metrics` is [`crate::metrics`].
 
 use super::{accepted, path_id, Caller, OptionalBody};
 use crate::audit::AuditNote;
@@ -10,7 +10,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::operations::{NewOp, OpDetail};
 use crate::AppState;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -225,28 +225,4 @@ async fn delete_alias(
     resp.extensions_mut()
         .insert(AuditNote(format!("GPU alias {alias} deleted")));
     Ok(resp)
-}
-
-/// `GET /metrics`: the controller's Prometheus metrics. They name hosts,
-/// so an admin token is required (Prometheus sends it as a bearer token).
-pub async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or(ApiError::Unauthorized)?;
-    st.verifier.verify(&st.db, token).await?.require_admin()?;
-    let mut body = crate::gpus::render_metrics(&st.db.pool).await?;
-    body.push_str(&st.leader.render_metrics());
-    body.push_str(&st.limiter.render_metrics());
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response())
 }

@@ -632,11 +632,11 @@ async fn view(
         })
         .into_response(),
         "hardware" => Json(hardware(&st, &rec).await?).into_response(),
-        "access" | "monitor" | "billing" => {
+        // `monitor` has its own route (`super::monitor`).
+        "access" | "billing" => {
             gate(&rec)?;
             match view.as_str() {
                 "access" => Json(super::forwards::access_view(&st, &rec).await?).into_response(),
-                "monitor" => Json(monitor(&st, &rec).await?).into_response(),
                 _ => Json(billing(&st, &rec).await?).into_response(),
             }
         }
@@ -661,23 +661,6 @@ async fn hardware(st: &AppState, rec: &InstanceRec) -> ApiResult<HardwareView> {
         gpus: gpu_devices.iter().map(|g| g.pci).collect(),
         gpu_devices,
     })
-}
-
-async fn monitor(st: &AppState, rec: &InstanceRec) -> ApiResult<MonitorView> {
-    let mut view = MonitorView {
-        state: rec.observed,
-        desired_state: rec.desired,
-        state_since: to_time(rec.state_since_ms),
-        pending_operation: rec.pending_op,
-        host_health: None,
-        host_last_heartbeat: None,
-    };
-    if let Some(h) = &rec.host {
-        let host = super::hosts::load(st, h).await?;
-        view.host_health = Some(host.health);
-        view.host_last_heartbeat = Some(host.last_heartbeat);
-    }
-    Ok(view)
 }
 
 /// What the ledger has charged for the instance: its Running time as its

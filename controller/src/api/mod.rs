@@ -17,6 +17,7 @@ pub mod hosts;
 pub mod idempotency;
 pub mod instances;
 pub mod keys;
+pub mod monitor;
 pub mod password;
 pub mod snapshots;
 pub mod store_keys;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::routes())
         .merge(certs::routes())
         .merge(groups::routes())
+        .merge(monitor::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
         .route(
@@ -61,9 +63,13 @@ pub fn router(state: AppState) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/openapi.json", get(crate::openapi::serve))
-        .route("/metrics", get(gpus::metrics))
+        .route("/metrics", get(crate::metrics::serve))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::NotFound("no such API path".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .with_state(state);
     // Outside the routes' method routers, which add the `Allow` header.
     Router::new()
@@ -99,10 +105,12 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
     if let Err(e) = st.limiter.check(&who.actor) {
         return e.into_response();
     }
-    // Heartbeats (and work polls, GETs) are too many to audit; revealing a
+    // Heartbeats, metrics batches (and work polls, GETs) are too many to audit; revealing a
     // password is a read worth recording.
     let write = method != Method::GET && method != Method::HEAD;
-    let audited = (write && path != "/v1/agent/heartbeat")
+    let audited = (write
+        && path != "/v1/agent/heartbeat"
+        && path != gantry_proto::metrics::AGENT_METRICS_PATH)
         || (method == Method::GET && password::is_reveal(&path));
     // Admin and agent paths are refused before their body is even read.
     let refused = allowed(&who, &path).and_then(|()| match method {

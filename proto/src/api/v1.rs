@@ -440,18 +440,6 @@ pub struct AccessView {
     pub ca_certificate_path: String,
 }
 
-/// `GET /v1/instances/{id}/monitor`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct MonitorView {
-    pub state: InstanceState,
-    pub desired_state: InstanceState,
-    pub state_since: DateTime<Utc>,
-    pub pending_operation: Option<OperationId>,
-    pub host_health: Option<HostHealth>,
-    pub host_last_heartbeat: Option<DateTime<Utc>>,
-}
-
 /// `GET /v1/instances/{id}/billing`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

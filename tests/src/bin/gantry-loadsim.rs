@@ -7,8 +7,14 @@
 //! counters, long-polls for work and carries operations out in memory,
 //! while K tenants create and release instances. At the end it releases
 //! everything, waits for the last counters to be acknowledged and checks
-//! the ledger. Prints latencies, errors by kind, and the ledger check;
-//! exits 1 on any error or ledger mismatch. Figures: docs/benchmarks.md.
+//! the ledger. Each host also sends a metrics batch of its Running
+//! instances every `--metrics-secs` (lossy, like the agent), and tenants
+//! read their instances' Monitor views; `--resident-per-host` adds
+//! instances that run the whole time (the ingest benchmark, where the
+//! ledger check is left to `scripts/bench-agents`). Prints latencies,
+//! errors by kind, batches sent and dropped, the database's growth, and
+//! the ledger check; exits 1 on any error or ledger mismatch. Figures:
+//! docs/benchmarks.md.
 
 #[path = "gantry-loadsim/api.rs"]
 mod api;
@@ -18,6 +24,8 @@ mod controller;
 mod host;
 #[path = "gantry-loadsim/ledger.rs"]
 mod ledger;
+#[path = "gantry-loadsim/monitor.rs"]
+mod monitor;
 #[path = "gantry-loadsim/stats.rs"]
 mod stats;
 #[path = "gantry-loadsim/tenant.rs"]
@@ -28,6 +36,7 @@ use clap::Parser;
 use futures::StreamExt;
 use host::{Host, Shared, HEARTBEAT};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +93,14 @@ struct Args {
     /// Concurrent joins while the fleet comes up.
     #[arg(long, default_value_t = 32)]
     join_concurrency: usize,
+    /// Each host sends a metrics batch of its Running instances this often
+    /// (seconds; 0: never).
+    #[arg(long, default_value_t = 10)]
+    metrics_secs: u64,
+    /// Instances per host created before the run (spread placement) that
+    /// run until the end; the ledger is then not checked.
+    #[arg(long, default_value_t = 0)]
+    resident_per_host: usize,
     /// Print the results as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -139,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let load_start = loadavg();
     let stats = Arc::new(stats::Stats::default());
     let mut child = None;
+    let mut size = monitor::DbSize::None;
     let (url, admin) = match (&args.url, &args.admin_token) {
         (Some(u), Some(t)) => (u.clone(), t.clone()),
         _ => {
@@ -154,6 +172,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             )
             .await?;
             eprintln!("controller {} (state in {})", c.url, c.dir.path().display());
+            size = match &args.database_url {
+                Some(u) => monitor::DbSize::Postgres(u.clone()),
+                None => monitor::DbSize::Sqlite(c.dir.path().join("state/controller.db")),
+            };
             let r = (c.url.clone(), c.admin_token.clone());
             child = Some(c);
             r
@@ -162,7 +184,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let api = api::Api::new(&url, stats.clone(), args.hosts * 2 + 64)?;
     let pid = child.as_ref().and_then(|c| c.pid());
     let (cpu0, wall) = (cpu_secs(pid), Instant::now());
-    let result = simulate(&args, &api, &admin).await;
+    let result = simulate(&args, &api, &admin, &size).await;
     let cpu = Cpu::since(cpu0, cpu_secs(pid), wall.elapsed().as_secs_f64());
     if let Some(mut c) = child {
         if let Err(e) = c.stop().await {
@@ -229,12 +251,17 @@ struct Timing {
     drain_secs: f64,
     settle_secs: f64,
     instances: usize,
+    /// Metrics batches sent, dropped; instance samples taken.
+    batches: (u64, u64, u64),
+    /// The database's size (bytes) when the run started and ended.
+    db_size: (Option<u64>, Option<u64>),
 }
 
 async fn simulate(
     args: &Args,
     api: &api::Api,
     admin: &str,
+    size: &monitor::DbSize,
 ) -> anyhow::Result<(ledger::Ledger, Timing)> {
     let setup = controller::setup(api, admin, args.tenants).await?;
     let t0 = Instant::now();
@@ -254,9 +281,19 @@ async fn simulate(
         loops.spawn(h.clone().heartbeat_loop(sh.clone(), offset));
         loops.spawn(h.clone().work_loop(sh.clone()));
     }
+    let sent = monitor::spawn_senders(&mut loops, &hosts, &sh, args.metrics_secs);
     loops.spawn(progress(api.clone(), hosts.clone()));
+    let resident = if args.resident_per_host > 0 {
+        let conc = args.join_concurrency;
+        monitor::residents(api, &setup, &hosts, args.resident_per_host, conc).await?
+    } else {
+        Vec::new()
+    };
+    let samples0 = sent.instance_samples.load(Ordering::Relaxed);
+    let size0 = size.read();
     let t1 = Instant::now();
     let end = tokio::time::Instant::now() + Duration::from_secs(args.seconds);
+    monitor::spawn_readers(&mut loops, api, &setup, &resident, end);
     let plan = Arc::new(tenant::Plan {
         cpu_flavor: setup.cpu_flavor.id,
         gpu_flavor: setup.gpu_flavor.id,
@@ -265,6 +302,7 @@ async fn simulate(
         lifetime_secs: (args.lifetime_min, args.lifetime_max),
         live: args.live,
         placement: args.placement.clone(),
+        monitor_views: args.metrics_secs > 0,
     });
     let mut tenants = tokio::task::JoinSet::new();
     for t in &setup.tenants {
@@ -280,23 +318,34 @@ async fn simulate(
     }
     let run_secs = args.seconds as f64;
     let drain_secs = t1.elapsed().as_secs_f64() - run_secs;
+    let load = Ordering::Relaxed;
+    let mut timing = Timing {
+        join_secs,
+        run_secs,
+        drain_secs,
+        instances: instances + resident.len(),
+        batches: (
+            sent.batches.load(load),
+            sent.dropped.load(load),
+            sent.instance_samples.load(load) - samples0,
+        ),
+        db_size: (size0, size.read()),
+        ..Timing::default()
+    };
+    if !resident.is_empty() {
+        loops.abort_all();
+        eprintln!("{instances} instances created and released; resident ones left running");
+        return Ok((ledger::Ledger::default(), timing));
+    }
     eprintln!("{instances} instances created and released; waiting for the last counters");
     let t2 = Instant::now();
     let limit = Duration::from_secs(3 * hb + 15);
     while !hosts.iter().all(|h| h.settled()) && t2.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let settle_secs = t2.elapsed().as_secs_f64();
+    timing.settle_secs = t2.elapsed().as_secs_f64();
     loops.abort_all();
     let ledger = ledger::check(api, &setup, &hosts).await?;
-    let timing = Timing {
-        join_secs,
-        run_secs,
-        drain_secs,
-        settle_secs,
-        instances,
-        ..Timing::default()
-    };
     Ok((ledger, timing))
 }
 
@@ -373,7 +422,12 @@ fn report(
         share(c.sim_secs),
     );
     text.push_str(&stats.table());
-    text.push_str(&format!(
+    let (mon, mon_json) = monitoring(args, stats, t);
+    text.push_str(&mon);
+    if args.resident_per_host > 0 {
+        text.push_str("ledger: not checked with resident instances (scripts/bench-agents does)\n");
+    } else {
+        text.push_str(&format!(
         "\nledger: {} instances, {} ms billed, {} micros charged, {} usage records, {} mismatches\n",
         ledger.instances,
         ledger.billed_ms,
@@ -381,6 +435,7 @@ fn report(
         ledger.usage_records,
         ledger.mismatches.len()
     ));
+    }
     for m in ledger.mismatches.iter().take(20) {
         text.push_str(&format!("  {m}\n"));
     }
@@ -391,7 +446,11 @@ fn report(
         verdict(errors == 0),
         verdict(hb.p99 < 50.0),
         hb.p99,
-        verdict(ledger.mismatches.is_empty())
+        if args.resident_per_host > 0 {
+            "not checked"
+        } else {
+            verdict(ledger.mismatches.is_empty())
+        }
     ));
     if args.json {
         eprint!("{text}");
@@ -403,10 +462,73 @@ fn report(
             "cpu_secs": {"wall": c.wall_secs, "controller": c.controller_secs, "simulator": c.sim_secs},
             "stats": stats.to_json(),
             "ledger": ledger.to_json(),
+            "monitor": mon_json,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         print!("{text}");
     }
     Ok(errors == 0 && ledger.mismatches.is_empty())
+}
+
+/// The monitoring figures: batches, the tenant API's latency (every
+/// tenant call, not the waits for operations), and the database's growth
+/// per instance per day at one sample every `--metrics-secs`.
+fn monitoring(args: &Args, stats: &stats::Stats, t: &Timing) -> (String, serde_json::Value) {
+    let api = stats.summary_of(|k| {
+        k.starts_with("tenant: ") && !k.contains("->") && !k.contains("(resident)")
+    });
+    let view = stats.summary(monitor::VIEW);
+    let (sent, dropped, samples) = t.batches;
+    let growth = match t.db_size {
+        (Some(a), Some(b)) => Some(b as i64 - a as i64),
+        _ => None,
+    };
+    let per_sample = growth
+        .filter(|_| samples > 0)
+        .map(|g| g as f64 / samples as f64);
+    let per_day = per_sample
+        .filter(|_| args.metrics_secs > 0)
+        .map(|b| b * 86_400.0 / args.metrics_secs as f64);
+    let mib = |x: Option<u64>| x.map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    let mut text = format!(
+        "\nmonitoring: a batch every {} s per host; batches sent {sent}, dropped {dropped}; \
+         {samples} instance samples during the run\n\
+         tenant API (every tenant call): n {}, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+         Monitor view: n {}, p50 {:.2} ms, p99 {:.2} ms\n\
+         database: {} at the run's start, {} at its end",
+        args.metrics_secs,
+        api.n,
+        api.p50,
+        api.p99,
+        api.max,
+        view.n,
+        view.p50,
+        view.p99,
+        mib(t.db_size.0),
+        mib(t.db_size.1),
+    );
+    match (per_sample, per_day) {
+        (Some(s), Some(d)) => text.push_str(&format!(
+            "; growth {:.0} bytes per instance sample = {:.1} MiB per instance per day \
+             (raw samples, before downsampling and pruning)\n",
+            s,
+            d / 1048576.0
+        )),
+        _ => text.push_str("; growth: not measured\n"),
+    }
+    let verdict = if api.p99 < 50.0 { "met" } else { "MISSED" };
+    text.push_str(&format!(
+        "target: tenant API p99 < 50 ms: {verdict} ({:.1} ms)\n",
+        api.p99
+    ));
+    let j = serde_json::json!({
+        "metrics_secs": args.metrics_secs, "resident_per_host": args.resident_per_host,
+        "batches_sent": sent, "batches_dropped": dropped, "instance_samples": samples,
+        "tenant_api": {"n": api.n, "p50_ms": api.p50, "p99_ms": api.p99, "max_ms": api.max},
+        "monitor_view": {"n": view.n, "p50_ms": view.p50, "p99_ms": view.p99},
+        "db_bytes": {"start": t.db_size.0, "end": t.db_size.1},
+        "bytes_per_instance_sample": per_sample, "bytes_per_instance_day": per_day,
+    });
+    (text, j)
 }

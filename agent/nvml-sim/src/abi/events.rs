@@ -17,8 +17,10 @@ use std::ffi::{c_uint, c_ulonglong};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How often a waiting set looks at the state again.
-const POLL: Duration = Duration::from_millis(20);
+/// How often a waiting set looks at the state again (each look re-reads
+/// the state file: 10 a second keeps a waiting agent near idle, and an XID
+/// still arrives well within a poll of the agent).
+const POLL: Duration = Duration::from_millis(100);
 
 struct Registration {
     gpu: u32,

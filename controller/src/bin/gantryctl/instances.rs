@@ -21,6 +21,10 @@ pub enum InstanceCmd {
         #[arg(long, value_parser = ["access", "monitor", "billing", "config", "hardware",
             "network-group"])]
         view: Option<String>,
+        /// With `--view monitor`: how far back (`15m`, `1h`, `7d`, or RFC
+        /// 3339) [default: 1h].
+        #[arg(long)]
+        since: Option<String>,
     },
     Create {
         #[arg(long)]
@@ -196,11 +200,16 @@ pub async fn plan_instance(c: InstanceCmd, client: &Client, json: bool) -> CliRe
             None,
             INSTANCE_COLS,
         ),
-        InstanceCmd::Get { id, view } => match view.as_deref() {
+        InstanceCmd::Get { id, view, since } => match view.as_deref() {
             Some("access") if !json => {
                 crate::access::print_access(client, id).await?;
                 return Ok(None);
             }
+            Some("monitor") if !json => {
+                crate::monitor::print_monitor(client, id, since).await?;
+                return Ok(None);
+            }
+            Some("monitor") => call(M::GET, crate::monitor::path(id, since), None, &[]),
             Some("network-group") if !json => {
                 crate::groups::print_instance_group(client, id).await?;
                 return Ok(None);

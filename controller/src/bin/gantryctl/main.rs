@@ -20,6 +20,7 @@ mod admin;
 mod gpus;
 mod groups;
 mod instances;
+mod monitor;
 mod text;
 
 #[derive(Parser)]

@@ -22,10 +22,13 @@ pub struct Child {
 }
 
 /// Config of the child: generous rate limit (1,000 hosts share one client
-/// address; the limit is per token anyway), heartbeat every `hb_secs`.
+/// address; the limit is per token anyway), heartbeat every `hb_secs`, an
+/// access network with a /24 for each of 4,096 hosts (the default /16 has
+/// 256: the other hosts could take no instance).
 fn config(db_url: Option<&str>, hb_secs: u64, db_connections: Option<u32>) -> String {
     let mut c = format!(
-        "rate_limit_per_second = 100000\nrate_limit_burst = 100000\nheartbeat_secs = {hb_secs}\n"
+        "rate_limit_per_second = 100000\nrate_limit_burst = 100000\nheartbeat_secs = {hb_secs}\n\
+         access_network = \"10.192.0.0/12\"\n"
     );
     if let Some(u) = db_url {
         c.push_str(&format!("database_url = {u:?}\n"));

@@ -184,6 +184,18 @@ impl Host {
             .all(|i| i.is_final() && i.done)
     }
 
+    /// The host credential (for the metrics sender).
+    pub fn credential(&self) -> &str {
+        &self.credential
+    }
+
+    /// The ids of the instances Running on this host now.
+    pub fn running_ids(&self) -> Vec<InstanceId> {
+        let st = self.lock();
+        let run = |(_, i): &(&InstanceId, &SimInstance)| i.state == InstanceState::Running;
+        st.instances.iter().filter(run).map(|(id, _)| *id).collect()
+    }
+
     /// Instances Running on this host now.
     pub fn running(&self) -> usize {
         let st = self.lock();

@@ -88,6 +88,24 @@ impl Stats {
         }
     }
 
+    /// The summary of every sample of the kinds `pick` selects, together.
+    pub fn summary_of(&self, pick: impl Fn(&str) -> bool) -> Summary {
+        let mut d: Vec<Duration> = {
+            let m = self.lat.lock().unwrap_or_else(|e| e.into_inner());
+            m.iter()
+                .filter(|(k, _)| pick(k))
+                .flat_map(|(_, v)| v.iter().copied())
+                .collect()
+        };
+        d.sort();
+        Summary {
+            n: d.len(),
+            p50: pct(&d, 0.50),
+            p99: pct(&d, 0.99),
+            max: pct(&d, 1.0),
+        }
+    }
+
     pub fn kinds(&self) -> Vec<&'static str> {
         let m = self.lat.lock().unwrap_or_else(|e| e.into_inner());
         m.keys().copied().collect()

@@ -34,6 +34,8 @@ pub struct Plan {
     pub live: usize,
     /// `pack` or `spread`.
     pub placement: String,
+    /// Read each instance's Monitor view every 2 s while it lives.
+    pub monitor_views: bool,
 }
 
 const CALL: Duration = Duration::from_secs(30);
@@ -118,6 +120,9 @@ async fn lifecycle(
         .sample("tenant: create -> op succeeded", start.elapsed());
     let (lo, hi) = plan.lifetime_secs;
     let life = Duration::from_millis(rand::random_range(lo * 1000..=hi * 1000));
+    if plan.monitor_views {
+        crate::monitor::watch(api, &t.token, id, start + life).await;
+    }
     tokio::time::sleep_until(start + life).await;
     let path = format!("/v1/instances/{id}/actions");
     let body = json!({"action": "release"});

@@ -299,19 +299,12 @@ pub async fn render_metrics(pool: &sqlx::AnyPool) -> Result<String, DbError> {
             let n = by.get(&(id.clone(), k.name().to_string())).unwrap_or(&0);
             out.push_str(&format!(
                 "gantry_host_gpus{{host=\"{}\",health=\"{}\"}} {n}\n",
-                label(&name),
+                crate::metrics::escape(&name),
                 k.name()
             ));
         }
     }
     Ok(out)
-}
-
-/// A Prometheus label value, escaped.
-fn label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -332,6 +325,6 @@ mod tests {
     fn alias_sql_names_the_parameter_twice() {
         let s = model_matches("g.model", "$2");
         assert_eq!(s.matches("$2").count(), 2);
-        assert_eq!(label("a\"b"), "a\\\"b");
+        assert_eq!(crate::metrics::escape("a\"b"), "a\\\"b");
     }
 }

@@ -322,8 +322,8 @@ fn status_class(status: u16) -> &'static str {
     }
 }
 
-/// A Prometheus label value, escaped.
-fn escape(s: &str) -> String {
+/// A Prometheus label value, escaped (also for `crate::gpus`).
+pub(crate) fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -128,3 +128,79 @@ pub fn check_metrics(what: &str, text: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A real Prometheus server (Debian's package: `GANTRY_TEST_PROMETHEUS`,
+/// else `/usr/bin/prometheus`) on a free loopback port, scraping one
+/// target every second; killed on drop.
+pub struct Prometheus {
+    pub url: String,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts it scraping `target` (`host:port`) and waits until it is
+    /// ready.
+    pub fn start(target: &str) -> anyhow::Result<Self> {
+        let bin = std::env::var("GANTRY_TEST_PROMETHEUS")
+            .unwrap_or_else(|_| "/usr/bin/prometheus".into());
+        if !std::path::Path::new(&bin).exists() {
+            bail!(
+                "Prometheus ({bin}) is missing: run scripts/setup-prometheus (./scripts/test does)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+                 - job_name: gantry-agent\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )?;
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log"))?)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let p = Prometheus {
+            url: format!("http://127.0.0.1:{port}/"),
+            child,
+            dir,
+        };
+        let http = reqwest::blocking::Client::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if http
+                .get(format!("{}-/ready", p.url))
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(p);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("Prometheus did not get ready in 30 s: {}", p.log())
+    }
+
+    /// Its log (for failures).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

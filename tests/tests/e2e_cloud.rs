@@ -256,9 +256,11 @@ const MONITOR_SECS: u64 = 2;
 /// burnt CPU and written disk show in the Monitor view within two
 /// intervals, its GPUs (the simulated NVML library inside the guest,
 /// reported over the virtio-serial channel) show labelled with the
-/// instance, and both daemons' `/metrics` pass `promtool check metrics`.
+/// instance, and both daemons' `/metrics` pass `promtool check metrics`;
+/// and, restarted with `metrics.prometheus_url`, the controller answers
+/// the view from a real Prometheus scraping the agent.
 #[test]
-#[ignore = "needs the VM rig and promtool: ./scripts/test runs it"]
+#[ignore = "needs the VM rig and Prometheus: ./scripts/test runs it"]
 fn controller_and_agent_crashes_lose_no_billed_time() -> anyhow::Result<()> {
     require_rig("crashes_lose_no_billed_time");
     let mut cloud = Cloud::start_with(
@@ -291,6 +293,7 @@ fn controller_and_agent_crashes_lose_no_billed_time() -> anyhow::Result<()> {
     let up_at = chrono::Utc::now();
     cloud.ctl.spawn()?;
     monitor::gap_while_down(&cloud, &id, down_at, up_at, MONITOR_SECS)?;
+    monitor::view_from_prometheus(&mut cloud, &id, MONITOR_SECS)?;
 
     std::thread::sleep(pause());
     cloud.agent.kill9();

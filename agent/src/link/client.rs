@@ -229,26 +229,13 @@ impl ControllerClient {
             self.base(),
             gantry_proto::metrics::AGENT_METRICS_PATH
         );
-        let resp = self
+        let req = self
             .http
             .post(url)
             .bearer_auth(credential)
             .timeout(timeout)
-            .json(batch)
-            .send()
-            .await?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<gantry_proto::api::error::ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or_else(|_| text.chars().take(200).collect());
-        Err(ClientError::Status {
-            status: status.as_u16(),
-            message,
-        })
+            .json(batch);
+        Self::send::<serde::de::IgnoredAny>(req).await.map(|_| ())
     }
 
     /// The work long-poll; `access_rev`, `tls` and `groups_rev` name the

@@ -18,6 +18,7 @@
 pub mod prom;
 pub mod query;
 mod tiers;
+mod writer;
 
 pub use tiers::{tick, view_db, ROLLUP_LAG_MS};
 
@@ -33,6 +34,9 @@ pub enum MonitorError {
     Db(#[from] DbError),
     #[error("corrupt metric sample of {subject}: {message}")]
     Corrupt { subject: String, message: String },
+    /// Storing a group of batches failed (shared by every batch in it).
+    #[error("storing metric samples: {0}")]
+    Write(String),
 }
 
 impl From<sqlx::Error> for MonitorError {
@@ -91,6 +95,8 @@ pub struct Monitor {
     pub foreign_samples: AtomicU64,
     /// Samples stored.
     pub stored_samples: AtomicU64,
+    /// Group commit of ingested samples.
+    writer: writer::GroupWriter,
 }
 
 /// The storage key of a value: its series name, then `\t<label>=<value>`
@@ -143,7 +149,8 @@ const INSERT_CHUNK: usize = 100;
 
 /// Stores a checked batch of `host`: the host's sample under its id, and
 /// each instance's placed on `host` (others are counted, not stored). A
-/// sample already stored at the same time is kept as it is.
+/// sample already stored at the same time is kept as it is. Batches are
+/// written in groups ([`writer`]); this returns once its group committed.
 pub async fn ingest(
     db: &Db,
     mon: &Monitor,
@@ -166,10 +173,8 @@ pub async fn ingest(
             out.foreign += 1;
         }
     }
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        insert(&db.pool, Tier::Raw, batch.sent_at_ms, 1, chunk).await?;
-    }
     out.stored = rows.len();
+    mon.writer.write(db, batch.sent_at_ms, rows).await?;
     mon.foreign_samples
         .fetch_add(out.foreign as u64, Ordering::Relaxed);
     mon.stored_samples

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use gantry_proto::metrics::series;
 use gantry_tests::cloud::Cloud;
 use gantry_tests::fixture::TestVm;
-use gantry_tests::monitor::{check_metrics, last, series as find, view, wait_view};
+use gantry_tests::monitor::{check_metrics, last, series as find, view, wait_view, Prometheus};
 use std::time::Duration;
 
 /// The guest exporter inside the test guest, on the simulated NVML
@@ -150,5 +150,50 @@ pub fn gap_while_down(
     );
     let again = view(&cloud.tenant, id, &query(secs))?;
     anyhow::ensure!(again.source == gantry_proto::metrics::MonitorSource::Database);
+    Ok(())
+}
+
+/// A real Prometheus scraping the real agent; the controller restarted
+/// (kill -9) with `metrics.prometheus_url` answers the Monitor view from
+/// it: the guest's CPU (libvirt names joined to `gantry_instance_info`) and
+/// its GPUs (DCGM names labelled with the instance).
+pub fn view_from_prometheus(cloud: &mut Cloud, id: &str, secs: u64) -> anyhow::Result<()> {
+    let target = cloud
+        .agent
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let prom = Prometheus::start(&target)?;
+    let mut cfg = std::fs::read_to_string(&cloud.ctl.config)?;
+    cfg.push_str(&format!(
+        "\n[metrics]\nprometheus_url = {:?}\nprometheus_min_window_secs = 4\n",
+        prom.url
+    ));
+    std::fs::write(&cloud.ctl.config, cfg)?;
+    cloud.ctl.kill9();
+    cloud.ctl.spawn()?;
+    let (v, took) = wait_view(
+        &cloud.tenant,
+        id,
+        &format!("since=2m&step={secs}"),
+        Duration::from_secs(60),
+        "the Monitor view answered from Prometheus (CPU and the guest's GPUs)",
+        |v| {
+            v.source == gantry_proto::metrics::MonitorSource::Prometheus
+                && find(v, series::CPU_PCT, &[]).and_then(last).is_some()
+                && find(v, series::GPU_UTIL_PCT, &[("gpu", "0")]).is_some()
+                && find(v, series::GPU_POWER_W, &[("gpu", "1")]).is_some()
+        },
+    )
+    .with_context(|| format!("Prometheus's log: {}", prom.log()))?;
+    let cpu = find(&v, series::CPU_PCT, &[])
+        .and_then(last)
+        .unwrap_or(-1.0);
+    anyhow::ensure!(
+        (0.0..=100.0).contains(&cpu),
+        "CPU from Prometheus out of range: {cpu}"
+    );
+    eprintln!("monitor: the view from Prometheus after {took:?} (CPU {cpu:.1}%)");
     Ok(())
 }

@@ -65,11 +65,17 @@ pub struct DomainCounters {
 impl DomainCounters {
     /// Memory the guest uses, bytes: the guest's own figure (available −
     /// unused) when its balloon driver reports one, else the QEMU
-    /// process's RSS, else the balloon's current size.
+    /// process's RSS (at most the guest's size: QEMU's own overhead is not
+    /// the guest's), else the balloon's current size.
     pub fn mem_used_bytes(&self) -> u64 {
         let kib = match (self.mem_available_kib, self.mem_unused_kib) {
             (Some(a), Some(u)) if a >= u => a - u,
-            _ => self.mem_rss_kib.or(self.mem_current_kib).unwrap_or(0),
+            _ => {
+                let rss = self.mem_rss_kib.or(self.mem_current_kib).unwrap_or(0);
+                self.mem_max_kib
+                    .or(self.mem_current_kib)
+                    .map_or(rss, |max| rss.min(max))
+            }
         };
         kib.saturating_mul(1024)
     }
@@ -376,6 +382,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.mem_used_bytes(), 600 * 1024);
+        // Without it, QEMU's RSS counts, but never beyond the guest's size.
+        let c = DomainCounters {
+            mem_rss_kib: Some(278_000),
+            mem_max_kib: Some(262_144),
+            ..Default::default()
+        };
+        assert_eq!(c.mem_used_bytes(), 262_144 * 1024);
+        let c = DomainCounters {
+            mem_rss_kib: Some(200_000),
+            mem_max_kib: Some(262_144),
+            ..Default::default()
+        };
+        assert_eq!(c.mem_used_bytes(), 200_000 * 1024);
     }
 
     #[test]

@@ -101,21 +101,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), ServeError> {
             controller = c.urls_text(),
             "joining the controller in the background"
         );
-        match monitor.clone() {
-            None => drop(crate::link::spawn(manager.clone(), c)),
-            Some(mon) => {
-                let m = manager.clone();
-                tokio::spawn(async move {
-                    match crate::link::connect(m, c).await {
-                        Ok(link) => {
-                            crate::monitor::send::spawn(&link, &mon);
-                            crate::link::run(link).await;
-                        }
-                        Err(e) => tracing::error!(error = %e, "controller link not started"),
-                    }
-                });
+        let mon = monitor.clone();
+        drop(crate::link::spawn(manager.clone(), c, move |link| {
+            if let Some(mon) = &mon {
+                crate::monitor::send::spawn(link, mon);
             }
-        }
+        }));
     }
     let app = api::router(AppState {
         manager: manager.clone(),

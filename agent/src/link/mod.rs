@@ -104,8 +104,13 @@ impl Link {
 }
 
 /// Starts the link in the background: joins (if need be), then runs the
-/// heartbeat and work loops for as long as the agent runs.
-pub fn spawn(manager: Arc<Manager>, cfg: ControllerConfig) -> tokio::task::JoinHandle<()> {
+/// heartbeat and work loops for as long as the agent runs; `on_joined`
+/// runs once the link is up (the monitor's sender starts there).
+pub fn spawn(
+    manager: Arc<Manager>,
+    cfg: ControllerConfig,
+    on_joined: impl FnOnce(&Arc<Link>) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let link = match connect(manager, cfg).await {
             Ok(l) => l,
@@ -114,6 +119,7 @@ pub fn spawn(manager: Arc<Manager>, cfg: ControllerConfig) -> tokio::task::JoinH
                 return;
             }
         };
+        on_joined(&link);
         run(link).await;
     })
 }

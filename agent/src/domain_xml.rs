@@ -93,6 +93,18 @@ pub struct DomainDef {
     /// The guest exporter's channel (`org.gantry.metrics.0`), in every
     /// domain: its socket ([`crate::layout::Layout::metrics_socket`]).
     pub metrics_socket: PathBuf,
+    /// The bucket share (virtiofs; needs shared memory), docs/buckets.md.
+    pub share: Option<ShareDef>,
+}
+
+/// A host directory shared into the guest with virtiofs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareDef {
+    pub dir: PathBuf,
+    pub tag: &'static str,
+    /// The virtiofsd libvirt starts for it (chroot sandbox, no cache:
+    /// host-side mounts made later show through at once).
+    pub virtiofsd: PathBuf,
 }
 
 /// The prefix of group NICs' tap names (see `net::groups::group_tap_name`):
@@ -202,6 +214,9 @@ impl DomainDef {
             &self.metrics_socket,
             gantry_proto::metrics::GUEST_CHANNEL_NAME,
         );
+        if let Some(s) = &self.share {
+            write_share(&mut w, s);
+        }
         for f in self.passthrough.iter().flat_map(|p| &p.functions) {
             write_hostdev(&mut w, f);
         }
@@ -248,6 +263,7 @@ impl DomainDef {
             None => text(w, "vcpu", &[("placement", "static")], &vcpus),
         }
         if self.passthrough.is_none() {
+            self.write_memory_backing(w, false);
             return;
         }
         if let Some(pin) = pin {
@@ -268,8 +284,22 @@ impl DomainDef {
             &gpu_memory_hard_limit_mib(self.memory_mib).to_string(),
         );
         close(w, "memtune");
+        self.write_memory_backing(w, true);
+    }
+
+    /// `<memoryBacking>`: locked with GPUs, shared memfd with a share.
+    fn write_memory_backing(&self, w: &mut W, locked: bool) {
+        if !locked && self.share.is_none() {
+            return;
+        }
         open(w, "memoryBacking", &[]);
-        empty(w, "locked", &[]);
+        if self.share.is_some() {
+            empty(w, "source", &[("type", "memfd")]);
+            empty(w, "access", &[("mode", "shared")]);
+        }
+        if locked {
+            empty(w, "locked", &[]);
+        }
         close(w, "memoryBacking");
     }
 
@@ -396,6 +426,23 @@ fn write_channel(w: &mut W, sock: &std::path::Path, name: &str) {
     empty(w, "source", &[("mode", "bind"), ("path", &path_str(sock))]);
     empty(w, "target", &[("type", "virtio"), ("name", name)]);
     close(w, "channel");
+}
+
+/// The virtiofs share (libvirt starts its virtiofsd).
+fn write_share(w: &mut W, s: &ShareDef) {
+    open(
+        w,
+        "filesystem",
+        &[("type", "mount"), ("accessmode", "passthrough")],
+    );
+    empty(w, "driver", &[("type", "virtiofs"), ("queue", "1024")]);
+    open(w, "binary", &[("path", &path_str(&s.virtiofsd))]);
+    empty(w, "cache", &[("mode", "none")]);
+    empty(w, "sandbox", &[("mode", "chroot")]);
+    close(w, "binary");
+    empty(w, "source", &[("dir", &path_str(&s.dir))]);
+    empty(w, "target", &[("dir", s.tag)]);
+    close(w, "filesystem");
 }
 
 /// The seed: raw, read-only, excluded from disk-only snapshots.
@@ -636,6 +683,7 @@ mod tests {
             seed: None,
             guest_agent_socket: None,
             metrics_socket: "/var/lib/gantry/instances/ins-1/metrics.sock".into(),
+            share: None,
         }
     }
 
@@ -681,6 +729,13 @@ mod tests {
         golden("domain-access-bridge.xml", &d.to_xml());
         d.interface.as_mut().unwrap().bridge = None;
         golden("domain-access-netns.xml", &d.to_xml());
+        // The bucket share: virtiofs over shared memory (docs/buckets.md).
+        d.share = Some(ShareDef {
+            dir: "/var/lib/gantry/buckets/ins-1/share".into(),
+            tag: "gantry-buckets",
+            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
+        });
+        golden("domain-bucket-share.xml", &d.to_xml());
     }
 
     fn group_nic(bridge: Option<&str>) -> InterfaceDef {

@@ -24,6 +24,7 @@
 //! - [`volumes`]: grow and delete data volumes for the controller.
 
 pub mod api;
+pub mod buckets;
 pub mod client;
 pub mod config;
 pub mod disks;

@@ -203,7 +203,28 @@ impl Manager {
                 .is_some()
                 .then(|| self.layout.guest_agent_socket(spec.id)),
             metrics_socket: self.layout.metrics_socket(spec.id),
+            share: self.bucket_share(spec)?,
         })
+    }
+
+    /// The instance's bucket share: every instance with a guest config has
+    /// one when the host has virtiofsd (docs/buckets.md).
+    fn bucket_share(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<Option<crate::domain_xml::ShareDef>, ManagerError> {
+        if spec.guest.is_none() {
+            return Ok(None);
+        }
+        let (Some(dir), Some(v)) = (self.buckets.share_dir(spec.id)?, self.buckets.virtiofsd())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(crate::domain_xml::ShareDef {
+            dir,
+            tag: crate::buckets::SHARE_TAG,
+            virtiofsd: v.to_path_buf(),
+        }))
     }
 
     /// Writes the instance's seed disk from its record and its network
@@ -219,8 +240,11 @@ impl Manager {
             self.seeded_with(spec.id, group);
             return Ok(());
         };
-        let files =
+        let mut files =
             crate::net::seed::files(spec.id, nic, guest, &self.cfg.network.dns, group.as_ref());
+        if self.buckets.virtiofsd().is_some() {
+            files.extend(crate::buckets::guest::seed_files());
+        }
         let image = crate::net::seed::build_image(&files)?;
         crate::net::seed::write(&self.layout.seed_disk(spec.id), &image, in_place)?;
         self.seeded_with(spec.id, group);

@@ -61,6 +61,8 @@ pub enum ManagerError {
     Usage(#[from] crate::usage::UsageError),
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    #[error(transparent)]
+    Buckets(#[from] crate::buckets::BucketError),
 }
 
 /// What the manager holds in memory; the records are also on disk.
@@ -96,6 +98,8 @@ pub struct Manager {
     /// Guests' group NICs: hot-plugs tried, seeds written, problems
     /// ([`crate::group_nic`]).
     pub(crate) group_nics: crate::group_nic::GroupNics,
+    /// Buckets attached as directories ([`crate::buckets`]).
+    pub(crate) buckets: Arc<crate::buckets::Buckets>,
 }
 
 /// The libvirt domain name of an instance with the default prefix.
@@ -153,6 +157,27 @@ impl Manager {
 
     pub fn net(&self) -> &Arc<crate::net::Network> {
         &self.net
+    }
+
+    pub fn buckets(&self) -> &Arc<crate::buckets::Buckets> {
+        &self.buckets
+    }
+
+    /// Mounts and unmounts buckets for the instances this host holds (not
+    /// final), looks at their health, rewrites the guests' manifests; on a
+    /// thread of its own ([`crate::buckets::Buckets::apply_in_background`]).
+    pub fn reconcile_buckets(&self) {
+        self.buckets.apply_in_background(self.live_instances());
+    }
+
+    /// The instances this host holds that are not final.
+    pub fn live_instances(&self) -> Vec<InstanceId> {
+        self.lock()
+            .instances
+            .values()
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.spec.id)
+            .collect()
     }
 
     /// The access NICs of the instances this host holds (not final).

@@ -62,8 +62,10 @@ impl Manager {
             &cfg.state_dir,
             deny,
         )?);
+        let buckets = Arc::new(crate::buckets::Buckets::open_real(&cfg.state_dir)?);
         let m = Arc::new(Manager {
             net,
+            buckets,
             groups: Arc::new(groups),
             group_nics: Default::default(),
             cfg,
@@ -114,6 +116,8 @@ impl Manager {
         m.reconcile_network();
         // Rebuilt from the stored group state before the controller answers.
         m.reconcile_groups();
+        // Buckets too (after a host reboot nothing is mounted).
+        m.reconcile_buckets();
         for name in m.virt.domains()? {
             if !known.contains(&name) {
                 tracing::warn!(
@@ -263,6 +267,7 @@ impl Manager {
                     Some(m) => {
                         m.reconcile_network();
                         m.reconcile_groups();
+                        m.reconcile_buckets();
                     }
                     None => return,
                 }

@@ -78,6 +78,7 @@ fn eight_h200s_define_in_libvirt_but_starting_needs_vfio_which_this_kernel_lacks
         seed: None,
         guest_agent_socket: None,
         metrics_socket: dir.path().join("metrics.sock"),
+        share: None,
     };
     let xml_path = dir.path().join("domain.xml");
     std::fs::write(&xml_path, def.to_xml()).unwrap();

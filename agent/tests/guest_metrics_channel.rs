@@ -115,6 +115,7 @@ fn boot(id: InstanceId) -> anyhow::Result<(Domain, Layout)> {
         seed: None,
         guest_agent_socket: None,
         metrics_socket: layout.metrics_socket(id),
+        share: None,
     };
     let xml = dom.dir.join("domain.xml");
     std::fs::write(&xml, def.to_xml())?;

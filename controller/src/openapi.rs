@@ -181,6 +181,7 @@ pub fn path_param(path: &str, name: &str, s: &mut Schemas) -> RefOr<Schema> {
         ("id", "ssh-keys") => of::<SshKeyId>(s),
         ("id", "volumes") => of::<VolumeId>(s),
         ("id", "network-groups") => of::<NetworkGroupId>(s),
+        ("id", "storage-connections") | ("connection", _) => of::<StorageConnectionId>(s),
         ("instance", _) => of::<InstanceId>(s),
         _ => string(s),
     }
@@ -394,6 +395,7 @@ pub const ROUTES: &[Route] = &[
         ("access_rev", count, "The access revision the host has"),
         ("tls", string, "The certificate fingerprint the host has"),
         ("groups_rev", count, "The network-group revision the host has"),
+        ("buckets_rev", count, "The bucket-attachment revision the host has"),
     ]),
     r("post", "/v1/agent/ops/{id}", "agent", "Report an operation's progress or outcome (host)",
         B(of::<OpReport>), 204, Empty),
@@ -460,6 +462,26 @@ pub const ROUTES: &[Route] = &[
     r("get", "/v1/instances/{id}/network-group", "network-groups",
         "The instance's Network Group tab: group, CIDR, own address, members", N, 200,
         J(of::<InstanceNetworkGroup>)),
+    // ---- buckets (docs/buckets.md)
+    r("post", "/v1/storage-connections", "buckets",
+        "Add an S3 storage connection (checked; optionally creating the bucket)",
+        B(of::<gantry_proto::buckets::CreateStorageConnection>), 201,
+        J(of::<gantry_proto::buckets::StorageConnectionInfo>)),
+    q(r("get", "/v1/storage-connections", "buckets", "List storage connections", N, 200,
+        J(list::<gantry_proto::buckets::StorageConnectionInfo>)), &[ACCOUNT]),
+    r("get", "/v1/storage-connections/{id}", "buckets", "Get a storage connection", N, 200,
+        J(of::<gantry_proto::buckets::StorageConnectionInfo>)),
+    r("delete", "/v1/storage-connections/{id}", "buckets",
+        "Delete a storage connection attached nowhere (the bucket is kept)", N, 204, Empty),
+    r("post", "/v1/instances/{id}/buckets", "buckets",
+        "Attach a bucket to an instance as a directory (checked first)",
+        B(of::<gantry_proto::buckets::AttachBucket>), 201,
+        J(of::<gantry_proto::buckets::BucketAttachmentInfo>)),
+    r("get", "/v1/instances/{id}/buckets", "buckets",
+        "The buckets attached to an instance, with their health", N, 200,
+        J(list::<gantry_proto::buckets::BucketAttachmentInfo>)),
+    r("delete", "/v1/instances/{id}/buckets/{connection}", "buckets",
+        "Detach a bucket (its objects stay in the bucket)", N, 204, Empty),
 ];
 
 fn method(m: &str) -> HttpMethod {

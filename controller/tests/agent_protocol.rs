@@ -244,7 +244,8 @@ async fn work_long_poll_and_reports(s: Server) {
     assert!(start.elapsed() >= Duration::from_millis(900));
     assert_eq!(
         w,
-        json!({"instances": [], "ops": [], "access": null, "tls": null, "groups": null})
+        json!({"instances": [], "ops": [], "access": null, "tls": null, "groups": null,
+            "buckets": null})
     );
     let r = s
         .post(

@@ -40,6 +40,7 @@ fn key(path: &str, name: &str) -> &'static str {
         ("pci", _) => "pci",
         ("view", _) => "view",
         ("instance", _) => "instances",
+        ("connection", _) => "storage-connections",
         ("alias", _) => "alias",
         ("id", "ops") => "operations",
         ("id", coll) => match coll {
@@ -51,6 +52,7 @@ fn key(path: &str, name: &str) -> &'static str {
             "ssh-keys" => "ssh-keys",
             "volumes" => "volumes",
             "network-groups" => "network-groups",
+            "storage-connections" => "storage-connections",
             other => panic!("no object for {{id}} after {other:?} in {path}: add one"),
         },
         (other, _) => panic!("no object for {{{other}}} in {path}: add one"),
@@ -149,6 +151,7 @@ async fn objects_of_a(s: &Server, a_token: &str, a_id: &str) -> Objects {
             201,
         )
         .await;
+    let conn = storage_connection_of(s, a_id).await;
     let tokens = s.get("/v1/admin/tokens", ADMIN).await.body;
     let token = tokens
         .as_array()
@@ -169,6 +172,7 @@ async fn objects_of_a(s: &Server, a_token: &str, a_id: &str) -> Objects {
         ("ssh-keys", key["id"].as_str().unwrap().to_string()),
         ("volumes", vol["id"].as_str().unwrap().to_string()),
         ("network-groups", group),
+        ("storage-connections", conn),
         ("tokens", token),
         ("pci", "0000:10:00.0".to_string()),
         ("view", "config".to_string()),
@@ -188,6 +192,29 @@ async fn objects_of_a(s: &Server, a_token: &str, a_id: &str) -> Objects {
     Objects { ids, missing }
 }
 
+/// A's storage connection, stored directly (creating one through the API
+/// checks the bucket at an S3 endpoint; controller/tests/buckets.rs does).
+async fn storage_connection_of(s: &Server, a_id: &str) -> String {
+    use gantry_controller::buckets::{insert_connection, secret_context, ConnectionRow};
+    let id = gantry_proto::StorageConnectionId::new();
+    let row = ConnectionRow {
+        id,
+        account: a_id.parse().unwrap(),
+        name: "a-bucket".into(),
+        endpoint: "http://127.0.0.1:9".into(),
+        region: "us-east-1".into(),
+        bucket: "a-bucket".into(),
+        access_key_id: "a-key".into(),
+        secret_sealed: s.state.sealer.seal(&secret_context(id), "a-secret"),
+        created_ms: 1,
+    };
+    let db = s.db().await;
+    let mut tx = db.begin_write().await.unwrap();
+    insert_connection(&mut tx, &row).await.unwrap();
+    tx.commit().await.unwrap();
+    id.to_string()
+}
+
 /// A body the call accepts (so that the ids in the path, or A's ids in the
 /// body, decide the answer), or `{}`.
 fn body_for(
@@ -205,6 +232,7 @@ fn body_for(
         "/v1/instances/{id}/snapshots" => json!({"name": "b-snap"}),
         "/v1/volumes/{id}/grow" => json!({"size_gib": 2}),
         "/v1/network-groups/{id}/members" => json!({"instance": ids["instances"]}),
+        "/v1/instances/{id}/buckets" => json!({"connection": ids["storage-connections"]}),
         _ => match BODY_IDS.iter().find(|(t, _)| *t == template) {
             Some((_, f)) => f(ids),
             None => json!({}),

@@ -163,6 +163,10 @@ define_id!(
     /// A network group: a private network between an account's instances.
     NetworkGroupId, "ng", "network group"
 );
+define_id!(
+    /// An account's object-storage connection (endpoint, bucket, credentials).
+    StorageConnectionId, "s3c", "storage connection"
+);
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@
 //! monitoring samples and the Monitor view ([`metrics`]), and the bodies of the HTTP APIs ([`api`]).
 
 pub mod api;
+pub mod buckets;
 pub mod gpu;
 pub mod groups;
 pub mod ids;

@@ -62,6 +62,7 @@ id_schema!(
     ForwardId,
     SshKeyId,
     NetworkGroupId,
+    StorageConnectionId,
 );
 
 string_schema!(

@@ -16,3 +16,4 @@ pub mod monitor;
 pub mod netns;
 pub mod ssh;
 pub mod ticks;
+pub mod webdriver;

@@ -238,16 +238,17 @@ impl ControllerClient {
         Self::send::<serde::de::IgnoredAny>(req).await.map(|_| ())
     }
 
-    /// The work long-poll; `access_rev`, `tls` and `groups_rev` name the
-    /// access state, certificate and network-group state the agent already
-    /// has (they come back only when they changed).
+    /// The work long-poll; `access_rev`, `tls`, `groups_rev` and
+    /// `buckets_rev` name the access state, certificate, network-group and
+    /// bucket state the agent already has (they come back only when they
+    /// changed).
     pub async fn work(
         &self,
         credential: &str,
         wait_secs: u64,
         access_rev: Option<u64>,
         tls: Option<String>,
-        groups_rev: Option<u64>,
+        (groups_rev, buckets_rev): (Option<u64>, Option<u64>),
     ) -> Result<Work, ClientError> {
         let mut q = vec![("wait_secs", wait_secs.to_string())];
         if let Some(r) = access_rev {
@@ -255,6 +256,9 @@ impl ControllerClient {
         }
         if let Some(r) = groups_rev {
             q.push(("groups_rev", r.to_string()));
+        }
+        if let Some(r) = buckets_rev {
+            q.push(("buckets_rev", r.to_string()));
         }
         if let Some(f) = tls {
             q.push(("tls", f));

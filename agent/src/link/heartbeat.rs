@@ -159,6 +159,7 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         https_port: m.net().https_port(),
         store_identity: m.store_identity(),
         vtep: m.groups().vtep(),
+        buckets: Some(m.buckets().reports()),
     })
 }
 

@@ -97,6 +97,7 @@ async fn work(State(s): State<Shared>, h: HeaderMap) -> Result<Json<Work>, Statu
         access: None,
         tls: None,
         groups: None,
+        buckets: None,
     }))
 }
 

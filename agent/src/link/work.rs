@@ -48,7 +48,13 @@ pub async fn run(link: Arc<Link>) {
         );
         match link
             .client
-            .work(link.credential(), wait, rev, tls, groups_rev)
+            .work(
+                link.credential(),
+                wait,
+                rev,
+                tls,
+                (groups_rev, link.manager.buckets().rev()),
+            )
             .await
         {
             Ok(work) => {
@@ -61,6 +67,7 @@ pub async fn run(link: Arc<Link>) {
                 // Before the ops: a create or start among them needs its
                 // group NIC known.
                 take_groups(&link, &work).await;
+                take_buckets(&link, &work);
                 let started = handle(&link, &work);
                 if started == 0 && !work.ops.is_empty() {
                     // Everything listed is already in hand: don't spin while
@@ -126,6 +133,21 @@ async fn take_groups(link: &Arc<Link>, work: &Work) {
     if let Err(e) = done {
         tracing::error!(error = %e, "the network-group task failed");
     }
+}
+
+/// Applies the bucket state the work answer carries, on a thread of its
+/// own (a mount against a slow endpoint takes seconds; operations go on).
+fn take_buckets(link: &Arc<Link>, work: &Work) {
+    let Some(buckets) = work.buckets.clone() else {
+        return;
+    };
+    let m = link.manager.clone();
+    tokio::task::spawn_blocking(move || {
+        let rev = buckets.rev;
+        if let Err(e) = m.buckets().set(buckets, &m.live_instances()) {
+            tracing::warn!(rev, error = %e, "cannot apply the bucket state");
+        }
+    });
 }
 
 /// Starts what is new in `work`; returns how many tasks it started.

@@ -10,7 +10,9 @@
 //! user-data                  #cloud-config: root's password hash, keys (replacing
 //!                            authorized_keys), sshd drop-in allowing root with a
 //!                            password, the token, and a bootcmd that re-applies
-//!                            the password hash from this disk at every boot
+//!                            the password hash from this disk at every boot,
+//!                            and one that starts the bucket loop when this disk
+//!                            carries it (docs/buckets.md)
 //! network-config             netplan v2: the access NIC by MAC, static address,
 //!                            default route, resolvers; with a network group also
 //!                            its NIC by MAC (`eth1`): static address, MTU, no
@@ -72,6 +74,20 @@ pub fn files(
                    mount -o ro \"$dev\" /run/gantry-seed && \
                    printf 'root:%s\\n' \"$(cat /run/gantry-seed/gantry/root-password-hash)\" | chpasswd -e; \
                    umount /run/gantry-seed 2>/dev/null; true";
+    // Cloud images: with a bucket share the seed carries the guest's loop
+    // (crate::buckets::guest); start it from a copy, as a transient unit
+    // where systemd runs, else in its own session. /run is empty at boot.
+    let buckets = "dev=$(blkid -L cidata) && mkdir -p /run/gantry-seed /run/gantry && \
+                   mount -o ro \"$dev\" /run/gantry-seed && \
+                   if [ -f /run/gantry-seed/gantry/buckets-watch ]; then \
+                   cp /run/gantry-seed/gantry/buckets-watch /run/gantry/buckets-watch; \
+                   . /run/gantry-seed/gantry/buckets.env; fi; \
+                   umount /run/gantry-seed 2>/dev/null; \
+                   if [ -f /run/gantry/buckets-watch ]; then \
+                   if command -v systemd-run >/dev/null; then \
+                   systemd-run --unit=gantry-buckets sh /run/gantry/buckets-watch \"$BUCKETS_TAG\" \"$BUCKETS_DIR\"; \
+                   else setsid sh /run/gantry/buckets-watch \"$BUCKETS_TAG\" \"$BUCKETS_DIR\" \
+                   </dev/null >/dev/null 2>&1 & fi; fi; true";
     let user = format!(
         "#cloud-config\n\
          hostname: {host}\n\
@@ -84,7 +100,7 @@ pub fn files(
          \x20 - path: /root/.ssh/authorized_keys\n    permissions: \"0600\"\n    owner: root:root\n    content: {keys}\n\
          \x20 - path: /etc/ssh/sshd_config.d/60-gantry.conf\n    content: {sshd}\n\
          \x20 - path: /etc/gantry/jupyter-token\n    permissions: \"0600\"\n    content: {token}\n\
-         bootcmd:\n  - [sh, -c, {reapply}]\n\
+         bootcmd:\n  - [sh, -c, {reapply}]\n  - [sh, -c, {buckets}]\n\
          runcmd:\n  - [sh, -c, \"systemctl reload ssh 2>/dev/null || service ssh reload 2>/dev/null || true\"]\n",
         host = q(&guest.hostname),
         hash = q(hash),
@@ -92,6 +108,7 @@ pub fn files(
         sshd = q("PermitRootLogin yes\nPasswordAuthentication yes\n"),
         token = q(&format!("{token}\n")),
         reapply = q(reapply),
+        buckets = q(buckets),
     );
     let mut network = format!(
         "version: 2\n\
@@ -250,6 +267,27 @@ mod tests {
             all.push_str(&format!("==> {name} <==\n{content}"));
         }
         crate::testutil::golden("seed-files.txt", &all);
+    }
+
+    /// Every `bootcmd`/`runcmd` shell line of the user-data parses as sh.
+    #[test]
+    fn user_data_commands_are_valid_sh() {
+        let (id, nic, guest) = sample();
+        let files = files(id, &nic, &guest, &[], None);
+        let user = &files.iter().find(|f| f.0 == "user-data").unwrap().1;
+        let cmds: Vec<String> = user
+            .lines()
+            .filter_map(|l| l.strip_prefix("  - [sh, -c, ")?.strip_suffix(']'))
+            .map(|q| serde_json::from_str(q).expect("a JSON string"))
+            .collect();
+        assert_eq!(cmds.len(), 3, "{user}");
+        for c in cmds {
+            let out = std::process::Command::new("sh")
+                .args(["-n", "-c", &c])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "sh -n refused {c:?}: {out:?}");
+        }
     }
 
     #[test]

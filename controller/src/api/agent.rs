@@ -261,6 +261,16 @@ async fn heartbeat(
         v.validate("vtep")?;
     }
     crate::store_keys::check_store_identity(hb.store_identity.as_ref())?;
+    if hb
+        .buckets
+        .as_ref()
+        .is_some_and(|b| b.len() > MAX_BUCKET_REPORTS)
+    {
+        return Err(ApiError::invalid(
+            "buckets",
+            format!("at most {MAX_BUCKET_REPORTS} bucket reports"),
+        ));
+    }
     // Every figure in range and the timestamp not ahead of our clock, or
     // none of the heartbeat is applied.
     if let Err(e) = hb.check_bounds(st.clock.now_ms()) {
@@ -389,6 +399,9 @@ async fn heartbeat_once(
         super::hosts::sync_gpus(&mut tx, host, &c.gpus).await?;
         crate::groups::set_vtep(&mut tx, host, hb.vtep.as_ref()).await?;
         crate::store_keys::record_host_store(&mut tx, host, hb.store_identity.as_ref()).await?;
+        if let Some(b) = &hb.buckets {
+            crate::buckets::record_reports(&mut tx, host, b).await?;
+        }
         for o in &hb.instances {
             changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
         }
@@ -464,7 +477,10 @@ async fn snapshot_sizes(
     Ok(())
 }
 
-/// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F&groups_rev=G`:
+/// Most bucket reports one heartbeat may carry.
+const MAX_BUCKET_REPORTS: usize = 4096;
+
+/// `GET /v1/agent/work?wait_secs=N&access_rev=R&tls=F&groups_rev=G&buckets_rev=B`:
 /// answers at once while an operation is pending or the access state,
 /// certificate or network-group state is news to the agent (an agent that
 /// names no `groups_rev` gets the group state in every answer, but waits
@@ -475,7 +491,16 @@ async fn work(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Work>> {
     let host = host_of(&who)?;
-    query(&q, &["wait_secs", "access_rev", "tls", "groups_rev"])?;
+    query(
+        &q,
+        &[
+            "wait_secs",
+            "access_rev",
+            "tls",
+            "groups_rev",
+            "buckets_rev",
+        ],
+    )?;
     let wait = match q.get("wait_secs") {
         None => DEFAULT_WAIT_SECS,
         Some(w) => w
@@ -497,19 +522,38 @@ async fn work(
                 .map_err(|_| ApiError::bad("groups_rev", "must be a whole number"))?,
         ),
     };
-    let tls = q.get("tls").map(String::as_str);
+    let buckets_rev = match q.get("buckets_rev") {
+        None => None,
+        Some(r) => Some(
+            r.parse::<u64>()
+                .map_err(|_| ApiError::bad("buckets_rev", "must be a whole number"))?,
+        ),
+    };
+    let known = commands::Known {
+        access: rev,
+        tls: q.get("tls").map(String::as_str),
+        groups: groups_rev,
+        buckets: buckets_rev,
+    };
     // Listen before looking, so a wake between the two is not lost.
     let notify = st.wake.get(&host);
     let woken = notify.notified();
     tokio::pin!(woken);
     woken.as_mut().enable();
-    let w = commands::build_work(&st, &host, rev, tls, groups_rev).await?;
+    let w = commands::build_work(&st, &host, &known).await?;
     let group_news = match (&w.groups, groups_rev) {
         (Some(_), Some(_)) => true,
         (Some(g), None) => !g.groups.is_empty(),
         (None, _) => false,
     };
-    let news = w.access.is_some() || w.tls.is_some() || group_news;
+    // Like groups: an agent that names no `buckets_rev` is not woken for
+    // an empty bucket state.
+    let bucket_news = match (&w.buckets, buckets_rev) {
+        (Some(_), Some(_)) => true,
+        (Some(b), None) => !b.mounts.is_empty(),
+        (None, _) => false,
+    };
+    let news = w.access.is_some() || w.tls.is_some() || group_news || bucket_news;
     let pending = w.ops.iter().any(|o| o.phase == OpPhase::Pending);
     if pending {
         gantry_crashpoint::hit("controller.work.deliver");
@@ -520,7 +564,7 @@ async fn work(
     let _ = tokio::time::timeout(Duration::from_secs(wait), woken).await;
     // A revocation wakes the poll and ends it with the refusal.
     auth::check_not_revoked(&st.db, &host).await?;
-    let w = commands::build_work(&st, &host, rev, tls, groups_rev).await?;
+    let w = commands::build_work(&st, &host, &known).await?;
     if w.ops.iter().any(|o| o.phase == OpPhase::Pending) {
         gantry_crashpoint::hit("controller.work.deliver");
     }

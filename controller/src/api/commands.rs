@@ -19,13 +19,16 @@ use gantry_proto::{Action, InstanceState, SnapshotStatus};
 /// that names no group revision gets the state, empty or not). An
 /// operation whose command cannot be built (its image is gone, say) is
 /// failed here with the reason.
-pub async fn build_work(
-    st: &AppState,
-    host: &HostId,
-    known_rev: Option<u64>,
-    known_tls: Option<&str>,
-    known_groups: Option<u64>,
-) -> ApiResult<Work> {
+/// What the agent says it already has (the work poll's query).
+#[derive(Debug, Default)]
+pub struct Known<'a> {
+    pub access: Option<u64>,
+    pub tls: Option<&'a str>,
+    pub groups: Option<u64>,
+    pub buckets: Option<u64>,
+}
+
+pub async fn build_work(st: &AppState, host: &HostId, known: &Known<'_>) -> ApiResult<Work> {
     let found = sqlx::query(
         "SELECT id, desired_state, observed_state FROM instances WHERE host_id = $1 AND \
          observed_state NOT IN ('Released', 'Failed') ORDER BY id",
@@ -81,12 +84,22 @@ pub async fn build_work(
     }
     let (access, tls) = super::certs::access_and_tls(st, host).await?;
     let groups = crate::groups::host_groups(&st.db.pool, host).await?;
+    let buckets = crate::buckets::host_buckets(&st.db.pool, &st.sealer, host)
+        .await
+        .map_err(|e| match e {
+            crate::buckets::BucketError::Db(e) => ApiError::Db(e),
+            e => {
+                tracing::error!(%host, error = %e, "cannot build the host's bucket state");
+                ApiError::Unavailable(format!("cannot build the bucket state: {e}"))
+            }
+        })?;
     Ok(Work {
         instances,
         ops,
-        access: access.filter(|a| Some(a.rev) != known_rev),
-        tls: tls.filter(|t| Some(t.fingerprint.as_str()) != known_tls),
-        groups: Some(groups).filter(|g| Some(g.rev) != known_groups),
+        access: access.filter(|a| Some(a.rev) != known.access),
+        tls: tls.filter(|t| Some(t.fingerprint.as_str()) != known.tls),
+        groups: Some(groups).filter(|g| Some(g.rev) != known.groups),
+        buckets: Some(buckets).filter(|b| Some(b.rev) != known.buckets),
     })
 }
 

@@ -629,6 +629,7 @@ async fn view(
             root_disk_gib: rec.root_disk_gib,
             data_volume: rec.data_volume,
             created_at: to_time(rec.created_ms),
+            buckets: super::buckets::attachments(&st, rec.id).await?,
         })
         .into_response(),
         "hardware" => Json(hardware(&st, &rec).await?).into_response(),

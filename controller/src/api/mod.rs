@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod actions;
 pub mod admin;
 pub mod agent;
+pub mod buckets;
 pub mod certs;
 pub mod change_type;
 pub mod commands;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::routes())
         .merge(certs::routes())
         .merge(groups::routes())
+        .merge(buckets::routes())
         .merge(monitor::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
@@ -65,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/metrics", get(crate::metrics::serve))
         .nest("/v1", v1)
+        .merge(crate::console::routes())
         .fallback(|| async { ApiError::NotFound("no such API path".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

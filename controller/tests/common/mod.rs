@@ -446,15 +446,17 @@ impl Server {
         .await
     }
 
-    /// `?access_rev=R&tls=F&groups_rev=G` of what `host` has now: a poll
-    /// with them waits (like an agent's) instead of answering with the news.
+    /// `?access_rev=R&tls=F&groups_rev=G&buckets_rev=B` of what `host` has
+    /// now: a poll with them waits (like an agent's) instead of answering
+    /// with the news.
     pub async fn known(&self, host: &str) -> String {
         let w = self.work(host, 0).await;
         format!(
-            "access_rev={}&tls={}&groups_rev={}",
+            "access_rev={}&tls={}&groups_rev={}&buckets_rev={}",
             w["access"]["rev"].as_u64().unwrap_or(0),
             w["tls"]["fingerprint"].as_str().unwrap_or(""),
-            w["groups"]["rev"].as_u64().unwrap_or(0)
+            w["groups"]["rev"].as_u64().unwrap_or(0),
+            w["buckets"]["rev"].as_u64().unwrap_or(0)
         )
     }
 

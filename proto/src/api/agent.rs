@@ -308,6 +308,10 @@ pub struct AgentHeartbeat {
     /// members reach only members on the same host).
     #[serde(default)]
     pub vtep: Option<crate::groups::Vtep>,
+    /// The health of each bucket attachment the host has (docs/buckets.md);
+    /// `None` from agents that know no buckets.
+    #[serde(default)]
+    pub buckets: Option<Vec<crate::buckets::BucketReport>>,
 }
 
 impl AgentHeartbeat {
@@ -616,6 +620,10 @@ pub struct Work {
     /// `groups_rev` the agent sent.
     #[serde(default)]
     pub groups: Option<crate::groups::HostGroups>,
+    /// The host's bucket attachments, when their revision is not the
+    /// `buckets_rev` the agent sent.
+    #[serde(default)]
+    pub buckets: Option<crate::buckets::HostBuckets>,
 }
 
 /// How an operation stands on the host.
@@ -760,6 +768,7 @@ mod tests {
             https_port: Some(443),
             store_identity: None,
             vtep: None,
+            buckets: None,
         };
         let text = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<AgentHeartbeat>(&text).unwrap(), hb);

@@ -462,6 +462,9 @@ pub struct ConfigView {
     pub root_disk_gib: u64,
     pub data_volume: Option<VolumeId>,
     pub created_at: DateTime<Utc>,
+    /// Buckets attached as directories (docs/buckets.md).
+    #[serde(default)]
+    pub buckets: Vec<crate::buckets::BucketAttachmentInfo>,
 }
 
 /// `GET /v1/instances/{id}/hardware`.

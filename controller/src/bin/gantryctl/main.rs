@@ -17,6 +17,7 @@ use text::{render, strip_nulls};
 mod client;
 mod access;
 mod admin;
+mod buckets;
 mod gpus;
 mod groups;
 mod instances;
@@ -67,6 +68,9 @@ enum Cmd {
     /// SSH public keys put into new instances.
     #[command(subcommand)]
     SshKey(access::SshKeyCmd),
+    /// S3 buckets as directories in instances: connections, attachments.
+    #[command(subcommand)]
+    Bucket(buckets::BucketCmd),
     /// Print the CA certificate that signs the hosts' HTTPS certificates.
     Ca,
     /// Snapshots.
@@ -217,6 +221,7 @@ async fn run(cli: Cli) -> CliResult<()> {
         },
         Cmd::Forward(c) => access::plan_forward(c),
         Cmd::SshKey(c) => access::plan_ssh_key(c)?,
+        Cmd::Bucket(c) => buckets::plan_bucket(c)?,
         Cmd::Ca => Call {
             want: Want::Text,
             ..call(Method::GET, v1!("ca.pem"), None, &[])

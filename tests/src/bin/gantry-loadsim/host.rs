@@ -251,6 +251,7 @@ impl Host {
             https_port: None,
             store_identity: None,
             vtep: None,
+            buckets: None,
         };
         (hb, sent)
     }

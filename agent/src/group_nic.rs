@@ -204,12 +204,19 @@ impl Manager {
         Some(def)
     }
 
-    /// The instances whose guests run (or may run) here now.
+    /// The instances whose guests run (or may run) here now and that no
+    /// operation is working on: their loose group taps may be adopted. An
+    /// operation that starts a guest adopts its own tap once libvirt is done
+    /// ([`Manager::group_after_start`]); moving the tap into the data plane
+    /// while libvirt still sets it up fails the start ("Cannot set
+    /// interface MTU").
     pub fn running_guests(&self) -> Vec<InstanceId> {
-        self.lock()
+        let inner = self.lock();
+        inner
             .instances
             .values()
             .filter(|r| !r.state.is_final() && r.state != InstanceState::Stopped)
+            .filter(|r| !inner.busy.contains_key(&r.spec.id))
             .map(|r| r.spec.id)
             .collect()
     }

@@ -2,7 +2,9 @@
 //! do to disk files (an external overlay, a commit down the chain) is done
 //! with `qemu-img`, so an operation's disk bookkeeping is exercised for
 //! real. Any call can be made to fail ([`FakeHypervisor::fail`]); the guest
-//! agent answers only when [`FakeHypervisor::with_guest_agent`] says so.
+//! agent answers only when [`FakeHypervisor::with_guest_agent`] says so;
+//! a call can be held midway ([`FakeHypervisor::hold`]) to test what runs
+//! beside it.
 //! Domains keep their XML, persistent and live: a start copies the first
 //! into the second, NIC hot-plug edits both (`attach_interface:live` and
 //! `detach_interface:live` fail only the live part, as a guest without a
@@ -13,7 +15,7 @@ use crate::hypervisor::{Commit, GuestCall, Hypervisor, Power};
 use crate::libvirt::{LibvirtError, PowerState, DOMAIN_PREFIX};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -55,12 +57,17 @@ struct State {
     fail: Vec<(&'static str, usize)>,
     calls: Vec<String>,
     guest_agent: bool,
+    /// Calls that wait in [`FakeHypervisor::hold`] until released, and how
+    /// many are waiting now.
+    held: Vec<&'static str>,
+    waiting: usize,
 }
 
 /// See the module docs.
 #[derive(Default)]
 pub struct FakeHypervisor {
     state: Mutex<State>,
+    changed: Condvar,
 }
 
 impl FakeHypervisor {
@@ -76,6 +83,28 @@ impl FakeHypervisor {
     /// `power:Resume`, ...) fail once, after `after` successful ones.
     pub fn fail(&self, call: &'static str, after: usize) {
         self.lock().fail.push((call, after));
+    }
+
+    /// Makes every call named `call` wait (after it is recorded, before it
+    /// acts) until [`FakeHypervisor::release`].
+    pub fn hold(&self, call: &'static str) {
+        self.lock().held.push(call);
+    }
+
+    /// Lets held calls named `call` go on.
+    pub fn release(&self, call: &'static str) {
+        self.lock().held.retain(|c| *c != call);
+        self.changed.notify_all();
+    }
+
+    /// Waits until some call is held (panics after 30 s).
+    pub fn wait_held(&self) {
+        let st = self.lock();
+        let (st, timeout) = self
+            .changed
+            .wait_timeout_while(st, Duration::from_secs(30), |st| st.waiting == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        assert!(!timeout.timed_out(), "no call was held: {:?}", st.calls);
     }
 
     /// Whether guests answer guest-agent calls.
@@ -104,6 +133,15 @@ impl FakeHypervisor {
                 return Err(err(call, name, "injected failure"));
             }
             st.fail[i].1 -= 1;
+        }
+        if st.held.contains(&call) {
+            st.waiting += 1;
+            self.changed.notify_all();
+            st = self
+                .changed
+                .wait_while(st, |st| st.held.contains(&call))
+                .unwrap_or_else(|p| p.into_inner());
+            st.waiting -= 1;
         }
         Ok(())
     }

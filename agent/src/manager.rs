@@ -216,6 +216,20 @@ impl Manager {
         (live, gone)
     }
 
+    /// Whether this host holds nothing of `id`: no record (live or gone
+    /// since the start), no libvirt domain and no directory. An instance
+    /// released just before a restart is such (the record of its release
+    /// lived in memory); so is one that never came here. Either way a
+    /// release of it is done.
+    pub fn holds_nothing_of(&self, id: InstanceId) -> bool {
+        self.record(id).is_err()
+            && matches!(
+                self.virt.state(&self.domain_name(id)),
+                Ok(crate::libvirt::PowerState::Missing)
+            )
+            && !self.layout.instance_dir(id).exists()
+    }
+
     /// Whether an operation is running on the instance.
     pub fn is_busy(&self, id: InstanceId) -> bool {
         self.lock().busy.contains_key(&id)

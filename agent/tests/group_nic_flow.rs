@@ -4,7 +4,9 @@
 //! definition (which its start brings); a leave whose unplug the guest
 //! refuses changes the definition only, is said in a problem sentence and
 //! not retried, and the next start ends it; a move to another group with
-//! another MTU replaces the NIC.
+//! another MTU replaces the NIC. A guest's group tap is never moved into
+//! the data plane while its start is still under way (libvirt would fail
+//! to finish setting it up); the start adopts it.
 
 use gantry_agent::config::{AgentConfig, DomainType};
 use gantry_agent::disks;
@@ -12,7 +14,7 @@ use gantry_agent::domain_xml::group_interface;
 use gantry_agent::hypervisor_fake::FakeHypervisor;
 use gantry_agent::manager::Manager;
 use gantry_agent::net::groups::links::FakeLinks;
-use gantry_agent::net::groups::Groups;
+use gantry_agent::net::groups::{group_tap_name, Groups};
 use gantry_agent::net::InterfaceDef;
 use gantry_proto::api::local::{ActionRequest, ImportImage, OperationState};
 use gantry_proto::groups::{group_mac, GroupMember, GroupSpec, HostGroups};
@@ -24,6 +26,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn manager(dir: &Path, hv: &Arc<FakeHypervisor>) -> Arc<Manager> {
+    manager_over(dir, hv, Arc::default(), false)
+}
+
+/// A manager whose groups run over `links`; `named`: a data plane in a
+/// namespace of its own, so loose taps are moved into it.
+fn manager_over(
+    dir: &Path,
+    hv: &Arc<FakeHypervisor>,
+    links: Arc<FakeLinks>,
+    named: bool,
+) -> Arc<Manager> {
     let cfg = AgentConfig {
         state_dir: dir.join("state"),
         domain_type: DomainType::Qemu,
@@ -32,13 +45,7 @@ fn manager(dir: &Path, hv: &Arc<FakeHypervisor>) -> Arc<Manager> {
         ..AgentConfig::default()
     };
     std::fs::create_dir_all(&cfg.state_dir).unwrap();
-    let groups = Groups::open(
-        &cfg.network,
-        Box::new(FakeLinks::default()),
-        false,
-        &cfg.state_dir,
-    )
-    .unwrap();
+    let groups = Groups::open(&cfg.network, Box::new(links), named, &cfg.state_dir).unwrap();
     Manager::open_with_groups(cfg, gantry_agent::gpu::GpuPool::empty(), hv.clone(), groups).unwrap()
 }
 
@@ -227,4 +234,49 @@ fn joins_leaves_and_moves_follow_the_group_state() {
         (nic.mac.to_string().as_str(), nic.mtu, nic.bridge.as_deref()),
         ("52:54:01:10:00:09", Some(1400), Some("gn-001389"))
     );
+}
+
+#[test]
+fn a_starting_guests_tap_is_left_to_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let hv = Arc::new(FakeHypervisor::new());
+    let k = Arc::new(FakeLinks::default());
+    let m = manager_over(dir.path(), &hv, k.clone(), true);
+    let img = image(&m, dir.path());
+    let a = spec(img);
+    let ia = a.id;
+    let state = |rev| HostGroups {
+        rev,
+        groups: vec![group(5000, 1450, vec![member(ia, "172.16.0.2")])],
+    };
+    m.groups().set(state(1), &m.running_guests()).unwrap();
+
+    // libvirt has made the tap in the host's namespace and is still busy
+    // with it when a new group state and a reconcile pass come.
+    hv.hold("power:Start");
+    let op = m.create(a).unwrap().id;
+    hv.wait_held();
+    let tap = group_tap_name(ia);
+    k.host.lock().unwrap().insert(tap.clone());
+    assert!(!m.running_guests().contains(&ia), "busy: not adoptable");
+    m.groups().set(state(2), &m.running_guests()).unwrap();
+    m.reconcile_groups();
+    let moves = |k: &FakeLinks| {
+        k.calls()
+            .iter()
+            .filter(|c| c.starts_with("move_in"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(moves(&k).is_empty(), "moved mid-start: {:?}", k.calls());
+
+    // The start finishes and adopts it onto the group's bridge.
+    hv.release("power:Start");
+    wait(&m, op);
+    assert_eq!(moves(&k), vec![format!("move_in {tap}")]);
+    let links = k.links.lock().unwrap();
+    let l = links.get(&tap).expect("the tap is in the data plane");
+    assert_eq!((l.master.as_deref(), l.mtu), (Some("gn-001388"), 1450));
+    drop(links);
+    assert!(m.running_guests().contains(&ia));
 }

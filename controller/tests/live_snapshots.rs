@@ -8,7 +8,7 @@ mod common;
 
 use common::{Server, ADMIN};
 use gantry_proto::ids::SnapshotId;
-use gantry_proto::SnapshotStatus;
+use gantry_proto::{InstanceState, SnapshotStatus};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -222,6 +222,33 @@ async fn refused_states_and_failures(s: &Server, t: &str, h: &str, id: &str) {
     assert_eq!(mon["desired_state"], "Released");
     let op = s.op_of(id).await.unwrap();
     assert_eq!(op["command"]["auto_release"], true);
+    // Saved; the host is yet to release it (or released it and forgot, as
+    // a restart does): it reads Releasing, offers nothing, refuses a start.
+    assert_eq!(s.finish_snapshot(id, 10 * GIB, GIB).await.status, 204);
+    let view = s.get(&format!("/v1/instances/{id}"), t).await.body;
+    assert_eq!(
+        (view["state"].as_str(), view["status"].as_str()),
+        (Some("Releasing"), Some(InstanceState::Releasing.status())),
+        "{view}"
+    );
+    assert_eq!(view["allowed_actions"], json!([]), "{view}");
+    let start = s
+        .post(
+            &format!("/v1/instances/{id}/actions"),
+            t,
+            json!({"action": "start"}),
+        )
+        .await;
+    assert_eq!(start.status, 409, "{}", start.body);
+    assert!(start.error().contains("being released"), "{}", start.body);
+    // The host says Released: it is.
+    s.observe(id, "Released").await;
+    let all = s.get("/v1/instances", t).await.body;
+    let view = all
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["id"] == *id))
+        .expect("listed");
+    assert_eq!(view["state"], "Released", "{view}");
 }
 
 async fn account(s: &Server, t: &str) -> (u64, u64) {

@@ -220,6 +220,27 @@ impl Cloud {
         Ok(())
     }
 
+    /// Takes a snapshot of `id` named `name` as the tenant and waits until
+    /// it is saved; returns its id and its final view (status `Success`).
+    pub fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<(String, Value)> {
+        let snap = self.tenant.post(
+            &format!("/v1/instances/{id}/snapshots"),
+            &json!({ "name": name }),
+        )?;
+        let sid = snap["id"].as_str().context("snapshot id")?.to_string();
+        let done = self.tenant.wait_for(
+            &format!("/v1/snapshots/{sid}"),
+            OP_TIMEOUT,
+            &format!("snapshot {name:?} of {id}"),
+            |v| v["status"] != "Creating",
+        )?;
+        anyhow::ensure!(
+            done["status"] == "Success",
+            "snapshot {name:?} of {id}: {done}"
+        );
+        Ok((sid, done))
+    }
+
     /// Waits until the controller reports the instance in `state`.
     pub fn wait_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
         let want = state.to_string();

@@ -257,7 +257,12 @@ fn wait_death(c: &mut Cloud, d: Daemon, target: &str, from: u64) -> anyhow::Resu
     };
     let log = log_since(c, d, from);
     let Some(status) = status else {
-        bail!("crash point {target} was never reached within {REACH:?}");
+        // What the daemon did instead, for the table and the CI log.
+        let tail: Vec<&str> = log.lines().rev().take(6).collect();
+        bail!(
+            "crash point {target} was never reached within {REACH:?}; the {d:?}'s last lines: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
     };
     ensure!(
         status.signal() == Some(libc_sigkill()),

@@ -645,18 +645,7 @@ fn password_reset_at_next_boot(cloud: &Cloud, web: &Reach) -> anyhow::Result<Str
 }
 
 fn clone_has_its_own_password(cloud: &Cloud, id: &str, current: &str) -> anyhow::Result<()> {
-    let snap = cloud.tenant.post(
-        &format!("/v1/instances/{id}/snapshots"),
-        &json!({"name": "with-password"}),
-    )?;
-    let sid = snap["id"].as_str().context("snapshot id")?.to_string();
-    let done = cloud.tenant.wait_for(
-        &format!("/v1/snapshots/{sid}"),
-        OP_TIMEOUT,
-        "the snapshot",
-        |v| v["status"] != "Creating",
-    )?;
-    ensure!(done["status"] == "Success", "{done}");
+    let (sid, _) = cloud.snapshot(id, "with-password")?;
     let clone = boot(cloud, "clone", ("snapshot", &sid))?;
     let c = reach(cloud, &clone)?;
     assert_ne!(c.password, current);

@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context};
 use gantry_proto::InstanceId;
 use gantry_tests::cloud::Cloud;
 use gantry_tests::controller::Database;
-use gantry_tests::fixture::{require_rig, workspace_bin, TestVm, OP_TIMEOUT};
+use gantry_tests::fixture::{require_rig, workspace_bin, TestVm};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -219,18 +219,7 @@ fn a_bucket_is_a_directory_in_the_guest() -> anyhow::Result<()> {
     // A snapshot holds the root disk's bytes, never the bucket's.
     let root_marker = format!("gantry-root-marker-{}", uuid_tail());
     vm.sh(&format!("echo {root_marker} > /root/in-root.txt && sync"))?;
-    let snap = cloud.tenant.post(
-        &format!("/v1/instances/{id}/snapshots"),
-        &json!({"name": "s1"}),
-    )?;
-    let sid = snap["id"].as_str().context("snapshot id")?.to_string();
-    let done = cloud.tenant.wait_for(
-        &format!("/v1/snapshots/{sid}"),
-        OP_TIMEOUT,
-        "the snapshot",
-        |v| v["status"] != "Creating",
-    )?;
-    assert_eq!(done["status"], "Success", "{done}");
+    let (sid, _) = cloud.snapshot(&id, "s1")?;
     let raw = tempfile::Builder::new().suffix(".raw").tempfile()?;
     restore(&cloud, &sid, raw.path())?;
     assert!(

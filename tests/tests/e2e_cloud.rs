@@ -114,18 +114,7 @@ fn whole_life(db: Database) -> anyhow::Result<()> {
     vm.sh("echo kept-by-snapshot > /root/file && echo canary > /datadrive/canary && sync")?;
 
     // A snapshot, and a second instance from it.
-    let snap = cloud.tenant.post(
-        &format!("/v1/instances/{id}/snapshots"),
-        &json!({"name": "before-upgrade"}),
-    )?;
-    let sid = snap["id"].as_str().context("snapshot id")?.to_string();
-    let done = cloud.tenant.wait_for(
-        &format!("/v1/snapshots/{sid}"),
-        OP_TIMEOUT,
-        "the snapshot",
-        |v| v["status"] != "Creating",
-    )?;
-    assert_eq!(done["status"], "Success", "{done}");
+    let (sid, done) = cloud.snapshot(&id, "before-upgrade")?;
     assert_eq!(done["progress_percent"], 100, "{done}");
     // The test guest runs no qemu-guest-agent: the snapshot says it is
     // crash-consistent, not frozen.

@@ -146,18 +146,7 @@ fn two_hosts_share_snapshots_and_a_dead_host_releases_without_extra_billing() ->
         assert_eq!(g.sh("cat /proc/sys/kernel/random/boot_id")?, boot);
         change_type(&cloud, &on_a, &mut g)?;
     }
-    let snap = cloud.tenant.post(
-        &format!("/v1/instances/{on_a}/snapshots"),
-        &json!({"name": "from-a"}),
-    )?;
-    let sid = snap["id"].as_str().context("snapshot id")?.to_string();
-    let done = cloud.tenant.wait_for(
-        &format!("/v1/snapshots/{sid}"),
-        OP_TIMEOUT,
-        "the snapshot on A",
-        |v| v["status"] != "Creating",
-    )?;
-    assert_eq!(done["status"], "Success", "{done}");
+    let (sid, _) = cloud.snapshot(&on_a, "from-a")?;
 
     // From the snapshot on host B (A cordoned): it boots with A's file.
     cloud

@@ -38,9 +38,13 @@ pub enum BuildError {
     },
     #[error("`cargo build -p gantry-nvml-sim --lib` failed ({status}):\n{stderr}")]
     Failed { status: String, stderr: String },
-    #[error("cargo built gantry-nvml-sim but {0} does not exist")]
+    #[error("the simulated NVML library {0} does not exist")]
     Missing(PathBuf),
 }
+
+/// Names a built `libgantry_nvml_sim.so` for [`built_library`] to answer
+/// as is.
+pub const ENV_LIB: &str = "GANTRY_NVML_SIM_LIB";
 
 /// The workspace root: two levels above this crate's manifest.
 fn workspace_root() -> PathBuf {
@@ -58,8 +62,19 @@ fn workspace_root() -> PathBuf {
 /// `$CARGO_TARGET_DIR` or the workspace's `target/`.
 ///
 /// Tests in any crate call this before loading the library; cargo does not
-/// build another package's cdylib for them. It runs cargo once per process.
+/// build another package's cdylib for them. It runs cargo once per process,
+/// unless [`ENV_LIB`] names a library already built: `scripts/test` builds
+/// every target of the workspace once and sets it, so that tests running in
+/// parallel neither wait on cargo's lock nor rebuild the library with this
+/// package's features alone.
 pub fn built_library() -> Result<PathBuf, BuildError> {
+    if let Some(lib) = std::env::var_os(ENV_LIB) {
+        let lib = PathBuf::from(lib);
+        return match lib.exists() {
+            true => Ok(lib),
+            false => Err(BuildError::Missing(lib)),
+        };
+    }
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     let root = workspace_root();
     let outcome = BUILT.get_or_init(|| build(&root).map_err(|e| e.to_string()));

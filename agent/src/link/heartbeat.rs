@@ -12,7 +12,7 @@ use crate::manager::Manager;
 use backon::BackoffBuilder;
 use gantry_proto::api::agent::{AgentHeartbeat, HostCapacity, ObservedInstance, StoreUsage};
 use gantry_proto::api::v1::{GpuDevice, HostHealth};
-use gantry_proto::AccountId;
+use gantry_proto::{AccountId, InstanceState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,6 +132,16 @@ pub fn build(link: &Link) -> Result<AgentHeartbeat, crate::usage::UsageError> {
         id: r.spec.id,
         state: r.state,
         last_error: r.last_error,
+    }));
+    let absent = link
+        .absent_released
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    instances.extend(absent.into_iter().map(|id| ObservedInstance {
+        id,
+        state: InstanceState::Released,
+        last_error: None,
     }));
     let store = {
         let mut last = link

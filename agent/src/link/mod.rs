@@ -82,6 +82,9 @@ pub struct Link {
     pub(crate) store_measured: Mutex<Option<std::time::Instant>>,
     /// Image cache fills run one at a time.
     pub(crate) image_fill: tokio::sync::Mutex<()>,
+    /// Instances the controller wants Released that this host holds nothing
+    /// of (see [`work::handle`]): heartbeats report them Released.
+    pub(crate) absent_released: Mutex<std::collections::BTreeSet<gantry_proto::InstanceId>>,
 }
 
 impl Link {
@@ -193,6 +196,7 @@ pub async fn connect(manager: Arc<Manager>, cfg: ControllerConfig) -> Result<Arc
         in_flight: Mutex::new(HashSet::new()),
         store_measured: Mutex::new(None),
         image_fill: tokio::sync::Mutex::new(()),
+        absent_released: Mutex::default(),
     }))
 }
 

@@ -23,6 +23,9 @@ struct Ctl {
     joins: u32,
     heartbeats: Vec<AgentHeartbeat>,
     ops: Vec<AgentOp>,
+    desired: Vec<gantry_proto::api::agent::DesiredInstance>,
+    /// Listed in every work answer, reported or not.
+    sticky: Vec<AgentOp>,
     reports: Vec<(OperationId, OpReport)>,
 }
 
@@ -87,12 +90,17 @@ async fn work(State(s): State<Shared>, h: HeaderMap) -> Result<Json<Work>, Statu
     if bearer(&h) != "ghc_test" {
         return Err(StatusCode::UNAUTHORIZED);
     }
-    let ops = s.lock().unwrap().ops.clone();
+    let (ops, instances) = {
+        let c = s.lock().unwrap();
+        let mut ops = c.ops.clone();
+        ops.extend(c.sticky.iter().cloned());
+        (ops, c.desired.clone())
+    };
     if ops.is_empty() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(Json(Work {
-        instances: vec![],
+        instances,
         ops,
         access: None,
         tls: None,
@@ -249,6 +257,75 @@ async fn joins_heartbeats_and_carries_out_each_operation_once() {
     let again = connect(manager, ccfg).await.unwrap();
     assert_eq!(shared.lock().unwrap().joins, 1);
     assert_eq!(again.credential(), "ghc_test");
+}
+
+/// An instance released just before a restart leaves nothing the restarted
+/// agent knows of: a release of it succeeds (Released), and while the
+/// controller still wants it Released, heartbeats say it is. An instance
+/// whose create is listed is not reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_host_holds_nothing_of_is_released() {
+    use gantry_proto::api::agent::{DesiredInstance, ObservedInstance};
+    let dir = tempfile::tempdir().unwrap();
+    let shared: Shared = Arc::default();
+    let url = controller(shared.clone()).await;
+    let manager = open_manager(dir.path()).await;
+    let (forgotten, drifted, queued) = (InstanceId::new(), InstanceId::new(), InstanceId::new());
+    let release = op(AgentCommand::Release {}, Some(forgotten));
+    let desired = |id| DesiredInstance {
+        id,
+        desired: InstanceState::Released,
+        observed: InstanceState::Stopped,
+    };
+    {
+        let mut c = shared.lock().unwrap();
+        c.ops = vec![release.clone()];
+        c.desired = vec![desired(drifted), desired(queued)];
+    }
+    let link = connect(manager.clone(), controller_cfg(&url))
+        .await
+        .unwrap();
+    let task = tokio::spawn(run(link));
+    wait_for(&shared, "the release's outcome", |c| c.ops.is_empty()).await;
+    {
+        let c = shared.lock().unwrap();
+        let (_, r) = c
+            .reports
+            .iter()
+            .find(|(o, r)| *o == release.id && r.outcome != OpOutcome::Running)
+            .expect("a final report");
+        assert_eq!(r.outcome, OpOutcome::Succeeded, "{r:?}");
+        assert_eq!(r.instance_state, Some(InstanceState::Released));
+    }
+    // An operation on `queued` is listed (a create whose image is still
+    // being fetched, say): not reported while it is.
+    shared.lock().unwrap().sticky = vec![op(AgentCommand::Start {}, Some(queued))];
+    let released = |hb: &AgentHeartbeat, id| {
+        hb.instances.contains(&ObservedInstance {
+            id,
+            state: InstanceState::Released,
+            last_error: None,
+        })
+    };
+    shared.lock().unwrap().heartbeats.clear();
+    wait_for(&shared, "two heartbeats", |c| c.heartbeats.len() >= 2).await;
+    {
+        let c = shared.lock().unwrap();
+        let hb = c.heartbeats.last().unwrap();
+        assert!(released(hb, drifted), "{:?}", hb.instances);
+        assert!(!released(hb, queued), "{:?}", hb.instances);
+    }
+    // Once the controller no longer lists it, it is not reported.
+    {
+        let mut c = shared.lock().unwrap();
+        c.desired.clear();
+        c.sticky.clear();
+    }
+    wait_for(&shared, "a heartbeat without it", |c| {
+        c.heartbeats.last().is_some_and(|hb| !released(hb, drifted))
+    })
+    .await;
+    task.abort();
 }
 
 /// Publishes a small snapshot under `id` in the manager's store.

@@ -165,7 +165,18 @@ pub fn handle(link: &Arc<Link>, work: &Work) -> usize {
             release_claim(&l, op.id);
         });
     }
+    let mut absent = std::collections::BTreeSet::new();
     for d in &work.instances {
+        // Released here before a restart that forgot it: the controller
+        // hears it is Released, or its view never ends.
+        if d.desired == InstanceState::Released
+            && d.observed != InstanceState::Released
+            && !work.ops.iter().any(|o| op_instance(o) == Some(d.id))
+            && link.manager.holds_nothing_of(d.id)
+        {
+            absent.insert(d.id);
+            continue;
+        }
         if drifted_to_release(link, d, work) {
             tracing::info!(instance = %d.id, "the controller wants this instance released; releasing");
             let req = ActionRequest::Release {
@@ -176,6 +187,14 @@ pub fn handle(link: &Arc<Link>, work: &Work) -> usize {
             }
         }
     }
+    let mut was = link
+        .absent_released
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for id in absent.difference(&was) {
+        tracing::info!(instance = %id, "the controller wants released an instance this host holds nothing of; reporting it Released");
+    }
+    *was = absent;
     started
 }
 
@@ -352,6 +371,15 @@ enum Started {
     Done(Finished),
 }
 
+/// A release of an instance this host holds nothing of (released before
+/// a restart, or never here): done.
+fn nothing_left() -> Started {
+    Started::Done(Finished {
+        note: Some("nothing of the instance is left on this host".into()),
+        ..Finished::ok(Some(InstanceState::Released))
+    })
+}
+
 /// Maps the command onto the manager and waits for the local operation;
 /// an instance busy with another operation is waited for a while.
 async fn run_command(link: &Arc<Link>, op: &AgentOp) -> Result<Finished, ManagerError> {
@@ -398,6 +426,7 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
         AgentCommand::ForceReboot {} => act(ActionRequest::ForceReboot),
         AgentCommand::Suspend {} => act(ActionRequest::Suspend),
         AgentCommand::Resume {} => act(ActionRequest::Resume),
+        AgentCommand::Release {} if m.holds_nothing_of(needs_instance(op)?) => Ok(nothing_left()),
         AgentCommand::Release {} => act(ActionRequest::Release {
             delete_data_volume: false,
         }),
@@ -508,6 +537,9 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
                 .await
                 .expect("move task")?;
             Ok(Started::Local(id, local.id))
+        }
+        AgentCommand::MoveCleanup {} if m.holds_nothing_of(needs_instance(op)?) => {
+            Ok(nothing_left())
         }
         AgentCommand::MoveCleanup {} => act(ActionRequest::Release {
             delete_data_volume: true,

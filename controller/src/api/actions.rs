@@ -35,6 +35,12 @@ pub(crate) fn check_idle(rec: &InstanceRec) -> ApiResult<()> {
 /// Refuses any call on an instance that is busy or in the wrong state.
 pub(crate) fn check(rec: &InstanceRec, action: Action) -> ApiResult<()> {
     gate(rec)?;
+    if super::instances::releasing(rec) {
+        return Err(ApiError::Conflict(format!(
+            "instance {} is being released (asked with its snapshot); it reads Released once              its host has released it",
+            rec.id
+        )));
+    }
     rec.observed
         .check_action(action)
         .map_err(|e| ApiError::Conflict(e.to_string()))?;

@@ -89,8 +89,25 @@ pub(crate) fn advertised(s: InstanceState, host_down: bool) -> Vec<Action> {
         .collect()
 }
 
+/// Whether `rec` is on its way out with no operation to show it: the
+/// controller wants it Released (an auto-release after its snapshot) and
+/// its host has not said Released yet. It reads Releasing, with nothing to
+/// do but wait: a start of it now would race the host's release.
+pub(crate) fn releasing(rec: &InstanceRec) -> bool {
+    rec.desired == InstanceState::Released
+        && !rec.observed.is_final()
+        && rec.pending_op.is_none()
+        && !host_down(rec)
+}
+
 pub(crate) fn summary(rec: &InstanceRec, _now: i64) -> InstanceSummary {
     let down = host_down(rec);
+    let releasing = releasing(rec);
+    let shown = if releasing {
+        InstanceState::Releasing
+    } else {
+        rec.observed
+    };
     InstanceSummary {
         id: rec.id,
         name: rec.name.clone(),
@@ -98,13 +115,13 @@ pub(crate) fn summary(rec: &InstanceRec, _now: i64) -> InstanceSummary {
         status: if down {
             HOST_DOWN.to_string()
         } else {
-            rec.observed.status().to_string()
+            shown.status().to_string()
         },
-        state: rec.observed,
+        state: shown,
         flavor: rec.flavor,
         host: rec.host,
         cost_micros: rec.charged_micros,
-        allowed_actions: if rec.pending_op.is_some() {
+        allowed_actions: if rec.pending_op.is_some() || releasing {
             Vec::new()
         } else {
             advertised(rec.observed, down)

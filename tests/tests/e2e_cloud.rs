@@ -256,14 +256,23 @@ fn controller_and_agent_crashes_lose_no_billed_time() -> anyhow::Result<()> {
         &Database::Sqlite,
         &format!("[monitor]\ninterval_secs = {MONITOR_SECS}\n"),
     )?;
+    let r = crashes(&mut cloud);
+    if r.is_err() {
+        eprintln!("--- agent log ---\n{}", cloud.agent.log_tail());
+        eprintln!("--- controller log ---\n{}", cloud.ctl.log_tail());
+    }
+    r
+}
+
+fn crashes(cloud: &mut Cloud) -> anyhow::Result<()> {
     let mut clock = RunClock::default();
     let asked = Instant::now();
     let id =
         cloud.create(json!({"name": "steady", "flavor": cloud.flavor, "image": cloud.image}))?;
     cloud.wait_state(&id, "Running")?;
     clock.started(asked, Instant::now());
-    attach(&cloud, &id)?.wait_first_boot()?;
-    monitor::instance_moves_in_the_view(&cloud, &attach(&cloud, &id)?, MONITOR_SECS)?;
+    attach(cloud, &id)?.wait_first_boot()?;
+    monitor::instance_moves_in_the_view(cloud, &attach(cloud, &id)?, MONITOR_SECS)?;
 
     // Kill each side at a random moment of the run.
     let pause = || Duration::from_millis(rand::random_range(1_000..6_000));
@@ -272,7 +281,7 @@ fn controller_and_agent_crashes_lose_no_billed_time() -> anyhow::Result<()> {
     cloud.ctl.kill9();
     std::thread::sleep(pause() + Duration::from_secs(3));
     {
-        let vm = attach(&cloud, &id)?;
+        let vm = attach(cloud, &id)?;
         assert_eq!(
             vm.sh("echo alive")?,
             "alive",
@@ -281,15 +290,15 @@ fn controller_and_agent_crashes_lose_no_billed_time() -> anyhow::Result<()> {
     }
     let up_at = chrono::Utc::now();
     cloud.ctl.spawn()?;
-    monitor::gap_while_down(&cloud, &id, down_at, up_at, MONITOR_SECS)?;
-    monitor::view_from_prometheus(&mut cloud, &id, MONITOR_SECS)?;
+    monitor::gap_while_down(cloud, &id, down_at, up_at, MONITOR_SECS)?;
+    monitor::view_from_prometheus(cloud, &id, MONITOR_SECS)?;
 
     std::thread::sleep(pause());
     cloud.agent.kill9();
     std::thread::sleep(pause());
     cloud.agent.spawn()?;
     {
-        let vm = attach(&cloud, &id)?;
+        let vm = attach(cloud, &id)?;
         assert_eq!(
             vm.sh("echo alive")?,
             "alive",

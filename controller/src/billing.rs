@@ -22,6 +22,7 @@ use gantry_proto::api::agent::{UsageAck, UsageCounter};
 use gantry_proto::api::v1::{UsageKind, MAX_CREDIT_MICROS};
 use gantry_proto::ids::{AccountId, HostId, InstanceId};
 use gantry_proto::InstanceState;
+use sqlx::any::AnyRow;
 
 /// 402 when the account has no credit left.
 pub async fn require_credit(st: &AppState, account: &AccountId, what: &str) -> ApiResult<()> {
@@ -142,6 +143,11 @@ pub async fn move_credit(
 /// account's credit (checked, see [`move_credit`]), noting when the credit
 /// ran out. A negative amount is refused: a charge never adds credit.
 pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), BillingError> {
+    charge_account(tx, std::slice::from_ref(c), now).await
+}
+
+/// A charge's amount is within `0..=2 * MAX_CREDIT_MICROS`.
+fn check_amount(c: &Charge) -> Result<(), BillingError> {
     if !(0..=2 * MAX_CREDIT_MICROS).contains(&c.amount_micros) {
         return Err(out_of_range(
             "amount_micros",
@@ -151,26 +157,60 @@ pub async fn charge(tx: &mut Tx, c: &Charge, now: i64) -> Result<(), BillingErro
             ),
         ));
     }
-    move_credit(tx, &c.account, -c.amount_micros, now, "amount_micros").await?;
+    Ok(())
+}
+
+/// Most ledger rows in one `INSERT`.
+const LEDGER_CHUNK: usize = 64;
+
+/// [`charge`] for charges of one account (`group`, none negative): the
+/// credit moves once by their total, then their ledger rows are written in
+/// order. Charges never add credit, so the balance only goes down and the
+/// total leaves its bounds exactly when one of the charges one after the
+/// other would have.
+async fn charge_account(tx: &mut Tx, group: &[Charge], now: i64) -> Result<(), BillingError> {
+    let Some(first) = group.first() else {
+        return Ok(());
+    };
+    let mut total: i64 = 0;
+    for c in group {
+        check_amount(c)?;
+        total = total.checked_add(c.amount_micros).ok_or_else(|| {
+            out_of_range(
+                "amount_micros",
+                format!("the charges for account {} are out of range", c.account),
+            )
+        })?;
+    }
+    move_credit(tx, &first.account, -total, now, "amount_micros").await?;
     gantry_crashpoint::hit("controller.billing.credit_taken");
-    sqlx::query(
-        "INSERT INTO usage_records (id, account_id, instance_id, kind, quantity, price_micros, \
-         amount_micros, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(uuid::Uuid::now_v7().simple().to_string())
-    .bind(c.account.to_string())
-    .bind(c.instance.map(|i| i.to_string()))
-    .bind(match c.kind {
-        UsageKind::Instance => "instance",
-        UsageKind::Snapshot => "snapshot",
-        UsageKind::Volume => "volume",
-    })
-    .bind(c.quantity)
-    .bind(c.price_micros)
-    .bind(c.amount_micros)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+    for chunk in group.chunks(LEDGER_CHUNK) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|k| format!("({})", crate::db::placeholders(k * 8 + 1, 8)))
+            .collect();
+        let sql = format!(
+            "INSERT INTO usage_records (id, account_id, instance_id, kind, quantity, \
+             price_micros, amount_micros, at_ms) VALUES {}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for c in chunk {
+            q = q
+                .bind(uuid::Uuid::now_v7().simple().to_string())
+                .bind(c.account.to_string())
+                .bind(c.instance.map(|i| i.to_string()))
+                .bind(match c.kind {
+                    UsageKind::Instance => "instance",
+                    UsageKind::Snapshot => "snapshot",
+                    UsageKind::Volume => "volume",
+                })
+                .bind(c.quantity)
+                .bind(c.price_micros)
+                .bind(c.amount_micros)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
     gantry_crashpoint::hit("controller.billing.ledger_inserted");
     Ok(())
 }
@@ -198,9 +238,11 @@ pub async fn charge_all(
     mut charges: Vec<Charge>,
     now: i64,
 ) -> Result<(), BillingError> {
+    // Stable: an account's charges keep their order (and their ledger
+    // rows the order of their ids).
     charges.sort_by_key(|c| c.account);
-    for c in &charges {
-        charge(tx, c, now).await?;
+    for group in charges.chunk_by(|a, b| a.account == b.account) {
+        charge_account(tx, group, now).await?;
     }
     Ok(())
 }
@@ -231,14 +273,65 @@ pub async fn bill_counter(
     c: &UsageCounter,
     charges: &mut Vec<Charge>,
 ) -> Result<Option<UsageAck>, BillingError> {
-    let row = sqlx::query(
-        "SELECT i.account_id, i.host_id, i.observed_state, i.usage_seq, i.billed_ms, \
-         i.billing_closed_ms, f.price_micros_per_hour FROM instances i JOIN flavors f ON f.id = i.flavor_id \
-         WHERE i.id = $1",
-    )
-    .bind(c.instance.to_string())
-    .fetch_optional(&mut **tx)
-    .await?;
+    let row = sqlx::query(&format!("{COUNTER_SELECT} WHERE i.id = $1"))
+        .bind(c.instance.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+    bill_row(tx, host, c, row.as_ref(), charges).await
+}
+
+/// What billing reads of a counter's instance row.
+const COUNTER_SELECT: &str = "SELECT i.id, i.account_id, i.host_id, i.observed_state, \
+     i.usage_seq, i.billed_ms, i.billing_closed_ms, f.price_micros_per_hour FROM instances i \
+     JOIN flavors f ON f.id = i.flavor_id";
+
+/// Most ids in one `IN (...)` list.
+const IN_CHUNK: usize = 500;
+
+/// Bills a heartbeat's usage counters (sorted by instance) exactly as
+/// [`bill_counter`] one after the other, but reads their instance rows in
+/// one statement first (a row is used once: a repeated counter reads its
+/// row again, after the first one moved it). Returns the acks, in order.
+pub async fn bill_counters(
+    tx: &mut Tx,
+    host: &HostId,
+    counters: &[UsageCounter],
+    charges: &mut Vec<Charge>,
+) -> Result<Vec<UsageAck>, BillingError> {
+    let mut rows = std::collections::HashMap::with_capacity(counters.len());
+    for chunk in counters.chunks(IN_CHUNK) {
+        let sql = format!(
+            "{COUNTER_SELECT} WHERE i.id IN ({})",
+            crate::db::placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for c in chunk {
+            q = q.bind(c.instance.to_string());
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            rows.insert(col::<String>(&r, "id")?, r);
+        }
+    }
+    let mut acks = Vec::with_capacity(counters.len());
+    for c in counters {
+        let ack = match rows.remove(&c.instance.to_string()) {
+            Some(row) => bill_row(tx, host, c, Some(&row), charges).await?,
+            None => bill_counter(tx, host, c, charges).await?,
+        };
+        acks.extend(ack);
+    }
+    Ok(acks)
+}
+
+/// [`bill_counter`] on the instance row already read (`None`: no such
+/// instance).
+async fn bill_row(
+    tx: &mut Tx,
+    host: &HostId,
+    c: &UsageCounter,
+    row: Option<&AnyRow>,
+    charges: &mut Vec<Charge>,
+) -> Result<Option<UsageAck>, BillingError> {
     let Some(row) = row else {
         return Ok(Some(UsageAck {
             instance: c.instance,
@@ -246,7 +339,7 @@ pub async fn bill_counter(
             done: true,
         }));
     };
-    let owner: Option<HostId> = parsed_opt(&row, "host_id", "instances")?;
+    let owner: Option<HostId> = parsed_opt(row, "host_id", "instances")?;
     if owner.as_ref() != Some(host) {
         // Moved away (`crate::moves`): nothing more is charged from this
         // host's counter, which it may now forget.
@@ -269,9 +362,9 @@ pub async fn bill_counter(
         tracing::warn!(instance = %c.instance, %host, "usage counter for another host's instance");
         return Ok(None);
     }
-    let state: InstanceState = crate::db::parsed(&row, "observed_state", "instances")?;
-    let seq: i64 = col(&row, "usage_seq")?;
-    let billed: i64 = col(&row, "billed_ms")?;
+    let state: InstanceState = crate::db::parsed(row, "observed_state", "instances")?;
+    let seq: i64 = col(row, "usage_seq")?;
+    let billed: i64 = col(row, "billed_ms")?;
     // In range after `AgentHeartbeat::check_bounds`; checked all the same.
     let counter_seq = i64::try_from(c.seq)
         .map_err(|_| out_of_range("seq", format!("counter seq {} is out of range", c.seq)))?;
@@ -282,7 +375,7 @@ pub async fn bill_counter(
         )
     })?;
     if counter_seq > seq {
-        let closed: Option<i64> = col(&row, "billing_closed_ms")?;
+        let closed: Option<i64> = col(row, "billing_closed_ms")?;
         let (new_billed, amount) = if running < billed {
             tracing::warn!(instance = %c.instance, running, billed, "usage counter went backwards");
             (billed, 0)
@@ -291,7 +384,7 @@ pub async fn bill_counter(
             // ran after the last heartbeat that proved it; not charged.
             (billed, 0)
         } else {
-            let price: i64 = col(&row, "price_micros_per_hour")?;
+            let price: i64 = col(row, "price_micros_per_hour")?;
             let amount =
                 instance_amount(billed / 1000, running / 1000, price).ok_or_else(|| {
                     out_of_range(
@@ -320,8 +413,8 @@ pub async fn bill_counter(
         // Charged only by the transaction that moved the counter (another
         // replica may have billed it since it was read).
         if moved == 1 && new_billed > billed {
-            let price: i64 = col(&row, "price_micros_per_hour")?;
-            let account = crate::db::parsed(&row, "account_id", "instances")?;
+            let price: i64 = col(row, "price_micros_per_hour")?;
+            let account = crate::db::parsed(row, "account_id", "instances")?;
             charges.push(Charge {
                 account,
                 instance: Some(c.instance),

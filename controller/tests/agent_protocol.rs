@@ -18,6 +18,7 @@ on_both!(who_may_call_what);
 on_both!(work_long_poll_and_reports);
 on_both!(failed_resizes_are_undone);
 on_both!(snapshots_through_operations);
+on_both!(many_instances_in_one_heartbeat);
 on_both!(heartbeat_timeout, |c: &mut Config| {
     c.heartbeat_timeout_secs = 1;
     c.reconcile_secs = 1;
@@ -724,4 +725,69 @@ async fn failed_resizes_are_undone(s: Server) {
         202,
     )
     .await;
+}
+
+/// One heartbeat for several instances of two accounts: only the changed
+/// states move (a repeated instance's reports apply in order), every new
+/// counter is charged once, with its own ledger row, and a repeated counter
+/// is acknowledged but not charged again.
+async fn many_instances_in_one_heartbeat(s: Server) {
+    let (_, t) = s.account("acme").await;
+    let (_, t2) = s.account("beta").await;
+    s.host("h", "none", 0).await;
+    let f = s.flavor("c", None, 0).await;
+    let img = s.image("ubuntu").await;
+    let mut ids = Vec::new();
+    for (name, tok) in [("a", &t), ("b", &t), ("c", &t2)] {
+        let body = json!({"name": name, "flavor": f, "image": img});
+        let id = s.post("/v1/instances", tok, body).await.id();
+        s.observe(&id, "Running").await;
+        ids.push(id);
+    }
+    let credit = |v: &Value| v["credit_micros"].as_i64().unwrap();
+    let before = [
+        credit(&s.get("/v1/account", &t).await.body),
+        credit(&s.get("/v1/account", &t2).await.body),
+    ];
+    let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+    let counter = |id: &str, ms: u64| json!({"instance": id, "seq": 1, "running_ms": ms});
+    let h = s.host_of(a).await;
+    let r = s
+        .heartbeat(
+            &h,
+            json!({"instances": [{"id": a, "state": "Running"}, {"id": b, "state": "Stopped"},
+                {"id": c, "state": "Stopped"}, {"id": c, "state": "Running"}],
+            "usage": [counter(a, 10_000), counter(b, 20_000), counter(c, 30_000),
+                counter(c, 30_000)]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["billed"].as_array().map(Vec::len),
+        Some(4),
+        "{}",
+        r.body
+    );
+    for (id, tok, want) in [(a, &t, "Running"), (b, &t, "Stopped"), (c, &t2, "Running")] {
+        let got = s.get(&format!("/v1/instances/{id}"), tok).await.body;
+        assert_eq!(got["state"], want, "{id}: {got}");
+    }
+    // 2_000_000 micros an hour.
+    let amount = |secs: i64| secs * 2_000_000 / 3600;
+    let after = [
+        credit(&s.get("/v1/account", &t).await.body),
+        credit(&s.get("/v1/account", &t2).await.body),
+    ];
+    assert_eq!(after[0], before[0] - amount(10) - amount(20));
+    assert_eq!(after[1], before[1] - amount(30));
+    for (id, tok, secs) in [(a, &t, 10), (b, &t, 20), (c, &t2, 30)] {
+        let recs = s.get(&format!("/v1/usage?instance={id}"), tok).await.body;
+        let amounts: Vec<i64> = recs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["amount_micros"].as_i64().unwrap())
+            .collect();
+        assert_eq!(amounts, vec![amount(secs)], "{id}: {recs}");
+    }
 }

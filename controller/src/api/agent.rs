@@ -402,9 +402,7 @@ async fn heartbeat_once(
         if let Some(b) = &hb.buckets {
             crate::buckets::record_reports(&mut tx, host, b).await?;
         }
-        for o in &hb.instances {
-            changed |= commands::observe(&mut tx, host, o.id, o.state).await?;
-        }
+        changed |= commands::observe_all(&mut tx, host, &hb.instances).await?;
         gantry_crashpoint::hit("controller.heartbeat.observed");
         if let Some(store) = &hb.store {
             figures = crate::meter::take_report(&mut tx, host, store, shared, now).await?;
@@ -412,13 +410,8 @@ async fn heartbeat_once(
     } else {
         tracing::debug!(%host, sent_at_ms = hb.sent_at_ms, "ignoring an older heartbeat");
     }
-    let mut billed = Vec::with_capacity(hb.usage.len());
     let mut charges = Vec::new();
-    for u in &hb.usage {
-        if let Some(ack) = crate::billing::bill_counter(&mut tx, host, u, &mut charges).await? {
-            billed.push(ack);
-        }
-    }
+    let billed = crate::billing::bill_counters(&mut tx, host, &hb.usage, &mut charges).await?;
     gantry_crashpoint::hit("controller.heartbeat.billed");
     // Instance rows are done: now every account row this touches, in id order.
     let mut accounts: Vec<_> = charges.iter().map(|c| c.account).collect();

@@ -504,6 +504,48 @@ pub async fn observe(
     }
 }
 
+/// Most ids in one `IN (...)` list.
+const IN_CHUNK: usize = 500;
+
+/// Applies the states `host` observed for `observed` (a heartbeat's list)
+/// like [`observe`] one by one, reading the stored states in one statement
+/// first: an instance of this host whose stored state is already the one
+/// observed changes nothing there, so it is skipped. Returns whether the
+/// host's forwards changed.
+pub async fn observe_all(
+    tx: &mut Tx,
+    host: &HostId,
+    observed: &[ObservedInstance],
+) -> Result<bool, DbError> {
+    let mut same = std::collections::HashSet::new();
+    for chunk in observed.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT id, observed_state FROM instances WHERE host_id = $1 AND id IN ({})",
+            crate::db::placeholders(2, chunk.len())
+        );
+        let mut q = sqlx::query(&sql).bind(host.to_string());
+        for o in chunk {
+            q = q.bind(o.id.to_string());
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            same.insert((
+                col::<String>(&r, "id")?,
+                col::<String>(&r, "observed_state")?,
+            ));
+        }
+    }
+    let mut changed = false;
+    // A repeated id is applied in full: its first report may change it.
+    let mut seen = std::collections::HashSet::new();
+    for o in observed {
+        let first = seen.insert(o.id);
+        if !first || !same.contains(&(o.id.to_string(), o.state.name().to_string())) {
+            changed |= observe(tx, host, o.id, o.state).await?;
+        }
+    }
+    Ok(changed)
+}
+
 /// Applies an operation report of `host` (idempotent: an ended operation
 /// is left as it is). Returns whether the host's forwards changed.
 pub async fn apply_report(

@@ -354,11 +354,25 @@ async fn create(
         None => None,
     };
     let id = InstanceId::new();
+    // Hashed once, before the write transaction and off the runtime's
+    // workers (5,000 rounds of SHA-512): the write lock and the other
+    // requests never wait for it.
+    let creds = credentials(&st, id).await?;
     let mut attempt = 0;
     loop {
         attempt += 1;
         let mut tx = st.db.begin_write().await?;
-        match insert(&st, &mut tx, id, account, &req, &r, &need, vol.as_ref()).await {
+        let placed = insert(
+            &st,
+            &mut tx,
+            (id, &creds),
+            account,
+            &req,
+            &r,
+            &need,
+            vol.as_ref(),
+        );
+        match placed.await {
             Ok((op, host)) => {
                 gantry_crashpoint::hit("controller.create.before_commit");
                 tx.commit().await?;
@@ -374,21 +388,7 @@ async fn create(
                 tokio::time::sleep(std::time::Duration::from_millis(attempt * 3)).await;
             }
             Err(Insert::Place(PlaceError::NoFit(why))) => {
-                let why = match r.pin.filter(|h| need.host == Some(*h)) {
-                    Some(h) => format!("the snapshot is stored on host {h}; {why}"),
-                    // Named where the caller chose a region (or it is not
-                    // the default).
-                    None if req.region.is_some() || need.region != st.cfg.default_region => {
-                        format!("{why} (region {})", need.region)
-                    }
-                    None => why,
-                };
-                return Err(ApiError::Conflict(
-                    match vol.as_ref().filter(|p| p.host.is_some()) {
-                        Some(p) => super::volumes::cannot_place(p, &why),
-                        None => why,
-                    },
-                ));
+                return Err(no_fit(&st, &req, &r, &need, vol.as_ref(), why))
             }
             Err(Insert::Place(PlaceError::Raced)) | Err(Insert::Duplicate) => {
                 return Err(ApiError::Conflict(
@@ -399,6 +399,29 @@ async fn create(
             Err(Insert::Api(e)) => return Err(e),
         }
     }
+}
+
+/// The refusal of a create that fits on no host, saying why.
+fn no_fit(
+    st: &AppState,
+    req: &CreateInstance,
+    r: &Resolved,
+    need: &Need,
+    vol: Option<&super::volumes::Plan>,
+    why: String,
+) -> ApiError {
+    let why = match r.pin.filter(|h| need.host == Some(*h)) {
+        Some(h) => format!("the snapshot is stored on host {h}; {why}"),
+        // Named where the caller chose a region (or it is not the default).
+        None if req.region.is_some() || need.region != st.cfg.default_region => {
+            format!("{why} (region {})", need.region)
+        }
+        None => why,
+    };
+    ApiError::Conflict(match vol.filter(|p| p.host.is_some()) {
+        Some(p) => super::volumes::cannot_place(p, &why),
+        None => why,
+    })
 }
 
 enum Insert {
@@ -442,7 +465,7 @@ impl From<sqlx::Error> for Insert {
 async fn insert(
     st: &AppState,
     tx: &mut Tx,
-    id: InstanceId,
+    (id, c): (InstanceId, &NewCredentials),
     account: AccountId,
     req: &CreateInstance,
     r: &Resolved,
@@ -494,7 +517,6 @@ async fn insert(
         .map_err(|e| Insert::Api(e.into()))?;
     let now = now_ms();
     let op = OperationId::new();
-    let c = credentials(st, id).map_err(Insert::Api)?;
     sqlx::query(
         "INSERT INTO instances (id, account_id, name, flavor_id, image_id, snapshot_id, host_id, \
          desired_state, observed_state, state_since_ms, root_disk_gib, data_volume_id, pending_op, \
@@ -514,9 +536,9 @@ async fn insert(
     .bind(req.data_volume.map(|v| v.to_string()))
     .bind(op.to_string())
     .bind(r.base_image.map(|i| i.to_string()))
-    .bind(c.password_sealed)
-    .bind(c.password_hash)
-    .bind(c.token_sealed)
+    .bind(&c.password_sealed)
+    .bind(&c.password_hash)
+    .bind(&c.token_sealed)
     .bind(&need.region)
     .execute(&mut **tx)
     .await?;
@@ -545,17 +567,27 @@ struct NewCredentials {
     token_sealed: String,
 }
 
-fn credentials(st: &AppState, id: InstanceId) -> ApiResult<NewCredentials> {
+async fn credentials(st: &AppState, id: InstanceId) -> ApiResult<NewCredentials> {
     use crate::credentials as c;
     let pw = c::new_password();
-    let hash = c::hash_password(&pw).map_err(|e| ApiError::Conflict(e.to_string()))?;
+    let password_sealed = st.sealer.seal(&c::password_context(id), pw.expose());
     Ok(NewCredentials {
-        password_sealed: st.sealer.seal(&c::password_context(id), pw.expose()),
-        password_hash: hash,
+        password_sealed,
+        password_hash: hash_password(pw).await?,
         token_sealed: st
             .sealer
             .seal(&c::token_context(id), c::new_jupyter_token().expose()),
     })
+}
+
+/// The crypt hash of a root password, computed on the blocking pool: its
+/// 5,000 rounds of SHA-512 would otherwise hold up every other request on
+/// the same runtime worker.
+pub(crate) async fn hash_password(pw: gantry_proto::net::Secret) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || crate::credentials::hash_password(&pw))
+        .await
+        .map_err(|e| ApiError::Conflict(format!("cannot hash the password: {e}")))?
+        .map_err(|e| ApiError::Conflict(e.to_string()))
 }
 
 async fn list(

@@ -80,10 +80,10 @@ async fn reset(
         .host
         .ok_or_else(|| ApiError::Conflict(format!("instance {} has no host", rec.id)))?;
     let pw = credentials::new_password();
-    let hash = credentials::hash_password(&pw).map_err(|e| ApiError::Conflict(e.to_string()))?;
     let sealed = st
         .sealer
         .seal(&credentials::password_context(rec.id), pw.expose());
+    let hash = super::instances::hash_password(pw).await?;
     let op = OperationId::new();
     let mut tx = st.db.begin_write().await?;
     super::actions::claim(&mut tx, &rec, op, rec.desired).await?;

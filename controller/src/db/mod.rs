@@ -14,6 +14,7 @@
 //! private to the service user (0600, fixed at start); the state dir is
 //! 0700 ([`private_dir`]).
 
+mod migrations;
 pub mod rows;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -54,10 +55,6 @@ pub struct Db {
 }
 
 pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
-
-// The migrations, embedded at build time (a new file needs this crate rebuilt).
-static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl Db {
     /// Connects and applies pending migrations.
@@ -103,8 +100,8 @@ impl Db {
             }
         }
         match backend {
-            Backend::Sqlite => SQLITE.run(&pool).await?,
-            Backend::Postgres => POSTGRES.run(&pool).await?,
+            Backend::Sqlite => migrations::sqlite().await?.run(&pool).await?,
+            Backend::Postgres => migrations::postgres().await?.run(&pool).await?,
         }
         Ok(Self { pool, backend })
     }
@@ -185,6 +182,15 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// `n` numbered placeholders from `$first` on, comma-separated (`$2, $3,
+/// $4`), for an `IN (...)` list.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Current time, Unix milliseconds.

@@ -157,12 +157,20 @@ pub async fn ingest(
     host: &str,
     batch: &MetricsBatch,
 ) -> Result<Ingested, MonitorError> {
-    let mine: HashSet<String> = sqlx::query_scalar("SELECT id FROM instances WHERE host_id = $1")
-        .bind(host)
-        .fetch_all(&db.pool)
-        .await?
-        .into_iter()
-        .collect();
+    // Of the batch's instances, those placed on `host` (read by id: a
+    // host's past instances are many more).
+    let mut mine: HashSet<String> = HashSet::with_capacity(batch.instances.len());
+    for chunk in batch.instances.chunks(500) {
+        let sql = format!(
+            "SELECT id FROM instances WHERE host_id = $1 AND id IN ({})",
+            crate::db::placeholders(2, chunk.len())
+        );
+        let mut q = sqlx::query_scalar(&sql).bind(host);
+        for s in chunk {
+            q = q.bind(s.instance.to_string());
+        }
+        mine.extend(q.fetch_all(&db.pool).await?);
+    }
     let mut rows = vec![(host.to_string(), encode(&batch.host.values()))];
     let mut out = Ingested::default();
     for s in &batch.instances {

@@ -36,7 +36,13 @@ impl Client {
         Self {
             base: base.into().trim_end_matches('/').to_string(),
             token: token.into(),
-            http: reqwest::Client::new(),
+            // Idle connections are dropped well before the API closes them
+            // (`serve::HEADER_TIMEOUT`, keep-alive idle included), so a
+            // request never goes out on a connection the agent is closing.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(crate::serve::HEADER_TIMEOUT / 3)
+                .build()
+                .unwrap_or_default(),
         }
     }
 

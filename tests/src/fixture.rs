@@ -133,8 +133,12 @@ impl TestAgent {
             url: String::new(),
             token: String::new(),
             child: None,
+            // The agent closes a connection idle for 10 s
+            // (`serve::HEADER_TIMEOUT`): a pooled one is dropped well
+            // before, so a GET never races the agent's close.
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(60))
+                .pool_idle_timeout(Duration::from_secs(3))
                 .build()?,
             env: Vec::new(),
             _lock: lock,

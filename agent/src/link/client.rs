@@ -97,6 +97,12 @@ impl ControllerClient {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            // The controller closes a kept-alive connection that sends no
+            // request within its header timeout (10 s by default), the
+            // heartbeat's period: a pooled connection idle for half of it
+            // is dropped, so a heartbeat never goes out on a connection the
+            // controller is closing at that moment.
+            .pool_idle_timeout(Duration::from_secs(5))
             .user_agent(concat!("gantry-agent/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let bases: Vec<String> = urls

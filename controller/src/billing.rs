@@ -285,9 +285,6 @@ const COUNTER_SELECT: &str = "SELECT i.id, i.account_id, i.host_id, i.observed_s
      i.usage_seq, i.billed_ms, i.billing_closed_ms, f.price_micros_per_hour FROM instances i \
      JOIN flavors f ON f.id = i.flavor_id";
 
-/// Most ids in one `IN (...)` list.
-const IN_CHUNK: usize = 500;
-
 /// Bills a heartbeat's usage counters (sorted by instance) exactly as
 /// [`bill_counter`] one after the other, but reads their instance rows in
 /// one statement first (a row is used once: a repeated counter reads its
@@ -299,7 +296,7 @@ pub async fn bill_counters(
     charges: &mut Vec<Charge>,
 ) -> Result<Vec<UsageAck>, BillingError> {
     let mut rows = std::collections::HashMap::with_capacity(counters.len());
-    for chunk in counters.chunks(IN_CHUNK) {
+    for chunk in counters.chunks(crate::db::IN_LIST_MAX) {
         let sql = format!(
             "{COUNTER_SELECT} WHERE i.id IN ({})",
             crate::db::placeholders(1, chunk.len())

@@ -504,9 +504,6 @@ pub async fn observe(
     }
 }
 
-/// Most ids in one `IN (...)` list.
-const IN_CHUNK: usize = 500;
-
 /// Applies the states `host` observed for `observed` (a heartbeat's list)
 /// like [`observe`] one by one, reading the stored states in one statement
 /// first: an instance of this host whose stored state is already the one
@@ -518,7 +515,7 @@ pub async fn observe_all(
     observed: &[ObservedInstance],
 ) -> Result<bool, DbError> {
     let mut same = std::collections::HashSet::new();
-    for chunk in observed.chunks(IN_CHUNK) {
+    for chunk in observed.chunks(crate::db::IN_LIST_MAX) {
         let sql = format!(
             "SELECT id, observed_state FROM instances WHERE host_id = $1 AND id IN ({})",
             crate::db::placeholders(2, chunk.len())

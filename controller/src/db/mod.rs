@@ -184,8 +184,12 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Most ids one `IN (...)` list carries (well under the bound parameters
+/// SQLite and PostgreSQL allow in one statement).
+pub const IN_LIST_MAX: usize = 500;
+
 /// `n` numbered placeholders from `$first` on, comma-separated (`$2, $3,
-/// $4`), for an `IN (...)` list.
+/// $4`), for an `IN (...)` list of at most [`IN_LIST_MAX`].
 pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))

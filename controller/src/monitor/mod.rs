@@ -160,7 +160,7 @@ pub async fn ingest(
     // Of the batch's instances, those placed on `host` (read by id: a
     // host's past instances are many more).
     let mut mine: HashSet<String> = HashSet::with_capacity(batch.instances.len());
-    for chunk in batch.instances.chunks(500) {
+    for chunk in batch.instances.chunks(crate::db::IN_LIST_MAX) {
         let sql = format!(
             "SELECT id FROM instances WHERE host_id = $1 AND id IN ({})",
             crate::db::placeholders(2, chunk.len())

@@ -50,6 +50,14 @@ pub fn hash_password(password: &Secret) -> Result<String, CredentialError> {
     crypt_sha512(password.expose(), &pick(SALT_ALPHABET, SALT_LEN))
 }
 
+/// [`hash_password`] on the blocking pool: its 5,000 rounds of SHA-512
+/// would otherwise hold up every other request on the same runtime worker.
+pub async fn hash_password_blocking(password: Secret) -> Result<String, CredentialError> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| CredentialError::Hash(e.to_string()))?
+}
+
 /// SHA-512 crypt of `password` with `salt` (default rounds; like crypt(3),
 /// only the first 16 characters of the salt count).
 pub fn crypt_sha512(password: &str, salt: &str) -> Result<String, CredentialError> {

@@ -573,21 +573,13 @@ async fn credentials(st: &AppState, id: InstanceId) -> ApiResult<NewCredentials>
     let password_sealed = st.sealer.seal(&c::password_context(id), pw.expose());
     Ok(NewCredentials {
         password_sealed,
-        password_hash: hash_password(pw).await?,
+        password_hash: c::hash_password_blocking(pw)
+            .await
+            .map_err(|e| ApiError::Conflict(e.to_string()))?,
         token_sealed: st
             .sealer
             .seal(&c::token_context(id), c::new_jupyter_token().expose()),
     })
-}
-
-/// The crypt hash of a root password, computed on the blocking pool: its
-/// 5,000 rounds of SHA-512 would otherwise hold up every other request on
-/// the same runtime worker.
-pub(crate) async fn hash_password(pw: gantry_proto::net::Secret) -> ApiResult<String> {
-    tokio::task::spawn_blocking(move || crate::credentials::hash_password(&pw))
-        .await
-        .map_err(|e| ApiError::Conflict(format!("cannot hash the password: {e}")))?
-        .map_err(|e| ApiError::Conflict(e.to_string()))
 }
 
 async fn list(

@@ -83,7 +83,9 @@ async fn reset(
     let sealed = st
         .sealer
         .seal(&credentials::password_context(rec.id), pw.expose());
-    let hash = super::instances::hash_password(pw).await?;
+    let hash = credentials::hash_password_blocking(pw)
+        .await
+        .map_err(|e| ApiError::Conflict(e.to_string()))?;
     let op = OperationId::new();
     let mut tx = st.db.begin_write().await?;
     super::actions::claim(&mut tx, &rec, op, rec.desired).await?;

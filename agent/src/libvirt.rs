@@ -132,7 +132,7 @@ impl Libvirt {
                 }
             }
         }
-        virt_raw::block_job_finish(dom, disk, true).map_err(&raw)?;
+        virt_raw::pivot_when_ready(dom, disk, deadline).map_err(&raw)?;
         while virt_raw::block_job(dom, disk).map_err(&raw)?.is_some() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

@@ -135,6 +135,33 @@ pub fn block_job_finish(dom: &Domain, disk: &str, pivot: bool) -> Result<(), Err
     check(rc).map(drop)
 }
 
+/// Pivots `disk` onto its active commit's target once libvirt agrees the
+/// job is ready, retrying until `deadline`.
+///
+/// QEMU can report a job as fully copied (`cur == end`) before libvirt has
+/// handled QEMU's READY event on its worker thread; a pivot in that window
+/// fails with `VIR_ERR_BLOCK_COPY_ACTIVE` ("not ready for pivot yet"). The
+/// window is short on an idle host and long under load, so the pivot is
+/// retried while that is the answer.
+pub fn pivot_when_ready(
+    dom: &Domain,
+    disk: &str,
+    deadline: std::time::Instant,
+) -> Result<(), Error> {
+    loop {
+        match block_job_finish(dom, disk, true) {
+            Err(RawError::Libvirt(e))
+                if e.code()
+                    == virt::enumutil::Enum::Known(virt::error::ErrorNumber::BlockCopyActive)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Freezes every guest filesystem through the QEMU guest agent; returns how
 /// many were frozen. Fails with libvirt's sentence when there is no agent.
 pub fn fs_freeze(dom: &Domain) -> Result<u32, Error> {

@@ -54,7 +54,7 @@ fn overlay_commit_and_pivot_on_a_running_guest() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    virt_raw::block_job_finish(&dom, "vda", true)?;
+    virt_raw::pivot_when_ready(&dom, "vda", deadline)?;
     eprintln!("active commit + pivot: {:?}", t.elapsed());
     while virt_raw::block_job(&dom, "vda")?.is_some() {
         std::thread::sleep(Duration::from_millis(10));

@@ -53,12 +53,17 @@ pub async fn begin(db: &Db, who: &Identity, method: &str, path: &str) -> Result<
 /// is logged, not returned: the call itself already happened, and its row
 /// says the outcome is unknown.
 pub async fn finish(db: &Db, id: &str, status: StatusCode, note: Option<&str>) {
-    let res = sqlx::query("UPDATE audit_log SET status = $1, note = $2 WHERE id = $3")
-        .bind(status.as_u16() as i64)
-        .bind(note.map(|n| bounded(n, MAX_NOTE_CHARS)))
-        .bind(id)
-        .execute(&db.pool)
-        .await;
+    let res = async {
+        let _turn = db.write_turn().await?;
+        sqlx::query("UPDATE audit_log SET status = $1, note = $2 WHERE id = $3")
+            .bind(status.as_u16() as i64)
+            .bind(note.map(|n| bounded(n, MAX_NOTE_CHARS)))
+            .bind(id)
+            .execute(&db.pool)
+            .await?;
+        Ok::<_, DbError>(())
+    }
+    .await;
     if let Err(e) = res {
         tracing::error!(error = %e, audit_id = id, "cannot write the outcome of an audited call");
     }
@@ -90,6 +95,7 @@ async fn insert(
     status: i64,
     note: Option<&str>,
 ) -> Result<(), DbError> {
+    let _turn = db.write_turn().await?;
     sqlx::query(
         "INSERT INTO audit_log (id, at_ms, actor, account_id, method, path, status, note) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",

@@ -112,6 +112,8 @@ impl ApiError {
             Self::RateLimited | Self::SourceLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // Busy, not broken: the client may retry.
+            Self::Db(DbError::NoTurn(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -12,6 +12,8 @@
 //!   ledger, `usage_records`).
 //! - Metrics batches the ingest endpoint took or refused, counted through
 //!   [`metrics_batch`].
+//! - How long SQLite writers waited for their turn
+//!   (`gantry_controller_db_writer_wait_seconds`, [`db_writer_wait`]).
 //! - What `/metrics` carried before: GPUs by host and health
 //!   ([`crate::gpus::render_metrics`]), leadership and refused calls.
 //!
@@ -102,17 +104,61 @@ impl ControllerMetrics {
                 "method=\"{method}\",route=\"{}\",status_class=\"{class}\"",
                 escape(route)
             );
-            let mut cumulative = 0;
-            for (b, n) in BUCKETS.iter().zip(h.buckets) {
-                cumulative += n;
-                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
-            }
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+            h.render(&mut out, name, &labels);
         }
         out
     }
+}
+
+impl Hist {
+    /// One series' lines; `labels` is empty or `k="v",...` without braces.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS.iter().zip(self.buckets) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braced} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braced} {}", self.count);
+    }
+}
+
+/// How long SQLite writers waited for their turn (see `db::tx`).
+static WRITER_WAIT: Mutex<Hist> = Mutex::new(Hist {
+    buckets: [0; BUCKETS.len()],
+    sum: 0.0,
+    count: 0,
+});
+
+/// Records one writer's wait for its turn.
+pub fn db_writer_wait(waited: std::time::Duration) {
+    let mut h = WRITER_WAIT.lock().unwrap_or_else(|e| e.into_inner());
+    h.observe(waited.as_secs_f64());
+}
+
+fn render_writer_wait() -> String {
+    let name = "gantry_controller_db_writer_wait_seconds";
+    let mut out = format!(
+        "# HELP {name} Time a write transaction waited for its turn at the database (SQLite: \
+         one writer at a time).\n# TYPE {name} histogram\n"
+    );
+    let h = WRITER_WAIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    h.render(&mut out, name, "");
+    out
 }
 
 /// Batches counted by outcome, process-wide (see [`metrics_batch`]).
@@ -199,6 +245,7 @@ pub async fn render(st: &AppState) -> Result<String, DbError> {
     body.push_str(&st.metrics.render_http());
     body.push_str(&render_fleet(&st.db.pool).await?);
     body.push_str(&render_batches());
+    body.push_str(&render_writer_wait());
     Ok(body)
 }
 

@@ -323,6 +323,16 @@ async fn reports_and_wakes(s: &Server, t: &str, h: &str, op: &str, id: &str) {
         s.get(&format!("/v1/instances/{id}"), t).await.body["state"],
         "Running"
     );
+    // Op reports are host traffic: kept in the operation, not audited.
+    let log = s.get("/v1/admin/audit?limit=1000", ADMIN).await.body;
+    let reported = format!("/v1/agent/ops/{op}");
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["path"] != reported.as_str()),
+        "{log}"
+    );
     // A new operation wakes a waiting poll early.
     let cred = s.cred(h);
     let url = format!("{}/v1/agent/work?wait_secs=30&{}", s.url, s.known(h).await);

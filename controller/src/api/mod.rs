@@ -108,13 +108,15 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
     if let Err(e) = st.limiter.check(&who.actor) {
         return e.into_response();
     }
-    // Heartbeats, metrics batches (and work polls, GETs) are too many to audit; revealing a
-    // password is a read worth recording.
+    // A host's steady traffic (heartbeats, metrics batches, op reports,
+    // work polls) is too much to audit, and an op report's effect is kept
+    // in its operation (state, error, host, time); joins and store-key offers are
+    // audited. Revealing a password is a read worth recording.
     let write = method != Method::GET && method != Method::HEAD;
-    let audited = (write
-        && path != "/v1/agent/heartbeat"
-        && path != gantry_proto::metrics::AGENT_METRICS_PATH)
-        || (method == Method::GET && password::is_reveal(&path));
+    let host_traffic = path == "/v1/agent/heartbeat"
+        || path == gantry_proto::metrics::AGENT_METRICS_PATH
+        || path.starts_with("/v1/agent/ops/");
+    let audited = (write && !host_traffic) || (method == Method::GET && password::is_reveal(&path));
     // Admin and agent paths are refused before their body is even read.
     let refused = allowed(&who, &path).and_then(|()| match method {
         Method::POST if !path.starts_with("/v1/agent/") => idempotency::key_of(&req),

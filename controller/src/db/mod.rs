@@ -4,7 +4,8 @@
 //! All SQL is written once, with `$1` placeholders and only BIGINT/TEXT
 //! columns, so both backends run the same statements. Write transactions go
 //! through [`Db::begin_write`]: `BEGIN IMMEDIATE` on SQLite (one writer at a
-//! time), a plain read-committed transaction on PostgreSQL where conditional
+//! time, each waiting for its turn in this process before it takes a
+//! connection: [`tx`]), a plain read-committed transaction on PostgreSQL where conditional
 //! `UPDATE ... WHERE` statements make claims atomic.
 //!
 //! SQLite runs in WAL mode with `synchronous = FULL`: a commit is
@@ -16,6 +17,9 @@
 
 mod migrations;
 pub mod rows;
+mod tx;
+
+pub use tx::{Turn, Turns, Tx, TURN_WAIT};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -34,6 +38,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL (want sqlite:// or postgres://): {0}")]
     Url(String),
+    #[error("no turn to write within {0:?}: the database is busy")]
+    NoTurn(Duration),
     #[error("corrupt row in {table}: {message}")]
     Corrupt {
         table: &'static str,
@@ -47,14 +53,13 @@ pub enum Backend {
     Postgres,
 }
 
-/// The pool and which backend it talks to.
+/// The pool, which backend it talks to, and the writers' turns.
 #[derive(Clone, Debug)]
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
+    turns: Turns,
 }
-
-pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 impl Db {
     /// Connects and applies pending migrations.
@@ -103,15 +108,32 @@ impl Db {
             Backend::Sqlite => migrations::sqlite().await?.run(&pool).await?,
             Backend::Postgres => migrations::postgres().await?.run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        let turns = match backend {
+            Backend::Sqlite => Turns::one_at_a_time(),
+            Backend::Postgres => Turns::default(),
+        };
+        Ok(Self {
+            pool,
+            backend,
+            turns,
+        })
     }
 
-    /// A write transaction (see the module doc).
+    /// A write transaction (see the module doc): on SQLite it waits for the
+    /// writer's turn first ([`tx`]), then takes a connection.
     pub async fn begin_write(&self) -> Result<Tx, DbError> {
-        Ok(match self.backend {
+        let turn = self.turns.take().await?;
+        let inner = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
-        })
+        };
+        Ok(Tx::new(inner, turn))
+    }
+
+    /// The writer's turn for a single-statement write run on the pool
+    /// (`execute(&db.pool)`) on a busy path: hold it across the statement.
+    pub async fn write_turn(&self) -> Result<Turn, DbError> {
+        self.turns.take().await
     }
 }
 
@@ -259,6 +281,7 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// busy): running it again is safe and usually succeeds.
 pub fn is_retryable(e: &DbError) -> bool {
     match e {
+        DbError::NoTurn(_) => true,
         DbError::Sqlx(sqlx::Error::Database(d)) => matches!(
             d.code().as_deref(),
             Some("40P01" | "40001" | "5" | "6" | "517")

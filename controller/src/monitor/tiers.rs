@@ -202,6 +202,7 @@ async fn bucket_means(
 
 /// Deletes `tier`'s rows older than `before`.
 async fn prune(db: &Db, tier: Tier, before: i64) -> Result<(), MonitorError> {
+    let _turn = db.write_turn().await?;
     let gone = sqlx::query("DELETE FROM metric_samples WHERE tier = $1 AND t_ms < $2")
         .bind(tier.code())
         .bind(before)

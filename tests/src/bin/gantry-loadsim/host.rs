@@ -346,10 +346,19 @@ impl Host {
             if let Some(t) = &work.tls {
                 tls = Some(t.fingerprint.clone());
             }
+            let listed = !work.ops.is_empty();
+            let mut new = 0;
             for op in work.ops {
                 if self.lock().started.insert(op.id) {
+                    new += 1;
                     tokio::spawn(self.clone().run_op(sh.clone(), op));
                 }
+            }
+            if new == 0 && listed {
+                // As the agent does (`link::work`): everything listed is in
+                // hand, so don't spin while the controller still shows an
+                // op pending (its Running report not yet applied).
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }

@@ -19,7 +19,8 @@ mod migrations;
 pub mod rows;
 mod tx;
 
-pub use tx::{Turn, Turns, Tx, TURN_WAIT};
+use tx::Turns;
+pub use tx::{Turn, Tx};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};

@@ -54,12 +54,12 @@ pub async fn begin(db: &Db, who: &Identity, method: &str, path: &str) -> Result<
 /// says the outcome is unknown.
 pub async fn finish(db: &Db, id: &str, status: StatusCode, note: Option<&str>) {
     let res = async {
-        let _turn = db.write_turn().await?;
+        let mut w = db.writer().await?;
         sqlx::query("UPDATE audit_log SET status = $1, note = $2 WHERE id = $3")
             .bind(status.as_u16() as i64)
             .bind(note.map(|n| bounded(n, MAX_NOTE_CHARS)))
             .bind(id)
-            .execute(&db.pool)
+            .execute(&mut *w)
             .await?;
         Ok::<_, DbError>(())
     }
@@ -95,7 +95,7 @@ async fn insert(
     status: i64,
     note: Option<&str>,
 ) -> Result<(), DbError> {
-    let _turn = db.write_turn().await?;
+    let mut w = db.writer().await?;
     sqlx::query(
         "INSERT INTO audit_log (id, at_ms, actor, account_id, method, path, status, note) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -108,7 +108,7 @@ async fn insert(
     .bind(bounded(path, MAX_PATH_CHARS))
     .bind(status)
     .bind(note.map(|n| bounded(n, MAX_NOTE_CHARS)))
-    .execute(&db.pool)
+    .execute(&mut *w)
     .await?;
     Ok(())
 }

@@ -134,26 +134,62 @@ impl Hist {
     }
 }
 
-/// How long SQLite writers waited for their turn (see `db::tx`).
-static WRITER_WAIT: Mutex<Hist> = Mutex::new(Hist {
+/// How long SQLite writers waited for their turn (see `db::tx`), by class
+/// (interactive, background).
+static WRITER_WAIT: Mutex<[Hist; 2]> = Mutex::new(
+    [const {
+        Hist {
+            buckets: [0; BUCKETS.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }; 2],
+);
+
+/// Records one writer's wait for its turn.
+pub fn db_writer_wait(class: crate::db::Class, waited: std::time::Duration) {
+    let mut h = WRITER_WAIT.lock().unwrap_or_else(|e| e.into_inner());
+    let i = usize::from(class == crate::db::Class::Background);
+    h[i].observe(waited.as_secs_f64());
+}
+
+/// How long SQLite writers held their turn (see `db::tx`).
+static WRITER_HOLD: Mutex<Hist> = Mutex::new(Hist {
     buckets: [0; BUCKETS.len()],
     sum: 0.0,
     count: 0,
 });
 
-/// Records one writer's wait for its turn.
-pub fn db_writer_wait(waited: std::time::Duration) {
-    let mut h = WRITER_WAIT.lock().unwrap_or_else(|e| e.into_inner());
-    h.observe(waited.as_secs_f64());
+/// Records how long one writer held its turn.
+pub fn db_writer_hold(held: std::time::Duration) {
+    let mut h = WRITER_HOLD.lock().unwrap_or_else(|e| e.into_inner());
+    h.observe(held.as_secs_f64());
 }
 
 fn render_writer_wait() -> String {
     let name = "gantry_controller_db_writer_wait_seconds";
     let mut out = format!(
         "# HELP {name} Time a write transaction waited for its turn at the database (SQLite: \
-         one writer at a time).\n# TYPE {name} histogram\n"
+         one writer at a time; interactive writers, tenants' and admins' calls, go first).\n\
+         # TYPE {name} histogram\n"
     );
     let h = WRITER_WAIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (class, h) in [crate::db::Class::Interactive, crate::db::Class::Background]
+        .into_iter()
+        .zip(h.iter())
+    {
+        h.render(&mut out, name, &format!("class=\"{}\"", class.label()));
+    }
+    let name = "gantry_controller_db_writer_hold_seconds";
+    let _ = write!(
+        out,
+        "# HELP {name} Time a writer held its turn at the database (SQLite), the \
+         serial part of every write.\n# TYPE {name} histogram\n"
+    );
+    let h = WRITER_HOLD
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();

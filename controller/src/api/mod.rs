@@ -87,7 +87,7 @@ pub fn router(state: AppState) -> Router {
 /// not audited, and rate-limited per source address. Hosts whose network
 /// groups the call changed are woken once it is done (after its commit;
 /// see [`crate::groups::note_wakes`]).
-async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req
         .extensions()
@@ -108,6 +108,24 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
     if let Err(e) = st.limiter.check(&who.actor) {
         return e.into_response();
     }
+    // A person waits on a tenant's or an admin's call: its writes go
+    // before the hosts' steady traffic in SQLite's writer queue.
+    if who.host.is_none() && who.join.is_none() {
+        crate::db::interactive(guarded(st, who, method, path, req, next)).await
+    } else {
+        guarded(st, who, method, path, req, next).await
+    }
+}
+
+/// The rest of [`guard`], for an authenticated caller within its rate.
+async fn guarded(
+    st: AppState,
+    who: Identity,
+    method: Method,
+    path: String,
+    mut req: Request,
+    next: Next,
+) -> Response {
     // A host's steady traffic (heartbeats, metrics batches, op reports,
     // work polls) is too much to audit, and an op report's effect is kept
     // in its operation (state, error, host, time); joins and store-key offers are

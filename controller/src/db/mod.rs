@@ -20,7 +20,7 @@ pub mod rows;
 mod tx;
 
 use tx::Turns;
-pub use tx::{Turn, Tx};
+pub use tx::{interactive, Class, Tx, Writer};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
@@ -60,6 +60,9 @@ pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
     turns: Turns,
+    /// Where write transactions run: on SQLite one connection of its own
+    /// (see [`Db::begin_write`]), on PostgreSQL `pool`.
+    writes: AnyPool,
 }
 
 impl Db {
@@ -77,11 +80,14 @@ impl Db {
         if let Some(f) = &file {
             private_file(f, true)?;
         }
-        let mut opts = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30));
-        if backend == Backend::Sqlite {
-            opts = opts.after_connect(|conn, _| {
+        let opts = |max_connections| {
+            let opts = AnyPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(30));
+            if backend != Backend::Sqlite {
+                return opts;
+            }
+            opts.after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute(
                         "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
@@ -91,9 +97,9 @@ impl Db {
                     .await?;
                     Ok(())
                 })
-            });
-        }
-        let pool = opts.connect(url).await?;
+            })
+        };
+        let pool = opts(max_connections).connect(url).await?;
         if backend == Backend::Sqlite {
             // Persistent in the file: readers never wait for the writer.
             pool.execute("PRAGMA journal_mode = WAL").await?;
@@ -109,32 +115,62 @@ impl Db {
             Backend::Sqlite => migrations::sqlite().await?.run(&pool).await?,
             Backend::Postgres => migrations::postgres().await?.run(&pool).await?,
         }
-        let turns = match backend {
-            Backend::Sqlite => Turns::one_at_a_time(),
-            Backend::Postgres => Turns::default(),
+        let (turns, writes) = match backend {
+            Backend::Sqlite if file.is_some() => {
+                (Turns::one_at_a_time(), opts(1).connect(url).await?)
+            }
+            // A memory database is one per pool: write where it is read.
+            Backend::Sqlite => (Turns::one_at_a_time(), pool.clone()),
+            Backend::Postgres => (Turns::default(), pool.clone()),
         };
         Ok(Self {
             pool,
             backend,
             turns,
+            writes,
         })
     }
 
     /// A write transaction (see the module doc): on SQLite it waits for the
-    /// writer's turn first ([`tx`]), then takes a connection.
+    /// writer's turn first ([`tx`]), then takes the writers' connection.
+    /// SQLite empties a connection's page cache whenever another connection
+    /// has written since its last transaction; the one writing connection
+    /// keeps its cache (only it writes), and the pool's connections are left
+    /// to readers.
+    ///
+    /// The `BEGIN` runs on a task of its own, which the caller's
+    /// cancellation (a client that hung up) does not stop. Cancelled inside
+    /// sqlx's `begin`, after the database had begun but before the
+    /// `Transaction` existed, the connection went back to the pool still in
+    /// its transaction: on SQLite holding the write lock for good, every
+    /// later write failing with "database is locked" and every later
+    /// `BEGIN` on it with "non-zero transaction depth". Run to the end, a
+    /// begun transaction that nobody awaits is dropped, which rolls it
+    /// back.
     pub async fn begin_write(&self) -> Result<Tx, DbError> {
         let turn = self.turns.take().await?;
-        let inner = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        let (pool, backend) = (self.writes.clone(), self.backend);
+        let inner = tokio::spawn(async move {
+            match backend {
+                Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+                Backend::Postgres => pool.begin().await,
+            }
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only when the runtime shuts down.
+            Err(_) => DbError::NoTurn(Duration::ZERO),
+        })??;
         Ok(Tx::new(inner, turn))
     }
 
-    /// The writer's turn for a single-statement write run on the pool
-    /// (`execute(&db.pool)`) on a busy path: hold it across the statement.
-    pub async fn write_turn(&self) -> Result<Turn, DbError> {
-        self.turns.take().await
+    /// The writer's turn and connection for a single-statement write on
+    /// a busy path (audit rows, pruning): `execute(&mut *w)`.
+    pub async fn writer(&self) -> Result<Writer, DbError> {
+        let turn = self.turns.take().await?;
+        let conn = self.writes.acquire().await?;
+        Ok(Writer::new(conn, turn))
     }
 }
 
@@ -332,6 +368,104 @@ mod tests {
         super::private_dir(&dir).unwrap();
         let _db = super::Db::connect(&url, 2).await.unwrap();
         assert_eq!((mode(&dir), mode(&f)), (0o700, 0o600));
+    }
+
+    /// Callers that give up at every point of `begin_write` (a client
+    /// hanging up) leave no connection inside a transaction: afterwards
+    /// every pooled connection still begins and commits a write. Without
+    /// the `BEGIN` on a task of its own, a cancel after SQLite had begun
+    /// but before sqlx made its `Transaction` kept the write lock for good.
+    #[tokio::test]
+    async fn a_cancelled_begin_leaves_no_connection_in_a_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+        let db = super::Db::connect(&url, 2).await.unwrap();
+        sqlx::query("CREATE TABLE t (x BIGINT)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        // Gives up after `us` microseconds, yielding meanwhile.
+        let give_up = |us: u64| async move {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_micros(us) {
+                tokio::task::yield_now().await;
+            }
+        };
+        for n in 0..400 {
+            tokio::select! {
+                _ = db.begin_write() => {}
+                () = give_up(n * 5 % 1000) => {}
+            }
+        }
+        // Both connections, one after the other and then at once.
+        for i in 0..4 {
+            let write = async {
+                let mut tx = db.begin_write().await?;
+                sqlx::query("INSERT INTO t (x) VALUES ($1)")
+                    .bind(i)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, super::DbError>(())
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(15), write)
+                .await
+                .expect("a write got no connection")
+                .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+        }
+        let mut a = db.pool.acquire().await.unwrap();
+        let mut b = db.pool.acquire().await.unwrap();
+        for c in [&mut a, &mut b] {
+            sqlx::query("SELECT COUNT(*) FROM t")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+        }
+        drop((a, b));
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+    }
+
+    /// Writes run on their own connection: readers holding every pooled
+    /// connection neither block a write nor miss it.
+    #[tokio::test]
+    async fn writes_do_not_wait_for_pooled_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+        let db = super::Db::connect(&url, 2).await.unwrap();
+        sqlx::query("CREATE TABLE t (x BIGINT)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let mut readers = vec![
+            db.pool.acquire().await.unwrap(),
+            db.pool.acquire().await.unwrap(),
+        ];
+        let write = async {
+            let mut tx = db.begin_write().await?;
+            sqlx::query("INSERT INTO t (x) VALUES (7)")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let mut w = db.writer().await?;
+            sqlx::query("INSERT INTO t (x) VALUES (8)")
+                .execute(&mut *w)
+                .await?;
+            Ok::<_, super::DbError>(())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), write)
+            .await
+            .expect("the write waited for a pooled connection")
+            .unwrap();
+        let sum: i64 = sqlx::query_scalar("SELECT SUM(x) FROM t")
+            .fetch_one(&mut *readers[0])
+            .await
+            .unwrap();
+        assert_eq!(sum, 15, "a reader sees both writes");
+        readers.clear();
     }
 
     #[test]

@@ -16,40 +16,185 @@
 
 use super::DbError;
 use sqlx::AnyConnection;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// How long a writer waits for its turn before it fails (retryably), as
 /// long as SQLite's own `busy_timeout`.
 pub const TURN_WAIT: Duration = Duration::from_secs(10);
 
+/// How much longer than an interactive writer a background writer may be
+/// made to wait: hosts heartbeat every 10 s and time out after more.
+pub const BACKGROUND_SLACK: Duration = Duration::from_secs(2);
+
+/// Whose write it is, and so where it queues. A person is waiting on an
+/// interactive write (a tenant's or an admin's call); a background write
+/// is the hosts' steady traffic (heartbeats, op reports, metrics batches)
+/// and the controller's own loops, which have seconds to spare. The turn
+/// goes to the writer with the earliest deadline: an interactive writer's
+/// is when it asked, a background writer's [`BACKGROUND_SLACK`] later. So
+/// an interactive writer passes background writers that have waited less
+/// than that, and none waits for ever behind a stream of the other class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Interactive,
+    Background,
+}
+
+tokio::task_local! {
+    static CLASS: Class;
+}
+
+impl Class {
+    /// The class of the writes of the running task: [`Class::Background`]
+    /// unless it runs inside [`interactive`].
+    pub fn current() -> Self {
+        CLASS.try_with(|c| *c).unwrap_or(Class::Background)
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Class::Interactive => 0,
+            Class::Background => 1,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Interactive => "interactive",
+            Class::Background => "background",
+        }
+    }
+}
+
+/// Runs `f` with its writes queued as [`Class::Interactive`] (tasks it
+/// spawns are background again).
+pub async fn interactive<F: std::future::Future>(f: F) -> F::Output {
+    CLASS.scope(Class::Interactive, f).await
+}
+
 /// The writers' turn: `None` where the backend needs none.
 #[derive(Clone, Debug, Default)]
-pub struct Turns(Option<Arc<Semaphore>>);
+pub struct Turns(Option<Arc<Queue>>);
+
+/// One turn, and who waits for it, by class.
+#[derive(Debug)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// [`BACKGROUND_SLACK`], shorter in tests.
+    slack: Duration,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    held: bool,
+    /// By class, each in the order they asked, with when they asked.
+    waiting: [VecDeque<(Instant, oneshot::Sender<Held>)>; 2],
+}
+
+impl QueueState {
+    /// The waiter with the earliest deadline (see [`Class`]).
+    fn next(&mut self, slack: Duration) -> Option<oneshot::Sender<Held>> {
+        let [interactive, background] = &mut self.waiting;
+        let first = match (interactive.front(), background.front()) {
+            (Some((i, _)), Some((b, _))) if *b + slack < *i => background,
+            (Some(_), _) => interactive,
+            (None, _) => background,
+        };
+        first.pop_front().map(|(_, w)| w)
+    }
+}
+
+/// The turn itself, and since when it is held: handed on to the next
+/// writer when dropped.
+#[derive(Debug)]
+pub struct Held(Option<Arc<Queue>>, Instant);
+
+impl Held {
+    fn new(q: &Arc<Queue>) -> Self {
+        Self(Some(q.clone()), Instant::now())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(q) = self.0.take() {
+            crate::metrics::db_writer_hold(self.1.elapsed());
+            q.hand_on();
+        }
+    }
+}
+
+impl Queue {
+    /// Gives the turn to the waiter with the earliest deadline that still
+    /// waits, or frees it. The lock is not held while sending: a turn
+    /// sent to a waiter that has just given up is dropped on its side,
+    /// and that drop hands it on again.
+    fn hand_on(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                match s.next(self.slack) {
+                    Some(w) => w,
+                    None => {
+                        s.held = false;
+                        return;
+                    }
+                }
+            };
+            match next.send(Held::new(self)) {
+                Ok(()) => return,
+                // That waiter gave up: disarm the turn, try the next.
+                Err(mut h) => drop(h.0.take()),
+            }
+        }
+    }
+}
 
 /// A writer's turn, held until it is dropped.
-pub type Turn = Option<OwnedSemaphorePermit>;
+pub type Turn = Option<Held>;
 
 impl Turns {
     /// One writer at a time (SQLite).
     pub fn one_at_a_time() -> Self {
-        Self(Some(Arc::new(Semaphore::new(1))))
+        Self::with_slack(BACKGROUND_SLACK)
     }
 
-    /// Waits for this writer's turn (at once where there are no turns).
+    fn with_slack(slack: Duration) -> Self {
+        Self(Some(Arc::new(Queue {
+            state: Mutex::default(),
+            slack,
+        })))
+    }
+
+    /// Waits for this writer's turn (at once where there are no turns),
+    /// queued by the running task's [`Class`].
     pub async fn take(&self) -> Result<Turn, DbError> {
-        self.take_within(TURN_WAIT).await
+        self.take_within(Class::current(), TURN_WAIT).await
     }
 
-    async fn take_within(&self, wait: Duration) -> Result<Turn, DbError> {
-        let Some(s) = &self.0 else { return Ok(None) };
-        let started = std::time::Instant::now();
-        let turn = tokio::time::timeout(wait, s.clone().acquire_owned())
+    async fn take_within(&self, class: Class, wait: Duration) -> Result<Turn, DbError> {
+        let Some(q) = &self.0 else { return Ok(None) };
+        let started = Instant::now();
+        let rx = {
+            let mut s = q.state.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.held {
+                s.held = true;
+                drop(s);
+                crate::metrics::db_writer_wait(class, started.elapsed());
+                return Ok(Some(Held::new(q)));
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiting[class.index()].push_back((started, tx));
+            rx
+        };
+        let turn = tokio::time::timeout(wait, rx)
             .await
             .map_err(|_| DbError::NoTurn(wait))?
             .map_err(|_| DbError::NoTurn(Duration::ZERO))?;
-        crate::metrics::db_writer_wait(started.elapsed());
+        crate::metrics::db_writer_wait(class, started.elapsed());
         Ok(Some(turn))
     }
 }
@@ -91,6 +236,32 @@ impl std::ops::DerefMut for Tx {
     }
 }
 
+/// A single-statement write's turn and connection: derefs to the
+/// connection (`execute(&mut *w)`).
+pub struct Writer {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    _turn: Turn,
+}
+
+impl Writer {
+    pub(super) fn new(conn: sqlx::pool::PoolConnection<sqlx::Any>, turn: Turn) -> Self {
+        Self { conn, _turn: turn }
+    }
+}
+
+impl std::ops::Deref for Writer {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Writer {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
+
 impl std::fmt::Debug for Tx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tx")
@@ -111,7 +282,7 @@ mod tests {
         let held = turns.take().await.unwrap();
         assert!(held.is_some());
         let e = turns
-            .take_within(Duration::from_millis(50))
+            .take_within(Class::Background, Duration::from_millis(50))
             .await
             .unwrap_err();
         assert!(matches!(e, DbError::NoTurn(_)), "{e}");
@@ -120,6 +291,77 @@ mod tests {
         drop(held);
         assert!(turns.take().await.unwrap().is_some());
         assert!(Turns::default().take().await.unwrap().is_none());
+    }
+
+    /// The order in which writers queued behind a held turn get it: each
+    /// `(name, class, ms)` asks, then the next asks `ms` later. One more
+    /// background waiter gives up before the turn is handed on (it is
+    /// skipped), and the turn is free again after.
+    async fn order(turns: Turns, queue: &[(&'static str, Class, u64)]) -> Vec<&'static str> {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let held = turns.take().await.unwrap();
+        let mut tasks = Vec::new();
+        for &(name, class, ms) in queue {
+            let (turns, order) = (turns.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let turn = turns.take_within(class, TURN_WAIT).await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(turn);
+            }));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let e = turns
+            .take_within(Class::Background, Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DbError::NoTurn(_)), "{e}");
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let t = tokio::time::timeout(Duration::from_millis(100), turns.take()).await;
+        assert!(t.unwrap().unwrap().is_some(), "the turn is free again");
+        let order = order.lock().unwrap().clone();
+        order
+    }
+
+    /// Interactive writers pass background writers that have waited less
+    /// than the slack longer, each class in its order; a background writer
+    /// that has waited longer goes first.
+    #[tokio::test]
+    async fn interactive_writers_go_first_and_background_writers_are_not_starved() {
+        use Class::{Background as B, Interactive as I};
+        let queue = [
+            ("host-1", B, 10),
+            ("host-2", B, 150),
+            ("tenant-1", I, 10),
+            ("host-3", B, 10),
+            ("tenant-2", I, 10),
+        ];
+        assert_eq!(
+            order(Turns::one_at_a_time(), &queue).await,
+            ["tenant-1", "tenant-2", "host-1", "host-2", "host-3"]
+        );
+        // With 100 ms of slack, hosts 1 and 2 had waited too long.
+        assert_eq!(
+            order(Turns::with_slack(Duration::from_millis(100)), &queue).await,
+            ["host-1", "host-2", "tenant-1", "tenant-2", "host-3"]
+        );
+    }
+
+    /// A write run inside [`interactive`] is interactive; outside it, and
+    /// in tasks it spawns, background.
+    #[tokio::test]
+    async fn the_class_follows_the_task() {
+        assert_eq!(Class::current(), Class::Background);
+        let (inside, spawned) = interactive(async {
+            let spawned = tokio::spawn(async { Class::current() }).await.unwrap();
+            (Class::current(), spawned)
+        })
+        .await;
+        assert_eq!(inside, Class::Interactive);
+        assert_eq!(spawned, Class::Background);
     }
 
     /// Sixteen writers each read a counter, hold their transaction a

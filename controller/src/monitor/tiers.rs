@@ -202,11 +202,11 @@ async fn bucket_means(
 
 /// Deletes `tier`'s rows older than `before`.
 async fn prune(db: &Db, tier: Tier, before: i64) -> Result<(), MonitorError> {
-    let _turn = db.write_turn().await?;
+    let mut w = db.writer().await?;
     let gone = sqlx::query("DELETE FROM metric_samples WHERE tier = $1 AND t_ms < $2")
         .bind(tier.code())
         .bind(before)
-        .execute(&db.pool)
+        .execute(&mut *w)
         .await?;
     if gone.rows_affected() > 0 {
         tracing::debug!(

@@ -65,6 +65,8 @@ pub struct Inner {
     pub monitor: monitor::Monitor,
     /// The API latency histogram (see [`metrics`]).
     pub metrics: metrics::ControllerMetrics,
+    /// Group commit of heartbeats on SQLite (see [`api::heartbeats`]).
+    pub heartbeats: api::heartbeats::Heartbeats,
 }
 
 /// One [`tokio::sync::Notify`] per host with a work long-poll, and whether
@@ -203,6 +205,7 @@ pub async fn open_with_clock(
         leader: leader::Leadership::default(),
         monitor: monitor::Monitor::default(),
         metrics: metrics::ControllerMetrics::default(),
+        heartbeats: Default::default(),
     })))
 }
 

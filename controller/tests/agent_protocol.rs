@@ -11,6 +11,7 @@ use common::{eventually, Server, ADMIN};
 use gantry_controller::Config;
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 on_both!(join_and_credentials);
@@ -19,6 +20,7 @@ on_both!(work_long_poll_and_reports);
 on_both!(failed_resizes_are_undone);
 on_both!(snapshots_through_operations);
 on_both!(many_instances_in_one_heartbeat);
+on_both!(concurrent_heartbeats_bill_once_and_a_revoked_one_fails_alone);
 on_both!(heartbeat_timeout, |c: &mut Config| {
     c.heartbeat_timeout_secs = 1;
     c.reconcile_secs = 1;
@@ -799,5 +801,87 @@ async fn many_instances_in_one_heartbeat(s: Server) {
             .map(|r| r["amount_micros"].as_i64().unwrap())
             .collect();
         assert_eq!(amounts, vec![amount(secs)], "{id}: {recs}");
+    }
+}
+
+/// Thirteen hosts heartbeat at once (on SQLite they are applied in groups
+/// of one transaction each: `api/heartbeats.rs`), one of them revoked
+/// after its credential was last verified (its call passes the cached
+/// check and is refused inside the transaction): the revoked one is
+/// refused and changes nothing, every other is applied and billed once,
+/// exactly.
+async fn concurrent_heartbeats_bill_once_and_a_revoked_one_fails_alone(s: Server) {
+    let (_, t) = s.account("acme").await;
+    let f = s.flavor("c", None, 0).await;
+    let img = s.image("ubuntu").await;
+    let mut hosts = Vec::new();
+    for i in 0..13 {
+        hosts.push(s.host(&format!("h{i}"), "none", 0).await);
+    }
+    let mut running: HashMap<String, Vec<String>> = HashMap::new();
+    for i in 0..12 {
+        let body = json!({"name": format!("i{i}"), "flavor": f, "image": img});
+        let id = s.post("/v1/instances", &t, body).await.id();
+        s.observe(&id, "Running").await;
+        running.entry(s.host_of(&id).await).or_default().push(id);
+    }
+    // The host to revoke has no instance; its credential is now cached.
+    let revoked = hosts
+        .iter()
+        .find(|h| !running.contains_key(*h))
+        .expect("13 hosts for 12 instances")
+        .clone();
+    assert_eq!(s.heartbeat(&revoked, json!({})).await.status, 200);
+    sqlx::query("UPDATE hosts SET revoked_ms = 1 WHERE id = $1")
+        .bind(&revoked)
+        .execute(&s.db().await.pool)
+        .await
+        .unwrap();
+    let credit = |v: &Value| v["credit_micros"].as_i64().unwrap();
+    let before = credit(&s.get("/v1/account", &t).await.body);
+    let calls = hosts.iter().map(|h| {
+        let usage: Vec<Value> = running
+            .get(h)
+            .into_iter()
+            .flatten()
+            .map(|id| json!({"instance": id, "seq": 1, "running_ms": 36_000}))
+            .collect();
+        let states: Vec<Value> = running
+            .get(h)
+            .into_iter()
+            .flatten()
+            .map(|id| json!({"id": id, "state": "Running"}))
+            .collect();
+        let s = &s;
+        async move {
+            let r = s
+                .heartbeat(h, json!({"instances": states, "usage": usage}))
+                .await;
+            (h.clone(), usage.len(), r)
+        }
+    });
+    for (h, counters, r) in futures::future::join_all(calls).await {
+        if h == revoked {
+            assert_eq!(r.status, 401, "{}", r.body);
+            assert!(r.error().contains("revoked"), "{}", r.body);
+        } else {
+            assert_eq!(r.status, 200, "{h}: {}", r.body);
+            assert_eq!(
+                r.body["billed"].as_array().map(Vec::len),
+                Some(counters),
+                "{}",
+                r.body
+            );
+        }
+    }
+    // 36 s at 2,000,000 micros an hour, for each of the 12, once.
+    let after = credit(&s.get("/v1/account", &t).await.body);
+    assert_eq!(before - after, 12 * 36 * 2_000_000 / 3600);
+    for ids in running.values() {
+        for id in ids {
+            let recs = s.get(&format!("/v1/usage?instance={id}"), &t).await.body;
+            let n = recs.as_array().unwrap().len();
+            assert_eq!(n, 1, "{id}: one usage record: {recs}");
+        }
     }
 }

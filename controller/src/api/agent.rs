@@ -278,16 +278,7 @@ async fn heartbeat(
             "refused a heartbeat out of bounds; nothing of it was applied");
         return Err(e.into());
     }
-    let mut attempt = 0;
-    let (billed, changed) = loop {
-        attempt += 1;
-        match heartbeat_once(&st, &host, &hb).await {
-            Err(e) if e.is_retryable() && attempt < crate::db::WRITE_ATTEMPTS => {
-                tracing::debug!(%host, attempt, error = %e, "heartbeat conflicted; retrying");
-            }
-            r => break r?,
-        }
-    };
+    let (billed, changed) = st.heartbeats.apply(&st, host, hb).await?;
     if changed {
         st.wake.wake(&host);
     }
@@ -332,22 +323,49 @@ fn check_store(store: &[StoreUsage]) -> ApiResult<()> {
     Ok(())
 }
 
-/// One attempt at applying a heartbeat, in one transaction: the billed
-/// counters, and whether the host's forwards changed.
-async fn heartbeat_once(
+/// Applies a heartbeat in a transaction of its own, retrying conflicts.
+pub(super) async fn heartbeat_alone(
     st: &AppState,
+    host: &HostId,
+    hb: &AgentHeartbeat,
+) -> ApiResult<(Vec<UsageAck>, bool)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let once = async {
+            let mut tx = st.db.begin_write().await?;
+            let applied = heartbeat_in(st, &mut tx, host, hb).await?;
+            gantry_crashpoint::hit("controller.heartbeat.before_commit");
+            tx.commit().await.map_err(crate::db::DbError::from)?;
+            gantry_crashpoint::hit("controller.heartbeat.after_commit");
+            Ok::<_, ApiError>(applied)
+        };
+        match once.await {
+            Err(e) if e.is_retryable() && attempt < crate::db::WRITE_ATTEMPTS => {
+                tracing::debug!(%host, attempt, error = %e, "heartbeat conflicted; retrying");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Applies a heartbeat inside `tx` (alone, or with others in a group:
+/// [`super::heartbeats`]): the billed counters, and whether the host's
+/// forwards changed.
+pub(super) async fn heartbeat_in(
+    st: &AppState,
+    tx: &mut Tx,
     host: &HostId,
     hb: &AgentHeartbeat,
 ) -> ApiResult<(Vec<UsageAck>, bool)> {
     let now = st.clock.now_ms();
     let shared = st.cfg.snapshot_store_shared;
-    let mut tx = st.db.begin_write().await?;
     // Any heartbeat shows the host is alive; only a newer one says more.
     // A heartbeat brings a down host back (see `reconcile::mark_down`).
     let back =
         sqlx::query("SELECT down_since_ms FROM hosts WHERE id = $1 AND down_since_ms IS NOT NULL")
             .bind(host.to_string())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?
             .is_some();
     // A revoked host is refused even when its call got past the credential
@@ -358,7 +376,7 @@ async fn heartbeat_once(
     )
     .bind(now_ms())
     .bind(host.to_string())
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     if alive.rows_affected() != 1 {
         return Err(auth::revoked(host));
@@ -387,7 +405,7 @@ async fn heartbeat_once(
     .bind(hb.https_port.map(i64::from))
     .bind(host.to_string())
     .bind(now.saturating_add(MAX_CLOCK_SKEW_MS))
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?
     .rows_affected()
         == 1;
@@ -396,39 +414,36 @@ async fn heartbeat_once(
         if hb.health != HostHealth::Healthy {
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
-        super::hosts::sync_gpus(&mut tx, host, &c.gpus).await?;
-        crate::groups::set_vtep(&mut tx, host, hb.vtep.as_ref()).await?;
-        crate::store_keys::record_host_store(&mut tx, host, hb.store_identity.as_ref()).await?;
+        super::hosts::sync_gpus(tx, host, &c.gpus).await?;
+        crate::groups::set_vtep(tx, host, hb.vtep.as_ref()).await?;
+        crate::store_keys::record_host_store(tx, host, hb.store_identity.as_ref()).await?;
         if let Some(b) = &hb.buckets {
-            crate::buckets::record_reports(&mut tx, host, b).await?;
+            crate::buckets::record_reports(tx, host, b).await?;
         }
-        changed |= commands::observe_all(&mut tx, host, &hb.instances).await?;
+        changed |= commands::observe_all(tx, host, &hb.instances).await?;
         gantry_crashpoint::hit("controller.heartbeat.observed");
         if let Some(store) = &hb.store {
-            figures = crate::meter::take_report(&mut tx, host, store, shared, now).await?;
+            figures = crate::meter::take_report(tx, host, store, shared, now).await?;
         }
     } else {
         tracing::debug!(%host, sent_at_ms = hb.sent_at_ms, "ignoring an older heartbeat");
     }
     let mut charges = Vec::new();
-    let billed = crate::billing::bill_counters(&mut tx, host, &hb.usage, &mut charges).await?;
+    let billed = crate::billing::bill_counters(tx, host, &hb.usage, &mut charges).await?;
     gantry_crashpoint::hit("controller.heartbeat.billed");
     // Instance rows are done: now every account row this touches, in id order.
     let mut accounts: Vec<_> = charges.iter().map(|c| c.account).collect();
     accounts.extend_from_slice(&figures);
-    crate::billing::lock_accounts(&mut tx, &accounts).await?;
-    crate::meter::apply_figures(&mut tx, host, &figures, shared, now).await?;
+    crate::billing::lock_accounts(tx, &accounts).await?;
+    crate::meter::apply_figures(tx, host, &figures, shared, now).await?;
     gantry_crashpoint::hit("controller.heartbeat.figures_applied");
-    crate::billing::charge_all(&mut tx, charges, now).await?;
+    crate::billing::charge_all(tx, charges, now).await?;
     if fresh && hb.store.is_some() {
-        crate::meter::count_report(&mut tx, host).await?;
+        crate::meter::count_report(tx, host).await?;
     }
     if let Some(sizes) = &hb.snapshot_sizes {
-        snapshot_sizes(&mut tx, host, sizes, shared).await?;
+        snapshot_sizes(tx, host, sizes, shared).await?;
     }
-    gantry_crashpoint::hit("controller.heartbeat.before_commit");
-    tx.commit().await?;
-    gantry_crashpoint::hit("controller.heartbeat.after_commit");
     Ok((billed, changed))
 }
 

@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod forwards;
 pub mod gpus;
 pub mod groups;
+pub mod heartbeats;
 pub mod hosts;
 pub mod idempotency;
 pub mod instances;

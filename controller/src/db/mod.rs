@@ -148,7 +148,13 @@ impl Db {
     /// begun transaction that nobody awaits is dropped, which rolls it
     /// back.
     pub async fn begin_write(&self) -> Result<Tx, DbError> {
-        let turn = self.turns.take().await?;
+        self.begin_write_asked_at(std::time::Instant::now()).await
+    }
+
+    /// As [`Db::begin_write`], for a writer acting for callers who asked at
+    /// `asked` (see [`tx::Turns::take_asked_at`]).
+    pub async fn begin_write_asked_at(&self, asked: std::time::Instant) -> Result<Tx, DbError> {
+        let turn = self.turns.take_asked_at(asked).await?;
         let (pool, backend) = (self.writes.clone(), self.backend);
         let inner = tokio::spawn(async move {
             match backend {

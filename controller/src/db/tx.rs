@@ -172,10 +172,22 @@ impl Turns {
     /// Waits for this writer's turn (at once where there are no turns),
     /// queued by the running task's [`Class`].
     pub async fn take(&self) -> Result<Turn, DbError> {
-        self.take_within(Class::current(), TURN_WAIT).await
+        self.take_asked_at(Instant::now()).await
     }
 
-    async fn take_within(&self, class: Class, wait: Duration) -> Result<Turn, DbError> {
+    /// As [`Turns::take`], for a writer that acts for callers who asked
+    /// at `asked` (a group of heartbeats: its oldest): its deadline counts
+    /// from then.
+    pub async fn take_asked_at(&self, asked: Instant) -> Result<Turn, DbError> {
+        self.take_within(Class::current(), asked, TURN_WAIT).await
+    }
+
+    async fn take_within(
+        &self,
+        class: Class,
+        asked: Instant,
+        wait: Duration,
+    ) -> Result<Turn, DbError> {
         let Some(q) = &self.0 else { return Ok(None) };
         let started = Instant::now();
         let rx = {
@@ -187,7 +199,13 @@ impl Turns {
                 return Ok(Some(Held::new(q)));
             }
             let (tx, rx) = oneshot::channel();
-            s.waiting[class.index()].push_back((started, tx));
+            // In the order they asked (a group may have asked earlier).
+            let waiting = &mut s.waiting[class.index()];
+            let at = waiting
+                .iter()
+                .rposition(|(t, _)| *t <= asked)
+                .map_or(0, |i| i + 1);
+            waiting.insert(at, (asked, tx));
             rx
         };
         let turn = tokio::time::timeout(wait, rx)
@@ -282,7 +300,7 @@ mod tests {
         let held = turns.take().await.unwrap();
         assert!(held.is_some());
         let e = turns
-            .take_within(Class::Background, Duration::from_millis(50))
+            .take_within(Class::Background, Instant::now(), Duration::from_millis(50))
             .await
             .unwrap_err();
         assert!(matches!(e, DbError::NoTurn(_)), "{e}");
@@ -304,7 +322,10 @@ mod tests {
         for &(name, class, ms) in queue {
             let (turns, order) = (turns.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let turn = turns.take_within(class, TURN_WAIT).await.unwrap();
+                let turn = turns
+                    .take_within(class, Instant::now(), TURN_WAIT)
+                    .await
+                    .unwrap();
                 order.lock().unwrap().push(name);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(turn);
@@ -312,7 +333,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         let e = turns
-            .take_within(Class::Background, Duration::from_millis(10))
+            .take_within(Class::Background, Instant::now(), Duration::from_millis(10))
             .await
             .unwrap_err();
         assert!(matches!(e, DbError::NoTurn(_)), "{e}");
@@ -348,6 +369,37 @@ mod tests {
             order(Turns::with_slack(Duration::from_millis(100)), &queue).await,
             ["host-1", "host-2", "tenant-1", "tenant-2", "host-3"]
         );
+    }
+
+    /// A writer acting for callers who asked earlier (a group of
+    /// heartbeats) queues by when they asked: past the slack, it goes
+    /// before a newer interactive writer and the background writer that
+    /// asked before it.
+    #[tokio::test]
+    async fn a_group_queues_by_when_its_oldest_caller_asked() {
+        let turns = Turns::one_at_a_time();
+        let held = turns.take().await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let now = Instant::now();
+        let mut tasks = Vec::new();
+        for (name, class, asked) in [
+            ("host", Class::Background, now),
+            ("tenant", Class::Interactive, now),
+            ("group", Class::Background, now - Duration::from_secs(3)),
+        ] {
+            let (turns, order) = (turns.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let turn = turns.take_within(class, asked, TURN_WAIT).await.unwrap();
+                order.lock().unwrap().push(name);
+                drop(turn);
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["group", "tenant", "host"]);
     }
 
     /// A write run inside [`interactive`] is interactive; outside it, and

@@ -376,13 +376,9 @@ mod tests {
         assert_eq!((mode(&dir), mode(&f)), (0o700, 0o600));
     }
 
-    /// Callers that give up at every point of `begin_write` (a client
-    /// hanging up) leave no connection inside a transaction: afterwards
-    /// every pooled connection still begins and commits a write. Without
-    /// the `BEGIN` on a task of its own, a cancel after SQLite had begun
-    /// but before sqlx made its `Transaction` kept the write lock for good.
-    #[tokio::test]
-    async fn a_cancelled_begin_leaves_no_connection_in_a_transaction() {
+    /// A SQLite database of two pooled connections with a table `t (x)`
+    /// (and the directory that holds it).
+    async fn table_t() -> (tempfile::TempDir, super::Db) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
         let db = super::Db::connect(&url, 2).await.unwrap();
@@ -390,6 +386,17 @@ mod tests {
             .execute(&db.pool)
             .await
             .unwrap();
+        (dir, db)
+    }
+
+    /// Callers that give up at every point of `begin_write` (a client
+    /// hanging up) leave no connection inside a transaction: afterwards
+    /// every pooled connection still begins and commits a write. Without
+    /// the `BEGIN` on a task of its own, a cancel after SQLite had begun
+    /// but before sqlx made its `Transaction` kept the write lock for good.
+    #[tokio::test]
+    async fn a_cancelled_begin_leaves_no_connection_in_a_transaction() {
+        let (_dir, db) = table_t().await;
         // Gives up after `us` microseconds, yielding meanwhile.
         let give_up = |us: u64| async move {
             let t = std::time::Instant::now();
@@ -439,13 +446,7 @@ mod tests {
     /// connection neither block a write nor miss it.
     #[tokio::test]
     async fn writes_do_not_wait_for_pooled_connections() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
-        let db = super::Db::connect(&url, 2).await.unwrap();
-        sqlx::query("CREATE TABLE t (x BIGINT)")
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        let (_dir, db) = table_t().await;
         let mut readers = vec![
             db.pool.acquire().await.unwrap(),
             db.pool.acquire().await.unwrap(),

@@ -46,6 +46,24 @@ pub use config::Config;
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
+/// A reference to the state that does not keep it alive: for tasks the
+/// state itself owns (a cycle otherwise).
+#[derive(Clone)]
+pub struct WeakState(std::sync::Weak<Inner>);
+
+impl AppState {
+    pub fn downgrade(&self) -> WeakState {
+        WeakState(Arc::downgrade(&self.0))
+    }
+}
+
+impl WeakState {
+    /// The state, while the service holds it.
+    pub fn upgrade(&self) -> Option<AppState> {
+        self.0.upgrade().map(AppState)
+    }
+}
+
 pub struct Inner {
     pub db: db::Db,
     pub cfg: Config,

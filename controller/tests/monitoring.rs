@@ -3,7 +3,9 @@
 //! the instance's and the host's Monitor views; another account's
 //! instance is not found, a host cannot write another host's instance,
 //! bad batches are 422 naming the field and bad queries 400 naming the
-//! parameter; retention and downsampling over the simulated clock. And the
+//! parameter; retention and downsampling over the simulated clock; a
+//! batch behind a busy writer answered within the agent's timeout and
+//! written once the writer is free. And the
 //! Prometheus path against a real Prometheus server scraping exposition
 //! text in the agent's names.
 #[macro_use]
@@ -19,6 +21,7 @@ use std::time::Duration;
 on_both!(ingest_and_view);
 on_both!(isolation_and_validation);
 on_both!(retention_and_downsampling);
+on_both!(a_batch_behind_a_busy_writer_is_answered_then_written);
 
 const HOUR: i64 = 3_600_000;
 const MIN: i64 = 60_000;
@@ -208,6 +211,68 @@ async fn ingest_and_view(s: Server) {
             .await
             .unwrap();
     assert_eq!(audited, 0);
+}
+
+/// Holds the database's writer the way a burst of other writes would: on
+/// SQLite the writer's turn, on PostgreSQL a lock on the samples table
+/// that every `INSERT` waits for (reads go on).
+enum Busy {
+    Turn(#[allow(dead_code)] gantry_controller::db::Writer),
+    Lock(#[allow(dead_code)] sqlx::Transaction<'static, sqlx::Any>),
+}
+
+async fn busy_writer(s: &Server) -> Busy {
+    use gantry_controller::db::Backend;
+    if s.state.db.backend == Backend::Sqlite {
+        return Busy::Turn(s.state.db.writer().await.unwrap());
+    }
+    let mut tx = s.state.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE metric_samples IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    Busy::Lock(tx)
+}
+
+/// The agent gives a batch one try of 3 s. Behind a writer busy for
+/// longer, the batch is answered after about a second, still queued, and
+/// shows in the view once the writer is free: not dropped, not an error.
+async fn a_batch_behind_a_busy_writer_is_answered_then_written(s: Server) {
+    let (t, h, id) = setup(&s, "acme").await;
+    let now = mid_hour();
+    s.clock.set(now);
+    let path = format!("/v1/instances/{id}/monitor");
+    let busy = busy_writer(&s).await;
+    let t0 = std::time::Instant::now();
+    let r = send(&s, &h, &batch(now - 10_000, 1.0, &[(&id, 42.0)])).await;
+    let took = t0.elapsed();
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2_900),
+        "a batch behind a busy writer was answered in {took:?}, not after about 1 s"
+    );
+    assert_eq!(
+        view(&s, &path, &t).await.latest,
+        None,
+        "written while the writer was held"
+    );
+    drop(busy);
+    let mut shown = None;
+    for _ in 0..100 {
+        let v = view(&s, &path, &t).await;
+        if v.latest.is_some() {
+            shown = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = shown.expect("the queued batch never showed in the view once the writer was free");
+    assert_eq!(values(find(&v, series::CPU_PCT)), [42.0]);
+    let (_, _, metrics) = s.text("/metrics", ADMIN).await;
+    assert!(
+        metrics.contains("gantry_controller_metrics_batches_total{outcome=\"queued\"}"),
+        "{metrics}"
+    );
 }
 
 async fn isolation_and_validation(s: Server) {

@@ -44,8 +44,14 @@ mod plan;
 
 use plan::{plan, Daemon, Flow, Kill};
 
-/// The agent's libvirt domain prefix: only this test's domains carry it.
-const PREFIX: &str = "gantry-crash-";
+/// The agent's libvirt domain prefix: only this run's domains carry it.
+/// It names the test process, so that a second campaign on the same
+/// libvirtd (another checkout's, or a killed run's leftover domains)
+/// is never counted as this one's VMs.
+fn prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| format!("gantry-crash{:x}-", std::process::id() & 0xf_ffff))
+}
 /// The credit the cloud gives the account at the start.
 const INITIAL_CREDIT: i64 = 1_000_000_000_000;
 /// How long a flow may take to reach its crash point.
@@ -348,14 +354,14 @@ impl Campaign {
 
     /// The agent's domains are the controller's live instances.
     fn check_domains(&self) -> anyhow::Result<()> {
-        let domains = domains(PREFIX);
+        let domains = domains(prefix());
         let live: BTreeSet<String> = self
             .instances()?
             .iter()
             .filter(|i| i["host"] == self.cloud.host.as_str())
             .filter(|i| !matches!(i["state"].as_str(), Some("Released" | "Failed")))
             .filter_map(|i| i["id"].as_str())
-            .map(|id| format!("{PREFIX}{id}"))
+            .map(|id| format!("{}{id}", prefix()))
             .collect();
         ensure!(
             domains == live,
@@ -640,11 +646,11 @@ fn kill_9_at_every_crash_point_loses_no_vm_snapshot_or_money() -> anyhow::Result
         controller_toml: "snapshot_meter_secs = 2\n\
                           snapshot_price_micros_per_tb_hour = 36000000000000\n"
             .into(),
-        agent_top: format!("domain_prefix = {PREFIX:?}\n"),
+        agent_top: format!("domain_prefix = {:?}\n", prefix()),
         ..FleetOpts::default()
     };
     let cloud = Cloud::start_fleet(&Database::Sqlite, &opts, "")?;
-    let clock = DomainClock::start(PREFIX)?;
+    let clock = DomainClock::start(prefix())?;
     let steady =
         cloud.create(json!({"name": "steady", "flavor": cloud.flavor, "image": cloud.image}))?;
     cloud.wait_state(&steady, "Running")?;

@@ -323,17 +323,19 @@ fn check_store(store: &[StoreUsage]) -> ApiResult<()> {
     Ok(())
 }
 
-/// Applies a heartbeat in a transaction of its own, retrying conflicts.
+/// Applies a heartbeat in a transaction of its own, retrying conflicts;
+/// it queues for the writer's turn as of `asked`, when its caller asked.
 pub(super) async fn heartbeat_alone(
     st: &AppState,
     host: &HostId,
     hb: &AgentHeartbeat,
+    asked: std::time::Instant,
 ) -> ApiResult<(Vec<UsageAck>, bool)> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let once = async {
-            let mut tx = st.db.begin_write().await?;
+            let mut tx = st.db.begin_write_asked_at(asked).await?;
             let applied = heartbeat_in(st, &mut tx, host, hb).await?;
             gantry_crashpoint::hit("controller.heartbeat.before_commit");
             tx.commit().await.map_err(crate::db::DbError::from)?;

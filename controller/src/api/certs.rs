@@ -145,7 +145,10 @@ pub async fn access_and_tls(
 
 /// One write transaction: the subnet and domain, and a fresh certificate
 /// when `renew` (unless another request renewed it meanwhile). `false`:
-/// another request took the subnet first; try again.
+/// another request took the subnet first; try again. The key is made,
+/// signed and sealed before the transaction: a fleet's hosts all ask at
+/// once after a first start, and SQLite's one writer waits for nothing
+/// but the statements.
 async fn prepare(
     st: &AppState,
     host: &HostId,
@@ -153,6 +156,20 @@ async fn prepare(
     renew: bool,
     now: i64,
 ) -> ApiResult<bool> {
+    let fresh = if renew {
+        let domain = st.cfg.host_domain(&h.name);
+        let names = cert_names(domain.as_deref(), &h.address);
+        let leaf = st
+            .ca
+            .issue(&names, now)
+            .map_err(|e| ApiError::Conflict(format!("cannot issue a certificate: {e}")))?;
+        let sealed = st
+            .sealer
+            .seal(&sealing_context(host), leaf.key_pem.expose());
+        Some((leaf, sealed, names.join(",")))
+    } else {
+        None
+    };
     let mut tx = st.db.begin_write().await?;
     match access::prepare_host(&mut tx, &st.cfg, host).await {
         Ok(_) => {}
@@ -162,33 +179,21 @@ async fn prepare(
         Err(AccessError::Taken) => return Ok(false),
         Err(AccessError::Db(e)) => return Err(e.into()),
     }
-    if renew {
-        let domain = st.cfg.host_domain(&h.name);
-        let names = cert_names(domain.as_deref(), &h.address);
-        let leaf = st
-            .ca
-            .issue(&names, now)
-            .map_err(|e| ApiError::Conflict(format!("cannot issue a certificate: {e}")))?;
-        store_cert(
-            &mut tx,
-            st,
-            host,
-            &leaf,
-            &names.join(","),
-            h.fingerprint.as_deref(),
-        )
-        .await?;
-        tracing::info!(%host, fingerprint = %leaf.fingerprint, "issued the host's HTTPS certificate");
+    if let Some((leaf, sealed, names)) = &fresh {
+        store_cert(&mut tx, host, leaf, sealed, names, h.fingerprint.as_deref()).await?;
     }
     tx.commit().await?;
+    if let Some((leaf, ..)) = &fresh {
+        tracing::info!(%host, fingerprint = %leaf.fingerprint, "issued the host's HTTPS certificate");
+    }
     Ok(true)
 }
 
 async fn store_cert(
     tx: &mut Tx,
-    st: &AppState,
     host: &HostId,
     leaf: &pki::Issued,
+    sealed: &str,
     names: &str,
     was: Option<&str>,
 ) -> ApiResult<()> {
@@ -198,10 +203,7 @@ async fn store_cert(
          AND COALESCE(tls_fingerprint, '') = $7",
     )
     .bind(&leaf.chain_pem)
-    .bind(
-        st.sealer
-            .seal(&sealing_context(host), leaf.key_pem.expose()),
-    )
+    .bind(sealed)
     .bind(&leaf.fingerprint)
     .bind(leaf.not_after_ms)
     .bind(names)

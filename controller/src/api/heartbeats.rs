@@ -14,20 +14,18 @@
 //! heartbeat on its own.
 
 use super::agent::{heartbeat_alone, heartbeat_in};
+use crate::db::group::{oldest, GroupQueue, Queued};
 use crate::db::Backend;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 use gantry_proto::api::agent::{AgentHeartbeat, UsageAck};
 use gantry_proto::ids::HostId;
-use std::sync::OnceLock;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Heartbeats one transaction applies at most: a group holds the writer's
 /// turn, which a tenant's write may be waiting for, about 2-3 ms each.
 const GROUP: usize = 8;
-/// Heartbeats waiting at most (beyond them callers wait to enqueue).
-const QUEUE: usize = 4096;
 
 /// What applying a heartbeat answers: the billed counters, and whether
 /// the host's work changed.
@@ -42,10 +40,20 @@ struct Pending {
     done: oneshot::Sender<ApiResult<Applied>>,
 }
 
-/// The group task's queue, started on first use.
-#[derive(Default)]
-pub struct Heartbeats {
-    queue: OnceLock<mpsc::Sender<Pending>>,
+impl Queued for Pending {
+    fn asked(&self) -> Instant {
+        self.asked
+    }
+}
+
+/// The group queue, its task started on first use. The task holds the
+/// service's state weakly: the state holds the queue.
+pub struct Heartbeats(GroupQueue<Pending>);
+
+impl Default for Heartbeats {
+    fn default() -> Self {
+        Self(GroupQueue::new(GROUP))
+    }
 }
 
 impl Heartbeats {
@@ -56,42 +64,35 @@ impl Heartbeats {
         host: HostId,
         hb: AgentHeartbeat,
     ) -> ApiResult<Applied> {
+        let asked = Instant::now();
         if st.db.backend != Backend::Sqlite {
-            return heartbeat_alone(st, &host, &hb).await;
+            return heartbeat_alone(st, &host, &hb, asked).await;
         }
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(run(st.clone(), rx));
-            tx
-        });
         let (done, answer) = oneshot::channel();
         let gone = || ApiError::Unavailable("the heartbeat writer stopped; retry".into());
-        queue
-            .send(Pending {
-                asked: Instant::now(),
-                host,
-                hb,
-                done,
+        let item = Pending {
+            asked,
+            host,
+            hb,
+            done,
+        };
+        self.0
+            .push(item, || {
+                let weak = st.downgrade();
+                move |group| {
+                    let st = weak.upgrade();
+                    async move {
+                        // Without the state the service is gone: the
+                        // dropped answers tell the callers.
+                        if let Some(st) = st {
+                            apply_group(&st, group).await;
+                        }
+                    }
+                }
             })
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
-    }
-}
-
-async fn run(st: AppState, mut rx: mpsc::Receiver<Pending>) {
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        while group.len() < GROUP {
-            match rx.try_recv() {
-                Ok(p) => group.push(p),
-                Err(_) => break,
-            }
-        }
-        // Each group on a task of its own: a panic fails its callers
-        // (their answers are dropped), not the writer.
-        let st = st.clone();
-        let _ = tokio::spawn(async move { apply_group(&st, group).await }).await;
     }
 }
 
@@ -111,18 +112,15 @@ async fn apply_group(st: &AppState, group: Vec<Pending>) {
         }
     }
     for p in group {
-        let _ = p.done.send(heartbeat_alone(st, &p.host, &p.hb).await);
+        let _ = p
+            .done
+            .send(heartbeat_alone(st, &p.host, &p.hb, p.asked).await);
     }
 }
 
 /// One transaction for the whole group, or none of it.
 async fn write_group(st: &AppState, group: &[Pending]) -> ApiResult<Vec<Applied>> {
-    let asked = group
-        .iter()
-        .map(|p| p.asked)
-        .min()
-        .unwrap_or_else(Instant::now);
-    let mut tx = st.db.begin_write_asked_at(asked).await?;
+    let mut tx = st.db.begin_write_asked_at(oldest(group)).await?;
     let mut applied = Vec::with_capacity(group.len());
     for p in group {
         applied.push(heartbeat_in(st, &mut tx, &p.host, &p.hb).await?);

@@ -24,7 +24,9 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// `POST /v1/agent/metrics`: checks the batch (422 naming the field) and
-/// stores it, unless the Monitor view reads Prometheus.
+/// stores it, unless the Monitor view reads Prometheus. 204 once it is
+/// committed, or once it has waited a second in the writer's queue (it is
+/// written with the next group; see [`crate::monitor::writer`]).
 async fn ingest(
     State(st): State<AppState>,
     who: Caller,
@@ -54,7 +56,7 @@ async fn ingest(
             crate::metrics::metrics_batch("error");
             monitor_err(e)
         })?;
-    crate::metrics::metrics_batch("stored");
+    crate::metrics::metrics_batch(if got.queued { "queued" } else { "stored" });
     if got.foreign > 0 {
         tracing::warn!(%host, samples = got.foreign,
             "ignored metric samples of instances not placed on the sending host");

@@ -15,6 +15,7 @@
 //! private to the service user (0600, fixed at start); the state dir is
 //! 0700 ([`private_dir`]).
 
+pub mod group;
 mod migrations;
 pub mod rows;
 mod tx;
@@ -121,7 +122,13 @@ impl Db {
             }
             // A memory database is one per pool: write where it is read.
             Backend::Sqlite => (Turns::one_at_a_time(), pool.clone()),
-            Backend::Postgres => (Turns::default(), pool.clone()),
+            // Admission: at most half the pool writes at once, tenants'
+            // writes first, so that neither a host flood's transactions
+            // nor their CPU crowd out the readers and the tenants.
+            Backend::Postgres => (
+                Turns::writers_at_once((max_connections as usize / 2).max(1)),
+                pool.clone(),
+            ),
         };
         Ok(Self {
             pool,

@@ -12,7 +12,14 @@
 //! free when it asks, writers go first come first served, and at most one
 //! pooled connection is held by a writer. The busy handler still covers
 //! writers outside this process (a second controller on the same file).
-//! PostgreSQL has row locks and takes no turn.
+//!
+//! PostgreSQL has row locks and writes in parallel; there the same queue
+//! admits at most half the pool's connections as writers at once
+//! ([`Turns::writers_at_once`]), tenants' writes first by the same
+//! deadlines. On a host short of CPU a fleet's heartbeats and batches
+//! otherwise run as many transactions at once as there are connections,
+//! and the tenants' reads and writes wait behind them for the CPU
+//! (docs/benchmarks.md, "Controller ingest").
 
 use super::DbError;
 use sqlx::AnyConnection;
@@ -79,17 +86,20 @@ pub async fn interactive<F: std::future::Future>(f: F) -> F::Output {
 #[derive(Clone, Debug, Default)]
 pub struct Turns(Option<Arc<Queue>>);
 
-/// One turn, and who waits for it, by class.
+/// The turns (one on SQLite), and who waits for one, by class.
 #[derive(Debug)]
 struct Queue {
     state: Mutex<QueueState>,
+    /// How many writers may hold a turn at once.
+    permits: usize,
     /// [`BACKGROUND_SLACK`], shorter in tests.
     slack: Duration,
 }
 
 #[derive(Debug, Default)]
 struct QueueState {
-    held: bool,
+    /// Turns held now.
+    held: usize,
     /// By class, each in the order they asked, with when they asked.
     waiting: [VecDeque<(Instant, oneshot::Sender<Held>)>; 2],
 }
@@ -139,7 +149,7 @@ impl Queue {
                 match s.next(self.slack) {
                     Some(w) => w,
                     None => {
-                        s.held = false;
+                        s.held -= 1;
                         return;
                     }
                 }
@@ -159,12 +169,24 @@ pub type Turn = Option<Held>;
 impl Turns {
     /// One writer at a time (SQLite).
     pub fn one_at_a_time() -> Self {
-        Self::with_slack(BACKGROUND_SLACK)
+        Self::at_once(1, BACKGROUND_SLACK)
     }
 
+    /// At most `permits` writers at a time (PostgreSQL: admission, not
+    /// exclusion), served by the same deadlines.
+    pub fn writers_at_once(permits: usize) -> Self {
+        Self::at_once(permits, BACKGROUND_SLACK)
+    }
+
+    #[cfg(test)]
     fn with_slack(slack: Duration) -> Self {
+        Self::at_once(1, slack)
+    }
+
+    fn at_once(permits: usize, slack: Duration) -> Self {
         Self(Some(Arc::new(Queue {
             state: Mutex::default(),
+            permits: permits.max(1),
             slack,
         })))
     }
@@ -192,8 +214,8 @@ impl Turns {
         let started = Instant::now();
         let rx = {
             let mut s = q.state.lock().unwrap_or_else(|p| p.into_inner());
-            if !s.held {
-                s.held = true;
+            if s.held < q.permits {
+                s.held += 1;
                 drop(s);
                 crate::metrics::db_writer_wait(class, started.elapsed());
                 return Ok(Some(Held::new(q)));
@@ -293,6 +315,38 @@ mod tests {
     use super::*;
     use crate::db::{is_retryable, Db};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// With N turns, N writers hold one at once; the next waits for one
+    /// to be given back, and a turn given back with nobody waiting frees
+    /// its permit.
+    #[tokio::test]
+    async fn n_writers_at_once_and_the_next_waits() {
+        let turns = Turns::writers_at_once(2);
+        let a = turns.take().await.unwrap();
+        let b = turns.take().await.unwrap();
+        assert!(a.is_some() && b.is_some());
+        let short = Duration::from_millis(50);
+        let third = turns.take_within(Class::Background, Instant::now(), short);
+        assert!(matches!(third.await, Err(DbError::NoTurn(_))));
+        let waiting = {
+            let turns = turns.clone();
+            tokio::spawn(async move { turns.take().await.unwrap().is_some() })
+        };
+        tokio::time::sleep(short).await;
+        assert!(
+            !waiting.is_finished(),
+            "a third writer got a turn while two were held"
+        );
+        drop(a);
+        assert!(
+            waiting.await.unwrap(),
+            "the freed turn went to the waiting writer"
+        );
+        drop(b);
+        // Both permits free again.
+        let (c, d) = (turns.take().await.unwrap(), turns.take().await.unwrap());
+        assert!(c.is_some() && d.is_some());
+    }
 
     #[tokio::test]
     async fn a_writer_without_a_turn_fails_retryably_and_postgres_takes_none() {

@@ -140,6 +140,9 @@ fn decode(subject: &str, v: &str) -> Result<BTreeMap<String, f64>, MonitorError>
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Ingested {
     pub stored: usize,
+    /// Whether the rows were still queued for the writer when answered
+    /// (see [`writer::ACK_WAIT`]).
+    pub queued: bool,
     /// Instances not placed on the sending host.
     pub foreign: usize,
 }
@@ -182,7 +185,7 @@ pub async fn ingest(
         }
     }
     out.stored = rows.len();
-    mon.writer.write(db, batch.sent_at_ms, rows).await?;
+    out.queued = mon.writer.write(db, batch.sent_at_ms, rows).await? == writer::Written::Queued;
     mon.foreign_samples
         .fetch_add(out.foreign as u64, Ordering::Relaxed);
     mon.stored_samples

@@ -1,7 +1,9 @@
 //! Network-group throughput with namespaces standing in for hosts and
 //! guests (a TCG guest would measure the emulator): one TCP stream between
 //! two members on one host (through the group bridge), across two "hosts"
-//! (through VXLAN over an underlay veth), and over a plain veth between two
+//! (through VXLAN over an underlay veth), over the kernel's bare VXLAN
+//! between two namespaces (no bridge, no guest veth, no rules: what the
+//! overlay itself costs here), and over a plain veth between two
 //! namespaces at MTU 1500 and 1450 — interleaved, `DEFAULT_ROUNDS` (or the second argument) each, medians.
 //! Usage: bench_groups [seconds per stream] (run by scripts/bench-groups).
 
@@ -59,6 +61,25 @@ fn sink(ns: &Netns) -> anyhow::Result<()> {
     })?;
     std::thread::sleep(Duration::from_millis(100));
     Ok(())
+}
+
+/// The kernel's own VXLAN between two namespaces over an underlay veth,
+/// with no bridge, guest veth or rules: the ceiling of any overlay built
+/// of kernel VXLAN on this machine.
+fn bare_vxlan() -> anyhow::Result<(Netns, Netns)> {
+    let (a, b) = (Netns::new("x")?, Netns::new("x")?);
+    veth(&a, "ul0", "10.92.0.1/24", &b, "ul0", "10.92.0.2/24")?;
+    for (ns, local, remote, ip) in [
+        (&a, "10.92.0.1", "10.92.0.2", "10.93.0.1/24"),
+        (&b, "10.92.0.2", "10.92.0.1", "10.93.0.2/24"),
+    ] {
+        ns.sh(&format!(
+            "ip link add vx0 type vxlan id 77 local {local} remote {remote} dstport 4789 dev ul0 \
+             && ip addr add {ip} dev vx0 && ip link set vx0 up"
+        ))?;
+    }
+    sink(&b)?;
+    Ok((a, b))
 }
 
 fn stream(from: &Netns, to: Ipv4Addr, d: Duration) -> anyhow::Result<f64> {
@@ -153,6 +174,7 @@ fn main() -> anyhow::Result<()> {
     p1.run(&["ip", "link", "set", "v1", "mtu", "1450"])?;
     p2.run(&["ip", "link", "set", "v1", "mtu", "1450"])?;
     sink(&p2)?;
+    let (x1, _x2) = bare_vxlan()?;
     let paths: Vec<(&str, &Netns, Ipv4Addr)> = vec![
         ("plain veth, MTU 1500", &p1, "10.90.0.2".parse()?),
         ("plain veth, MTU 1450", &p1, "10.91.0.2".parse()?),
@@ -165,6 +187,11 @@ fn main() -> anyhow::Result<()> {
             "group, two hosts (VXLAN), MTU 1450",
             &guests[0].ns,
             guests[2].ip,
+        ),
+        (
+            "bare kernel VXLAN (no bridge, no rules), MTU 1450",
+            &x1,
+            "10.93.0.2".parse()?,
         ),
     ];
     // Warm-up (ARP, first connections).

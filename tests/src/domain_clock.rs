@@ -25,6 +25,8 @@ pub struct DomainClock {
 struct Stretches {
     closed_ms: i64,
     since: Option<DateTime<Utc>>,
+    /// Stretches begun (starts and resumes).
+    runs: u32,
 }
 
 fn with_prefix(prefix: &str, args: &[&str]) -> BTreeSet<String> {
@@ -79,8 +81,9 @@ impl DomainClock {
                 let mut m = s.lock().unwrap_or_else(|e| e.into_inner());
                 let st = m.entry(name.to_string()).or_default();
                 match event {
-                    "Started" | "Resumed" => {
-                        st.since.get_or_insert(at);
+                    "Started" | "Resumed" if st.since.is_none() => {
+                        st.since = Some(at);
+                        st.runs += 1;
                     }
                     "Suspended" | "Stopped" | "Crashed" | "PMSuspended" => {
                         if let Some(since) = st.since.take() {
@@ -96,6 +99,13 @@ impl DomainClock {
             state,
             events,
         })
+    }
+
+    /// How many times libvirt started or resumed domain `<prefix><suffix>`.
+    pub fn runs(&self, suffix: &str) -> u32 {
+        let m = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&format!("{}{suffix}", self.prefix))
+            .map_or(0, |s| s.runs)
     }
 
     /// How long libvirt had domain `<prefix><suffix>` running so far.

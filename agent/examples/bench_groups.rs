@@ -5,7 +5,15 @@
 //! between two namespaces (no bridge, no guest veth, no rules: what the
 //! overlay itself costs here), and over a plain veth between two
 //! namespaces at MTU 1500 and 1450 — interleaved, `DEFAULT_ROUNDS` (or the second argument) each, medians.
-//! Usage: bench_groups [seconds per stream] (run by scripts/bench-groups).
+//! With `pin` as the third argument the sender runs on CPU 0 and the sink
+//! on CPU 1, so the scheduler's placement (both on one core, or swapping)
+//! is taken out of the spread; the packet path's softirq work then runs
+//! on the sender's core, both "hosts'" share of it included (RPS to the
+//! sink's core was tried: the cross-core hand-off cost more than it took
+//! off the sender's core).
+//! Besides each path's median it prints the median of its per-round ratio
+//! to that round's plain veth (paired, so the machine's drift cancels).
+//! Usage: bench_groups [seconds per stream] [rounds] [pin] (run by scripts/bench-groups).
 
 use gantry_agent::config::NetworkConfig;
 use gantry_agent::net::groups::{group_tap_name, Groups};
@@ -47,12 +55,25 @@ fn guest(ip: &str, host: usize) -> anyhow::Result<Guest> {
     Ok(Guest { id, ns, ip, host })
 }
 
+/// The CPUs the sender and the sink are pinned to (`None`: not pinned).
+static PIN: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).expect("cpu index");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
 /// A TCP sink on 5001.
 fn sink(ns: &Netns) -> anyhow::Result<()> {
     ns.spawn(|| {
         let l = TcpListener::bind("0.0.0.0:5001").expect("bind 5001");
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
+                if let Some(Some((_, cpu))) = PIN.get() {
+                    pin_to(*cpu);
+                }
                 let mut s = s;
                 let mut buf = vec![0u8; 256 * 1024];
                 while s.read(&mut buf).is_ok_and(|n| n > 0) {}
@@ -85,6 +106,9 @@ fn bare_vxlan() -> anyhow::Result<(Netns, Netns)> {
 fn stream(from: &Netns, to: Ipv4Addr, d: Duration) -> anyhow::Result<f64> {
     let to = SocketAddr::from((to, 5001));
     from.enter(move || -> anyhow::Result<f64> {
+        if let Some(Some((cpu, _))) = PIN.get() {
+            pin_to(*cpu);
+        }
         let mut s = TcpStream::connect(to)?;
         let buf = vec![7u8; 256 * 1024];
         let start = Instant::now();
@@ -135,6 +159,8 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::args()
         .nth(2)
         .map_or(Ok(DEFAULT_ROUNDS), |s| s.parse())?;
+    let pin = std::env::args().nth(3).is_some_and(|a| a == "pin");
+    let _ = PIN.set(pin.then_some((0, 1)));
     let d = Duration::from_secs(secs);
     let hosts = [Netns::new("ha")?, Netns::new("hb")?];
     veth(
@@ -208,15 +234,24 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let base = median(got[0].clone());
-    println!("| path | Gbit/s (median of {rounds} x {secs} s) | runs | vs plain veth 1500 |");
-    println!("|---|---|---|---|");
+    let pinned = if pin {
+        ", sender on CPU 0, sink on CPU 1"
+    } else {
+        ""
+    };
+    println!(
+        "| path | Gbit/s (median of {rounds} x {secs} s{pinned}) | runs | vs plain veth 1500 (medians) | vs plain veth 1500 (median of per-round ratios) |"
+    );
+    println!("|---|---|---|---|---|");
     for (i, (name, _, _)) in paths.iter().enumerate() {
         let m = median(got[i].clone());
         let runs: Vec<String> = got[i].iter().map(|x| format!("{x:.2}")).collect();
+        let paired = median(got[i].iter().zip(&got[0]).map(|(x, b)| x / b).collect());
         println!(
-            "| {name} | {m:.2} | {} | {:.0}% |",
+            "| {name} | {m:.2} | {} | {:.0}% | {:.0}% |",
             runs.join(", "),
-            m / base * 100.0
+            m / base * 100.0,
+            paired * 100.0
         );
     }
     Ok(())

@@ -300,7 +300,10 @@ fn inject(from: &Netns, src: &str, to: &Netns, packet: Vec<u8>) -> bool {
         let u = UdpSocket::bind("0.0.0.0:7777").unwrap();
         u.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let mut buf = [0u8; 64];
-        let _ = tx.send(u.recv(&mut buf).ok().map(|n| buf[..n].to_vec()));
+        let got = u.recv(&mut buf).ok().map(|n| buf[..n].to_vec());
+        // Closed before answering, so the next call can bind the port.
+        drop(u);
+        let _ = tx.send(got);
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(100));

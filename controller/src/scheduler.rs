@@ -27,7 +27,7 @@
 //! it tries the next one, and a race lost on the GPUs answers
 //! [`PlaceError::Raced`]: the caller retries with a fresh transaction.
 
-use crate::db::{col, DbError, Tx};
+use crate::db::{col, Backend, DbError, Tx};
 use crate::groups::GroupPref;
 use gantry_proto::api::v1::Placement;
 use gantry_proto::groups::GroupPlacement;
@@ -442,24 +442,45 @@ pub async fn place_with(
             None => why,
         }));
     }
-    for i in order {
-        let host: HostId = cands[i].id.parse().map_err(|e| {
-            PlaceError::Db(DbError::Corrupt {
-                table: "hosts",
-                message: format!("id: {e}"),
-            })
-        })?;
-        match reserve_capacity(tx, &host, need).await {
-            // Nothing was written: the next candidate may still fit.
-            Err(PlaceError::Raced) => continue,
-            Err(e) => return Err(e),
-            Ok(()) => {}
+    // On PostgreSQL writers run side by side: a first pass passes over
+    // candidates whose row another transaction holds (a heartbeat, another
+    // placement) rather than wait for it, since the next candidate is as
+    // good a home; only when every candidate was held or full does the
+    // second pass wait. SQLite has one writer: nothing is ever held.
+    let passes: &[Lock] = match tx.backend() {
+        Backend::Postgres => &[Lock::SkipHeld, Lock::Wait],
+        Backend::Sqlite => &[Lock::Wait],
+    };
+    for &lock in passes {
+        for &i in &order {
+            let host: HostId = cands[i].id.parse().map_err(|e| {
+                PlaceError::Db(DbError::Corrupt {
+                    table: "hosts",
+                    message: format!("id: {e}"),
+                })
+            })?;
+            match reserve_capacity_as(tx, &host, need, lock).await {
+                // Nothing was written: the next candidate may still fit.
+                Err(PlaceError::Raced) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            let model = need.gpu_model.as_deref().unwrap_or_default();
+            let gpus = claim_gpus(tx, &host, instance, model, need.gpu_count).await?;
+            return Ok((host, gpus));
         }
-        let model = need.gpu_model.as_deref().unwrap_or_default();
-        let gpus = claim_gpus(tx, &host, instance, model, need.gpu_count).await?;
-        return Ok((host, gpus));
     }
     Err(PlaceError::Raced)
+}
+
+/// How a placement takes a candidate host's row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lock {
+    /// Waits for a transaction that holds it.
+    Wait,
+    /// Passes over it (as if full) while another transaction holds it
+    /// (PostgreSQL's `SKIP LOCKED`).
+    SkipHeld,
 }
 
 /// Claims `need` on `host` (conditional updates; [`PlaceError::Raced`] when
@@ -478,17 +499,31 @@ pub async fn reserve(
 /// Claims `need`'s vCPUs, memory and disk on `host` (not its GPUs). The
 /// host row is the first row every placement locks.
 pub async fn reserve_capacity(tx: &mut Tx, host: &HostId, need: &Need) -> Result<(), PlaceError> {
-    let done = sqlx::query(
+    reserve_capacity_as(tx, host, need, Lock::Wait).await
+}
+
+async fn reserve_capacity_as(
+    tx: &mut Tx,
+    host: &HostId,
+    need: &Need,
+    lock: Lock,
+) -> Result<(), PlaceError> {
+    let row = match lock {
+        Lock::Wait => "$4",
+        Lock::SkipHeld => "(SELECT id FROM hosts WHERE id = $4 FOR UPDATE SKIP LOCKED)",
+    };
+    let sql = format!(
         "UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
-         used_disk_gib = used_disk_gib + $3 WHERE id = $4 AND vcpus - used_vcpus >= $1 \
-         AND memory_mib - used_memory_mib >= $2 AND disk_gib - used_disk_gib >= $3",
-    )
-    .bind(need.vcpus as i64)
-    .bind(need.memory_mib as i64)
-    .bind(need.disk_gib as i64)
-    .bind(host.to_string())
-    .execute(&mut **tx)
-    .await?;
+         used_disk_gib = used_disk_gib + $3 WHERE id = {row} AND vcpus - used_vcpus >= $1 \
+         AND memory_mib - used_memory_mib >= $2 AND disk_gib - used_disk_gib >= $3"
+    );
+    let done = sqlx::query(&sql)
+        .bind(need.vcpus as i64)
+        .bind(need.memory_mib as i64)
+        .bind(need.disk_gib as i64)
+        .bind(host.to_string())
+        .execute(&mut **tx)
+        .await?;
     if done.rows_affected() != 1 {
         return Err(PlaceError::Raced);
     }

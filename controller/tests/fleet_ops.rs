@@ -540,3 +540,66 @@ async fn drain_moves_stopped_instances_and_reports_the_rest(s: Server) {
         .expect("h1 removes its copy");
     assert_eq!(stray["instance"], lonely.as_str());
 }
+
+/// On PostgreSQL, where writers run side by side, a placement passes over a
+/// host whose row another transaction holds (a heartbeat's, say) instead of
+/// waiting behind it, and waits only when every candidate is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL: ./scripts/test runs it"]
+async fn a_placement_passes_over_a_host_another_transaction_holds() {
+    let s = Server::start(common::Backend::Postgres)
+        .await
+        .expect("server");
+    let (_, t) = s.account("acme").await;
+    let (x, y) = (s.host("x", "none", 0).await, s.host("y", "none", 0).await);
+    let (f, img) = (flavor(&s).await, s.image("ubuntu").await);
+    // Pack: the second instance goes where the first went.
+    let first = s.host_of(&create(&s, &t, "one", &f, &img).await).await;
+    let other = if first == x { y.clone() } else { x.clone() };
+    assert_eq!(
+        s.host_of(&create(&s, &t, "two", &f, &img).await).await,
+        first
+    );
+
+    let db = s.db().await;
+    let hold = |ids: Vec<String>| {
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            for id in ids {
+                sqlx::query("SELECT id FROM hosts WHERE id = $1 FOR UPDATE")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            tx
+        }
+    };
+    // The packed host is held: the create lands on the other one at once.
+    let held = hold(vec![first.clone()]).await;
+    let started = std::time::Instant::now();
+    let three = tokio::time::timeout(Duration::from_secs(5), create(&s, &t, "three", &f, &img))
+        .await
+        .expect("a held host does not hold up the create");
+    assert_eq!(s.host_of(&three).await, other);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    held.rollback().await.unwrap();
+
+    // Both held: the create waits for them, then packs as usual.
+    let held = hold(vec![x.clone(), y.clone()]).await;
+    let s = std::sync::Arc::new(s);
+    let (s2, t2, f2, img2) = (s.clone(), t.clone(), f.clone(), img.clone());
+    let waiting = tokio::spawn(async move { create(&s2, &t2, "four", &f2, &img2).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the create waits while every host is held"
+    );
+    held.rollback().await.unwrap();
+    let four = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the create goes on once the hosts are free")
+        .unwrap();
+    assert_eq!(s.host_of(&four).await, first);
+}

@@ -24,6 +24,16 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A port that refuses connections for as long as the socket lives: bound
+/// but never listening, so neither another test's listener nor a client's
+/// ephemeral port (a TCP self-connect) can take it meanwhile.
+fn dead_port() -> (tokio::net::TcpSocket, u16) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let port = s.local_addr().unwrap().port();
+    (s, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_by_name_keeps_host_and_sets_forwarded_headers() -> anyhow::Result<()> {
     let ca = Ca::new("test ca")?;
@@ -100,7 +110,7 @@ async fn http2_from_the_client_reaches_an_http1_upstream() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_names_get_404_and_dead_upstreams_502() -> anyhow::Result<()> {
     let ca = Ca::new("test ca")?;
-    let dead = free_port();
+    let (_held, dead) = dead_port();
     let proxy = proxy(&ca)?;
     proxy.set_routes(name_routes(
         &["dead"],
@@ -162,7 +172,8 @@ async fn per_port_listeners_follow_set_routes() -> anyhow::Result<()> {
     assert_eq!(echo["host"], format!("{DOMAIN}:{port}"));
 
     // An edited route applies to the next request on the same listener.
-    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_held, dead) = dead_port();
+    let dead = SocketAddr::from(([127, 0, 0, 1], dead));
     assert!(proxy
         .set_routes(Routes {
             by_port: HashMap::from([(port, dead)]),

@@ -175,7 +175,7 @@ impl Db {
             // Only when the runtime shuts down.
             Err(_) => DbError::NoTurn(Duration::ZERO),
         })??;
-        Ok(Tx::new(inner, turn))
+        Ok(Tx::new(inner, turn, backend))
     }
 
     /// The writer's turn and connection for a single-statement write on

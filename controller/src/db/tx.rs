@@ -21,7 +21,7 @@
 //! and the tenants' reads and writes wait behind them for the CPU
 //! (docs/benchmarks.md, "Controller ingest").
 
-use super::DbError;
+use super::{Backend, DbError};
 use sqlx::AnyConnection;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -245,11 +245,25 @@ impl Turns {
 pub struct Tx {
     inner: sqlx::Transaction<'static, sqlx::Any>,
     _turn: Turn,
+    backend: Backend,
 }
 
 impl Tx {
-    pub(super) fn new(inner: sqlx::Transaction<'static, sqlx::Any>, turn: Turn) -> Self {
-        Self { inner, _turn: turn }
+    pub(super) fn new(
+        inner: sqlx::Transaction<'static, sqlx::Any>,
+        turn: Turn,
+        backend: Backend,
+    ) -> Self {
+        Self {
+            inner,
+            _turn: turn,
+            backend,
+        }
+    }
+
+    /// The backend the transaction runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Commits; the turn is given back once the commit is durable.

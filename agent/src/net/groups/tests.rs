@@ -68,7 +68,10 @@ fn a_group_is_built_once_and_then_left_alone() {
     assert_eq!(changes(&r.k), want);
     let rules = r.k.rules.lock().unwrap().clone();
     assert!(
-        rules.contains(&format!("ether saddr != {} drop", a.mac)),
+        rules.contains(&format!(
+            "ether saddr {} ether type ip ip saddr {} accept",
+            a.mac, a.ip
+        )),
         "{rules}"
     );
     assert!(

@@ -55,11 +55,14 @@ fn guest(ip: &str, host: usize) -> anyhow::Result<Guest> {
     Ok(Guest { id, ns, ip, host })
 }
 
-/// The CPUs the sender and the sink are pinned to (`None`: not pinned).
-static PIN: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+/// Whether the sender is pinned to CPU 0 and the sink to CPU 1.
+static PIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread to `cpu` when `pin` was asked for.
 fn pin_to(cpu: usize) {
+    if !PIN.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu).expect("cpu index");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
@@ -71,9 +74,7 @@ fn sink(ns: &Netns) -> anyhow::Result<()> {
         let l = TcpListener::bind("0.0.0.0:5001").expect("bind 5001");
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
-                if let Some(Some((_, cpu))) = PIN.get() {
-                    pin_to(*cpu);
-                }
+                pin_to(1);
                 let mut s = s;
                 let mut buf = vec![0u8; 256 * 1024];
                 while s.read(&mut buf).is_ok_and(|n| n > 0) {}
@@ -106,9 +107,7 @@ fn bare_vxlan() -> anyhow::Result<(Netns, Netns)> {
 fn stream(from: &Netns, to: Ipv4Addr, d: Duration) -> anyhow::Result<f64> {
     let to = SocketAddr::from((to, 5001));
     from.enter(move || -> anyhow::Result<f64> {
-        if let Some(Some((cpu, _))) = PIN.get() {
-            pin_to(*cpu);
-        }
+        pin_to(0);
         let mut s = TcpStream::connect(to)?;
         let buf = vec![7u8; 256 * 1024];
         let start = Instant::now();
@@ -160,7 +159,7 @@ fn main() -> anyhow::Result<()> {
         .nth(2)
         .map_or(Ok(DEFAULT_ROUNDS), |s| s.parse())?;
     let pin = std::env::args().nth(3).is_some_and(|a| a == "pin");
-    let _ = PIN.set(pin.then_some((0, 1)));
+    PIN.store(pin, std::sync::atomic::Ordering::Relaxed);
     let d = Duration::from_secs(secs);
     let hosts = [Netns::new("ha")?, Netns::new("hb")?];
     veth(

@@ -508,22 +508,25 @@ async fn reserve_capacity_as(
     need: &Need,
     lock: Lock,
 ) -> Result<(), PlaceError> {
-    let row = match lock {
-        Lock::Wait => "$4",
-        Lock::SkipHeld => "(SELECT id FROM hosts WHERE id = $4 FOR UPDATE SKIP LOCKED)",
-    };
-    let sql = format!(
-        "UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mib = used_memory_mib + $2, \
-         used_disk_gib = used_disk_gib + $3 WHERE id = {row} AND vcpus - used_vcpus >= $1 \
-         AND memory_mib - used_memory_mib >= $2 AND disk_gib - used_disk_gib >= $3"
-    );
-    let done = sqlx::query(&sql)
-        .bind(need.vcpus as i64)
-        .bind(need.memory_mib as i64)
-        .bind(need.disk_gib as i64)
-        .bind(host.to_string())
-        .execute(&mut **tx)
-        .await?;
+    const WAIT: &str = "UPDATE hosts SET used_vcpus = used_vcpus + $1, \
+        used_memory_mib = used_memory_mib + $2, used_disk_gib = used_disk_gib + $3 \
+        WHERE id = $4 AND vcpus - used_vcpus >= $1 \
+        AND memory_mib - used_memory_mib >= $2 AND disk_gib - used_disk_gib >= $3";
+    const SKIP_HELD: &str = "UPDATE hosts SET used_vcpus = used_vcpus + $1, \
+        used_memory_mib = used_memory_mib + $2, used_disk_gib = used_disk_gib + $3 \
+        WHERE id = (SELECT id FROM hosts WHERE id = $4 FOR UPDATE SKIP LOCKED) \
+        AND vcpus - used_vcpus >= $1 \
+        AND memory_mib - used_memory_mib >= $2 AND disk_gib - used_disk_gib >= $3";
+    let done = sqlx::query(match lock {
+        Lock::Wait => WAIT,
+        Lock::SkipHeld => SKIP_HELD,
+    })
+    .bind(need.vcpus as i64)
+    .bind(need.memory_mib as i64)
+    .bind(need.disk_gib as i64)
+    .bind(host.to_string())
+    .execute(&mut **tx)
+    .await?;
     if done.rows_affected() != 1 {
         return Err(PlaceError::Raced);
     }

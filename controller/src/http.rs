@@ -13,9 +13,12 @@
 //!   no byte for `idle_timeout` is closed (a client that stopped reading
 //!   its answer);
 //! - **count**: at most `max_connections` are open. At the cap a new
-//!   connection takes the place of the one idle the longest (no request
-//!   being handled); when every one is busy it is answered `503` and
-//!   closed. Running out of file descriptors (`EMFILE`) also closes the
+//!   connection takes the place of an idle one (no request being
+//!   handled): one that has never made a request first, else the one idle
+//!   the longest, so a flood of silent connections cannot push out a
+//!   client that is working (whose next request may already sit unread in
+//!   the socket while the server is busy); when every one is busy it is
+//!   answered `503` and closed. Running out of file descriptors (`EMFILE`) also closes the
 //!   idlest connection, and accepting resumes after a short pause: the
 //!   loop never spins and never stops.
 //!
@@ -91,6 +94,8 @@ struct Conn {
     last_io: AtomicU64,
     /// Requests being handled now.
     in_flight: AtomicUsize,
+    /// Has made at least one request (its header arrived whole).
+    worked: AtomicBool,
     /// Told to close now (evicted).
     close: tokio::sync::Notify,
 }
@@ -116,6 +121,7 @@ impl Registry {
         let c = Arc::new(Conn {
             last_io: AtomicU64::new(self.now_ms()),
             in_flight: AtomicUsize::new(0),
+            worked: AtomicBool::new(false),
             close: tokio::sync::Notify::new(),
         });
         let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,14 +134,20 @@ impl Registry {
         m.remove(&id);
     }
 
-    /// Closes the connection idle the longest (none handling a request);
-    /// false when every one is busy.
+    /// Closes an idle connection (none handling a request): of those that
+    /// never made a request the one idle the longest, else the idlest of
+    /// all; false when every one is busy.
     fn evict_idlest(&self) -> bool {
         let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let idlest = m
             .iter()
             .filter(|(_, c)| c.in_flight.load(Ordering::SeqCst) == 0)
-            .min_by_key(|(_, c)| c.last_io.load(Ordering::Relaxed))
+            .min_by_key(|(_, c)| {
+                (
+                    c.worked.load(Ordering::Relaxed),
+                    c.last_io.load(Ordering::Relaxed),
+                )
+            })
             .map(|(id, _)| *id);
         match idlest.and_then(|id| m.remove(&id)) {
             Some(c) => {
@@ -359,6 +371,7 @@ async fn handle(
         }
     }
     conn.in_flight.fetch_add(1, Ordering::SeqCst);
+    conn.worked.store(true, Ordering::Relaxed);
     let _guard = InFlight(conn);
     // The peer's address, for per-address limits on refused calls.
     req.extensions_mut()

@@ -127,6 +127,45 @@ async fn at_the_connection_cap_the_idlest_is_replaced_or_the_newcomer_told_503()
     assert!(said.contains("too many connections"), "{said}");
 }
 
+/// Sends one request on `c` and reads its whole (small) answer.
+async fn ask_healthz(c: &mut TcpStream) -> String {
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+        .await
+        .expect("no answer within 2 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_silent_connection_goes_before_one_that_has_worked() {
+    let s = Server::start_with(Backend::Sqlite, |c| c.http_max_connections = 2)
+        .await
+        .unwrap();
+    let addr = addr_of(&s);
+    // A client that has made a request, kept alive and now quiet the
+    // longest; then a connection that never said a word.
+    let mut worker = TcpStream::connect(&addr).await.unwrap();
+    let said = ask_healthz(&mut worker).await;
+    assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A newcomer takes the silent one's place, not the worker's.
+    let r = s.get("/v1/admin/accounts", ADMIN).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let (said, _) = until_closed(&mut silent, Duration::from_secs(2), "silent").await;
+    assert_eq!(said, "", "the evicted connection is closed without a word");
+    let said = ask_healthz(&mut worker).await;
+    assert!(
+        said.starts_with("HTTP/1.1 200"),
+        "the working client lost its connection: {said:?}"
+    );
+}
+
 // ---------------------------------------------------------------- campaign
 
 /// The campaign's size; `scripts/bench-load` sets these through the

@@ -10,11 +10,13 @@
 //! the caller's write transaction; unique constraints (`hosts.
 //! access_subnet`, `ip_leases (host_id, ip)`, `port_forwards (host_id,
 //! protocol, host_port)`) turn a lost race into [`AccessError::Taken`],
-//! and the caller retries with a fresh transaction. Every change to a
+//! and the caller retries with a fresh transaction. Subnets, which every
+//! host's first allocation races for, take turns on PostgreSQL instead
+//! ([`ensure_subnet`]; SQLite has one writer). Every change to a
 //! host's forwards moves `hosts.access_rev` ([`bump`]) in the same
 //! transaction; the caller wakes the host's long poll after the commit.
 
-use crate::db::{col, parsed, DbError, Tx};
+use crate::db::{col, parsed, Backend, DbError, Tx};
 use crate::Config;
 use gantry_proto::ids::{AccountId, ForwardId, HostId, InstanceId};
 use gantry_proto::net::{ForwardSpec, HostAccess, Ipv4Net, Protocol};
@@ -79,14 +81,25 @@ pub async fn ensure_subnet(
     cfg: &Config,
     host: &HostId,
 ) -> Result<Ipv4Net, AccessError> {
-    let row = sqlx::query("SELECT access_subnet FROM hosts WHERE id = $1")
-        .bind(host.to_string())
-        .fetch_one(&mut **tx)
-        .await?;
-    if let Some(s) = col::<Option<String>>(&row, "access_subnet")? {
-        return s
-            .parse()
-            .map_err(|e| corrupt("hosts", format!("access_subnet: {e}")).into());
+    if let Some(s) = host_subnet(tx, host).await? {
+        return Ok(s);
+    }
+    if tx.backend() == Backend::Postgres {
+        // Writers run side by side on PostgreSQL: allocations take turns,
+        // else creates landing on fresh hosts at once all pick the same
+        // lowest block and all but one fail. The host's row first (every
+        // caller's order), then the allocation lock, then a fresh look.
+        sqlx::query("SELECT id FROM hosts WHERE id = $1 FOR UPDATE")
+            .bind(host.to_string())
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SUBNET_LOCK)
+            .execute(&mut **tx)
+            .await?;
+        if let Some(s) = host_subnet(tx, host).await? {
+            return Ok(s);
+        }
     }
     let found = sqlx::query("SELECT access_subnet FROM hosts WHERE access_subnet IS NOT NULL")
         .fetch_all(&mut **tx)
@@ -112,6 +125,24 @@ pub async fn ensure_subnet(
     }
     tracing::info!(%host, %subnet, "host access subnet allocated");
     Ok(subnet)
+}
+
+/// The key of PostgreSQL's transaction-scoped advisory lock that subnet
+/// allocations take turns under ("GSUBNET\0" as bytes).
+const SUBNET_LOCK: i64 = 0x4753_5542_4e45_5400;
+
+/// The host's access subnet, if it has one.
+async fn host_subnet(tx: &mut Tx, host: &HostId) -> Result<Option<Ipv4Net>, AccessError> {
+    let row = sqlx::query("SELECT access_subnet FROM hosts WHERE id = $1")
+        .bind(host.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+    col::<Option<String>>(&row, "access_subnet")?
+        .map(|s| {
+            s.parse()
+                .map_err(|e| corrupt("hosts", format!("access_subnet: {e}")).into())
+        })
+        .transpose()
 }
 
 /// Leases the lowest free address of `subnet` on `host` to `instance`.

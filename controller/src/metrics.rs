@@ -12,6 +12,7 @@
 //!   ledger, `usage_records`).
 //! - Metrics batches the ingest endpoint took or refused, counted through
 //!   [`metrics_batch`].
+//! - Writes run again after losing a race ([`ControllerMetrics::retried`]).
 //! - How long SQLite writers waited for their turn
 //!   (`gantry_controller_db_writer_wait_seconds`, [`db_writer_wait`]).
 //! - What `/metrics` carried before: GPUs by host and health
@@ -74,9 +75,54 @@ impl Hist {
 #[derive(Default)]
 pub struct ControllerMetrics {
     http: Mutex<HashMap<Key, Hist>>,
+    /// Write transactions run again after losing a race, by write.
+    retries: Mutex<BTreeMap<Write, u64>>,
+}
+
+/// A write that can lose a race with another and be run again
+/// (`gantry_controller_write_retries_total{write}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Write {
+    /// An instance create (its placement, address or ports were taken).
+    Create,
+    /// A host's access state (its subnet) or certificate.
+    HostAccess,
+}
+
+impl Write {
+    const ALL: [Write; 2] = [Write::Create, Write::HostAccess];
+
+    fn label(self) -> &'static str {
+        match self {
+            Write::Create => "create",
+            Write::HostAccess => "host_access",
+        }
+    }
 }
 
 impl ControllerMetrics {
+    /// Counts one write run again after a lost race.
+    pub fn retried(&self, w: Write) {
+        let mut m = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(w).or_default() += 1;
+    }
+
+    /// The retry counters in the text format (every write, 0 when none).
+    pub fn render_retries(&self) -> String {
+        let name = "gantry_controller_write_retries_total";
+        let mut out = format!(
+            "# HELP {name} Write transactions run again after losing a race with another \
+             (a placement, address, port or subnet taken first), by write.\n\
+             # TYPE {name} counter\n"
+        );
+        let m = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        for w in Write::ALL {
+            let n = m.get(&w).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}{{write=\"{}\"}} {n}", w.label());
+        }
+        out
+    }
+
     /// Records one answered request.
     pub fn observe(&self, method: &Method, route: &str, status: u16, secs: f64) {
         let key = (
@@ -279,6 +325,7 @@ pub async fn render(st: &AppState) -> Result<String, DbError> {
     body.push_str(&st.leader.render_metrics());
     body.push_str(&st.limiter.render_metrics());
     body.push_str(&st.metrics.render_http());
+    body.push_str(&st.metrics.render_retries());
     body.push_str(&render_fleet(&st.db.pool).await?);
     body.push_str(&render_batches());
     body.push_str(&render_writer_wait());

@@ -109,8 +109,10 @@ pub async fn access_and_tls(
             let last = attempt >= crate::db::WRITE_ATTEMPTS;
             match prepare(st, host, &h, renew, now).await {
                 Ok(true) => break,
-                Err(e) if e.is_retryable() && !last => {}
-                Ok(false) if !last => {}
+                Err(e) if e.is_retryable() && !last => {
+                    st.metrics.retried(crate::metrics::Write::HostAccess);
+                }
+                Ok(false) if !last => st.metrics.retried(crate::metrics::Write::HostAccess),
                 Ok(false) => {
                     tracing::warn!(%host, "preparing the host's access state kept racing");
                     break;

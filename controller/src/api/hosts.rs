@@ -171,6 +171,23 @@ pub(crate) async fn load(st: &AppState, id: &HostId) -> ApiResult<HostInfo> {
     host_row(&row, gpus.remove(&id.to_string()).unwrap_or_default())
 }
 
+/// The host's health and last heartbeat only (one light query, for views
+/// that show them beside an instance).
+pub(crate) async fn health_of(
+    st: &AppState,
+    id: &HostId,
+) -> ApiResult<(HostHealth, chrono::DateTime<chrono::Utc>)> {
+    let row = sqlx::query("SELECT health, last_heartbeat_ms FROM hosts WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no host {id}")))?;
+    Ok((
+        rows::health(&col::<String>(&row, "health")?),
+        to_time(col(&row, "last_heartbeat_ms")?),
+    ))
+}
+
 async fn list(State(st): State<AppState>, who: Caller) -> ApiResult<Json<Vec<HostInfo>>> {
     who.require_admin()?;
     let found = sqlx::query(&format!("{HOST_SELECT} ORDER BY h.name"))

@@ -385,6 +385,7 @@ async fn create(
             }
             Err(Insert::Place(PlaceError::Raced)) | Err(Insert::Duplicate) if attempt < 10 => {
                 drop(tx);
+                st.metrics.retried(crate::metrics::Write::Create);
                 tokio::time::sleep(std::time::Duration::from_millis(attempt * 3)).await;
             }
             Err(Insert::Place(PlaceError::NoFit(why))) => {

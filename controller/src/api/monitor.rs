@@ -149,9 +149,9 @@ async fn instance_view(
     view.state_since = Some(crate::db::to_time(rec.state_since_ms));
     view.pending_operation = rec.pending_op;
     if let Some(h) = &rec.host {
-        let host = super::hosts::load(&st, h).await?;
-        view.host_health = Some(host.health);
-        view.host_last_heartbeat = Some(host.last_heartbeat);
+        let (health, last) = super::hosts::health_of(&st, h).await?;
+        view.host_health = Some(health);
+        view.host_last_heartbeat = Some(last);
     }
     Ok(Json(view))
 }

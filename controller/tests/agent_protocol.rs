@@ -302,6 +302,13 @@ async fn work_long_poll_and_reports(s: Server) {
         (info["state"].as_str(), info["progress_percent"].as_u64()),
         (Some("running"), Some(40))
     );
+    // The tenant's list shows it on the instance's row too.
+    let list = s.get("/v1/instances", &t).await.body;
+    let row = list
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["id"] == id.as_str()))
+        .unwrap_or_else(|| panic!("{id} not listed: {list}"));
+    assert_eq!(row["progress_percent"], 40, "{row}");
     let start = Instant::now();
     let w = s.poll(&h, 1).await;
     assert!(start.elapsed() >= Duration::from_millis(900));

@@ -223,7 +223,7 @@ async fn sign_in_session_and_csrf(s: Server) {
 async fn accounts_see_only_their_own(s: Server) {
     let (_, a) = s.account("alpha").await;
     let (_, b) = s.account("beta").await;
-    s.host("h1", "none", 0).await;
+    let h1 = s.host("h1", "none", 0).await;
     let f = s.flavor("cpu", None, 0).await;
     let img = s.image("ubuntu").await;
     let r = s
@@ -235,9 +235,24 @@ async fn accounts_see_only_their_own(s: Server) {
         .await;
     assert_eq!(r.status, 202, "{}", r.body);
     let id = r.id();
-    s.observe(&id, "Running").await;
-
     let ca = sign_in(&s, &a).await;
+    // The host at work on the create: the row's badge says how far it is.
+    let op = r.body["operation"].as_str().unwrap().to_string();
+    let rep = s
+        .report(&h1, &op, json!({"outcome": "running", "progress": 40}))
+        .await;
+    assert_eq!(rep.status, 204, "{}", rep.body);
+    let rows = get(&s, Some(&ca), "/console/instances/rows").await;
+    assert!(
+        rows.body
+            .contains("Creating <span class=\"percent\">40%</span>"),
+        "{}",
+        rows.body
+    );
+    s.observe(&id, "Running").await;
+    let rows = get(&s, Some(&ca), "/console/instances/rows").await;
+    assert!(!rows.body.contains("class=\"percent\""), "{}", rows.body);
+
     let list = get(&s, Some(&ca), "/console/instances?status=Running").await;
     assert!(
         list.body.contains(&id) && list.body.contains("alpha-one"),

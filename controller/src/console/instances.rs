@@ -125,10 +125,14 @@ fn tbody(s: &Session, list: &[InstanceSummary], back: &str) -> String {
                 "<tr data-id=\"{id}\"><td><input type=\"checkbox\" name=\"id\" value=\"{id}\" \
                  form=\"batch\" aria-label=\"select {name}\"></td>\
                  <td><a href=\"{BASE}/instances/{id}\"><code>{id}</code></a></td><td>{name}</td>\
-                 <td class=\"status\" data-status=\"{st}\"><span class=\"badge {st}\">{st}</span></td>\
+                 <td class=\"status\" data-status=\"{st}\"><span class=\"badge {st}\">{st}{pct}</span></td>\
                  <td class=\"cost\">{cost}</td><td class=\"actions\">{acts}</td></tr>",
                 name = esc(&i.name),
                 st = esc(&i.status),
+                pct = i
+                    .progress_percent
+                    .map(|p| format!(" <span class=\"percent\">{p}%</span>"))
+                    .unwrap_or_default(),
                 cost = layout::money(i.cost_micros),
                 acts = row_actions(s, i, back),
             )

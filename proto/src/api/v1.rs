@@ -417,6 +417,11 @@ pub struct InstanceSummary {
     /// The region it was created in.
     #[serde(default)]
     pub region: String,
+    /// How far the operation in flight has come, in percent (a snapshot
+    /// being saved, a create copying its image, a move), once its host
+    /// has taken it up; absent when none runs. In the list only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_percent: Option<u8>,
 }
 
 /// `GET /v1/instances/{id}/access`: the Access tab.

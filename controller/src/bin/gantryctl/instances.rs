@@ -160,6 +160,7 @@ const INSTANCE_COLS: &[&str] = &[
     "id",
     "name",
     "status",
+    "progress_percent",
     "region",
     "host",
     "cost_micros",

@@ -15,6 +15,7 @@
 //! API and its VMs carry on; every call retries with backoff.
 
 pub mod client;
+mod commands;
 pub mod heartbeat;
 pub mod journal;
 pub mod keys;

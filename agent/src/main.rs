@@ -96,25 +96,7 @@ enum ImageCmd {
 #[derive(Subcommand)]
 enum InstanceCmd {
     /// Create and boot an instance from a cached image.
-    Create {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        image: ImageId,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u64,
-        #[arg(long, default_value_t = 1)]
-        root_disk_gib: u64,
-        /// Attach an existing data volume, or create one with --volume-gib.
-        #[arg(long)]
-        volume: Option<VolumeId>,
-        #[arg(long)]
-        volume_gib: Option<u64>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Create(CreateArgs),
     List(Conn),
     Show(IdArg),
     Start(IdArg),
@@ -164,18 +146,44 @@ enum InstanceCmd {
         delete_data_volume: bool,
     },
     /// Snapshot the root disk into this host's store (the guest pauses).
-    Snapshot {
-        #[command(flatten)]
-        id: IdArg,
-        #[arg(long)]
-        name: String,
-        /// Account that owns the snapshot (its own dedup namespace).
-        #[arg(long)]
-        owner: Option<String>,
-        /// Release the instance once the snapshot is saved.
-        #[arg(long)]
-        auto_release: bool,
-    },
+    Snapshot(SnapshotArgs),
+}
+
+/// `instance create`.
+#[derive(Args)]
+struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    image: ImageId,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    #[arg(long, default_value_t = 1)]
+    root_disk_gib: u64,
+    /// Attach an existing data volume, or create one with --volume-gib.
+    #[arg(long)]
+    volume: Option<VolumeId>,
+    #[arg(long)]
+    volume_gib: Option<u64>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `instance snapshot`.
+#[derive(Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    id: IdArg,
+    #[arg(long)]
+    name: String,
+    /// Account that owns the snapshot (its own dedup namespace).
+    #[arg(long)]
+    owner: Option<String>,
+    /// Release the instance once the snapshot is saved.
+    #[arg(long)]
+    auto_release: bool,
 }
 
 #[derive(Args)]
@@ -259,52 +267,85 @@ async fn run_action(cfg: &AgentConfig, id: &IdArg, req: ActionRequest) -> anyhow
     Ok(())
 }
 
+/// `instance create`: builds the spec, waits for the create and prints
+/// the instance with its console socket and log.
+async fn create_cmd(cfg: &AgentConfig, args: CreateArgs) -> anyhow::Result<()> {
+    let CreateArgs {
+        name,
+        image,
+        vcpus,
+        memory_mib,
+        root_disk_gib,
+        volume,
+        volume_gib,
+        conn,
+    } = args;
+    let data_volume = match (volume, volume_gib) {
+        (None, None) => None,
+        (id, gib) => Some(VolumeSpec {
+            id: id.unwrap_or_default(),
+            size_gib: gib.unwrap_or(1),
+        }),
+    };
+    let spec = InstanceSpec {
+        id: InstanceId::new(),
+        name,
+        vcpus,
+        memory_mib,
+        root_disk_gib,
+        image,
+        data_volume,
+        gpus: vec![],
+        nic: None,
+        guest: None,
+    };
+    let c = client(cfg, &conn)?;
+    let op: OperationInfo = c.post("/v1/instances", &spec).await?;
+    c.wait(op).await?;
+    let info: InstanceInfo = c.get(&format!("/v1/instances/{}", spec.id)).await?;
+    print(conn.json, &info, |i| {
+        format!(
+            "{}\nconsole: socat -,raw,echo=0 UNIX-CONNECT:{}\nlog:     {}",
+            instance_line(i),
+            i.console_socket,
+            i.console_log
+        )
+    });
+    Ok(())
+}
+
+/// `instance snapshot`: takes the snapshot, waits, and prints its sizes.
+async fn snapshot_cmd(cfg: &AgentConfig, args: SnapshotArgs) -> anyhow::Result<()> {
+    let SnapshotArgs {
+        id,
+        name,
+        owner,
+        auto_release,
+    } = args;
+    let c = client(cfg, &id.conn)?;
+    let req = TakeSnapshot {
+        name,
+        owner,
+        auto_release,
+    };
+    let op: OperationInfo = c
+        .post(&format!("/v1/instances/{}/snapshot", id.id), &req)
+        .await?;
+    let done = c.wait(op).await?;
+    print(id.conn.json, &done.snapshot, |s| match s {
+        Some(s) => format!(
+            "{}  logical {} bytes, stored {} bytes ({} new)",
+            s.id, s.logical_size, s.stored_bytes, s.new_bytes
+        ),
+        None => "no snapshot result".into(),
+    });
+    Ok(())
+}
+
 async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()> {
     let simple = |id, req| (id, req);
     let (id, req) = match cmd {
-        InstanceCmd::Create {
-            name,
-            image,
-            vcpus,
-            memory_mib,
-            root_disk_gib,
-            volume,
-            volume_gib,
-            conn,
-        } => {
-            let data_volume = match (volume, volume_gib) {
-                (None, None) => None,
-                (id, gib) => Some(VolumeSpec {
-                    id: id.unwrap_or_default(),
-                    size_gib: gib.unwrap_or(1),
-                }),
-            };
-            let spec = InstanceSpec {
-                id: InstanceId::new(),
-                name,
-                vcpus,
-                memory_mib,
-                root_disk_gib,
-                image,
-                data_volume,
-                gpus: vec![],
-                nic: None,
-                guest: None,
-            };
-            let c = client(cfg, &conn)?;
-            let op: OperationInfo = c.post("/v1/instances", &spec).await?;
-            c.wait(op).await?;
-            let info: InstanceInfo = c.get(&format!("/v1/instances/{}", spec.id)).await?;
-            print(conn.json, &info, |i| {
-                format!(
-                    "{}\nconsole: socat -,raw,echo=0 UNIX-CONNECT:{}\nlog:     {}",
-                    instance_line(i),
-                    i.console_socket,
-                    i.console_log
-                )
-            });
-            return Ok(());
-        }
+        InstanceCmd::Create(args) => return create_cmd(cfg, args).await,
         InstanceCmd::List(conn) => {
             let list: Vec<InstanceInfo> = client(cfg, &conn)?.get("/v1/instances").await?;
             print(conn.json, &list, |l| {
@@ -361,31 +402,7 @@ async fn instance_cmd(cfg: &AgentConfig, cmd: InstanceCmd) -> anyhow::Result<()>
             id,
             delete_data_volume,
         } => simple(id, ActionRequest::Release { delete_data_volume }),
-        InstanceCmd::Snapshot {
-            id,
-            name,
-            owner,
-            auto_release,
-        } => {
-            let c = client(cfg, &id.conn)?;
-            let req = TakeSnapshot {
-                name,
-                owner,
-                auto_release,
-            };
-            let op: OperationInfo = c
-                .post(&format!("/v1/instances/{}/snapshot", id.id), &req)
-                .await?;
-            let done = c.wait(op).await?;
-            print(id.conn.json, &done.snapshot, |s| match s {
-                Some(s) => format!(
-                    "{}  logical {} bytes, stored {} bytes ({} new)",
-                    s.id, s.logical_size, s.stored_bytes, s.new_bytes
-                ),
-                None => "no snapshot result".into(),
-            });
-            return Ok(());
-        }
+        InstanceCmd::Snapshot(args) => return snapshot_cmd(cfg, args).await,
     };
     run_action(cfg, &id, req).await
 }

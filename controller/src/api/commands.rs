@@ -168,57 +168,19 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
     Ok(match (op.kind, &op.detail) {
         (K::Create, _) => create_command(st, &instance(st, op.instance).await?).await?,
         (K::ChangeType, OpDetail::ChangeType { flavor, .. }) => {
-            let row = sqlx::query("SELECT vcpus, memory_mib FROM flavors WHERE id = $1")
-                .bind(flavor.to_string())
-                .fetch_optional(&st.db.pool)
-                .await?
-                .ok_or_else(|| gone(format!("flavor {flavor} is gone")))?;
-            let rec = instance(st, op.instance).await?;
-            AgentCommand::ChangeType {
-                vcpus: col::<i64>(&row, "vcpus")? as u32,
-                memory_mib: col::<i64>(&row, "memory_mib")? as u64,
-                gpus: Some(crate::gpus::booked(&st.db.pool, &rec.id.to_string()).await?),
-                // Booked by the change (the larger of the two).
-                root_disk_gib: Some(rec.root_disk_gib),
-            }
+            change_type_command(st, op, *flavor).await?
         }
         (K::ClearGpu, OpDetail::ClearGpu { pci }) => AgentCommand::ClearGpu { pci: *pci },
         (K::GrowDisk, OpDetail::GrowDisk { root_disk_gib, .. }) => AgentCommand::GrowDisk {
             root_disk_gib: *root_disk_gib,
         },
-        (K::Snapshot, OpDetail::Snapshot { snapshot }) => {
-            let row =
-                sqlx::query("SELECT name, account_id, auto_release FROM snapshots WHERE id = $1")
-                    .bind(snapshot.to_string())
-                    .fetch_optional(&st.db.pool)
-                    .await?
-                    .ok_or_else(|| gone(format!("snapshot {snapshot} is gone")))?;
-            AgentCommand::Snapshot {
-                snapshot: *snapshot,
-                name: col(&row, "name")?,
-                owner: parsed(&row, "account_id", "snapshots")?,
-                auto_release: col::<i64>(&row, "auto_release")? != 0,
-            }
-        }
+        (K::Snapshot, OpDetail::Snapshot { snapshot }) => snapshot_command(st, *snapshot).await?,
         (K::DeleteSnapshot, OpDetail::DeleteSnapshot { snapshot }) => {
             AgentCommand::DeleteSnapshot {
                 snapshot: *snapshot,
             }
         }
-        (K::SetPassword, OpDetail::SetPassword { .. }) => {
-            let id = op.instance.ok_or_else(|| gone("no instance".into()))?;
-            let row = sqlx::query("SELECT root_password_hash FROM instances WHERE id = $1")
-                .bind(id.to_string())
-                .fetch_optional(&st.db.pool)
-                .await?
-                .ok_or_else(|| gone(format!("instance {id} is gone")))?;
-            let hash: Option<String> = col(&row, "root_password_hash")?;
-            AgentCommand::SetPassword {
-                password_hash: Secret::new(
-                    hash.ok_or_else(|| gone(format!("instance {id} has no password")))?,
-                ),
-            }
-        }
+        (K::SetPassword, OpDetail::SetPassword { .. }) => password_command(st, op).await?,
         (
             K::GrowVolume,
             OpDetail::GrowVolume {
@@ -277,6 +239,59 @@ async fn command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
             | K::MoveIn,
             _,
         ) => return Err(bad()),
+    })
+}
+
+/// `ChangeType`: the flavor's size, the GPUs booked for the instance, and
+/// the root disk booked by the change (the larger of the two).
+async fn change_type_command(
+    st: &AppState,
+    op: &OpRow,
+    flavor: FlavorId,
+) -> ApiResult<AgentCommand> {
+    let row = sqlx::query("SELECT vcpus, memory_mib FROM flavors WHERE id = $1")
+        .bind(flavor.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| gone(format!("flavor {flavor} is gone")))?;
+    let rec = instance(st, op.instance).await?;
+    Ok(AgentCommand::ChangeType {
+        vcpus: col::<i64>(&row, "vcpus")? as u32,
+        memory_mib: col::<i64>(&row, "memory_mib")? as u64,
+        gpus: Some(crate::gpus::booked(&st.db.pool, &rec.id.to_string()).await?),
+        root_disk_gib: Some(rec.root_disk_gib),
+    })
+}
+
+/// `Snapshot`: the snapshot's name, owner and whether it releases the
+/// instance once saved.
+async fn snapshot_command(st: &AppState, snapshot: SnapshotId) -> ApiResult<AgentCommand> {
+    let row = sqlx::query("SELECT name, account_id, auto_release FROM snapshots WHERE id = $1")
+        .bind(snapshot.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| gone(format!("snapshot {snapshot} is gone")))?;
+    Ok(AgentCommand::Snapshot {
+        snapshot,
+        name: col(&row, "name")?,
+        owner: parsed(&row, "account_id", "snapshots")?,
+        auto_release: col::<i64>(&row, "auto_release")? != 0,
+    })
+}
+
+/// `SetPassword`: the instance's stored hash (never the password).
+async fn password_command(st: &AppState, op: &OpRow) -> ApiResult<AgentCommand> {
+    let id = op.instance.ok_or_else(|| gone("no instance".into()))?;
+    let row = sqlx::query("SELECT root_password_hash FROM instances WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&st.db.pool)
+        .await?
+        .ok_or_else(|| gone(format!("instance {id} is gone")))?;
+    let hash: Option<String> = col(&row, "root_password_hash")?;
+    Ok(AgentCommand::SetPassword {
+        password_hash: Secret::new(
+            hash.ok_or_else(|| gone(format!("instance {id} has no password")))?,
+        ),
     })
 }
 

@@ -20,7 +20,9 @@ use gantry_proto::{AccountId, InstanceId, InstanceState, OperationId, SnapshotId
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(super) fn needs_instance(op: &AgentOp) -> Result<InstanceId, ManagerError> {
+/// The instance the operation names; a command that needs one and has
+/// none is refused.
+fn needs_instance(op: &AgentOp) -> Result<InstanceId, ManagerError> {
     op.instance.ok_or_else(|| {
         ManagerError::Conflict(format!(
             "operation {} ({}) names no instance",

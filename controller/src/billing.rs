@@ -338,18 +338,8 @@ async fn bill_row(
     };
     let owner: Option<HostId> = parsed_opt(row, "host_id", "instances")?;
     if owner.as_ref() != Some(host) {
-        // Moved away (`crate::moves`): nothing more is charged from this
-        // host's counter, which it may now forget.
-        let moved = sqlx::query(
-            "SELECT 1 AS one FROM operations WHERE instance_id = $1 AND host_id = $2 \
-             AND kind = 'move-out' AND state = 'succeeded'",
-        )
-        .bind(c.instance.to_string())
-        .bind(host.to_string())
-        .fetch_optional(&mut **tx)
-        .await?
-        .is_some();
-        if moved {
+        // Moved away: the host may forget its counter.
+        if moved_away(tx, host, c.instance).await? {
             return Ok(Some(UsageAck {
                 instance: c.instance,
                 seq: c.seq,
@@ -372,28 +362,7 @@ async fn bill_row(
         )
     })?;
     if counter_seq > seq {
-        let closed: Option<i64> = col(row, "billing_closed_ms")?;
-        let (new_billed, amount) = if running < billed {
-            tracing::warn!(instance = %c.instance, running, billed, "usage counter went backwards");
-            (billed, 0)
-        } else if closed.is_some() {
-            // Released while its host was down: what the host reports now
-            // ran after the last heartbeat that proved it; not charged.
-            (billed, 0)
-        } else {
-            let price: i64 = col(row, "price_micros_per_hour")?;
-            let amount =
-                instance_amount(billed / 1000, running / 1000, price).ok_or_else(|| {
-                    out_of_range(
-                        "running_ms",
-                        format!(
-                        "instance {}: {running} ms at {price} micro-units an hour is out of range",
-                        c.instance
-                    ),
-                    )
-                })?;
-            (running, amount)
-        };
+        let (new_billed, amount) = counter_amount(row, c, running, billed)?;
         let moved = sqlx::query(
             "UPDATE instances SET usage_seq = $1, billed_ms = $2, charged_micros = \
              charged_micros + $3 WHERE id = $4 AND usage_seq = $5",
@@ -427,6 +396,56 @@ async fn bill_row(
         seq: c.seq,
         done: state.is_final(),
     }))
+}
+
+/// Whether the instance moved off `host` (a move-out from it succeeded,
+/// `crate::moves`): nothing more is charged from that host's counter.
+async fn moved_away(
+    tx: &mut Tx,
+    host: &HostId,
+    instance: InstanceId,
+) -> Result<bool, BillingError> {
+    Ok(sqlx::query(
+        "SELECT 1 AS one FROM operations WHERE instance_id = $1 AND host_id = $2 \
+         AND kind = 'move-out' AND state = 'succeeded'",
+    )
+    .bind(instance.to_string())
+    .bind(host.to_string())
+    .fetch_optional(&mut **tx)
+    .await?
+    .is_some())
+}
+
+/// What a counter that moved on bills: the new billed time and the amount
+/// (nothing when it went backwards, or ran after the instance's billing
+/// closed).
+fn counter_amount(
+    row: &AnyRow,
+    c: &UsageCounter,
+    running: i64,
+    billed: i64,
+) -> Result<(i64, i64), BillingError> {
+    let closed: Option<i64> = col(row, "billing_closed_ms")?;
+    if running < billed {
+        tracing::warn!(instance = %c.instance, running, billed, "usage counter went backwards");
+        return Ok((billed, 0));
+    }
+    if closed.is_some() {
+        // Released while its host was down: what the host reports now
+        // ran after the last heartbeat that proved it; not charged.
+        return Ok((billed, 0));
+    }
+    let price: i64 = col(row, "price_micros_per_hour")?;
+    let amount = instance_amount(billed / 1000, running / 1000, price).ok_or_else(|| {
+        out_of_range(
+            "running_ms",
+            format!(
+                "instance {}: {running} ms at {price} micro-units an hour is out of range",
+                c.instance
+            ),
+        )
+    })?;
+    Ok((running, amount))
 }
 
 #[cfg(test)]

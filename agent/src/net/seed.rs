@@ -52,32 +52,17 @@ fn q(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-/// The seed's files, by relative path; `group` is the instance's network
-/// group NIC, if it is in one.
-pub fn files(
-    id: InstanceId,
-    nic: &NicSpec,
-    guest: &GuestConfig,
-    dns: &[Ipv4Addr],
-    group: Option<&GroupNic>,
-) -> Vec<(&'static str, String)> {
-    let keys: String = guest
-        .ssh_authorized_keys
-        .iter()
-        .map(|k| format!("{k}\n"))
-        .collect();
-    let hash = guest.root_password_hash.expose();
-    let token = guest.jupyter_token.expose();
-    let dns_list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
-    let meta = format!("instance-id: {id}\nlocal-hostname: {}\n", guest.hostname);
-    let reapply = "dev=$(blkid -L cidata) && mkdir -p /run/gantry-seed && \
+/// The bootcmd that applies the seed's root password hash on every boot.
+const REAPPLY_PASSWORD: &str = "dev=$(blkid -L cidata) && mkdir -p /run/gantry-seed && \
                    mount -o ro \"$dev\" /run/gantry-seed && \
                    printf 'root:%s\\n' \"$(cat /run/gantry-seed/gantry/root-password-hash)\" | chpasswd -e; \
                    umount /run/gantry-seed 2>/dev/null; true";
-    // Cloud images: with a bucket share the seed carries the guest's loop
-    // (crate::buckets::guest); start it from a copy, as a transient unit
-    // where systemd runs, else in its own session. /run is empty at boot.
-    let buckets = "dev=$(blkid -L cidata) && mkdir -p /run/gantry-seed /run/gantry && \
+
+/// The bootcmd that starts the bucket share's guest loop on cloud images:
+/// with a bucket share the seed carries it (crate::buckets::guest); it
+/// runs from a copy, as a transient unit where systemd runs, else in its
+/// own session. /run is empty at boot.
+const START_BUCKETS: &str = "dev=$(blkid -L cidata) && mkdir -p /run/gantry-seed /run/gantry && \
                    mount -o ro \"$dev\" /run/gantry-seed && \
                    if [ -f /run/gantry-seed/gantry/buckets-watch ]; then \
                    cp /run/gantry-seed/gantry/buckets-watch /run/gantry/buckets-watch; \
@@ -88,7 +73,11 @@ pub fn files(
                    systemd-run --unit=gantry-buckets sh /run/gantry/buckets-watch \"$BUCKETS_TAG\" \"$BUCKETS_DIR\"; \
                    else setsid sh /run/gantry/buckets-watch \"$BUCKETS_TAG\" \"$BUCKETS_DIR\" \
                    </dev/null >/dev/null 2>&1 & fi; fi; true";
-    let user = format!(
+
+/// The cloud-config `user-data`: hostname, root's password hash and SSH
+/// keys, sshd's settings, the JupyterLab token, and the boot commands.
+fn user_data(guest: &GuestConfig, hash: &str, token: &str, keys: &str) -> String {
+    format!(
         "#cloud-config\n\
          hostname: {host}\n\
          preserve_hostname: false\n\
@@ -104,12 +93,17 @@ pub fn files(
          runcmd:\n  - [sh, -c, \"systemctl reload ssh 2>/dev/null || service ssh reload 2>/dev/null || true\"]\n",
         host = q(&guest.hostname),
         hash = q(hash),
-        keys = q(&keys),
+        keys = q(keys),
         sshd = q("PermitRootLogin yes\nPasswordAuthentication yes\n"),
         token = q(&format!("{token}\n")),
-        reapply = q(reapply),
-        buckets = q(buckets),
-    );
+        reapply = q(REAPPLY_PASSWORD),
+        buckets = q(START_BUCKETS),
+    )
+}
+
+/// The netplan `network-config`: the access NIC (`eth0`) and, in a
+/// network group, the group NIC (`eth1`).
+fn network_config(nic: &NicSpec, dns_list: &[String], group: Option<&GroupNic>) -> String {
     let mut network = format!(
         "version: 2\n\
          ethernets:\n  access0:\n    match:\n      macaddress: {mac}\n    set-name: eth0\n\
@@ -131,6 +125,29 @@ pub fn files(
             mtu = g.mtu,
         ));
     }
+    network
+}
+
+/// The seed's files, by relative path; `group` is the instance's network
+/// group NIC, if it is in one.
+pub fn files(
+    id: InstanceId,
+    nic: &NicSpec,
+    guest: &GuestConfig,
+    dns: &[Ipv4Addr],
+    group: Option<&GroupNic>,
+) -> Vec<(&'static str, String)> {
+    let keys: String = guest
+        .ssh_authorized_keys
+        .iter()
+        .map(|k| format!("{k}\n"))
+        .collect();
+    let hash = guest.root_password_hash.expose();
+    let token = guest.jupyter_token.expose();
+    let dns_list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
+    let meta = format!("instance-id: {id}\nlocal-hostname: {}\n", guest.hostname);
+    let user = user_data(guest, hash, token, &keys);
+    let network = network_config(nic, &dns_list, group);
     let env = format!(
         "HOSTNAME={}\nMAC={}\nADDRESS={}\nPREFIX={}\nGATEWAY={}\nDNS=\"{}\"\n",
         guest.hostname,

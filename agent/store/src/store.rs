@@ -436,39 +436,14 @@ impl Store {
 
     /// Takes a snapshot of an image.
     pub fn create(&self, req: &CreateRequest<'_>) -> Result<SnapshotInfo, StoreError> {
+        check_create(req)?;
         let name = req.name;
-        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-            let reason = "must be 1-200 printable characters".into();
-            return Err(StoreError::Invalid {
-                field: "name",
-                reason,
-            });
-        }
         let ns = Namespace::for_owner(req.owner)?;
         let hasher = self.hasher(&ns, true)?;
         let image = ImageSource::open(req.image)?;
-        if req.changed_extents.is_some() && req.parent.is_none() {
-            let reason = "a changed-extent list needs --parent".into();
-            return Err(StoreError::Invalid {
-                field: "changed extents",
-                reason,
-            });
-        }
-        if let Some(id) = req.id {
-            check_id(id)?;
-        }
         let _lock = self.backend.lock(false)?;
         if let Some(id) = req.id {
-            match self.backend.get(&manifest_key(id)) {
-                Ok(_) => {
-                    return Err(StoreError::Invalid {
-                        field: "id",
-                        reason: format!("snapshot {id} already exists"),
-                    })
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.refuse_existing(id)?;
         }
         let parent = req.parent.map(|p| self.manifest(p)).transpose()?;
         let chunk_size = parent
@@ -532,6 +507,18 @@ impl Store {
             read_bytes: out.read_bytes,
             ..SnapshotInfo::from_manifest(&manifest, out.new_bytes)
         })
+    }
+
+    /// Refuses a snapshot id the store already has (under the lock).
+    fn refuse_existing(&self, id: &str) -> Result<(), StoreError> {
+        match self.backend.get(&manifest_key(id)) {
+            Ok(_) => Err(StoreError::Invalid {
+                field: "id",
+                reason: format!("snapshot {id} already exists"),
+            }),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Restores a snapshot to `out` (created atomically), checking every chunk.
@@ -600,6 +587,25 @@ impl Store {
         res?;
         Ok(SnapshotInfo::from_manifest(&m, 0))
     }
+}
+
+/// A create request's own fields: the name (1-200 printable characters),
+/// a changed-extent list only with a parent, a well-formed id.
+fn check_create(req: &CreateRequest<'_>) -> Result<(), StoreError> {
+    let name = req.name;
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(StoreError::Invalid {
+            field: "name",
+            reason: "must be 1-200 printable characters".into(),
+        });
+    }
+    if req.changed_extents.is_some() && req.parent.is_none() {
+        return Err(StoreError::Invalid {
+            field: "changed extents",
+            reason: "a changed-extent list needs --parent".into(),
+        });
+    }
+    req.id.map_or(Ok(()), check_id)
 }
 
 fn convert_to_qcow2(raw: &Path, out: &Path) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cli;
 pub mod compact;
 pub mod config;
+pub mod extents;
 pub mod format;
 pub mod identity;
 pub mod image;

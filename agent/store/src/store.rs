@@ -13,6 +13,7 @@
 //! All calls block; an async caller runs them on a blocking thread.
 
 use crate::backend::{self, Backend, BackendError, StoreUrl};
+pub use crate::extents::{parse_extents, Extent};
 use crate::format::{self, ChunkId, Entry, FormatError, Manifest, SnapshotMeta};
 use crate::image::{ImageError, ImageSource};
 use crate::keys::{ChunkHasher, KeyError, Keyring, Namespace};
@@ -119,13 +120,6 @@ pub struct Progress {
 
 /// Progress callback; called from worker threads.
 pub type ProgressFn<'a> = &'a (dyn Fn(Progress) + Sync);
-
-/// A byte range of the guest disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Extent {
-    pub offset: u64,
-    pub length: u64,
-}
 
 /// What to snapshot.
 pub struct CreateRequest<'a> {
@@ -631,56 +625,6 @@ fn convert_to_qcow2(raw: &Path, out: &Path) -> Result<(), StoreError> {
     Err(StoreError::Tool(format!(
         "qemu-img convert to qcow2 failed: {last}"
     )))
-}
-
-/// Parses a changed-extent list: JSON (`[{"offset":..,"length":..}]`, or
-/// the `qemu-img map --output=json` output of an overlay, whose entries
-/// from backing files (`depth` > 0) are skipped) or lines of
-/// `OFFSET LENGTH` (decimal bytes, `#` comments).
-pub fn parse_extents(text: &str) -> Result<Vec<Extent>, StoreError> {
-    let bad = |reason: String| StoreError::Invalid {
-        field: "changed extents",
-        reason,
-    };
-    let t = text.trim_start();
-    if t.starts_with('[') {
-        #[derive(Deserialize)]
-        struct J {
-            offset: Option<u64>,
-            start: Option<u64>,
-            length: u64,
-            depth: Option<u64>,
-        }
-        let items: Vec<J> = serde_json::from_str(t).map_err(|e| bad(e.to_string()))?;
-        return items
-            .into_iter()
-            .filter(|j| j.depth.unwrap_or(0) == 0)
-            .map(|j| match (j.start, j.offset) {
-                (Some(s), _) => Ok(Extent {
-                    offset: s,
-                    length: j.length,
-                }),
-                (None, Some(o)) => Ok(Extent {
-                    offset: o,
-                    length: j.length,
-                }),
-                (None, None) => Err(bad("an entry has neither offset nor start".into())),
-            })
-            .collect();
-    }
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut it = line.split_whitespace().map(str::parse::<u64>);
-        match (it.next(), it.next(), it.next()) {
-            (Some(Ok(offset)), Some(Ok(length)), None) => out.push(Extent { offset, length }),
-            _ => return Err(bad(format!("line {}: expected \"OFFSET LENGTH\"", n + 1))),
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -532,20 +532,7 @@ async fn insert(
                 .map_err(|e| Insert::Api(e.into()))?;
         }
     }
-    let subnet = crate::access::ensure_subnet(tx, &st.cfg, &host).await?;
-    crate::access::lease_address(tx, &host, subnet, id).await?;
-    let extra = req.ports.iter().map(|p| crate::access::NewForward {
-        protocol: Protocol::Tcp,
-        guest_port: *p,
-        https: false,
-        label: String::new(),
-    });
-    for f in super::forwards::defaults().into_iter().chain(extra) {
-        crate::access::insert_forward(tx, &st.cfg, &host, id, &account, &f).await?;
-    }
-    crate::access::bump(tx, &host)
-        .await
-        .map_err(|e| Insert::Api(e.into()))?;
+    give_access(st, tx, &host, id, &account, &req.ports).await?;
     let now = now_ms();
     let op = OperationId::new();
     sqlx::query(
@@ -588,6 +575,34 @@ async fn insert(
         .await
         .map_err(|e| Insert::Api(e.into()))?;
     Ok((op, host))
+}
+
+/// The new instance's access on its host: an address in the host's
+/// subnet, the default forwards (SSH, JupyterLab) and one per asked port;
+/// the host's access state moves on.
+async fn give_access(
+    st: &AppState,
+    tx: &mut Tx,
+    host: &HostId,
+    id: InstanceId,
+    account: &AccountId,
+    ports: &[u16],
+) -> Result<(), Insert> {
+    let subnet = crate::access::ensure_subnet(tx, &st.cfg, host).await?;
+    crate::access::lease_address(tx, host, subnet, id).await?;
+    let extra = ports.iter().map(|p| crate::access::NewForward {
+        protocol: Protocol::Tcp,
+        guest_port: *p,
+        https: false,
+        label: String::new(),
+    });
+    for f in super::forwards::defaults().into_iter().chain(extra) {
+        crate::access::insert_forward(tx, &st.cfg, host, id, account, &f).await?;
+    }
+    crate::access::bump(tx, host)
+        .await
+        .map_err(|e| Insert::Api(e.into()))?;
+    Ok(())
 }
 
 /// A new instance's sealed root password, its crypt hash and its sealed

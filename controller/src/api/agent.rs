@@ -363,60 +363,16 @@ pub(super) async fn heartbeat_in(
     let now = st.clock.now_ms();
     let shared = st.cfg.snapshot_store_shared;
     // Any heartbeat shows the host is alive; only a newer one says more.
-    // A heartbeat brings a down host back (see `reconcile::mark_down`).
-    let back =
-        sqlx::query("SELECT down_since_ms FROM hosts WHERE id = $1 AND down_since_ms IS NOT NULL")
-            .bind(host.to_string())
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some();
-    // A revoked host is refused even when its call got past the credential
-    // check just before the revocation.
-    let alive = sqlx::query(
-        "UPDATE hosts SET last_heartbeat_ms = $1, down_since_ms = NULL WHERE id = $2 \
-         AND revoked_ms IS NULL",
-    )
-    .bind(now_ms())
-    .bind(host.to_string())
-    .execute(&mut **tx)
-    .await?;
-    if alive.rows_affected() != 1 {
-        return Err(auth::revoked(host));
-    }
+    mark_alive(tx, host).await?;
     gantry_crashpoint::hit("controller.heartbeat.begin");
-    if back {
-        tracing::warn!(%host, "host is back after missing its heartbeats");
-    }
-    // Health, capacity, problems and the HTTPS port, in one statement, only
-    // from a newer heartbeat than the last one applied.
     let mut changed = false;
-    let c = &hb.capacity;
-    // A stored time ahead of the clock's bound (kept before heartbeats were
-    // bounded) would hide every later heartbeat: it counts as older.
-    let fresh = sqlx::query(
-        "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2, vcpus = $3, \
-         memory_mib = $4, disk_gib = $5, problems = $6, https_port = $7 WHERE id = $8 \
-         AND (last_heartbeat_sent_ms < $1 OR last_heartbeat_sent_ms > $9)",
-    )
-    .bind(hb.sent_at_ms)
-    .bind(rows::health_str(hb.health))
-    .bind(c.vcpus as i64)
-    .bind(c.memory_mib as i64)
-    .bind(c.disk_gib as i64)
-    .bind(hb.problems.join("\n"))
-    .bind(hb.https_port.map(i64::from))
-    .bind(host.to_string())
-    .bind(now.saturating_add(MAX_CLOCK_SKEW_MS))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
+    let fresh = record_host_state(tx, host, hb, now).await?;
     let mut figures = Vec::new();
     if fresh {
         if hb.health != HostHealth::Healthy {
             tracing::warn!(%host, problems = ?hb.problems, "host reports itself unhealthy");
         }
-        super::hosts::sync_gpus(tx, host, &c.gpus).await?;
+        super::hosts::sync_gpus(tx, host, &hb.capacity.gpus).await?;
         crate::groups::set_vtep(tx, host, hb.vtep.as_ref()).await?;
         crate::store_keys::record_host_store(tx, host, hb.store_identity.as_ref()).await?;
         if let Some(b) = &hb.buckets {
@@ -447,6 +403,64 @@ pub(super) async fn heartbeat_in(
         snapshot_sizes(tx, host, sizes, shared).await?;
     }
     Ok((billed, changed))
+}
+
+/// Marks the host alive (a heartbeat brings a down host back: see
+/// `reconcile::mark_down`). A revoked host is refused even when its call
+/// got past the credential check just before the revocation.
+async fn mark_alive(tx: &mut Tx, host: &HostId) -> ApiResult<()> {
+    let back =
+        sqlx::query("SELECT down_since_ms FROM hosts WHERE id = $1 AND down_since_ms IS NOT NULL")
+            .bind(host.to_string())
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some();
+    let alive = sqlx::query(
+        "UPDATE hosts SET last_heartbeat_ms = $1, down_since_ms = NULL WHERE id = $2 \
+         AND revoked_ms IS NULL",
+    )
+    .bind(now_ms())
+    .bind(host.to_string())
+    .execute(&mut **tx)
+    .await?;
+    if alive.rows_affected() != 1 {
+        return Err(auth::revoked(host));
+    }
+    if back {
+        tracing::warn!(%host, "host is back after missing its heartbeats");
+    }
+    Ok(())
+}
+
+/// Health, capacity, problems and the HTTPS port, in one statement, only
+/// from a newer heartbeat than the last one applied; whether it was newer.
+/// A stored time ahead of the clock's bound (kept before heartbeats were
+/// bounded) would hide every later heartbeat: it counts as older.
+async fn record_host_state(
+    tx: &mut Tx,
+    host: &HostId,
+    hb: &AgentHeartbeat,
+    now: i64,
+) -> ApiResult<bool> {
+    let c = &hb.capacity;
+    Ok(sqlx::query(
+        "UPDATE hosts SET last_heartbeat_sent_ms = $1, health = $2, vcpus = $3, \
+         memory_mib = $4, disk_gib = $5, problems = $6, https_port = $7 WHERE id = $8 \
+         AND (last_heartbeat_sent_ms < $1 OR last_heartbeat_sent_ms > $9)",
+    )
+    .bind(hb.sent_at_ms)
+    .bind(rows::health_str(hb.health))
+    .bind(c.vcpus as i64)
+    .bind(c.memory_mib as i64)
+    .bind(c.disk_gib as i64)
+    .bind(hb.problems.join("\n"))
+    .bind(hb.https_port.map(i64::from))
+    .bind(host.to_string())
+    .bind(now.saturating_add(MAX_CLOCK_SKEW_MS))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
 }
 
 /// Applies the sizes a host measured after compacting its store to its

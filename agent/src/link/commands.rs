@@ -139,29 +139,21 @@ async fn start(link: &Arc<Link>, op: &AgentOp) -> Result<Started, ManagerError> 
             volume_snapshot,
             owner,
         } => {
-            let id = needs_instance(op)?;
-            owner_keys(link, owner).await?;
-            let (mm, s, v, o) = (m.clone(), *snapshot, *volume_snapshot, owner.to_string());
-            tokio::task::spawn_blocking(move || mm.move_out(id, s, v, &o))
-                .await
-                .expect("move task")?;
-            Ok(Started::Done(Finished::ok(state_of(m, Some(id)))))
+            move_out(
+                link,
+                needs_instance(op)?,
+                *snapshot,
+                *volume_snapshot,
+                owner,
+            )
+            .await
         }
         AgentCommand::MoveIn {
             spec,
             image,
             volume_snapshot,
             owner,
-        } => {
-            owner_keys(link, owner).await?;
-            ensure_image(link, image).await?;
-            let (mm, spec, v) = (m.clone(), spec.clone(), *volume_snapshot);
-            let id = spec.id;
-            let local = tokio::task::spawn_blocking(move || mm.move_in(spec, v))
-                .await
-                .expect("move task")?;
-            Ok(Started::Local(id, local.id))
-        }
+        } => move_in(link, spec, image, *volume_snapshot, owner).await,
         AgentCommand::MoveCleanup {} if m.holds_nothing_of(needs_instance(op)?) => {
             Ok(nothing_left())
         }
@@ -193,6 +185,48 @@ async fn create(
     let local = tokio::task::spawn_blocking(move || mm.create(spec))
         .await
         .expect("create task")?;
+    Ok(Started::Local(id, local.id))
+}
+
+/// A move's first half on the old host: the instance saved into the
+/// owner's namespace of the store (its root disk as `snapshot`, its data
+/// volume as `volume_snapshot`).
+async fn move_out(
+    link: &Arc<Link>,
+    id: InstanceId,
+    snapshot: SnapshotId,
+    volume_snapshot: Option<SnapshotId>,
+    owner: &AccountId,
+) -> Result<Started, ManagerError> {
+    owner_keys(link, owner).await?;
+    let (mm, o) = (link.manager.clone(), owner.to_string());
+    tokio::task::spawn_blocking(move || mm.move_out(id, snapshot, volume_snapshot, &o))
+        .await
+        .expect("move task")?;
+    Ok(Started::Done(Finished::ok(state_of(
+        &link.manager,
+        Some(id),
+    ))))
+}
+
+/// A move's second half on the new host: the instance defined here,
+/// Stopped, its root disk from `image` (the store entry the old host
+/// saved, filled into the cache) and its data volume from
+/// `volume_snapshot`.
+async fn move_in(
+    link: &Arc<Link>,
+    spec: &InstanceSpec,
+    image: &ImageSource,
+    volume_snapshot: Option<SnapshotId>,
+    owner: &AccountId,
+) -> Result<Started, ManagerError> {
+    owner_keys(link, owner).await?;
+    ensure_image(link, image).await?;
+    let (mm, spec) = (link.manager.clone(), spec.clone());
+    let id = spec.id;
+    let local = tokio::task::spawn_blocking(move || mm.move_in(spec, volume_snapshot))
+        .await
+        .expect("move task")?;
     Ok(Started::Local(id, local.id))
 }
 
